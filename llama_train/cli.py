@@ -1,0 +1,141 @@
+"""`llama-train`: parse arguments, then call one function per verb. No logic here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llama_train.errors import LlamaTrainError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fine-tune Llama models from one YAML recipe: train, track, export, gate, serve.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Validate, show and list recipes.")
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+OverridesArg = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 lora.r=32", show_default=False)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def run(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes on this node (torchrun)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Number of nodes."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Rank-0 node address."),
+    master_port: int = typer.Option(29500, "--master-port", help="Rendezvous port."),
+    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
+                                             help="Resume even if the recipe changed since the checkpoint."),
+):
+    """Train: one process, or torchrun with --nproc-per-node/--nnodes."""
+    from llama_train.launch import launch
+
+    raise typer.Exit(launch(str(recipe), list(overrides or []), nproc_per_node=nproc_per_node, nnodes=nnodes,
+                            node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                            allow_recipe_change=allow_recipe_change))
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
+                    world_size: int = typer.Option(None, "--world-size", help="Ranks to check for.")):
+    """Check a recipe: schema, conflicts, hardware fit, and a per-rank memory estimate."""
+    from llama_train.config import load_recipe
+    from llama_train.preflight import preflight
+
+    r = load_recipe(recipe, overrides)
+    report = preflight(r, world_size=world_size)
+    typer.echo(f"{recipe}: valid (sha256 {r.sha256()[:12]})")
+    for line in report:
+        typer.echo(f"  {line}")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
+    """Print the normalized recipe (every default filled in)."""
+    from llama_train.config import dump_recipe, load_recipe
+
+    typer.echo(dump_recipe(load_recipe(recipe, overrides)), nl=False)
+
+
+@recipe_app.command("schema")
+def recipe_schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write to a file.")):
+    """JSON Schema of recipes (for editor validation)."""
+    from llama_train.config import recipe_schema as schema
+
+    text = json.dumps(schema(), indent=2)
+    if out:
+        out.write_text(text + "\n")
+    else:
+        typer.echo(text)
+
+
+@recipe_app.command("list")
+def recipe_list(root: Path = typer.Option(Path("recipes"), "--root", help="Directory to search.")):
+    """List recipes under recipes/ with their launch command (first comment line)."""
+    if not root.is_dir():
+        raise LlamaTrainError(f"no recipe directory {root}; run from the repository root or pass --root")
+    for path in sorted(root.rglob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        cmd = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        typer.echo(f"{path}\t{cmd}")
+
+
+@app.command("init-tiny")
+def init_tiny(out: Path = typer.Argument(..., help="Directory to write the model to."),
+              seed: int = typer.Option(0, help="Seed: same seed, identical files.")):
+    """Write a tiny random Llama + tokenizer (Llama-3 chat template) for CPU experiments."""
+    from llama_train.tiny import build_tiny
+
+    typer.echo(str(build_tiny(out, seed=seed)))
+
+
+def _mount_optional() -> None:
+    """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""
+    try:
+        from llama_train.export import export_command
+
+        app.command("export")(export_command)
+    except ImportError:
+        pass
+    try:
+        from llama_train.serve.cli import serve_command
+
+        app.command("serve")(serve_command)
+    except ImportError:
+        pass
+    try:
+        from llama_train.tracking import sync_command
+
+        track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking utilities.")
+        track_app.command("sync")(sync_command)
+        app.add_typer(track_app, name="track")
+    except ImportError:
+        pass
+    try:
+        from llama_train.k8s import cli as k8s_cli
+
+        app.add_typer(k8s_cli.app, name="k8s", help="Render and manage Kubernetes training jobs.")
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    _mount_optional()
+    try:
+        app(args=argv, standalone_mode=True)
+    except LlamaTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Built-in instruction data: small text tasks with exact answers that a tiny model can learn.
+
+Generated deterministically from a seed, in OpenAI-style `messages` format. The eval split never
+shares a prompt with the train split, so exact match on it measures generalization, not recall.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TASKS = ("reverse", "sort", "add")
+
+
+def _example(rng: random.Random, task: str) -> tuple[str, str]:
+    if task == "reverse":
+        letters = [rng.choice(LETTERS) for _ in range(rng.randint(3, 6))]
+        return "Reverse: " + " ".join(letters), " ".join(reversed(letters))
+    if task == "sort":
+        digits = [rng.choice("0123456789") for _ in range(rng.randint(3, 7))]
+        return "Sort: " + "".join(digits), "".join(sorted(digits))
+    if task == "add":
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        return f"Add: {a} + {b}", str(a + b)
+    raise ValueError(f"unknown built-in task {task!r}; choose from {TASKS}")
+
+
+def generate_examples(*, num_examples: int, seed: int, tasks=TASKS, exclude: set[str] | None = None):
+    """`num_examples` distinct examples cycling through `tasks`; prompts in `exclude` are skipped."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out = []
+    attempts = 0
+    while len(out) < num_examples:
+        attempts += 1
+        if attempts > 100 * num_examples:
+            raise ValueError(f"cannot draw {num_examples} distinct built-in examples; lower the count")
+        task = tasks[len(out) % len(tasks)]
+        prompt, answer = _example(rng, task)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append(
+            {
+                "id": f"{task}-{len(out)}",
+                "task": task,
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": answer},
+                ],
+            }
+        )
+    return out
+
+
+def generate_splits(*, num_train: int, num_eval: int, seed: int, tasks=TASKS):
+    """Train and eval splits with disjoint prompts; eval is drawn first so it is stable when
+    `num_train` changes."""
+    eval_rows = generate_examples(num_examples=num_eval, seed=seed + 1_000_003, tasks=tasks)
+    for row in eval_rows:
+        row["id"] = "eval-" + row["id"]
+    held_out = {r["messages"][0]["content"] for r in eval_rows}
+    train_rows = generate_examples(num_examples=num_train, seed=seed, tasks=tasks, exclude=held_out)
+    return train_rows, eval_rows
+
+
+def write_jsonl(rows, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path

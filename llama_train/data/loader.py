@@ -1,0 +1,107 @@
+"""Deterministic, resumable batching.
+
+The sample order is a seeded permutation per epoch (seed, epoch) — the same on every rank, so no
+communication is needed. Each optimizer step takes the next `global_batch` indices of that stream;
+rank r gets the contiguous slice r of it, split into `grad_accum_steps` micro batches. Because
+every rank derives the same stream, 2 ranks x micro-batch 2 see exactly the samples that 1 rank x
+micro-batch 4 sees, and the loader state (epoch, position) is a pair of integers.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from llama_train.data.chat import IGNORE_INDEX
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    position: int = 0  # samples of this epoch's permutation already consumed (all ranks)
+
+
+class StepLoader:
+    def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum_steps: int,
+                 world_size: int, rank: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.state = LoaderState()
+        self._perm_epoch: int | None = None
+        self._perm: list[int] = []
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._perm_epoch != epoch:
+            order = list(range(self.num_samples))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perm, self._perm_epoch = order, epoch
+        return self._perm
+
+    def next_step(self) -> list[list[int]]:
+        """Sample indices of this rank's micro batches for the next optimizer step."""
+        need = self.global_batch
+        taken: list[int] = []
+        while len(taken) < need:
+            perm = self._permutation(self.state.epoch)
+            chunk = perm[self.state.position : self.state.position + need - len(taken)]
+            taken += chunk
+            self.state.position += len(chunk)
+            if self.state.position >= self.num_samples:
+                self.state = LoaderState(epoch=self.state.epoch + 1, position=0)
+        per_rank = self.micro_batch_size * self.grad_accum_steps
+        mine = taken[self.rank * per_rank : (self.rank + 1) * per_rank]
+        mb = self.micro_batch_size
+        return [mine[i : i + mb] for i in range(0, per_rank, mb)]
+
+    def step_indices_all_ranks(self) -> list[int]:
+        """Not used in training; for ledgers/tests: the global batch the next step would take."""
+        saved = LoaderState(**asdict(self.state))
+        rank = self.rank
+        out = []
+        for r in range(self.world_size):
+            self.state, self.rank = LoaderState(**asdict(saved)), r
+            out += [i for mb in self.next_step() for i in mb]
+        self.state, self.rank = saved, rank
+        return out
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState(**state)
+
+
+# Keys of a collated batch that go to the model; the rest (num_tokens) are bookkeeping.
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+
+
+def collate(rows: list[dict], *, pad_id: int) -> dict:
+    """Right-pad to the longest row. attention_mask marks real tokens; labels are -100 on pad.
+    Besides the model inputs, `num_tokens` counts the real (non-pad) tokens."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": int(mask.sum())}
+
+
+def num_supervised(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss after the causal shift (label at position t is predicted at t-1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

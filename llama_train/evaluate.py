@@ -1,0 +1,90 @@
+"""Held-out evaluation: token loss and the task metric (exact match / contains) by greedy decoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llama_train.data.chat import prompt_ids
+from llama_train.data.loader import MODEL_INPUTS, collate
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], *, pad_id: int, batch_size: int, device) -> float:
+    """Mean token loss; `model` is the (possibly DDP/FSDP-wrapped) TrainModule."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size], pad_id=pad_id)
+        loss_sum, n = model(**{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
+        total += float(loss_sum)
+        count += int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for t in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
+                     batch_size: int, device, chat_template: str | None = None) -> list[str]:
+    """Greedy answers for the last assistant turn of each conversation (left-padded batches).
+    `model` is anything with HF `generate` (a TrainModule, possibly inside DDP)."""
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    out: list[str] = []
+    for i in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(c, tokenizer, chat_template=chat_template) for c in conversations[i : i + batch_size]]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer),
+        )
+        for row in gen[:, width:]:
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+def score(predictions: list[str], references: list[str], metric: str = "exact_match") -> float:
+    if not references:
+        return float("nan")
+    if metric == "contains":
+        hits = sum(r.strip() in p for p, r in zip(predictions, references))
+    else:
+        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    return hits / len(references)
+
+
+def evaluate(model, tokenizer, tok_eval: list[dict], eval_rows: list[dict], *, recipe, device) -> dict:
+    """{'loss', 'perplexity', 'exact_match', 'num_samples'} on the held-out rows."""
+    bs = max(recipe.train.micro_batch_size, 16)
+    loss = eval_loss(model, tok_eval, pad_id=tokenizer.pad_token_id, batch_size=bs, device=device)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_samples": len(tok_eval)}
+    convs = [r["messages"] for r in eval_rows if r.get("messages")]
+    if convs:
+        preds = generate_answers(model, tokenizer, convs, max_new_tokens=recipe.data.eval.max_new_tokens,
+                                 batch_size=bs, device=device, chat_template=recipe.data.chat_template)
+        refs = [c[-1]["content"] for c in convs]
+        result[recipe.gate.metric] = score(preds, refs, recipe.gate.metric)
+        if recipe.gate.metric != "exact_match":
+            result["exact_match"] = score(preds, refs, "exact_match")
+        result["examples"] = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": r, "prediction": p}
+                              for c, r, p in list(zip(convs, refs, preds))[:5]]
+    return result

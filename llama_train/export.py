@@ -1,0 +1,420 @@
+"""Export a trained run (or one checkpoint) for serving, after a compatibility lint.
+
+Formats, each in its own folder under the output directory:
+  adapter/              adapter_config.json + adapter_model.safetensors, nothing else
+  merged/               base + adapter merged (peft `merge_and_unload`), safetensors + tokenizer
+  vllm/<name>/          the adapter, plus vllm/lora_modules.json and vllm/serve_command.txt
+  nim/<name>/           the adapter in the layout NIM reads from $NIM_PEFT_SOURCE
+  manifest.json         sha256 of every exported file, base model, recipe hash, metrics
+
+The lint encodes what vLLM and NIM accept (DESIGN.md "Contracts between stages"); a violation
+stops the export unless `allow_incompatible` (or the recipe's `export.allow_incompatible`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from llama_train.errors import LlamaTrainError
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# vLLM's `MaxLoRARanks` (vllm/config/lora.py); NIM passes --max-lora-rank through to vLLM.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FORMATS = ("adapter", "merged", "vllm", "nim")
+TARGETS = ("vllm", "nim")
+
+
+class ExportError(LlamaTrainError):
+    """The run cannot be exported: files missing, or the adapter fails the serving lint."""
+
+    exit_code = 7
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lint result. `severity` "error" blocks the export; "warning" is only reported."""
+
+    rule: str
+    severity: Literal["error", "warning"]
+    targets: tuple[str, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.rule} ({', '.join(self.targets)}): {self.message}"
+
+
+# --------------------------------------------------------------------------- lint
+
+
+def required_max_lora_rank(r: int) -> int:
+    """Smallest vLLM --max-lora-rank value that serves rank `r`."""
+    for value in VLLM_LORA_RANKS:
+        if value >= r:
+            return value
+    raise ExportError(f"LoRA rank {r} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def _weight_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def _module_names_in_weights(keys: Iterable[str]) -> set[str]:
+    """`...layers.0.self_attn.q_proj.lora_A.weight` -> `q_proj`; other (non-LoRA) keys by leaf."""
+    names = set()
+    for key in keys:
+        m = re.search(r"\.([A-Za-z0-9_]+)\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\b", key)
+        if m:
+            names.add(m.group(1))
+    return names
+
+
+def lint_adapter(
+    adapter_dir: str | Path,
+    targets: Iterable[str] | None = ("vllm", "nim"),
+    *,
+    max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+) -> list[Finding]:
+    """Check a PEFT adapter directory against what the serving `targets` load.
+
+    `max_lora_rank` is the --max-lora-rank the vLLM server will run with (vLLM's default: 16).
+    Returns every finding (empty list = servable); never raises for a rule violation.
+    """
+    adapter_dir = Path(adapter_dir)
+    targets = tuple(targets or ())
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ExportError(f"unknown serving target(s) {unknown}; choose from {list(TARGETS)}")
+    if not targets:
+        return []
+    findings: list[Finding] = []
+
+    def add(rule: str, message: str, severity: Literal["error", "warning"] = "error", only=None):
+        findings.append(Finding(rule, severity, tuple(only or targets), message))
+
+    present = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
+    if "adapter_config.json" not in present:
+        add("files", f"{adapter_dir} has no adapter_config.json (found: {present or 'nothing'}); "
+            "export from a run's adapter/ directory or a checkpoint that holds an adapter")
+        return findings
+    if "adapter_model.safetensors" not in present:
+        bins = [p for p in present if p.endswith(".bin")]
+        found = f"found {bins}" if bins else f"found {present}"
+        add("files", f"adapter_model.safetensors is missing ({found}); vLLM/NIM exports must be "
+            "safetensors: re-save with `model.save_pretrained(dir, safe_serialization=True)`")
+    extra = [p for p in present if p not in ADAPTER_FILES]
+    if any(p.endswith(".bin") for p in extra):
+        add("files", f"pickle weight files {[p for p in extra if p.endswith('.bin')]} next to the "
+            "adapter; only adapter_config.json + adapter_model.safetensors are allowed (export "
+            "copies those two only)", severity="warning")
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    keys = _weight_keys(adapter_dir / "adapter_model.safetensors") if (
+        adapter_dir / "adapter_model.safetensors").exists() else []
+
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        add("peft_type", f"peft_type is {peft_type!r}; vLLM and NIM serve LoRA adapters only "
+            "(set lora.enabled: true with plain LoRA)")
+    if cfg.get("use_dora"):
+        add("no_dora", "use_dora is true (DoRA); vLLM and NIM cannot serve DoRA adapters. "
+            "Retrain with lora.use_dora: false, or export the `merged` format instead")
+    mts = cfg.get("modules_to_save") or []
+    if mts:
+        add("no_modules_to_save", f"modules_to_save is {list(mts)}; vLLM and NIM load only LoRA "
+            "matrices, so fully trained modules would be silently dropped. Retrain with "
+            "lora.modules_to_save: [], or export the `merged` format instead")
+    special = sorted({k for k in keys if re.search(r"(lm_head|embed_tokens)", k)})
+    if special:
+        add("no_lm_head_or_embeddings", f"the weights hold lm_head/embed_tokens tensors "
+            f"({special[:3]}{' ...' if len(special) > 3 else ''}); vLLM/NIM adapters may only touch "
+            f"{', '.join(SERVABLE_MODULES)}. Remove them from lora.target_modules / modules_to_save")
+    bias = cfg.get("bias", "none")
+    if bias != "none":
+        add("bias_none", f"bias is {bias!r}; vLLM and NIM need bias \"none\" (trained biases are not "
+            "loaded). Retrain with bias \"none\"")
+    if cfg.get("lora_bias"):
+        add("bias_none", "lora_bias is true; vLLM and NIM do not load LoRA bias terms")
+
+    r = int(cfg.get("r", 0))
+    ranks = {r, *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
+    bad = sorted(x for x in ranks if x not in VLLM_LORA_RANKS)
+    if bad:
+        add("rank_allowed", f"LoRA rank {bad if len(bad) > 1 else bad[0]} is not one vLLM/NIM "
+            f"accept ({', '.join(map(str, VLLM_LORA_RANKS))}); set lora.r to one of them, e.g. "
+            f"{required_max_lora_rank(max(bad)) if max(bad) <= VLLM_LORA_RANKS[-1] else 512}")
+    top = max(ranks)
+    if "vllm" in targets and top > max_lora_rank:
+        default = " (vLLM's default)" if max_lora_rank == VLLM_DEFAULT_MAX_LORA_RANK else ""
+        need = required_max_lora_rank(top) if top <= VLLM_LORA_RANKS[-1] else top
+        add("max_lora_rank", f"LoRA rank {top} exceeds max_lora_rank {max_lora_rank}{default}; "
+            f"vLLM refuses the adapter unless started with `--max-lora-rank {need}` (and set "
+            f"export.max_lora_rank: {need} in the recipe), or retrain with lora.r <= {max_lora_rank}",
+            only=("vllm",))
+    if "nim" in targets and top > VLLM_DEFAULT_MAX_LORA_RANK:
+        add("max_lora_rank", f"LoRA rank {top} is above 16; start NIM with a max LoRA rank >= {top} "
+            "(NIM_MAX_LORA_RANK, passed to vLLM as --max-lora-rank)", severity="warning", only=("nim",))
+
+    tm = cfg.get("target_modules") or []
+    if isinstance(tm, str):
+        declared = {tm} if tm in SERVABLE_MODULES else set()
+        if not declared and not keys:
+            add("target_modules", f"target_modules is the regex {tm!r}; give a list of module names "
+                f"within {', '.join(SERVABLE_MODULES)}")
+    else:
+        declared = set(tm)
+    outside = sorted((declared | _module_names_in_weights(keys)) - set(SERVABLE_MODULES))
+    if outside:
+        add("target_modules", f"adapter targets {outside}; vLLM and NIM serve LoRA on "
+            f"{', '.join(SERVABLE_MODULES)} only. Set lora.target_modules to a subset of those")
+    return findings
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class RunInfo:
+    src: Path
+    adapter_dir: Path | None
+    model_dir: Path | None
+    run: dict
+    recipe_text: str | None
+    recipe: dict
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _find_up(src: Path, name: str) -> Path | None:
+    """A checkpoint `<run>/checkpoints/step_N/` may lack run.json; look in the run directory."""
+    for d in (src, src.parent, src.parent.parent):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def resolve_run(src: str | Path) -> RunInfo:
+    import yaml
+
+    src = Path(src)
+    if not src.is_dir():
+        raise ExportError(f"{src} is not a directory; give a run directory (with adapter/ and "
+                          "run.json) or a checkpoint directory (<run>/checkpoints/step_N)")
+    adapter_dir = model_dir = None
+    for cand in (src / "adapter", src):
+        if (cand / "adapter_config.json").is_file():
+            adapter_dir = cand
+            break
+    if adapter_dir is None:
+        for cand in (src / "model", src):
+            if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
+                model_dir = cand
+                break
+    if adapter_dir is None and model_dir is None:
+        raise ExportError(f"{src} holds no adapter (adapter/adapter_config.json) and no full model "
+                          "(model/config.json); has the run finished? (see run.json `status`)")
+    run_path = _find_up(src, "run.json")
+    run = json.loads(run_path.read_text()) if run_path else {}
+    recipe_path = _find_up(src, "recipe.yaml")
+    recipe_text = recipe_path.read_text() if recipe_path else None
+    recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
+    return RunInfo(src, adapter_dir, model_dir, run, recipe_text, recipe)
+
+
+def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).is_file():
+            raise ExportError(f"{adapter_dir / name} is missing; an exported adapter needs "
+                              f"{' + '.join(ADAPTER_FILES)}")
+        shutil.copy2(adapter_dir / name, dest / name)
+
+
+def _base_model(info: RunInfo) -> str:
+    base = info.run.get("base_model")
+    if not base and info.adapter_dir is not None:
+        cfg = json.loads((info.adapter_dir / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ExportError("cannot tell the base model: run.json has no `base_model` and "
+                          "adapter_config.json no `base_model_name_or_path`")
+    return str(base)
+
+
+def _export_merged(info: RunInfo, base: str, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if info.adapter_dir is None:  # full fine-tuning: the model is already merged
+        model = AutoModelForCausalLM.from_pretrained(info.model_dir, dtype="auto")
+        tok_src = info.model_dir
+    else:
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        model = PeftModel.from_pretrained(model, str(info.adapter_dir)).merge_and_unload()
+        tok_src = info.adapter_dir if (info.adapter_dir / "tokenizer_config.json").exists() else base
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tok_src).save_pretrained(dest)
+    try:
+        GenerationConfig.from_pretrained(base if info.adapter_dir else info.model_dir).save_pretrained(dest)
+    except OSError:
+        pass  # the base has no generation_config.json; save_pretrained wrote the model's own
+
+
+def _export_vllm(adapter_dir: Path, out: Path, name: str, base: str, r: int) -> None:
+    vdir = out / "vllm"
+    _copy_adapter(adapter_dir, vdir / name)
+    max_rank = required_max_lora_rank(r)
+    module = {"name": name, "path": str((vdir / name).resolve()), "base_model_name": base}
+    (vdir / "lora_modules.json").write_text(
+        json.dumps({"lora_modules": [module], "max_lora_rank": max_rank}, indent=2) + "\n")
+    cmd = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(max_rank),
+           "--lora-modules", json.dumps(module)]
+    (vdir / "serve_command.txt").write_text(shlex.join(cmd) + "\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_train")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def export_run(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    formats: Iterable[str] = ("adapter",),
+    targets: Iterable[str] | None = None,
+    allow_incompatible: bool = False,
+    adapter_name: str | None = None,
+) -> dict:
+    """Export `src` (run or checkpoint directory) to `out_dir` in `formats`; return the manifest.
+
+    `targets` defaults to the recipe's `export.targets` (else vllm + nim); the recipe's
+    `export.max_lora_rank`, `export.adapter_name` and `export.allow_incompatible` apply too.
+    Raises ExportError when the lint finds an error and incompatibility is not allowed.
+    """
+    formats = list(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ExportError(f"unknown export format(s) {bad}; choose from {list(FORMATS)}")
+    info = resolve_run(src)
+    ecfg = info.recipe.get("export") or {}
+    targets = list(targets if targets is not None else ecfg.get("targets", TARGETS))
+    max_lora_rank = int(ecfg.get("max_lora_rank", VLLM_DEFAULT_MAX_LORA_RANK))
+    allow = allow_incompatible or bool(ecfg.get("allow_incompatible", False))
+    name = adapter_name or ecfg.get("adapter_name") or info.run.get("run_name") or info.src.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+        raise ExportError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-' (it is a "
+                          "directory and a served model name); pass --adapter-name")
+    base = _base_model(info)
+
+    adapter_formats = [f for f in formats if f in ("adapter", "vllm", "nim")]
+    if info.adapter_dir is None and adapter_formats:
+        raise ExportError(f"{info.src} is a full fine-tuning run (model/, no adapter); formats "
+                          f"{adapter_formats} need an adapter: use --format merged")
+    findings = lint_adapter(info.adapter_dir, targets, max_lora_rank=max_lora_rank) \
+        if info.adapter_dir is not None else []
+    errors = [f for f in findings if f.severity == "error"]
+    if errors and not allow:
+        lines = "\n".join(f"  - {f}" for f in findings)
+        raise ExportError(f"adapter {info.adapter_dir} is not servable by {targets}:\n{lines}\n"
+                          "Fix the recipe and retrain, export --format merged, or pass "
+                          "--allow-incompatible (recipe: export.allow_incompatible: true)")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    r = 0
+    if info.adapter_dir is not None:
+        r = int(json.loads((info.adapter_dir / "adapter_config.json").read_text()).get("r", 0))
+    for fmt in formats:
+        if fmt == "adapter":
+            _copy_adapter(info.adapter_dir, out / "adapter")
+        elif fmt == "merged":
+            _export_merged(info, base, out / "merged")
+        elif fmt == "vllm":
+            _export_vllm(info.adapter_dir, out, name, base, r)
+        elif fmt == "nim":
+            _copy_adapter(info.adapter_dir, out / "nim" / name)
+
+    files = {
+        str(p.relative_to(out)): _sha256(p)
+        for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"
+    }
+    recipe_sha = info.run.get("recipe_sha256") or (
+        hashlib.sha256(info.recipe_text.encode()).hexdigest() if info.recipe_text else None)
+    manifest = {
+        "llama_train_version": _version(),
+        "source": str(info.src.resolve()),
+        "adapter_name": name,
+        "base_model": base,
+        "recipe_sha256": recipe_sha,
+        "run_name": info.run.get("run_name"),
+        "formats": formats,
+        "targets": targets,
+        "lora_rank": r or None,
+        "metrics": {
+            "status": info.run.get("status"),
+            "global_step": info.run.get("global_step"),
+            "train_loss": info.run.get("train_loss"),
+            "eval": info.run.get("eval"),
+        },
+        "lint": [asdict(f) for f in findings],
+        "files": files,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+
+def export_command(
+    run_or_checkpoint: Annotated[Path, typer.Argument(
+        help="Run directory (with adapter/ or model/ and run.json) or a checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("export"),
+    format: Annotated[list[str], typer.Option(
+        "--format", "-f", help=f"Repeatable: {', '.join(FORMATS)}.")] = ["adapter"],  # noqa: B006
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    allow_incompatible: Annotated[bool, typer.Option(
+        "--allow-incompatible", help="Export even if the vLLM/NIM lint finds errors.")] = False,
+    target: Annotated[list[str] | None, typer.Option(
+        "--target", help="Serving targets to lint against (default: the recipe's export.targets).")] = None,
+    adapter_name: Annotated[str | None, typer.Option(
+        "--adapter-name", help="Served adapter name (default: recipe export.adapter_name, run name).")] = None,
+) -> None:
+    """Export an adapter (and merged / vLLM / NIM layouts) with a manifest of sha256 hashes."""
+    formats = [f.strip() for item in format for f in item.split(",") if f.strip()]
+    manifest = export_run(run_or_checkpoint, out, formats=formats, targets=target or None,
+                          allow_incompatible=allow_incompatible, adapter_name=adapter_name)
+    if json_out:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    for f in manifest["lint"]:
+        typer.echo(f"lint {f['severity']}: {f['rule']} ({', '.join(f['targets'])}): {f['message']}",
+                   err=True)
+    typer.echo(f"exported {', '.join(manifest['formats'])} to {out} "
+               f"({len(manifest['files'])} files, manifest.json)")

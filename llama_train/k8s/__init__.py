@@ -1,0 +1,1 @@
+"""Kubernetes: render PyTorchJob / TrainJob manifests from a recipe, and talk to a cluster."""

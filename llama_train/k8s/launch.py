@@ -1,0 +1,46 @@
+"""`python -m llama_train.k8s.launch [torchrun args] -m llama_train.train RECIPE ...`
+
+This is torchrun (same parser, reads the same PET_* variables, same agent), except for its exit
+code. Plain torchrun exits 1 whenever a rank fails or the agent is signalled (checked with torch
+2.13: a rank exiting 143 or 2, and SIGTERM to torchrun, all give 1), so a PyTorchJob with
+`restartPolicy: ExitCode` would never retry a preempted pod. Here the pod exits with:
+
+- the exit code of the first failing rank (root cause), a signal death as 128 + signal;
+- 128 + signal when the agent itself is signalled (SIGTERM on preemption -> 143);
+- 130 (InfrastructureError) when the agent fails otherwise (rendezvous timeout, lost peer).
+"""
+
+from __future__ import annotations
+
+import sys
+
+INFRASTRUCTURE_EXIT = 130  # llama_train.errors.InfrastructureError.exit_code
+
+
+def exit_code_of_failure(exitcode: int) -> int:
+    """ProcessFailure.exitcode is negative (-signal) when a rank died from a signal."""
+    if exitcode < 0:
+        return 128 + (-exitcode)
+    return exitcode if 0 < exitcode < 256 else INFRASTRUCTURE_EXIT
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(argv)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        return exit_code_of_failure(failure.exitcode)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except Exception as exc:  # rendezvous errors and the like: the infrastructure, retried
+        print(f"llama_train.k8s.launch: torchrun agent failed: {exc!r}", file=sys.stderr)
+        return INFRASTRUCTURE_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

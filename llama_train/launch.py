@@ -1,0 +1,33 @@
+"""`llama-train run`: one process in place, or torchrun (torch.distributed.run) for several."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from llama_train.config import load_recipe
+from llama_train.preflight import preflight
+
+
+def torchrun_command(recipe_path: str, overrides: list[str], *, nproc_per_node: int, nnodes: int, node_rank: int,
+                     master_addr: str, master_port: int, allow_recipe_change: bool) -> list[str]:
+    # llama_train.k8s.launch is torchrun that keeps the failing rank's exit code (plain torchrun exits 1).
+    cmd = [sys.executable, "-m", "llama_train.k8s.launch", f"--nproc-per-node={nproc_per_node}",
+           f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+           f"--master-port={master_port}", "-m", "llama_train.train", recipe_path, *overrides]
+    return cmd + (["--allow-recipe-change"] if allow_recipe_change else [])
+
+
+def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
+           master_addr: str = "127.0.0.1", master_port: int = 29500, allow_recipe_change: bool = False) -> int:
+    """Validate first (fail in seconds, exit 1-127), then train. Returns the exit code."""
+    world = nproc_per_node * nnodes
+    preflight(load_recipe(recipe_path, overrides), world_size=world)
+    if world == 1:
+        from llama_train.train import run_training
+
+        return run_training(recipe_path, overrides, allow_recipe_change=allow_recipe_change)
+    cmd = torchrun_command(recipe_path, overrides, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                           node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                           allow_recipe_change=allow_recipe_change)
+    return subprocess.call(cmd)

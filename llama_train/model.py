@@ -1,0 +1,145 @@
+"""Load the base model and tokenizer (tiny or real, one code path) and attach LoRA/DoRA/QLoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llama_train.config import Recipe
+from llama_train.errors import PreflightError, RecipeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_base_path(recipe: Recipe) -> str:
+    """Local directory or hub id of the base model. For `tiny`, build it on first use."""
+    m = recipe.model
+    if m.source == "hf":
+        assert m.path
+        return m.path
+    from llama_train.tiny import build_tiny
+
+    path = Path(m.path or Path(recipe.output_dir) / "base_model").resolve()
+    marker = path / "llama_train_tiny.json"
+    if not (marker.exists() and json.loads(marker.read_text()).get("seed") == m.tiny_seed
+            and (path / "model.safetensors").exists()):
+        if path.exists() and any(path.iterdir()) and not marker.exists():
+            raise RecipeError(f"model.path {path} exists and is not a tiny model directory; "
+                              "point model.path elsewhere or use model.source: hf")
+        build_tiny(path, seed=m.tiny_seed)
+    return str(path)
+
+
+def load_tokenizer(recipe: Recipe, base_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    if recipe.data.chat_template:
+        tok.chat_template = recipe.data.chat_template
+    if tok.chat_template is None:
+        raise RecipeError(f"tokenizer of {base_path} has no chat template; set data.chat_template")
+    if tok.pad_token_id is None:
+        # Llama 3 ships without a pad token; any id works since padded labels are -100 and masked.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(recipe: Recipe, base_path: str, *, device: torch.device | None = None):
+    from transformers import AutoModelForCausalLM
+
+    m = recipe.model
+    kwargs: dict = dict(
+        dtype=DTYPES[m.dtype],
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+        revision=m.revision,
+        use_safetensors=True,
+    )
+    if m.quantization == "nf4":
+        if not torch.cuda.is_available():
+            raise PreflightError("model.quantization: nf4 (QLoRA) needs a CUDA GPU; none is visible. "
+                                 "Use model.quantization: none on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    except OSError as exc:
+        raise RecipeError(f"cannot load model.path {base_path!r}: {exc}") from None
+    if device is not None and m.quantization == "none":
+        model.to(device)
+    return model
+
+
+def apply_finetuning(model, recipe: Recipe):
+    """LoRA/DoRA (peft) when lora.enabled, else full fine-tuning. Seeded for a reproducible init."""
+    lc = recipe.lora
+    torch.manual_seed(recipe.train.seed)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not lc.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    import peft
+
+    if recipe.model.quantization != "none":
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.model.gradient_checkpointing
+        )
+    config = peft.LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        use_dora=lc.use_dora,
+        use_rslora=lc.use_rslora,
+        modules_to_save=list(lc.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise RecipeError(f"lora.target_modules {lc.target_modules}: {exc}") from None
+    if recipe.model.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total - trainable
+
+
+class TrainModule(torch.nn.Module):
+    """The model as the training loop sees it: forward(input_ids, labels, ...) → (loss_sum, n).
+
+    The loss is computed from the decoder's hidden states with the chunked cross-entropy, so the
+    full logits are never materialized. DDP/FSDP wrap this module, so their hooks run on every
+    forward; `generate` is registered as an FSDP forward method for the same reason.
+    """
+
+    def __init__(self, inner, *, chunk_size: int):
+        super().__init__()
+        self.inner = inner
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        from llama_train.loss import causal_lm_loss
+
+        loss_sum, n = causal_lm_loss(self.inner, input_ids, labels, attention_mask=attention_mask,
+                                     position_ids=position_ids, chunk_size=self.chunk_size)
+        return loss_sum, torch.tensor(n)
+
+    def generate(self, **kwargs):
+        return self.inner.generate(**kwargs)

@@ -1,0 +1,343 @@
+"""The OpenAI-compatible FastAPI app: /v1/models, /v1/chat/completions, /v1/completions,
+/health (liveness), /ready (model loaded), /metrics (Prometheus).
+
+`create_app(engine, ...)` wires the pieces: the Engine (model, adapters, batching worker), the
+GatewayMiddleware (auth, limits, metrics, access log) and upstream routes (remote endpoints
+served under local names). Every error is an OpenAI-shaped JSON body; none stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llama_train.serve.engine import Engine, GenRequest, SamplingParams
+from llama_train.serve.observe import GatewayMiddleware, Metrics
+from llama_train.serve.schemas import (
+    CHAT_UNSUPPORTED,
+    COMPLETION_UNSUPPORTED,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    from_validation_error,
+)
+from llama_train.serve.upstream import Upstream, proxy
+
+log = logging.getLogger("llama_train.serve")
+_ENV = object()
+
+
+def create_app(
+    engine: Engine | None,
+    *,
+    upstreams: dict[str, Upstream] | None = None,
+    api_key: Any = _ENV,
+    max_concurrency: int = 32,
+    request_timeout_s: float = 120.0,
+    max_body_bytes: int = 4 << 20,
+) -> FastAPI:
+    """Build the app. `api_key` defaults to $LLAMA_TRAIN_API_KEY; None/empty = no auth.
+    `engine` None serves upstream routes only. The engine's worker starts with the app."""
+    if api_key is _ENV:
+        api_key = os.environ.get("LLAMA_TRAIN_API_KEY") or None
+    if not api_key:
+        log.warning("LLAMA_TRAIN_API_KEY is not set: /v1 routes accept requests without an API key")
+    upstreams = dict(upstreams or {})
+    if engine is not None:
+        clash = set(upstreams) & ({engine.base_id} | set(engine.adapters))
+        if clash:
+            raise ValueError(f"--upstream name(s) {sorted(clash)} collide with local model names")
+    metrics = Metrics()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is not None:
+            engine.start()
+        app.state.http = httpx.AsyncClient()
+        try:
+            yield
+        finally:
+            if engine is not None:
+                engine.stop()
+            await app.state.http.aclose()
+
+    app = FastAPI(title="llama_train server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(GatewayMiddleware, metrics=metrics, api_key=api_key,
+                       max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
+    state = _Handlers(engine, upstreams, metrics, request_timeout_s, created)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(msg, code=code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", type="server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if engine is not None and engine.load_error is not None:
+            return JSONResponse({"status": "failed", "error": repr(engine.load_error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if engine is None or engine.ready.is_set():
+            return {"status": "ready"}
+        status = "failed" if engine.load_error is not None else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": state.model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        for card in state.model_cards():
+            if card["id"] == model_id:
+                return card
+        raise state.unknown_model(model_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await state.handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await state.handle(request, "text")
+
+    return app
+
+
+def _sse(doc: dict | str) -> bytes:
+    return f"data: {doc if isinstance(doc, str) else json.dumps(doc)}\n\n".encode()
+
+
+class _Handlers:
+    def __init__(self, engine: Engine | None, upstreams: dict[str, Upstream], metrics: Metrics,
+                 timeout_s: float, created: int):
+        self.engine, self.upstreams, self.metrics = engine, upstreams, metrics
+        self.timeout_s, self.created = timeout_s, created
+
+    # ------------------------------------------------------------------ models
+    def model_cards(self) -> list[dict]:
+        cards = []
+        if self.engine is not None:
+            e = self.engine
+            cards.append({"id": e.base_id, "object": "model", "created": self.created,
+                          "owned_by": "llama_train", "root": e.base, "parent": None})
+            cards += [{"id": name, "object": "model", "created": self.created,
+                       "owned_by": "llama_train", "root": path, "parent": e.base_id}
+                      for name, path in e.adapters.items()]
+        cards += [u.model_card(self.created) for u in self.upstreams.values()]
+        return cards
+
+    def unknown_model(self, name: str) -> APIError:
+        known = ", ".join(c["id"] for c in self.model_cards())
+        return APIError(404, f"The model `{name}` does not exist; served models: {known}",
+                        param="model", code="model_not_found")
+
+    # ------------------------------------------------------------------ requests
+    async def handle(self, request: Request, kind: str) -> Response:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        model = body.get("model")
+        if isinstance(model, str) and model in self.upstreams:
+            route = "/chat/completions" if kind == "chat" else "/completions"
+            return await proxy(request.app.state.http, self.upstreams[model], route, body,
+                               self.timeout_s)
+        schema, unsupported = ((ChatCompletionRequest, CHAT_UNSUPPORTED) if kind == "chat"
+                               else (CompletionRequest, COMPLETION_UNSUPPORTED))
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        req.reject_unsupported(unsupported)
+        engine = self.engine
+        if engine is None or (req.model != engine.base_id and req.model not in engine.adapters):
+            raise self.unknown_model(req.model)
+        if not engine.ready.is_set():
+            raise APIError(503, "the model is still loading; retry when /ready answers 200",
+                           type="server_error", code="model_not_ready")
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        prompts = self._prompts(req, kind)
+        adapter = None if req.model == engine.base_id else req.model
+        loop = asyncio.get_running_loop()
+        gens = [GenRequest(ids, self._params(req, len(ids)), req.model, adapter, loop)
+                for ids in prompts]
+        if req.stream and len(gens) > 1:
+            raise APIError(400, "stream with several prompts is not supported; send one prompt",
+                           param="prompt", code="unsupported_parameter")
+        if kind == "text" and req.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo",
+                           code="unsupported_parameter")
+        for gen in gens:
+            self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
+            engine.submit(gen)
+        meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()), "model": req.model}
+        if req.stream:
+            return await self._stream(gens[0], req, kind, meta, deadline)
+        return await self._complete(gens, req, kind, meta, deadline)
+
+    def _prompts(self, req, kind: str) -> list[list[int]]:
+        engine = self.engine
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                return [engine.chat_prompt_ids(messages)]
+            except APIError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (jinja raise_exception(), role rules, ...)
+                raise APIError(422, f"the model's chat template rejected these messages: {exc}",
+                               param="messages", code="invalid_messages") from None
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return [engine.text_prompt_ids(prompt)]
+        if all(isinstance(p, int) for p in prompt):
+            vocab = len(engine.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary "
+                               f"[0, {vocab})", param="prompt", code="invalid_value")
+            return [list(prompt)]
+        return [engine.text_prompt_ids(p) for p in prompt]
+
+    def _params(self, req, prompt_len: int) -> SamplingParams:
+        ctx = self.engine.context_length
+        asked = req.effective_max_tokens()
+        room = ctx - prompt_len
+        if asked is not None and prompt_len + asked > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you "
+                           f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} "
+                           "for the completion). Reduce the prompt or max_tokens.",
+                           param="max_tokens" if prompt_len < ctx else "messages",
+                           code="context_length_exceeded")
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens and the prompt "
+                           f"has {prompt_len}; shorten it.", param="messages",
+                           code="context_length_exceeded")
+        return SamplingParams(max_tokens=asked or min(self.engine.default_max_tokens, room),
+                              temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
+                              seed=req.seed, n=req.n, ignore_eos=req.ignore_eos)
+
+    async def _next_event(self, gen: GenRequest, deadline: float):
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            event = await asyncio.wait_for(gen.events.get(), timeout=max(left, 0.001))
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise APIError(504, f"request timed out after {self.timeout_s:g} s "
+                           "(server --request-timeout-s)", type="server_error", code="timeout") from None
+        if event.error is not None:
+            gen.cancel()
+            raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}",
+                           type="server_error", code="generation_failed")
+        return event
+
+    def _usage(self, gens: list[GenRequest]) -> dict:
+        p = sum(len(g.prompt_ids) for g in gens)
+        c = sum(g.completion_tokens for g in gens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def _complete(self, gens, req, kind, meta, deadline) -> dict:
+        choices = []
+        try:
+            for gi, gen in enumerate(gens):
+                texts, finish = [""] * req.n, [None] * req.n
+                while any(f is None for f in finish):
+                    for idx, text, fin in (await self._next_event(gen, deadline)).deltas:
+                        texts[idx] += text
+                        finish[idx] = fin or finish[idx]
+                for i in range(req.n):
+                    index = gi * req.n + i
+                    if kind == "chat":
+                        choices.append({"index": index, "message": {"role": "assistant", "content":
+                                        texts[i]}, "finish_reason": finish[i], "logprobs": None})
+                    else:
+                        choices.append({"index": index, "text": texts[i], "finish_reason": finish[i],
+                                        "logprobs": None})
+        finally:
+            for gen in gens:
+                gen.cancel()
+                self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return {**meta, "object": obj, "choices": choices, "usage": self._usage(gens)}
+
+    async def _stream(self, gen, req, kind, meta, deadline) -> StreamingResponse:
+        try:  # wait for the first tokens, so errors before them get a real status code
+            first = await self._next_event(gen, deadline)
+        except BaseException:
+            self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+            raise
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> bytes:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if role else (
+                    {} if text is None else {"content": text})
+                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return _sse({**meta, "object": obj, "choices": [choice]})
+
+        async def body():
+            try:
+                if kind == "chat":
+                    for i in range(req.n):
+                        yield chunk(i, None, None, role=True)
+                event, done = first, 0
+                while True:
+                    for idx, text, fin in event.deltas:
+                        if text:
+                            yield chunk(idx, text, None)
+                        if fin:
+                            done += 1
+                            yield chunk(idx, None, fin)
+                    if done >= req.n:
+                        break
+                    try:
+                        event = await self._next_event(gen, deadline)
+                    except APIError as exc:  # headers are sent: report in-band, like OpenAI
+                        yield _sse(exc.body())
+                        break
+                if req.include_usage:
+                    yield _sse({**meta, "object": obj, "choices": [], "usage": self._usage([gen])})
+                yield _sse("[DONE]")
+            finally:  # also runs when the client disconnects: stop generating for it
+                gen.cancel()
+                self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

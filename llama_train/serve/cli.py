@@ -1,0 +1,68 @@
+"""`llama-train serve`: run the OpenAI-compatible server with uvicorn."""
+
+from __future__ import annotations
+
+import logging.config
+from typing import Annotated
+
+import typer
+
+from llama_train.errors import LlamaTrainError
+
+
+def serve_command(
+    base: Annotated[str, typer.Option(
+        "--base", help="Base model: a local directory or a hub id that loads offline.")],
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_concurrency: Annotated[int, typer.Option(
+        help="Generation requests in flight; more are answered 429.")] = 32,
+    request_timeout_s: Annotated[float, typer.Option(
+        help="Per-request limit, queueing included, in seconds; then 504.")] = 120.0,
+    json_logs: Annotated[bool, typer.Option(
+        "--json-logs", help="One JSON object per log line (ELK, Loki).")] = False,
+    upstream: Annotated[list[str] | None, typer.Option(
+        "--upstream", help="Repeatable NAME=URL or NAME=URL#REMOTE_MODEL: proxy model NAME to an "
+        "OpenAI-compatible base URL (e.g. http://vllm:8000/v1). Key: "
+        "$LLAMA_TRAIN_UPSTREAM_KEY_<NAME> or $LLAMA_TRAIN_UPSTREAM_API_KEY.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Name of the base model in the API (default: --base as given, like vLLM).")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(
+        help="How long the worker gathers requests into a batch, in milliseconds.")] = 5.0,
+    default_max_tokens: Annotated[int, typer.Option(
+        help="max_tokens when a chat request sends none.")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Serve a base model and LoRA adapters over an OpenAI-compatible HTTP API.
+
+    API key: $LLAMA_TRAIN_API_KEY (Bearer). Without it the server is open and says so.
+    """
+    import uvicorn
+
+    from llama_train.serve.app import create_app
+    from llama_train.serve.engine import Engine, check_adapter_dirs, parse_named
+    from llama_train.serve.observe import log_config
+    from llama_train.serve.upstream import Upstream
+
+    cfg = log_config(json_logs, log_level.upper())
+    logging.config.dictConfig(cfg)  # before create_app, so its warnings use the format
+    logging.captureWarnings(True)  # library warnings become log records (one JSON line each)
+    try:
+        adapters = parse_named(adapter, "adapter")
+        check_adapter_dirs(adapters)
+        upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
+        engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
+                        device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                        default_max_tokens=default_max_tokens)
+        app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
+                         request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes)
+    except ValueError as exc:
+        raise LlamaTrainError(str(exc)) from None
+    uvicorn.run(app, host=host, port=port, log_config=cfg, access_log=False,
+                timeout_graceful_shutdown=10)

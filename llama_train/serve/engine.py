@@ -1,0 +1,440 @@
+"""Model, adapters and the batching worker behind the HTTP server.
+
+One base model with N PEFT adapters loaded side by side (`load_adapter(dir, name)`). A single
+worker thread owns the model and batches continuously: each iteration it admits the queued
+requests (up to `max_batch_size` sequences; when idle it first waits `batch_wait_ms` to gather
+a batch), prefills them, merges them into the running batch of their model, and decodes one
+token for every running batch (`set_adapter(name)`, or `disable_adapter()` for the base).
+Tokens go back to each request's asyncio queue as they are produced, so streaming and
+non-streaming share one path and a request never waits for another to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llama_train.serve")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+
+
+@dataclass
+class Event:
+    """What the worker reports: text deltas per choice, a finish reason, or an error."""
+
+    deltas: list[tuple[int, str, str | None]]  # (choice index, new text, finish_reason or None)
+    error: BaseException | None = None
+
+
+class GenRequest:
+    """One HTTP request: n sequences of the same prompt, for one model (base or adapter)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, model: str,
+                 adapter: str | None, loop: asyncio.AbstractEventLoop):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.model = model
+        self.adapter = adapter
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+        self.completion_tokens = 0
+        self.enqueued_at = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def post(self, event: Event) -> None:
+        if not self.cancelled:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    """Loads the base (+ adapters) and serves GenRequests from a background worker thread."""
+
+    def __init__(self, base: str, adapters: dict[str, str] | None = None, *,
+                 served_model_name: str | None = None, dtype: str = "auto",
+                 device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+                 default_max_tokens: int = 256):
+        self.base = base
+        self.base_id = served_model_name or base
+        self.adapters = dict(adapters or {})
+        if self.base_id in self.adapters:
+            raise ValueError(f"adapter name {self.base_id!r} collides with the base model's name")
+        self.dtype = dtype
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.default_max_tokens = default_max_tokens
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.context_length = 0
+        self.eos_ids: set[int] = set()
+        self.cache_kw = "cache"
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self._pending: queue.Queue[GenRequest | None] = queue.Queue()
+        self._overflow: list[GenRequest] = []
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load in the worker thread (so /health answers at once and /ready flips when done)."""
+        self._thread = threading.Thread(target=self._run, name="llama-train-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._pending.put(None)
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        t0 = time.monotonic()
+        hf_logging.disable_progress_bar()  # progress bars on stderr would break JSON log lines
+        torch.set_grad_enabled(False)
+        tok = AutoTokenizer.from_pretrained(self.base)
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=self.dtype).to(self.device)
+        if self.adapters:
+            from peft import PeftModel
+
+            names = list(self.adapters)
+            model = PeftModel.from_pretrained(model, self.adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(self.adapters[name], adapter_name=name)
+        model.eval()
+        forward = model.get_base_model().forward if self.adapters else model.forward
+        self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        cfg = model.config
+        self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or tok.model_max_length)
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if tok.eos_token_id is not None:
+            self.eos_ids.add(tok.eos_token_id)
+        self.model, self.tokenizer = model, tok
+        log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
+                                        "load_s": round(time.monotonic() - t0, 2)})
+
+    def _run(self) -> None:
+        try:
+            self.load()
+        except BaseException as exc:  # reported by /ready, /health and every request
+            self.load_error = exc
+            log.exception("model load failed")
+            return
+        self.ready.set()
+        groups: dict[str | None, _Group] = {}
+        while True:
+            new = self._admit(sum(len(g.rows) for g in groups.values()), block=not groups)
+            if new is None:
+                return
+            by_adapter: dict[str | None, list[GenRequest]] = {}
+            for req in new:
+                by_adapter.setdefault(req.adapter, []).append(req)
+            for adapter, reqs in by_adapter.items():
+                group = groups.setdefault(adapter, _Group(self, adapter))
+                self._guarded(group, group.admit, reqs)
+            for adapter, group in list(groups.items()):
+                if group.rows:
+                    self._guarded(group, group.step)
+                if not group.rows:
+                    del groups[adapter]
+
+    def _guarded(self, group: _Group, fn, *args) -> None:
+        """Run one prefill or decode step; an exception fails that group's requests only."""
+        try:
+            with self._adapter_context(group.adapter):
+                fn(*args)
+        except BaseException as exc:
+            log.exception("generation failed")
+            failed = {id(r.req): r.req for r in group.rows}
+            failed.update({id(r): r for r in (args[0] if args else [])})
+            for req in failed.values():
+                req.post(Event([], error=exc))
+            group.reset()
+
+    def _admit(self, active_rows: int, *, block: bool) -> list[GenRequest] | None:
+        """New requests that fit in the batch. When idle, block for one and then gather more
+        for batch_wait_s; while decoding, take only what is already queued (no waiting)."""
+        batch: list[GenRequest] = []
+        rows = active_rows
+        deadline = time.monotonic() + self.batch_wait_s
+        while True:
+            if self._overflow:
+                req = self._overflow.pop(0)
+            else:
+                try:
+                    if block and not batch:
+                        req = self._pending.get()
+                    elif block:
+                        left = deadline - time.monotonic()
+                        req = self._pending.get(timeout=left) if left > 0 else self._pending.get_nowait()
+                    else:
+                        req = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+            if req is None:
+                return None
+            if req.cancelled:
+                continue
+            if rows + req.params.n > self.max_batch_size and rows > 0:
+                self._overflow.insert(0, req)  # next iteration, when rows have finished
+                break
+            batch.append(req)
+            rows += req.params.n
+        return batch
+
+    def _adapter_context(self, adapter: str | None):
+        import contextlib
+
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+            return contextlib.nullcontext()
+        if self.adapters:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def submit(self, req: GenRequest) -> None:
+        self._pending.put(req)
+
+    # ------------------------------------------------------------------ tokenization
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+
+class _Row:
+    """One sequence being generated: a choice of a request."""
+
+    def __init__(self, req: GenRequest, index: int):
+        import torch
+
+        self.req, self.index = req, index
+        p = req.params
+        self.ids: list[int] = []
+        self.sent = ""
+        self.done = False
+        self.generator = None
+        if p.temperature > 0:
+            seed = (p.seed + index) if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self.generator = torch.Generator().manual_seed(seed)
+
+
+class _Group:
+    """The running batch of one model (base or one adapter): rows, KV cache, attention mask.
+
+    Continuous batching: new requests are prefilled on their own and merged into the running
+    batch (both left-padded to the same cache length), finished rows are dropped, and every
+    `step` decodes one token for all rows. Padding stays on the left of every row, so a 2D
+    attention mask plus per-row position ids give the same result as an unbatched run."""
+
+    def __init__(self, engine: Engine, adapter: str | None):
+        self.engine, self.adapter = engine, adapter
+        self.tok = engine.tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache = self.mask = self.pos = self.logits = None
+
+    def admit(self, reqs: list[GenRequest]) -> None:
+        import torch
+
+        rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
+        dev = self.engine.device
+        width = max(len(r.req.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids = r.req.prompt_ids
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+        with torch.inference_mode():
+            out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                                    use_cache=True, logits_to_keep=1)
+        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+        if self.cache is None:
+            self.cache, self.mask, self.pos, self.logits = cache, mask, pos[:, -1:], logits
+        else:
+            t = max(self.mask.shape[1], mask.shape[1])
+            _merge_caches(self.cache, cache, t - self.mask.shape[1], t - mask.shape[1])
+            self.mask = torch.cat([_left_pad(self.mask, t - self.mask.shape[1], 1),
+                                   _left_pad(mask, t - mask.shape[1], 1)], dim=0)
+            self.pos = torch.cat([self.pos, pos[:, -1:]], dim=0)
+            self.logits = torch.cat([self.logits, logits], dim=0)
+        self.rows += rows
+
+    def step(self) -> None:
+        import torch
+
+        nxt = self._pick(self.logits)
+        self._emit(nxt.tolist())
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if not keep:
+            self.reset()
+            return
+        if len(keep) < len(self.rows):
+            idx = torch.tensor(keep, device=self.mask.device)
+            _select_rows(self.cache, idx)
+            self.rows = [self.rows[i] for i in keep]
+            self.mask, self.pos, nxt = self.mask[idx], self.pos[idx], nxt[idx.cpu()]
+            first = int((self.mask.sum(0) > 0).nonzero()[0])  # drop all-padding columns
+            if first > 0:
+                _trim_cache(self.cache, first)
+                self.mask = self.mask[:, first:]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.pos = self.pos + 1
+        with torch.inference_mode():
+            out = self.engine.model(input_ids=nxt[:, None].to(self.mask.device),
+                                    attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                                    **{self.engine.cache_kw: self.cache})
+        self.cache, self.logits = _cache_of(out), out.logits[:, -1, :].float()
+
+    def _pick(self, logits):
+        import torch
+
+        nxt = logits.argmax(-1).cpu()
+        for i, r in enumerate(self.rows):
+            p = r.req.params
+            if r.done or p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, -1).cpu()
+            if p.top_p < 1.0:
+                sp, si = probs.sort(descending=True)
+                keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
+                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+            nxt[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return nxt
+
+    def _emit(self, tokens: list[int]) -> None:
+        per_req: dict[int, tuple[GenRequest, list]] = {}
+        for r, t in zip(self.rows, tokens):
+            if r.done:
+                continue
+            if r.req.cancelled:
+                r.done = True
+                continue
+            p = r.req.params
+            r.ids.append(t)
+            r.req.completion_tokens += 1
+            finish = None
+            if t in self.engine.eos_ids and not p.ignore_eos:
+                r.ids.pop()
+                finish = "stop"
+            text = self.tok.decode(r.ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in p.stop if s and s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            elif finish is None and len(r.ids) >= p.max_tokens:
+                finish = "length"
+            if finish is None:
+                text = _hold_back(text, p.stop)
+            delta = text[len(r.sent):] if text.startswith(r.sent) else ""
+            r.sent += delta
+            if finish:
+                r.done = True
+            if delta or finish:
+                per_req.setdefault(id(r.req), (r.req, []))[1].append((r.index, delta, finish))
+        for req, deltas in per_req.values():
+            req.post(Event(deltas))
+
+
+def _layers(cache) -> list:
+    if not hasattr(cache, "layers"):
+        raise RuntimeError("continuous batching needs a layered transformers Cache (transformers >= 4.56)")
+    return cache.layers
+
+
+def _left_pad(t, n: int, dim: int):
+    """Prepend n zeros along `dim` (cache: dim 2 = sequence; mask: dim 1)."""
+    import torch
+
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _merge_caches(a, b, pad_a: int, pad_b: int) -> None:
+    """Append b's rows to a, left-padding each to a common sequence length (in place on a)."""
+    import torch
+
+    for la, lb in zip(_layers(a), _layers(b)):
+        la.keys = torch.cat([_left_pad(la.keys, pad_a, 2), _left_pad(lb.keys, pad_b, 2)], dim=0)
+        la.values = torch.cat([_left_pad(la.values, pad_a, 2), _left_pad(lb.values, pad_b, 2)], dim=0)
+
+
+def _select_rows(cache, idx) -> None:
+    for layer in _layers(cache):
+        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+
+
+def _trim_cache(cache, first: int) -> None:
+    for layer in _layers(cache):
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def _cache_of(out):
+    # transformers 5.x renamed `past_key_values` to `cache` (outputs and forward arguments).
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _hold_back(text: str, stops: list[str]) -> str:
+    """Withhold a trailing partial UTF-8 char and any tail that could start a stop string."""
+    if text.endswith("\ufffd"):
+        text = text.rstrip("\ufffd")
+    keep = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                keep = min(keep, len(text) - k)
+                break
+    return text[:keep]
+
+
+def parse_named(items: list[str] | None, what: str) -> dict[str, str]:
+    """`NAME=VALUE` pairs (repeatable CLI options) -> dict, with a clear error on bad input."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--{what} {item!r} must look like NAME={'DIR' if what == 'adapter' else 'URL'}")
+        if name in out:
+            raise ValueError(f"--{what} name {name!r} given twice")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def check_adapter_dirs(adapters: dict[str, str]) -> None:
+    for name, d in adapters.items():
+        if not (Path(d) / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {name}={d}: no adapter_config.json in {d}")

@@ -1,0 +1,120 @@
+"""OpenAI request bodies (pydantic) and OpenAI-shaped errors.
+
+Error bodies follow the OpenAI API: `{"error": {"message", "type", "param", "code"}}`, so the
+official clients raise the matching exception (401 AuthenticationError, 404 NotFoundError, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """First pydantic error -> 400 naming the parameter, the rule and the value sent."""
+    e = exc.errors()[0]
+    param = ".".join(str(p) for p in e["loc"]) or None
+    got = e.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) and e["type"] != "missing" else ""
+    more = f" (and {len(exc.errors()) - 1} more errors)" if len(exc.errors()) > 1 else ""
+    return APIError(400, f"{param}: {e['msg']}{got_s}{more}", param=param, code="invalid_value"
+                    if e["type"] != "missing" else "missing_required_parameter")
+
+
+class _Body(BaseModel):
+    # Clients send fields this server ignores (user, metadata, ...); unknown keys are allowed,
+    # the few that would change results silently are rejected in `reject_unsupported`.
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    ignore_eos: bool = False  # vLLM extension, for benchmarks
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    def reject_unsupported(self, names: tuple[str, ...]) -> None:
+        extra = self.model_extra or {}
+        for name in names:
+            if extra.get(name) not in (None, False, [], 0):
+                raise APIError(400, f"{name} is not supported by this server", param=name,
+                               code="unsupported_parameter")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported by this server (send 0)", param=name,
+                               code="unsupported_parameter")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"message content part of type {part.get('type')!r} is not "
+                               "supported (text only)", param="messages", code="invalid_value")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str] | list[int] = Field(min_length=1)
+    echo: bool = False
+    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for /v1/completions
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+CHAT_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias", "audio")
+COMPLETION_UNSUPPORTED = ("logprobs", "logit_bias", "suffix")

@@ -1,0 +1,852 @@
+"""Experiment tracking (MLflow) and the model registry, never fatal to training.
+
+Only the global rank 0 tracks (`make_tracker(recipe, rank=...)` gives every other rank a
+`NullTracker` that touches no file and no network). The MLflow tracker:
+
+- appends every `log_metrics` call to `<output_dir>/metrics.jsonl` first (synchronously, one
+  JSON line `{"step", "metrics", "time"}`): that file is the source of truth;
+- sends everything to MLflow from one background thread through a bounded queue, with short
+  HTTP timeouts; when the server is unreachable, items are dropped (they are in the file) and
+  the thread backs off, so a training step never waits on the network;
+- records its run id and what is still to upload in `<output_dir>/tracking.json`, so that
+  `llama-train track sync OUTPUT_DIR` can later upload what the server lacks (it compares the
+  server's metric history with metrics.jsonl; no step is logged twice);
+- continues the same MLflow run on resume and skips (metric, step) pairs already logged.
+
+The registry side (`register_adapter`, `promote`, `get_alias_version`, `download_adapter`)
+registers the adapter directory logged as run artifacts: `mlflow.transformers.log_model` on a
+PEFT model resolves the base on the Hugging Face Hub and fails offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+
+import typer
+
+from llama_train.errors import LlamaTrainError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from llama_train.config import Recipe
+
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "tracking.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+ADAPTER_ARTIFACT_PATH = "adapter"
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+DEFAULT_EXPERIMENT = "llama-train"
+
+# MLflow's server-side limits (mlflow/utils/validation.py): MAX_PARAM_VAL_LENGTH,
+# MAX_PARAMS_TAGS_PER_BATCH, MAX_METRICS_PER_BATCH; tag values are capped at 8000 chars.
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_TAG_VALUE_CHARS = 5000
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+
+# Read by mlflow's REST client at every request; set (unless the user did) before any call so a
+# dead or hung server costs seconds, not mlflow's default 120 s x 7 retries with backoff.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",  # seconds, connect and read
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # seconds; sleeps 1, 2 between retries
+}
+# Environment variables turned into run tags when present (set them in the pod spec, e.g. from
+# the downward API: POD_UID <- metadata.uid, KUBEFLOW_JOB_NAME <- the job-name label).
+K8S_TAG_ENV = {
+    "k8s.job_name": ("KUBEFLOW_JOB_NAME", "JOB_NAME"),
+    "k8s.job_uid": ("KUBEFLOW_JOB_UID", "JOB_UID"),
+    "k8s.pod_name": ("POD_NAME",),
+    "k8s.pod_uid": ("POD_UID",),
+    "k8s.namespace": ("POD_NAMESPACE",),
+    "k8s.image": ("LLAMA_TRAIN_IMAGE",),
+}
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def start(
+        self, *, params: dict, tags: dict, resume_run_id: str | None = None
+    ) -> str | None: ...
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """What every rank but the global rank 0 gets, and rank 0 with tracking disabled."""
+
+    run_id: str | None = None
+
+    def start(self, *, params: dict, tags: dict, resume_run_id: str | None = None) -> str | None:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(f"[tracking] {msg}", RuntimeWarning, stacklevel=3)
+
+
+def _configure_mlflow_env() -> None:
+    for key, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _client(uri: str) -> MlflowClient:
+    _configure_mlflow_env()
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_uri(recipe: Recipe) -> str:
+    """recipe.tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store beside output_dir."""
+    if recipe.tracking.uri:
+        return recipe.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    parent = Path(recipe.output_dir).resolve().parent
+    return f"sqlite:///{parent / 'mlruns.db'}"
+
+
+def resolve_experiment(recipe: Recipe) -> str:
+    return (
+        recipe.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    )
+
+
+def _artifact_location(uri: str) -> str | None:
+    """For a local SQLite store, artifacts go to `mlartifacts/` beside the database file."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts").resolve().as_uri()
+
+
+def _git_commit() -> str | None:
+    if os.environ.get("LLAMA_TRAIN_GIT_COMMIT"):
+        return os.environ["LLAMA_TRAIN_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {}
+    for tag, names in K8S_TAG_ENV.items():
+        value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if value:
+            tags[tag] = value
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _param_items(params: dict) -> dict[str, str]:
+    return {str(k): str(v)[:MAX_PARAM_VALUE_CHARS] for k, v in params.items()}
+
+
+def _tag_items(tags: dict) -> dict[str, str]:
+    return {str(k): str(v)[:MAX_TAG_VALUE_CHARS] for k, v in tags.items() if v is not None}
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        try:
+            client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+        except Exception as exc:  # a value that changed on resume is refused: keep the rest
+            if "INVALID_PARAMETER_VALUE" not in str(exc) and "Changing param" not in str(exc):
+                raise
+            _warn(f"some params were not logged (already logged with another value?): {exc}")
+
+
+def _log_metric_batch(
+    client: MlflowClient, run_id: str, rows: list[tuple[str, float, int, int]]
+) -> None:
+    """rows: (key, value, timestamp_ms, step)."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows]
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+
+
+def _create_run(
+    client: MlflowClient, *, uri: str, experiment: str, run_name: str, tags: dict
+) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        experiment_id = exp.experiment_id
+    else:
+        try:
+            experiment_id = client.create_experiment(
+                experiment, artifact_location=_artifact_location(uri)
+            )
+        except Exception:  # created meanwhile by another job
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            experiment_id = exp.experiment_id
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_metrics_file(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    return rows
+
+
+class _Uploader:
+    """One daemon thread running MLflow calls from a bounded queue.
+
+    A failed call is not retried (metrics are in metrics.jsonl; `track sync` fills gaps); after a
+    failure, queued calls are dropped without trying for `backoff_s`, so an unreachable server
+    costs one timeout per window instead of one per step.
+    """
+
+    def __init__(self, *, max_queue: int = 1000, backoff_s: float = 30.0):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._backoff_s = backoff_s
+        self._offline_until = 0.0
+        self.num_failed = 0
+        self.num_dropped = 0
+        self._warned_full = False
+        self._thread = threading.Thread(target=self._loop, name="llama-train-mlflow", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], what: str) -> None:
+        try:
+            self._queue.put_nowait((fn, what))
+        except queue.Full:
+            self.num_dropped += 1
+            if not self._warned_full:
+                self._warned_full = True
+                _warn(
+                    "MLflow upload queue is full; dropping uploads (kept in metrics.jsonl, "
+                    "run `llama-train track sync` later)"
+                )
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                fn, what = item
+                if isinstance(fn, threading.Event):
+                    fn.set()
+                    continue
+                if time.monotonic() < self._offline_until:
+                    self.num_dropped += 1
+                    continue
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
+                    self.num_failed += 1
+                    self._offline_until = time.monotonic() + self._backoff_s
+                    _warn(
+                        f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); training "
+                        f"continues, retrying in {self._backoff_s:.0f} s; metrics are kept in "
+                        f"{METRICS_FILE}"
+                    )
+            finally:
+                self._queue.task_done()
+
+    def retry_now(self) -> None:
+        self._offline_until = 0.0
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far ran (or was dropped); False on timeout."""
+        if not self._thread.is_alive():
+            return True
+        marker = threading.Event()
+        try:
+            self._queue.put((marker, "flush"), timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.wait(timeout)
+
+    def close(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
+
+
+class MlflowTracker:
+    """MLflow run of one training job (global rank 0), resilient to the server going away."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        experiment: str,
+        output_dir: str | Path,
+        run_name: str | None = None,
+        recipe_yaml: str | None = None,
+        default_params: dict | None = None,
+        default_tags: dict | None = None,
+        log_system_metrics: bool = True,
+        flush_timeout_s: float = 120.0,
+        max_queue: int = 1000,
+        backoff_s: float = 30.0,
+    ):
+        self.uri = uri
+        self.experiment = experiment
+        self.output_dir = Path(output_dir)
+        self.run_name = run_name or self.output_dir.name
+        self.recipe_yaml = recipe_yaml
+        self.default_params = dict(default_params or {})
+        self.default_tags = dict(default_tags or {})
+        self.log_system_metrics = log_system_metrics
+        self.flush_timeout_s = flush_timeout_s
+        self.run_id: str | None = None
+        self.last_steps: dict[str, int] = {}  # metric key -> last step logged (file or server)
+        self.latest: dict[str, float] = {}  # metric key -> last value (for registry tags)
+        self._max_queue, self._backoff_s = max_queue, backoff_s
+        self._uploader: _Uploader | None = None
+        self._client: MlflowClient | None = None
+        self._file = None
+        self._monitor = None
+        self._state: dict = {}
+        self._state_lock = threading.Lock()
+        self._finished = False
+        self._warned_bad_value = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self, *, params: dict, tags: dict, resume_run_id: str | None = None) -> str | None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._load_last_steps_from_file()
+        self._file = open(self.output_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (open for the whole run)
+        all_params = _param_items({**self.default_params, **params})
+        all_tags = _tag_items({**environment_tags(), **self.default_tags, **tags})
+        self._state = {
+            "uri": self.uri,
+            "experiment": self.experiment,
+            "run_name": self.run_name,
+            "run_id": resume_run_id,
+            "status": "RUNNING",
+            "params": all_params,
+            "tags": all_tags,
+            "recipe_yaml": self.recipe_yaml,
+            "artifacts": [],
+        }
+        try:
+            self._client = _client(self.uri)
+            self.run_id = self._open_run(all_tags, resume_run_id)
+        except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
+            self.run_id = resume_run_id
+            _warn(
+                f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"training continues, metrics go to {self.output_dir / METRICS_FILE}; upload "
+                f"them later with `llama-train track sync {self.output_dir}`"
+            )
+            self._client = None
+        self._state["run_id"] = self.run_id
+        self._save_state()
+        if self._client is None or self.run_id is None:
+            return self.run_id
+        self._uploader = _Uploader(max_queue=self._max_queue, backoff_s=self._backoff_s)
+        client, run_id = self._client, self.run_id
+        self._submit(lambda: _log_params(client, run_id, all_params), "log params")
+        if self.recipe_yaml:
+            self._submit(
+                lambda: client.log_text(run_id, self.recipe_yaml, "recipe.yaml"), "log recipe"
+            )
+        if self.log_system_metrics:
+            self._start_system_metrics(resume=resume_run_id is not None)
+        return self.run_id
+
+    def _open_run(self, tags: dict[str, str], resume_run_id: str | None) -> str:
+        client = self._client
+        if resume_run_id:
+            try:
+                run = client.get_run(resume_run_id)
+            except Exception as exc:
+                if (
+                    "RESOURCE_DOES_NOT_EXIST" not in str(exc)
+                    and "not found" not in str(exc).lower()
+                ):
+                    raise
+                _warn(f"run {resume_run_id} to resume is not on the server; starting a new run")
+            else:
+                if run.info.status != "RUNNING":
+                    client.update_run(resume_run_id, status="RUNNING")
+                for key, value in tags.items():
+                    client.set_tag(resume_run_id, key, value)
+                self._merge_server_last_steps(run)
+                return resume_run_id
+        return _create_run(
+            client, uri=self.uri, experiment=self.experiment, run_name=self.run_name, tags=tags
+        )
+
+    def _start_system_metrics(self, *, resume: bool) -> None:
+        try:
+            import psutil  # noqa: F401  (mlflow's monitor needs it)
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=resume, tracking_uri=self.uri
+            )
+            self._monitor.start()
+        except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
+            _warn(f"system metrics are off ({type(exc).__name__}: {exc}); `pip install psutil`")
+            self._monitor = None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            threading.Thread(target=self._monitor.finish, daemon=True).start()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        curve = self._plot_loss_curve()
+        self._state["status"] = status
+        if curve is not None:
+            self.log_artifact(curve)
+        self._save_state()
+        uploader = self._uploader
+        if uploader is None:
+            return
+        client, run_id, output_dir = self._client, self.run_id, self.output_dir
+        uploader.retry_now()  # one more try for the final items even inside a backoff window
+        if uploader.num_failed or uploader.num_dropped:
+            self._submit(
+                lambda: sync_run(output_dir, client=client, quiet=True), "fill metric gaps"
+            )
+        self._submit(lambda: client.set_terminated(run_id, status), "end run")
+        if not uploader.close(self.flush_timeout_s):
+            _warn(
+                f"MLflow uploads did not finish within {self.flush_timeout_s:.0f} s; run "
+                f"`llama-train track sync {self.output_dir}` to upload the rest"
+            )
+        self._save_state()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self._uploader.flush(timeout or self.flush_timeout_s) if self._uploader else True
+
+    # ---- logging ---------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        if self._file is None:
+            return
+        fresh: dict[str, float] = {}
+        for key, value in metrics.items():
+            if step <= self.last_steps.get(key, -1):
+                continue  # replayed after resume: logged before
+            try:
+                fresh[key] = float(value)
+            except (TypeError, ValueError):
+                if not self._warned_bad_value:
+                    self._warned_bad_value = True
+                    _warn(f"metric {key}={value!r} is not a number; not logged")
+        if not fresh:
+            return
+        now = time.time()
+        line = {
+            "step": int(step),
+            "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in fresh.items()},
+            "time": now,
+        }
+        self._file.write(json.dumps(line) + "\n")
+        for key, value in fresh.items():
+            self.last_steps[key] = int(step)
+            self.latest[key] = value
+        if self._uploader is not None:
+            client, run_id = self._client, self.run_id
+            rows = [(k, v, int(now * 1000), int(step)) for k, v in fresh.items()]
+            self._submit(lambda: _log_metric_batch(client, run_id, rows), "log metrics")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path).resolve()
+        if not path.exists():
+            _warn(f"artifact {path} does not exist; not logged")
+            return
+        record = {"path": str(path), "artifact_path": artifact_path, "uploaded": False}
+        with self._state_lock:
+            self._state.setdefault("artifacts", []).append(record)
+        self._save_state()
+        if self._uploader is None:
+            return
+
+        def upload() -> None:
+            _upload_artifact(self._client, self.run_id, path, artifact_path)
+            record["uploaded"] = True
+            self._save_state()
+
+        self._submit(upload, f"upload of {path.name}")
+
+    def _submit(self, fn: Callable[[], Any], what: str) -> None:
+        if self._uploader is not None:
+            self._uploader.submit(fn, what)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        with self._state_lock:
+            try:
+                _write_json(self.output_dir / STATE_FILE, self._state)
+            except OSError as exc:
+                _warn(f"cannot write {STATE_FILE}: {exc}")
+
+    def _load_last_steps_from_file(self) -> None:
+        for row in read_metrics_file(self.output_dir):
+            for key, value in row.get("metrics", {}).items():
+                step = int(row.get("step", -1))
+                if step >= self.last_steps.get(key, -1):
+                    self.last_steps[key] = step
+                    self.latest[key] = value
+
+    def _merge_server_last_steps(self, run) -> None:
+        objs = getattr(run.data, "_metric_objs", None)
+        if objs is None:  # fall back to the public (slower) history API
+            objs = [
+                m
+                for key in run.data.metrics
+                for m in self._client.get_metric_history(run.info.run_id, key)
+            ]
+        for m in objs:
+            if not m.key.startswith("system/") and m.step > self.last_steps.get(m.key, -1):
+                self.last_steps[m.key] = m.step
+
+    def _plot_loss_curve(self) -> Path | None:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for row in read_metrics_file(self.output_dir):
+            for key, value in row.get("metrics", {}).items():
+                if "loss" in key and isinstance(value, (int, float)):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+        if not series:
+            return None
+        try:
+            return plot_curves(series, self.output_dir / LOSS_CURVE_FILE)
+        except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
+            _warn(f"loss curve not drawn: {exc}")
+            return None
+
+
+def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """PNG of each series against step; Figure + Agg canvas, no pyplot global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, points in sorted(series.items()):
+        points.sort()
+        ax.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            label=key,
+            marker="." if len(points) < 50 else None,
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _upload_artifact(
+    client: MlflowClient, run_id: str, path: Path, artifact_path: str | None
+) -> None:
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:
+    """MlflowTracker on the global rank 0 with tracking enabled; a do-nothing tracker otherwise."""
+    if rank != 0 or not recipe.tracking.enabled:
+        return NullTracker()
+    from llama_train.config import dump_recipe, flatten
+
+    base_model = recipe.model.path or f"tiny(seed={recipe.model.tiny_seed})"
+    return MlflowTracker(
+        uri=resolve_uri(recipe),
+        experiment=resolve_experiment(recipe),
+        output_dir=recipe.output_dir,
+        run_name=recipe.tracking.run_name,
+        recipe_yaml=dump_recipe(recipe),
+        default_params=flatten(recipe.model_dump(mode="json")),
+        default_tags={
+            "llama_train.recipe_sha256": recipe.sha256(),
+            "llama_train.base_model": base_model,
+        },
+        log_system_metrics=recipe.tracking.log_system_metrics,
+    )
+
+
+# ---- track sync --------------------------------------------------------------------------------
+
+
+def _read_state(output_dir: Path) -> dict:
+    path = Path(output_dir) / STATE_FILE
+    if not path.exists():
+        raise LlamaTrainError(
+            f"{path} not found: was {output_dir} trained with tracking.enabled on rank 0?"
+        )
+    return json.loads(path.read_text())
+
+
+def sync_run(
+    output_dir: Path,
+    *,
+    uri: str | None = None,
+    client: MlflowClient | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Upload to the run what the server lacks: metric steps missing from its history, params,
+    tags, the recipe, artifacts not uploaded, the final status. Idempotent."""
+    output_dir = Path(output_dir)
+    state = _read_state(output_dir)
+    uri = uri or state["uri"]
+    client = client or _client(uri)
+    run_id = state.get("run_id")
+    if not run_id:  # the server was down when training started: create the run now
+        run_id = _create_run(
+            client,
+            uri=uri,
+            experiment=state["experiment"],
+            run_name=state.get("run_name") or output_dir.name,
+            tags=state.get("tags", {}),
+        )
+        state["run_id"] = run_id
+        _write_json(output_dir / STATE_FILE, state)
+    _log_params(client, run_id, state.get("params", {}))
+    for key, value in state.get("tags", {}).items():
+        client.set_tag(run_id, key, value)
+    if state.get("recipe_yaml"):
+        client.log_text(run_id, state["recipe_yaml"], "recipe.yaml")
+
+    local: dict[str, dict[int, tuple[float, int]]] = {}
+    for row in read_metrics_file(output_dir):
+        ts = int(float(row.get("time", time.time())) * 1000)
+        for key, value in row.get("metrics", {}).items():
+            local.setdefault(key, {}).setdefault(int(row["step"]), (float(value), ts))
+    rows = []
+    for key, by_step in local.items():
+        have = {m.step for m in client.get_metric_history(run_id, key)}
+        rows += [
+            (key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have
+        ]
+    _log_metric_batch(client, run_id, rows)
+
+    uploaded = []
+    for record in state.get("artifacts", []):
+        path = Path(record["path"])
+        if record.get("uploaded") or not path.exists():
+            continue
+        _upload_artifact(client, run_id, path, record.get("artifact_path"))
+        record["uploaded"] = True
+        uploaded.append(str(path))
+    if (
+        state.get("status") in ("FINISHED", "FAILED", "KILLED")
+        and client.get_run(run_id).info.status == "RUNNING"
+    ):
+        client.set_terminated(run_id, state["status"])
+    _write_json(output_dir / STATE_FILE, state)
+    summary = {"run_id": run_id, "num_metrics_uploaded": len(rows), "artifacts_uploaded": uploaded}
+    if not quiet:
+        typer.echo(
+            f"run {run_id} at {uri}: uploaded {len(rows)} metric values, {len(uploaded)} artifacts"
+        )
+    return summary
+
+
+def sync_command(
+    output_dir: Annotated[
+        Path, typer.Argument(help="The run's output_dir (holds tracking.json and metrics.jsonl).")
+    ],
+    uri: Annotated[
+        str | None, typer.Option(help="Tracking URI; default: the one the run used.")
+    ] = None,
+) -> dict:
+    """Upload to MLflow what the tracking server lacks (metrics logged while it was unreachable)."""
+    try:
+        return sync_run(output_dir, uri=uri)
+    except LlamaTrainError:
+        raise
+    except Exception as exc:
+        raise LlamaTrainError(
+            f"track sync of {output_dir} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# ---- registry ----------------------------------------------------------------------------------
+
+
+def register_adapter(
+    tracker_or_run_id: MlflowTracker | Tracker | str | None,
+    adapter_dir: str | Path,
+    *,
+    name: str,
+    tags: dict | None = None,
+    uri: str | None = None,
+) -> str | None:
+    """Register `adapter_dir` (logged under the run's `adapter/` artifacts) as a new version of
+    `name`, tagged, with alias `candidate`. Returns the version, or None (with a warning) when
+    there is no run or the server fails."""
+    tracker = None if isinstance(tracker_or_run_id, str) else tracker_or_run_id
+    run_id = (
+        tracker_or_run_id
+        if isinstance(tracker_or_run_id, str)
+        else getattr(tracker, "run_id", None)
+    )
+    if not run_id:
+        if isinstance(tracker, MlflowTracker):
+            _warn(
+                f"adapter not registered as {name}: the run has no MLflow id (server was unreachable)"
+            )
+        return None
+    all_tags = dict(tags or {})
+    if isinstance(tracker, MlflowTracker):
+        uri = uri or tracker.uri
+        tracker.flush()
+        for key in ("llama_train.recipe_sha256", "llama_train.base_model"):
+            if key in tracker.default_tags:
+                all_tags.setdefault(key, tracker.default_tags[key])
+        for key, value in tracker.latest.items():
+            all_tags.setdefault(f"metric.{key}", value)
+    try:
+        client = _client(uri or _default_uri())
+        if not client.list_artifacts(run_id, ADAPTER_ARTIFACT_PATH):
+            client.log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT_PATH)
+        try:
+            client.create_registered_model(name)
+        except Exception as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
+        version = client.create_model_version(
+            name, source, run_id=run_id, tags=_tag_items(all_tags), await_creation_for=60
+        )
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+        return str(version.version)
+    except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
+        _warn(f"adapter not registered as {name} ({type(exc).__name__}: {str(exc)[:300]})")
+        return None
+
+
+def _default_uri() -> str:
+    _configure_mlflow_env()
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def get_alias_version(
+    name: str, alias: str, *, client: MlflowClient | None = None, uri: str | None = None
+) -> str | None:
+    """Version that `alias` points to, or None when the alias (or the model) does not exist."""
+    client = client or _client(uri or _default_uri())
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def promote(
+    name: str, version: str | int, *, client: MlflowClient | None = None, uri: str | None = None
+) -> dict[str, str | None]:
+    """Point `champion` at `version` and `previous` at the former champion. Called by the gate."""
+    client = client or _client(uri or _default_uri())
+    old = get_alias_version(name, CHAMPION, client=client)
+    if old is not None and old != str(version):
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return {CHAMPION: str(version), PREVIOUS: get_alias_version(name, PREVIOUS, client=client)}
+
+
+def download_adapter(
+    model_uri: str, *, dst: str | Path | None = None, uri: str | None = None
+) -> Path:
+    """Local directory of a registered adapter: `models:/name/3` or `models:/name@alias`."""
+    if not model_uri.startswith("models:/"):
+        raise LlamaTrainError(
+            f"{model_uri!r} is not a registry URI; use models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
+    ref = model_uri.removeprefix("models:/").strip("/")
+    client = _client(uri or _default_uri())
+    # Resolved here rather than by mlflow.artifacts.download_artifacts, which (mlflow 3.17) looks
+    # the model up in the default registry instead of the registry_uri it is given.
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    else:
+        raise LlamaTrainError(
+            f"{model_uri!r} names no version or alias (models:/NAME/3, models:/NAME@champion)"
+        )
+    import mlflow
+
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source,
+            dst_path=None if dst is None else str(dst),
+            tracking_uri=client.tracking_uri,
+        )
+    )
+    if not (local / "adapter_config.json").exists():
+        found = sorted(local.rglob("adapter_config.json"))
+        if not found:
+            raise LlamaTrainError(f"{model_uri} has no adapter_config.json (downloaded to {local})")
+        local = found[0].parent
+    return local

@@ -1,0 +1,382 @@
+"""The one training loop: load → for step: batch, forward, loss, backward, clip, step, log,
+maybe eval, maybe checkpoint → finish.
+
+Loss normalization: every micro-batch contributes sum(token losses) / N where N is the number of
+supervised tokens of the whole optimizer step on all ranks (all-reduced before the first forward).
+So accumulating 4 micro batches of 2 gives the same update as one batch of 8, and 2 ranks x
+micro-batch 2 the same as 1 rank x micro-batch 4. The loss is multiplied by the world size because
+DDP/FSDP average gradients over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llama_train import checkpoint as ckpt
+from llama_train.config import Recipe, diff_recipes, dump_recipe
+from llama_train.data.dataset import dataset_fingerprint, load_data
+from llama_train.data.loader import MODEL_INPUTS, StepLoader, collate, num_supervised
+from llama_train.errors import CheckpointError, NonFiniteError, Preempted
+from llama_train.evaluate import eval_loss, evaluate
+from llama_train.model import apply_finetuning, count_params, load_base_model, load_tokenizer, resolve_base_path
+from llama_train.parallel import DistContext, apply_strategy, init_distributed
+from llama_train.preflight import preflight
+from llama_train.progress import Progress
+from llama_train.tracking import make_tracker, register_adapter
+
+
+def lr_lambda(recipe: Recipe, total_steps: int):
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else int((t.warmup_ratio or 0.0) * total_steps)
+
+    def fn(step: int) -> float:  # step = optimizer steps already taken
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if t.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_scheduler == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+    return fn
+
+
+def total_steps(recipe: Recipe, num_samples: int, global_batch: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * num_samples / global_batch))
+
+
+def _autocast(recipe: Recipe, device: torch.device):
+    p = recipe.train.precision
+    if p == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean loss per supervised token of the step, all ranks
+    grad_norm: float
+    tokens: int          # non-pad tokens of the step, all ranks
+    supervised: int      # supervised tokens of the step, all ranks
+    skipped: bool        # non-finite loss or grad norm on some rank: no update anywhere
+    bad_ranks: list[int]
+
+
+def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe) -> StepResult:
+    """Forward/backward every micro batch, clip, step (or skip on NaN/Inf everywhere), zero grads."""
+    ctx = strategy.ctx
+    supervised = ctx.all_reduce(sum(num_supervised(b) for b in micro))
+    # DDP/FSDP average gradients over ranks; scaling by world size turns that into the sum, so the
+    # update is d(sum of token losses)/d(theta) / (supervised tokens of the whole step).
+    scale = ctx.world_size / max(supervised, 1)
+    loss_sum_local = 0.0
+    for k, batch in enumerate(micro):
+        inputs = {n: v.to(ctx.device) for n, v in batch.items() if n in MODEL_INPUTS}
+        with strategy.no_sync(k == len(micro) - 1), _autocast(recipe, ctx.device):
+            loss_sum, _ = strategy.model(**inputs)
+            strategy.backward(loss_sum * scale)
+        loss_sum_local += float(loss_sum.detach())
+    loss = ctx.all_reduce(loss_sum_local) / max(supervised, 1)
+    grad_norm = strategy.grad_norm(recipe.train.max_grad_norm)
+    local_bad = not (math.isfinite(loss_sum_local) and math.isfinite(grad_norm))
+    bad_ranks = ctx.all_gather_object(ctx.rank if local_bad else None)
+    bad_ranks = [r for r in bad_ranks if r is not None]
+    if not bad_ranks:
+        strategy.step()
+    strategy.zero_grad()
+    tokens = ctx.all_reduce(sum(int(b["num_tokens"]) for b in micro))
+    return StepResult(loss, grad_norm, int(tokens), int(supervised), bool(bad_ranks), bad_ranks)
+
+
+class _SigtermFlag:
+    """Records SIGTERM; the loop checks it at step boundaries (agreed across ranks)."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
+    """Run the recipe's training job in this process (one rank of it under torchrun)."""
+    preflight(recipe)
+    ctx = init_distributed(recipe)
+    try:
+        return _train(recipe, ctx, allow_recipe_change=allow_recipe_change)
+    finally:
+        if ctx.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `_setup`."""
+
+    recipe: Recipe
+    ctx: DistContext
+    out: Path
+    recipe_yaml: str
+    base_path: str
+    tokenizer: object
+    data: object
+    strategy: object
+    loader: StepLoader
+    scheduler: object
+    steps: int
+    state: dict
+    tracker: object
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        payload = dict(self.state, loader=self.loader.state_dict())
+        ckpt.save_checkpoint(self.ckpt_root, self.state["step"], strategy=self.strategy, scheduler=self.scheduler,
+                             state=payload, recipe_yaml=self.recipe_yaml,
+                             keep_last_k=self.recipe.checkpoint.keep_last_k)
+
+
+def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> dict:
+    run = _setup(recipe, ctx, allow_recipe_change=allow_recipe_change)
+    try:
+        if run.state["eval_before"] is None and run.data.eval:
+            run.state["eval_before"] = _evaluate(run)
+            _log(ctx, f"eval before training: {_fmt_eval(run.state['eval_before'])}")
+        status, losses = _loop(run)
+        if status == "preempted" or recipe.checkpoint.save_final:
+            run.save_checkpoint()
+        if status == "preempted":
+            run.tracker.finish("KILLED")
+            raise Preempted(f"SIGTERM received; checkpoint saved at step {run.state['step']}, exiting 143")
+        summary = _finish(run, losses)
+    except Preempted:
+        raise
+    except BaseException:
+        run.tracker.finish("FAILED")
+        raise
+    run.tracker.finish("FINISHED")
+    ctx.barrier()
+    return summary
+
+
+def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Run:
+    t = recipe.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    out = Path(recipe.output_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_incomplete(out / "checkpoints")
+        resolve_base_path(recipe)  # builds the tiny model once, on rank 0
+    ctx.barrier()
+    base_path = resolve_base_path(recipe)
+    tokenizer = load_tokenizer(recipe, base_path)
+    data = load_data(recipe, tokenizer)
+    model = apply_finetuning(load_base_model(recipe, base_path), recipe)
+    num_trainable, num_frozen = count_params(model)
+    strategy = apply_strategy(model, recipe, ctx)
+    loader = StepLoader(len(data.train), micro_batch_size=t.micro_batch_size,
+                        grad_accum_steps=t.grad_accum_steps, world_size=ctx.world_size, rank=ctx.rank,
+                        seed=t.seed, shuffle=recipe.data.shuffle)
+    steps = total_steps(recipe, len(data.train), loader.global_batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe, steps))
+    state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,
+             "tracking_run_id": None, "recipe_sha256": recipe.sha256(), "world_size": ctx.world_size}
+    run = Run(recipe, ctx, out, dump_recipe(recipe), base_path, tokenizer, data, strategy, loader, scheduler,
+              steps, state, tracker=None)
+    resume_dir = _resume(run, allow_recipe_change=allow_recipe_change)
+    run.tracker = make_tracker(recipe, rank=ctx.rank)
+    tags = {"llama_train.dataset_fingerprint": dataset_fingerprint(data.train),
+            "llama_train.world_size": str(ctx.world_size), "llama_train.strategy": recipe.parallel.strategy}
+    state["tracking_run_id"] = run.tracker.start(params={}, tags=tags, resume_run_id=state["tracking_run_id"])
+    if ctx.is_main:
+        (out / "recipe.yaml").write_text(run.recipe_yaml)
+    _log(ctx, f"model {base_path}: {num_trainable:,} trainable / {num_frozen:,} frozen params; "
+              f"{len(data.train)} train rows ({data.stats}), {len(data.eval)} eval rows; "
+              f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)"
+              + (f"; resumed from {resume_dir.name}" if resume_dir else ""))
+    return run
+
+
+def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
+    """Load the newest complete checkpoint (or the one named); refuse a changed recipe."""
+    resume_dir = ckpt.find_resume(run.ckpt_root, run.recipe.checkpoint.resume)
+    if resume_dir is None:
+        return None
+    saved_recipe = (resume_dir / "recipe.yaml").read_text()
+    if saved_recipe != run.recipe_yaml and not allow_recipe_change:
+        import yaml
+
+        changes = diff_recipes(yaml.safe_load(saved_recipe), yaml.safe_load(run.recipe_yaml))
+        raise CheckpointError(
+            f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(changes)
+            + "\nrerun with --allow-recipe-change to resume anyway, or checkpoint.resume=never"
+        )
+    run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler,
+                                          rank=run.ctx.rank, world_size=run.ctx.world_size))
+    run.loader.load_state_dict(run.state.pop("loader"))
+    run.state["world_size"] = run.ctx.world_size
+    return resume_dir
+
+
+def _loop(run: Run) -> tuple[str, list[float]]:
+    """Optimizer steps until the end or SIGTERM. Returns (status, per-step losses)."""
+    recipe, ctx, state, t = run.recipe, run.ctx, run.state, run.recipe.train
+    losses: list[float] = []
+    skips = 0
+    with _SigtermFlag() as sigterm, Progress(total=run.steps, start=state["step"], enabled=ctx.is_main) as progress:
+        while state["step"] < run.steps:
+            # All ranks agree on stopping at this boundary (SIGTERM may reach only some of them).
+            if ctx.all_reduce(1.0 if sigterm.raised else 0.0, "max") > 0:
+                return "preempted", losses
+            t0 = time.perf_counter()
+            micro = [collate([run.data.train[i] for i in idx], pad_id=run.tokenizer.pad_token_id)
+                     for idx in run.loader.next_step()]
+            lr = run.scheduler.get_last_lr()[0]
+            res = optimizer_step(run.strategy, micro, recipe=recipe)
+            skips = skips + 1 if res.skipped else 0
+            if res.skipped:
+                _log(ctx, f"step {state['step'] + 1}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
+                          f"{res.grad_norm}, ranks {res.bad_ranks}); update skipped on all ranks ({skips} in a row)")
+                if skips >= t.max_nonfinite_skips:
+                    raise NonFiniteError(f"{skips} consecutive non-finite steps (train.max_nonfinite_skips="
+                                         f"{t.max_nonfinite_skips}); lower train.lr or check the data")
+            run.scheduler.step()
+            state["step"] += 1
+            state["consumed_samples"] += run.loader.global_batch
+            state["consumed_tokens"] += res.tokens
+            dt = time.perf_counter() - t0
+            losses.append(res.loss)
+            if state["step"] % t.log_every_n_steps == 0 or state["step"] == run.steps:
+                run.tracker.log_metrics({
+                    "train/loss": res.loss, "train/lr": lr, "train/grad_norm": res.grad_norm,
+                    "train/tokens_per_s": res.tokens / dt, "train/supervised_tokens": res.supervised,
+                    "train/consumed_samples": state["consumed_samples"]}, step=state["step"])
+            progress.update(state["step"], loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
+            if t.eval_every_n_steps and state["step"] % t.eval_every_n_steps == 0 and state["step"] < run.steps:
+                ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
+                               batch_size=max(t.micro_batch_size, 16), device=ctx.device)
+                run.tracker.log_metrics({"eval/loss": ev}, step=state["step"])
+            every = recipe.checkpoint.every_n_steps
+            if every and state["step"] % every == 0 and state["step"] < run.steps:
+                run.save_checkpoint()
+    return "completed", losses
+
+
+def _evaluate(run: Run) -> dict:
+    return evaluate(run.strategy.model, run.tokenizer, run.data.eval, run.data.eval_rows, recipe=run.recipe,
+                    device=run.ctx.device)
+
+
+def _finish(run: Run, losses: list[float]) -> dict:
+    """Final eval, adapter/model, run.json, MLflow artifacts and registry. Collective."""
+    recipe, ctx, state, out = run.recipe, run.ctx, run.state, run.out
+    eval_after = _evaluate(run) if run.data.eval else None
+    weights = run.strategy.trainable_state_dict()  # collective under FSDP: every rank calls it
+    summary = {
+        "status": "completed",
+        "global_step": state["step"],
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_first": losses[0] if losses else None,
+        # (step, loss) of the steps this process ran (after a resume: the resumed part only)
+        "loss_history": [[state["step"] - len(losses) + i + 1, loss] for i, loss in enumerate(losses)],
+        "eval": {"before": state["eval_before"], "after": eval_after},
+        "base_model": run.base_path,
+        "recipe_sha256": recipe.sha256(),
+        "run_name": recipe.tracking.run_name or out.resolve().name,
+        "world_size": ctx.world_size,
+        "strategy": recipe.parallel.strategy,
+        "consumed_samples": state["consumed_samples"],
+        "consumed_tokens": state["consumed_tokens"],
+        "data": run.data.stats,
+        "tracking_run_id": state["tracking_run_id"],
+    }
+    if not ctx.is_main:
+        return summary
+    summary.update(_write_outputs(out, run.strategy.module, weights, run.tokenizer, recipe))
+    if eval_after:
+        run.tracker.log_metrics({f"eval/{k}": v for k, v in eval_after.items() if isinstance(v, (int, float))},
+                                step=state["step"])
+        _log(ctx, f"eval after training: {_fmt_eval(eval_after)}")
+    tracker = run.tracker
+    if summary.get("adapter_dir"):
+        tracker.log_artifact(summary["adapter_dir"], artifact_path="adapter")
+        if recipe.tracking.registered_model_name:
+            metrics = {f"eval_{k}": v for k, v in (eval_after or {}).items() if isinstance(v, (int, float))}
+            summary["registered_version"] = register_adapter(
+                tracker, summary["adapter_dir"], name=recipe.tracking.registered_model_name, tags=metrics)
+    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    tracker.log_artifact(out / "run.json")
+    tracker.log_artifact(out / "recipe.yaml")
+    return summary
+
+
+def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) -> dict:
+    """adapter/ (LoRA) or model/ (full), written atomically from the gathered trainable weights."""
+    name = "adapter" if recipe.lora.enabled else "model"
+    final = out / name
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if recipe.lora.enabled:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        module.peft_config["default"].save_pretrained(str(tmp))
+        adapter = get_peft_model_state_dict(module, state_dict=weights)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        # Written from the gathered state dict, so it works for sharded (FSDP/ZeRO-3) models too.
+        from safetensors.torch import save_file
+
+        tmp.mkdir(parents=True)
+        module.config.save_pretrained(str(tmp))
+        if getattr(module, "generation_config", None) is not None:
+            module.generation_config.save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {"adapter_dir" if recipe.lora.enabled else "model_dir": str(final.resolve())}
+
+
+def _fmt_eval(ev: dict) -> str:
+    parts = [f"loss {ev['loss']:.4f}"]
+    if "exact_match" in ev:
+        parts.append(f"exact_match {ev['exact_match']:.3f}")
+    return ", ".join(parts) + f" on {ev['num_samples']} rows"
+
+
+def _log(ctx: DistContext, msg: str) -> None:
+    if ctx.is_main:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold cyan]llama-train[/] {msg}", highlight=False)

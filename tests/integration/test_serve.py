@@ -1,0 +1,228 @@
+"""The OpenAI-compatible server, as a real uvicorn process, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import ADAPTER_NAME, BASE_NAME
+
+pytestmark = pytest.mark.slow
+
+MSGS = [{"role": "user", "content": "What is 12 plus 7?"}]
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+def counter(text: str, name: str, **labels) -> float:
+    """Value of one Prometheus sample (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if m and ",".join(sorted((m.group(1) or "").split(","))) == want:
+            return float(m.group(2))
+    return 0.0
+
+
+def test_health_and_ready_need_no_key(served):
+    assert httpx.get(f"{served.base_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{served.base_url}/ready").json() == {"status": "ready"}
+
+
+def test_models_lists_base_and_adapter_with_parent(served):
+    models = {m.id: m for m in served.client().models.list()}
+    assert set(models) == {BASE_NAME, ADAPTER_NAME}
+    assert models[ADAPTER_NAME].model_extra["parent"] == BASE_NAME
+    assert models[BASE_NAME].model_extra["parent"] is None
+
+
+def test_chat_non_streaming_has_text_and_usage(served):
+    r = served.client().chat.completions.create(model=BASE_NAME, messages=MSGS, **GREEDY)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    # Llama-3 template: bos + header(user) + content + eot + header(assistant)
+    assert r.usage.prompt_tokens > 5
+    assert 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(served):
+    c = served.client()
+    full = c.chat.completions.create(model=ADAPTER_NAME, messages=MSGS, **GREEDY)
+    chunks = list(c.chat.completions.create(model=ADAPTER_NAME, messages=MSGS, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_raw_sse_format_ends_with_done(served):
+    body = {"model": BASE_NAME, "prompt": "The quick", "max_tokens": 4, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{served.v1}/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {served.api_key}"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    docs = [json.loads(e[6:]) for e in events[:-1]]
+    assert {d["object"] for d in docs} == {"text_completion"}
+    assert docs[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_adapter_selection_changes_greedy_output(served):
+    c = served.client()
+    base = [c.chat.completions.create(model=BASE_NAME, messages=MSGS, **GREEDY) for _ in range(2)]
+    lora = [c.chat.completions.create(model=ADAPTER_NAME, messages=MSGS, **GREEDY) for _ in range(2)]
+    b = [r.choices[0].message.content for r in base]
+    a = [r.choices[0].message.content for r in lora]
+    assert b[0] == b[1] and a[0] == a[1]  # greedy is deterministic per model
+    assert a[0] != b[0]                   # and the adapter is really applied
+    assert lora[0].model == ADAPTER_NAME
+
+
+def test_concurrent_batched_requests_match_sequential(served):
+    """Left-padded batches over both models give the same greedy text as one request at a time."""
+    c = served.client()
+    jobs = [(m, p) for m in (BASE_NAME, ADAPTER_NAME) for p in ("hi", "Reverse the word banana")]
+    sequential = {
+        job: c.chat.completions.create(model=job[0], messages=[{"role": "user", "content": job[1]}],
+                                       **GREEDY).choices[0].message.content for job in jobs}
+    results, errors = {}, []
+
+    def run(job):
+        try:
+            r = served.client().chat.completions.create(
+                model=job[0], messages=[{"role": "user", "content": job[1]}], **GREEDY)
+            results[job] = r.choices[0].message.content
+        except Exception as exc:  # noqa: BLE001  (surfaced below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == sequential
+
+
+def test_completions_sampling_seed_n_and_stop(served):
+    c = served.client()
+    kw = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 8, "temperature": 0.9, "top_p": 0.95,
+              "seed": 42, "n": 2, "extra_body": {"ignore_eos": True}}
+    r1, r2 = c.completions.create(**kw), c.completions.create(**kw)
+    assert [ch.text for ch in r1.choices] == [ch.text for ch in r2.choices]  # seeded
+    assert [ch.index for ch in r1.choices] == [0, 1]
+    assert r1.usage.completion_tokens == 16
+    greedy = c.completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=12,
+                                  temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    stop = greedy.strip()[2:4] if len(greedy.strip()) >= 4 else None
+    if stop:
+        cut = c.completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=12,
+                                   temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].text == greedy[: greedy.find(stop)]
+
+
+def test_wrong_or_missing_key_is_401(served):
+    with pytest.raises(openai.AuthenticationError) as exc:
+        served.client(api_key="wrong-key").models.list()
+    assert exc.value.body["code"] == "invalid_api_key"
+    r = httpx.post(f"{served.v1}/chat/completions", json={"model": BASE_NAME, "messages": MSGS})
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_bad_parameters_are_400_and_server_keeps_serving(served):
+    c = served.client()
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, temperature=7)
+    assert exc.value.body["param"] == "temperature" and "less than or equal to 2" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=[], max_tokens=2)
+    assert exc.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=100_000)
+    assert exc.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length is 1024" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert exc.value.body["param"] == "tools"
+    headers = {"authorization": f"Bearer {served.api_key}", "content-type": "application/json"}
+    r = httpx.post(f"{served.v1}/chat/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(f"{served.v1}/completions", headers=headers,
+                   content=json.dumps({"model": BASE_NAME, "prompt": "x" * (5 << 20)}))
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, temperature=0)
+    assert ok.choices[0].message.content is not None
+
+
+def test_unknown_model_is_404(served):
+    with pytest.raises(openai.NotFoundError) as exc:
+        served.client().chat.completions.create(model="no-such-model", messages=MSGS)
+    assert exc.value.body["code"] == "model_not_found"
+    assert ADAPTER_NAME in exc.value.body["message"]  # lists what is served
+
+
+def test_metrics_count_requests_and_tokens(served):
+    before = served.metrics()
+    c = served.client()
+    r = c.chat.completions.create(model=BASE_NAME, messages=MSGS, **GREEDY)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=MSGS)
+    after = served.metrics()
+    route = "/v1/chat/completions"
+    for status, n in (("200", 1), ("404", 1)):
+        assert counter(after, "llama_train_requests_total", route=route, status=status) == \
+            counter(before, "llama_train_requests_total", route=route, status=status) + n
+    assert counter(after, "llama_train_tokens_total", kind="completion") - \
+        counter(before, "llama_train_tokens_total", kind="completion") == r.usage.completion_tokens
+    assert counter(after, "llama_train_tokens_total", kind="prompt") - \
+        counter(before, "llama_train_tokens_total", kind="prompt") == r.usage.prompt_tokens
+    assert counter(after, "llama_train_request_latency_seconds_count", route=route) >= \
+        counter(before, "llama_train_request_latency_seconds_count", route=route) + 2
+    assert "# TYPE llama_train_request_latency_seconds histogram" in after
+    assert "# TYPE llama_train_inflight_requests gauge" in after
+
+
+def test_json_logs_are_one_object_per_line(served):
+    lines = [ln for ln in served.log().splitlines() if ln.strip()]
+    docs = [json.loads(ln) for ln in lines]  # every line parses
+    assert any(d.get("msg") == "request" and d.get("path") == "/v1/chat/completions" for d in docs)
+
+
+def test_over_concurrency_limit_is_429_then_recovers(served):
+    """max_concurrency=4: four open streams hold the slots; the fifth request is refused."""
+    c = served.client()
+    streams = []
+    try:
+        for _ in range(4):
+            s = c.chat.completions.create(model=BASE_NAME, messages=MSGS, stream=True, temperature=0,
+                                          max_tokens=900, extra_body={"ignore_eos": True})
+            next(iter(s))  # the request is in flight (headers and a first chunk received)
+            streams.append(s)
+        with pytest.raises(openai.RateLimitError) as exc:
+            c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2)
+        assert exc.value.body["code"] == "rate_limit_exceeded"
+    finally:
+        for s in streams:
+            s.close()
+    deadline = time.monotonic() + 60
+    while counter(served.metrics(), "llama_train_inflight_requests") > 0:
+        assert time.monotonic() < deadline, "streams closed by the client still hold slots"
+        time.sleep(0.2)
+    ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -1,0 +1,155 @@
+"""Recipe schema: unknown keys with suggestions, wrong types, conflicts, overrides, every recipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_train.config import dump_recipe, load_recipe, recipe_from_dict, recipe_schema
+from llama_train.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[2]
+MIN = {"train": {"max_steps": 1}}
+
+
+def _err(data) -> str:
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(data)
+    return str(exc.value)
+
+
+def test_unknown_key_names_full_path_and_suggests():
+    msg = _err({"train": {"max_step": 5}})
+    assert "train.max_step: unknown key" in msg
+    assert "did you mean `train.max_steps`" in msg
+
+
+def test_unknown_nested_key_in_list_item():
+    msg = _err({**MIN, "data": {"sources": [{"pth": "x.jsonl"}]}})
+    assert "data.sources.0.pth" in msg and "`data.sources.0.path`" in msg
+
+
+def test_unknown_section_suggests_section():
+    assert "did you mean `train`" in _err({"trian": {"max_steps": 1}})
+
+
+def test_wrong_type_names_key_and_value():
+    msg = _err({"train": {"max_steps": "ten"}})
+    assert "train.max_steps" in msg and "'ten'" in msg
+
+
+def test_literal_choices_listed():
+    msg = _err({**MIN, "parallel": {"strategy": "horovod"}})
+    assert "parallel.strategy" in msg and "fsdp" in msg
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"train": {"max_steps": 5, "epochs": 1}}, "train.max_steps and train.epochs"),
+        ({"train": {}}, "set train.max_steps or train.epochs"),
+        ({"train": {"max_steps": 5, "warmup_steps": 1, "warmup_ratio": 0.1}}, "warmup"),
+        ({**MIN, "model": {"source": "hf"}}, "model.path"),
+        ({**MIN, "model": {"quantization": "nf4"}, "lora": {"enabled": False}}, "lora.enabled"),
+    ],
+)
+def test_conflicts(data, needle):
+    assert needle in _err(data)
+
+
+def test_qlora_without_cuda_is_a_preflight_error():
+    import torch
+
+    from llama_train.errors import PreflightError
+    from llama_train.preflight import preflight
+
+    r = recipe_from_dict({**MIN, "model": {"quantization": "nf4"}})
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(PreflightError, match="model.quantization"):
+        preflight(r, world_size=1)
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  max_steps: 3\n")
+    r = load_recipe(p, ["train.lr=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]",
+                        "data.packing=true", "output_dir=/tmp/x"])
+    assert r.train.lr == pytest.approx(1e-4) and r.lora.r == 32
+    assert r.lora.target_modules == ["q_proj", "v_proj"] and r.data.packing is True
+    assert r.output_dir == "/tmp/x"
+    with pytest.raises(RecipeError, match="train.lrr: unknown key"):
+        load_recipe(p, ["train.lrr=1"])
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_recipe(p, ["train.lr"])
+
+
+def test_normalized_yaml_roundtrips_and_hash_is_stable(tmp_path):
+    r = recipe_from_dict({"train": {"max_steps": 3}})
+    p = tmp_path / "n.yaml"
+    p.write_text(dump_recipe(r))
+    again = load_recipe(p)
+    assert again == r and again.sha256() == r.sha256()
+    assert recipe_from_dict({"train": {"max_steps": 4}}).sha256() != r.sha256()
+
+
+def test_schema_describes_every_field():
+    schema = recipe_schema()
+    missing = []
+
+    def walk(node, path):
+        for name, prop in node.get("properties", {}).items():
+            if "description" not in prop:
+                missing.append(f"{path}{name}")
+    walk(schema, "")
+    for name, d in schema.get("$defs", {}).items():
+        walk(d, f"{name}.")
+    assert not missing, missing
+
+
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_every_recipe_validates_and_starts_with_its_command(path):
+    load_recipe(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("llama-train" in first or "torchrun" in first), first
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert "quickstart.yaml" in names and len(RECIPES) >= 7
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "llama_train.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_bad_path_and_malformed_yaml_exit_codes(tmp_path):
+    res = _cli("recipe", "validate", str(tmp_path / "nope.yaml"))
+    assert 1 <= res.returncode <= 127 and "recipe file not found" in res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1, 2\n")
+    res = _cli("recipe", "validate", str(bad))
+    assert 1 <= res.returncode <= 127 and "malformed YAML" in res.stderr and "line" in res.stderr
+    res = _cli("run", str(bad))
+    assert 1 <= res.returncode <= 127 and "malformed YAML" in res.stderr
+
+
+def test_cli_validate_show_schema_list(tmp_path):
+    res = _cli("recipe", "validate", "recipes/quickstart.yaml")
+    assert res.returncode == 0 and "valid" in res.stdout and "memory per rank" in res.stdout
+    res = _cli("recipe", "show", "recipes/quickstart.yaml", "train.lr=0.5")
+    assert res.returncode == 0 and "lr: 0.5" in res.stdout and "keep_last_k" in res.stdout
+    res = _cli("recipe", "schema")
+    assert res.returncode == 0 and json.loads(res.stdout)["title"] == "llama_train recipe"
+    res = _cli("recipe", "list")
+    assert res.returncode == 0 and "recipes/quickstart.yaml\tllama-train run recipes/quickstart.yaml" in res.stdout
+    res = _cli("recipe", "validate", "recipes/quickstart.yaml", "train.max_stepz=3")
+    assert res.returncode == 2 and "did you mean `train.max_steps`" in res.stderr

