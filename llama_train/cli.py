@@ -95,6 +95,28 @@ def init_tiny(out: Path = typer.Argument(..., help="Directory to write the model
     typer.echo(str(build_tiny(out, seed=seed)))
 
 
+@app.command()
+def gate(
+    candidate: str = typer.Argument(..., help="Export directory, or models:/NAME/VERSION, models:/NAME@ALIAS."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe (default: the candidate's run)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    promote: bool = typer.Option(False, "--promote", help="On a pass, move alias champion to the candidate."),
+    serving: bool = typer.Option(True, "--serving/--no-serving", help="Run the serving smoke test."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: recipe/env)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where gate_report.{json,md} go."),
+):
+    """Validate a candidate adapter against the base and the champion; exit 0 on pass, 10 on fail."""
+    from llama_train.gate import run_gate
+
+    report = run_gate(candidate, recipe_path=str(recipe) if recipe else None, promote=promote, serving=serving,
+                      tracking_uri=tracking_uri, report_dir=report_dir)
+    typer.echo(report.to_json() if json_out else report.to_markdown())
+    raise typer.Exit(0 if report.passed else GATE_FAILED)
+
+
+GATE_FAILED = 10
+
+
 def _mount_optional() -> None:
     """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""
     try:

@@ -41,3 +41,27 @@ def tiny_recipe(tmp_path, tiny_dir=None, **sections):
         else:
             base[key] = value
     return base
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """A finished `llama-train run recipes/quickstart.yaml` (a few minutes on 2 cores).
+
+    .ci/run trains it once before pytest and points LLAMA_TRAIN_QUICKSTART_DIR at it, so the
+    README's first command is exercised as written and the tests reuse its output."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    given = os.environ.get("LLAMA_TRAIN_QUICKSTART_DIR")
+    if given and (Path(given) / "run.json").is_file():
+        if json.loads((Path(given) / "run.json").read_text()).get("status") == "completed":
+            return Path(given).resolve()
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    subprocess.run([sys.executable, "-m", "llama_train.cli", "run", "recipes/quickstart.yaml", f"output_dir={out}"],
+                   cwd=ROOT, check=True, timeout=1800)
+    return out
