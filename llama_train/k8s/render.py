@@ -450,4 +450,10 @@ def render_manifests(recipe: Recipe, *, kind: str | None = None, **flags: Any) -
 def to_yaml(objects: list[dict]) -> str:
     import yaml
 
-    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False)
+    class NoAliasDumper(yaml.SafeDumper):
+        """Shared sub-dicts (env, volume mounts) are written in full: no &id001 anchors in manifests."""
+
+        def ignore_aliases(self, data):
+            return True
+
+    return yaml.dump_all(objects, Dumper=NoAliasDumper, sort_keys=False, default_flow_style=False)
