@@ -100,7 +100,7 @@ class Candidate:
 
 def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | None) -> Candidate:
     if ref.startswith("models:/"):
-        from llama_train.tracking import download_adapter
+        from llama_train.registry import download_adapter
 
         name, version = _registry_ref(ref, tracking_uri)
         local = download_adapter(f"models:/{name}/{version}", uri=tracking_uri)
@@ -117,7 +117,7 @@ def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | 
 
 
 def _registry_ref(ref: str, tracking_uri: str | None) -> tuple[str, str]:
-    from llama_train.tracking import get_alias_version
+    from llama_train.registry import get_alias_version
 
     body = ref.removeprefix("models:/").strip("/")
     if "@" in body:
@@ -356,7 +356,7 @@ def _champion(recipe: Recipe, c: Candidate, tracking_uri: str | None) -> tuple[s
     name = c.registry_name or recipe.tracking.registered_model_name
     if not name:
         return None, None
-    from llama_train.tracking import download_adapter, get_alias_version
+    from llama_train.registry import download_adapter, get_alias_version
 
     try:
         version = get_alias_version(name, "champion", uri=tracking_uri)
@@ -407,7 +407,7 @@ def _tracking_uri(recipe: Recipe) -> str:
 
 
 def _promote(c: Candidate, recipe: Recipe, tracking_uri: str, report: GateReport) -> dict:
-    from llama_train.tracking import promote
+    from llama_train.registry import promote
 
     name = c.registry_name or recipe.tracking.registered_model_name
     if not name:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from llama_train.export import export_run
 from llama_train.gate import run_gate
-from llama_train.tracking import get_alias_version
+from llama_train.registry import get_alias_version
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

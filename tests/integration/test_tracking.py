@@ -15,6 +15,12 @@ from pathlib import Path
 import pytest
 
 from llama_train.config import recipe_from_dict
+from llama_train.registry import (
+    download_adapter,
+    get_alias_version,
+    promote,
+    register_adapter,
+)
 from llama_train.tracking import (
     CANDIDATE,
     CHAMPION,
@@ -23,11 +29,7 @@ from llama_train.tracking import (
     PREVIOUS,
     STATE_FILE,
     MlflowTracker,
-    download_adapter,
-    get_alias_version,
     make_tracker,
-    promote,
-    register_adapter,
     sync_command,
 )
 

@@ -1,0 +1,154 @@
+"""Model registry: adapters registered from run artifacts, aliases `candidate`, `champion`,
+`previous` (only the validation gate moves `champion`/`previous`).
+
+The adapter directory logged as run artifacts is what gets registered: `mlflow.transformers.
+log_model` on a PEFT model resolves the base on the Hugging Face Hub and fails offline, while the
+adapter files load offline with `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llama_train.errors import LlamaTrainError
+from llama_train.tracking import (
+    ADAPTER_ARTIFACT_PATH,
+    CANDIDATE,
+    CHAMPION,
+    PREVIOUS,
+    MlflowTracker,
+    Tracker,
+    _client,
+    _configure_mlflow_env,
+    _tag_items,
+    _warn,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+def register_adapter(
+    tracker_or_run_id: MlflowTracker | Tracker | str | None,
+    adapter_dir: str | Path,
+    *,
+    name: str,
+    tags: dict | None = None,
+    uri: str | None = None,
+) -> str | None:
+    """Register `adapter_dir` (logged under the run's `adapter/` artifacts) as a new version of
+    `name`, tagged, with alias `candidate`. Returns the version, or None (with a warning) when
+    there is no run or the server fails."""
+    tracker = None if isinstance(tracker_or_run_id, str) else tracker_or_run_id
+    run_id = (
+        tracker_or_run_id
+        if isinstance(tracker_or_run_id, str)
+        else getattr(tracker, "run_id", None)
+    )
+    if not run_id:
+        if isinstance(tracker, MlflowTracker):
+            _warn(
+                f"adapter not registered as {name}: the run has no MLflow id (server was unreachable)"
+            )
+        return None
+    all_tags = dict(tags or {})
+    if isinstance(tracker, MlflowTracker):
+        uri = uri or tracker.uri
+        tracker.flush()
+        for key in ("llama_train.recipe_sha256", "llama_train.base_model"):
+            if key in tracker.default_tags:
+                all_tags.setdefault(key, tracker.default_tags[key])
+        for key, value in tracker.latest.items():
+            all_tags.setdefault(f"metric.{key}", value)
+    try:
+        client = _client(uri or _default_uri())
+        if not client.list_artifacts(run_id, ADAPTER_ARTIFACT_PATH):
+            client.log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT_PATH)
+        try:
+            client.create_registered_model(name)
+        except Exception as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
+        version = client.create_model_version(
+            name, source, run_id=run_id, tags=_tag_items(all_tags), await_creation_for=60
+        )
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+        return str(version.version)
+    except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
+        _warn(f"adapter not registered as {name} ({type(exc).__name__}: {str(exc)[:300]})")
+        return None
+
+
+def _default_uri() -> str:
+    _configure_mlflow_env()
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def get_alias_version(
+    name: str, alias: str, *, client: MlflowClient | None = None, uri: str | None = None
+) -> str | None:
+    """Version that `alias` points to, or None when the alias (or the model) does not exist."""
+    client = client or _client(uri or _default_uri())
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def promote(
+    name: str, version: str | int, *, client: MlflowClient | None = None, uri: str | None = None
+) -> dict[str, str | None]:
+    """Point `champion` at `version` and `previous` at the former champion. Called by the gate."""
+    client = client or _client(uri or _default_uri())
+    old = get_alias_version(name, CHAMPION, client=client)
+    if old is not None and old != str(version):
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return {CHAMPION: str(version), PREVIOUS: get_alias_version(name, PREVIOUS, client=client)}
+
+
+def download_adapter(
+    model_uri: str, *, dst: str | Path | None = None, uri: str | None = None
+) -> Path:
+    """Local directory of a registered adapter: `models:/name/3` or `models:/name@alias`."""
+    if not model_uri.startswith("models:/"):
+        raise LlamaTrainError(
+            f"{model_uri!r} is not a registry URI; use models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
+    ref = model_uri.removeprefix("models:/").strip("/")
+    client = _client(uri or _default_uri())
+    # Resolved here rather than by mlflow.artifacts.download_artifacts, which (mlflow 3.17) looks
+    # the model up in the default registry instead of the registry_uri it is given.
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    else:
+        raise LlamaTrainError(
+            f"{model_uri!r} names no version or alias (models:/NAME/3, models:/NAME@champion)"
+        )
+    import mlflow
+
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source,
+            dst_path=None if dst is None else str(dst),
+            tracking_uri=client.tracking_uri,
+        )
+    )
+    if not (local / "adapter_config.json").exists():
+        found = sorted(local.rglob("adapter_config.json"))
+        if not found:
+            raise LlamaTrainError(f"{model_uri} has no adapter_config.json (downloaded to {local})")
+        local = found[0].parent
+    return local
