@@ -268,6 +268,9 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
     if name.endswith("_ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "_compile" in name:
+        # Fresh dynamo state per variant: compiled graphs and recompile counts of an earlier
+        # variant must not leak into this one (on the H100 run they hit the recompile limit).
+        torch._dynamo.reset()
         for attr in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
             if hasattr(torch._dynamo.config, attr):
                 setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
