@@ -119,6 +119,10 @@ GATE_FAILED = 10
 
 def _mount_optional() -> None:
     """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""
+    from llama_train.data.cli import data_app, preprocess_command
+
+    app.add_typer(data_app, name="data", help="Check and preprocess a recipe's data.")
+    app.command("preprocess")(preprocess_command)
     try:
         from llama_train.export import export_command
 
