@@ -65,14 +65,27 @@ class DataSource(Section):
         "(generated instruction tasks with exact answers).",
     )
     format: Literal["messages", "alpaca", "sharegpt", "completion", "text"] = Field(
-        "messages", description="Row layout; `messages` is OpenAI-style [{role, content}, ...]."
+        "messages",
+        description="Row layout: `messages` [{role, content}, ...] (OpenAI style, optional system), "
+        "`alpaca` {instruction, input?, output}, `sharegpt` {conversations: [{from, value}]}, "
+        "`completion` {prompt, completion}, `text` {text} (continued pre-training, every token trained).",
     )
     split: str = Field("train", description="Split name for hub datasets.")
+    revision: str | None = Field(
+        None,
+        description="Hub dataset revision (commit, tag or branch). Pin it: the preprocessing cache "
+        "keys a hub dataset by (id, split, revision), not by its content.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Rename columns to the format's names, e.g. {messages: conversation}.",
+        description="Map the format's field names to this source's column names, e.g. "
+        "{messages: conversation} reads the `conversation` column as `messages`.",
     )
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight in a mixture.")
+    weight: float = Field(
+        1.0, gt=0,
+        description="Mixture weight: this source's valid rows are repeated floor(weight) times plus a "
+        "seeded random fraction (weight 0.5 = half the rows, 2 = every row twice).",
+    )
 
 
 class EvalDataConfig(Section):
@@ -81,7 +94,16 @@ class EvalDataConfig(Section):
         description="Held-out eval file. Unset: the built-in eval split when training on built-in "
         "data, else `fraction` of the train rows.",
     )
-    fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of train rows held out for eval.")
+    format: Literal["messages", "alpaca", "sharegpt", "completion", "text"] | None = Field(
+        None, description="Format of the eval file; default: the first source's format."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column mapping of the eval file (as in data.sources)."
+    )
+    fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="Fraction of the (valid, deduplicated) train rows held out for eval, seeded by train.seed.",
+    )
     max_samples: int = Field(96, ge=1, description="Eval rows used for loss and exact match.")
     max_new_tokens: int = Field(24, ge=1, description="Generation budget per eval row (exact match).")
 
@@ -97,29 +119,53 @@ class BuiltinDataConfig(Section):
 
 class DataConfig(Section):
     sources: list[DataSource] = Field(
-        default_factory=lambda: [DataSource()], min_length=1, description="Training datasets."
+        default_factory=lambda: [DataSource()], min_length=1, description="Training datasets (a mixture)."
     )
     eval: EvalDataConfig = Field(default_factory=EvalDataConfig, description="Held-out evaluation.")
     builtin: BuiltinDataConfig = Field(default_factory=BuiltinDataConfig, description="Built-in data.")
-    seq_len: int = Field(256, ge=8, description="Maximum tokens per training row.")
+    seq_len: int = Field(256, ge=8, description="Maximum tokens per training row (packed or not).")
     packing: bool = Field(
         False,
-        description="Pack several samples per row (position ids restart per document and "
-        "attention is isolated per document).",
+        description="Pack several samples per row by best-fit-decreasing (position ids restart per "
+        "document and attention is isolated per document). false = one sample per row, padded.",
     )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
-        "assistant", description="Which tokens carry loss: every assistant turn, the last one, or all."
+        "assistant",
+        description="Which tokens carry loss: every assistant turn, the last one, or all tokens. "
+        "Each trained turn includes its end-of-turn token. Format `text` always trains every token.",
     )
     overlength: Literal["truncate", "drop", "error"] = Field(
-        "drop", description="What to do with a sample longer than seq_len."
+        "drop", description="What to do with a sample longer than seq_len (counts are reported)."
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template overriding the tokenizer's own."
     )
+    dedup: bool = Field(
+        True, description="Drop exact duplicate samples (same format and content); counted as `duplicate`."
+    )
     max_dropped_fraction: float = Field(
-        0.01, ge=0, le=1, description="Fail preflight when more than this fraction of rows is dropped."
+        0.01, ge=0, le=1,
+        description="Fail preflight (and training) when more than this fraction of the rows read is "
+        "dropped for any reason (invalid, duplicate, over-length, nothing supervised).",
+    )
+    min_packing_efficiency: float | None = Field(
+        None, ge=0, le=1,
+        description="Fail preflight when non-pad tokens / row slots of the train rows is below this.",
     )
     shuffle: bool = Field(True, description="Shuffle rows each epoch (deterministic by seed and epoch).")
+    cache: bool = Field(
+        True, description="Reuse the preprocessed (tokenized, packed) data saved under cache_dir."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Directory of the preprocessing cache, one subdirectory per content hash; "
+        "default `<output_dir>/../data_cache`. Put it on a volume shared by the training pods and "
+        "fill it with `llama-train preprocess RECIPE`.",
+    )
+    num_proc: int | None = Field(
+        None, ge=1,
+        description="Tokenizer processes (datasets.map num_proc); default: CPU count, one per 2,000 rows.",
+    )
 
 
 class LoraConfig(Section):

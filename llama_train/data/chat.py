@@ -25,20 +25,33 @@ def render_ids(tokenizer, messages, *, add_generation_prompt=False, chat_templat
     return list(out["input_ids"])
 
 
+def render_text(tokenizer, messages, *, add_generation_prompt=False, chat_template=None) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template)
+
+
 def tokenize_messages(
     messages: list[dict], tokenizer, *, train_on: str = "assistant", chat_template: str | None = None
 ) -> dict[str, list[int]]:
     """Token ids and labels for one conversation. `train_on`: assistant | last_assistant | all."""
-    ids = render_ids(tokenizer, messages, chat_template=chat_template)
-    if train_on == "all":
-        return {"input_ids": ids, "labels": list(ids)}
-    labels = [IGNORE_INDEX] * len(ids)
     turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if train_on == "last_assistant":
         turns = turns[-1:]
+    if train_on == "all":
+        turns = []
+    # One template render per prefix, then one batched tokenizer call (the template supplies the
+    # special tokens, as apply_chat_template(tokenize=True) does).
+    texts = [render_text(tokenizer, messages, chat_template=chat_template)]
     for i in turns:
-        prefix = render_ids(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template)
-        upto = render_ids(tokenizer, messages[: i + 1], chat_template=chat_template)
+        texts.append(render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template))
+        texts.append(render_text(tokenizer, messages[: i + 1], chat_template=chat_template))
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = list(encoded[0])
+    if train_on == "all":
+        return {"input_ids": ids, "labels": list(ids)}
+    labels = [IGNORE_INDEX] * len(ids)
+    for k in range(len(turns)):
+        prefix, upto = encoded[1 + 2 * k], encoded[2 + 2 * k]
         start = len(prefix)
         if ids[: len(upto)] != upto or ids[:start] != prefix or start > len(upto):
             raise DataError(

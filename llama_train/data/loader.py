@@ -15,6 +15,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llama_train.data.chat import IGNORE_INDEX
+from llama_train.data.packing import (
+    block_causal_mask,
+    position_ids_from_segments,
+    segments,
+)
 
 
 @dataclass
@@ -87,19 +92,33 @@ class StepLoader:
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
-def collate(rows: list[dict], *, pad_id: int) -> dict:
-    """Right-pad to the longest row. attention_mask marks real tokens; labels are -100 on pad.
-    Besides the model inputs, `num_tokens` counts the real (non-pad) tokens."""
+def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
+            mask_dtype: torch.dtype = torch.float32) -> dict:
+    """Right-pad to the longest row; labels are -100 on pad. Besides the model inputs, `num_tokens`
+    counts the real (non-pad) tokens.
+
+    Unpacked rows get a 2D attention_mask marking real tokens. Packed rows (rows with `doc_lens`)
+    get position_ids restarting per document and, unless `attn_implementation` is
+    flash_attention_2 (varlen from position_ids, no mask), a block-diagonal causal 4D additive mask
+    of `mask_dtype` (the dtype attention runs in) that isolates the documents."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": int(mask.sum())}
+        ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
+        real[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "num_tokens": int(real.sum())}
+    if not any("doc_lens" in r for r in rows):
+        batch["attention_mask"] = real
+        return batch
+    seg = segments([r.get("doc_lens") or [len(r["input_ids"])] for r in rows], width)
+    batch["position_ids"] = position_ids_from_segments(seg)
+    if attn_implementation != "flash_attention_2":
+        batch["attention_mask"] = block_causal_mask(seg, dtype=mask_dtype)
+    return batch
 
 
 def num_supervised(batch: dict[str, torch.Tensor]) -> int:
