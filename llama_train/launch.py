@@ -21,8 +21,14 @@ def torchrun_command(recipe_path: str, overrides: list[str], *, nproc_per_node: 
 def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = 29500, allow_recipe_change: bool = False) -> int:
     """Validate first (fail in seconds, exit 1-127), then train. Returns the exit code."""
+    from llama_train.errors import LlamaTrainError
+
     world = nproc_per_node * nnodes
-    preflight(load_recipe(recipe_path, overrides), world_size=world)
+    try:
+        preflight(load_recipe(recipe_path, overrides), world_size=world)
+    except LlamaTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     if world == 1:
         from llama_train.train import run_training
 

@@ -2,21 +2,26 @@
 
 `init_distributed()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR);
 without it the run is a single process. `apply_strategy()` returns a `Strategy` whose few verbs
-(backward, clip_and_step, no_sync, full_state_dict) hide DDP/FSDP2/DeepSpeed from the training loop.
+(no_sync, backward, clip_and_step; save_state/load_state; trainable_state_dict) hide DDP/FSDP2/DeepSpeed
+from the training loop and the checkpoint code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from llama_train.config import Recipe
-from llama_train.errors import InfrastructureError, PreflightError
+from llama_train.errors import CheckpointError, InfrastructureError, PreflightError
 
 
 @dataclass
@@ -79,6 +84,8 @@ def init_distributed(recipe: Recipe) -> DistContext:
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if rank != 0:
+        check_master_reachable(min(recipe.parallel.timeout_s, 60))
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=recipe.parallel.timeout_s))
     except Exception as exc:  # a rank that cannot reach the master
@@ -89,8 +96,37 @@ def init_distributed(recipe: Recipe) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def check_master_reachable(timeout_s: float) -> None:
+    """Fail with the address in the message instead of hanging in init_process_group."""
+    import socket
+    import time
+
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=5).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise InfrastructureError(
+                    f"rank {os.environ.get('RANK')} cannot reach the master at {addr}:{port} after {timeout_s:.0f} s "
+                    f"({exc}); check --master-addr/--master-port (MASTER_ADDR/MASTER_PORT), that node rank 0 "
+                    "is up, and that the port is open between nodes") from None
+            time.sleep(1)
+
+
 class Strategy:
-    """Single process and DDP. Subclasses override what differs."""
+    """Single process and DDP. Subclasses override what differs.
+
+    Verbs the loop uses: `model(**inputs)`, `no_sync`, `backward`, `clip_and_step`. Checkpoints use
+    `save_state`/`load_state` (each strategy's native format) and exports `trainable_state_dict`.
+    `optimizer` is the torch optimizer (the LR scheduler drives its param groups under every strategy).
+    """
+
+    name = "ddp"
+    # Can a checkpoint written with world size N be resumed with world size M?
+    resharding_allowed = True
 
     def __init__(self, model, optimizer, ctx: DistContext):
         self.model = model  # what the loop calls forward on
@@ -99,13 +135,16 @@ class Strategy:
 
     @property
     def train_module(self):
-        """The TrainModule inside any DDP wrapper (forward → loss, generate)."""
+        """The TrainModule inside any DDP/DeepSpeed wrapper (forward → loss, generate)."""
         return getattr(self.model, "module", self.model)
 
     @property
     def module(self):
         """The Hugging Face / PEFT model (for save_pretrained, peft_config)."""
         return self.train_module.inner
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
 
     def no_sync(self, last_micro_batch: bool):
         if last_micro_batch or not hasattr(self.model, "no_sync"):
@@ -115,25 +154,24 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def grad_norm(self, max_norm: float | None) -> float:
+    def clip_and_step(self, max_norm: float | None) -> tuple[float, bool]:
+        """Clip the global grad norm, step unless it is NaN/Inf, zero grads. Returns (norm, applied).
+        The norm is global (gradients are already reduced), so every rank takes the same decision."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return float(norm)
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
+        norm = float(norm)
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) trainable weights, keyed as in the unwrapped model, on CPU."""
+        """Full (unsharded) trainable weights keyed as in the unwrapped model, on CPU. Collective;
+        complete on rank 0 (other ranks may get an empty dict)."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters() if p.requires_grad}
-
-    def _strip(self, state: dict) -> dict:
-        return {k.removeprefix("inner."): v for k, v in state.items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.module.named_parameters())
@@ -141,25 +179,60 @@ class Strategy:
             for n, t in state.items():
                 params[n].copy_(t)
 
-    def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+    def local_digest(self) -> str:
+        """sha256 of this rank's trainable parameter storage (test hook: did a step change it?)."""
+        h = hashlib.sha256()
+        for n, p in self.module.named_parameters():
+            if p.requires_grad:
+                t = p.detach()
+                t = t.to_local() if hasattr(t, "to_local") else t
+                t = getattr(p, "ds_tensor", t)  # ZeRO-3: this rank's partition
+                h.update(n.encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    # ---- checkpoint state (weights + optimizer), collective ----
+    def save_state(self, path: Path) -> None:
+        """Full trainable weights and optimizer state, written by rank 0 (small for LoRA)."""
+        from safetensors.torch import save_file
+
+        weights = self.trainable_state_dict()
+        if self.ctx.is_main:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    def load_state(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False,
+                                                  map_location=self.ctx.device))
 
 
 class FSDPStrategy(Strategy):
+    """FSDP2: gradients reduce-scattered, parameters and optimizer state sharded (DTensor)."""
+
+    name = "fsdp"
+    resharding_allowed = True  # torch.distributed.checkpoint reshards on load
 
     def no_sync(self, last_micro_batch: bool):
         self.model.set_requires_gradient_sync(last_micro_batch)
         return contextlib.nullcontext()
 
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        names = set(self.trainable_names())
+        model_sd = {k: v for k, v in get_model_state_dict(self.model).items() if k.removeprefix("inner.") in names}
+        return {"model": model_sd, "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
     def trainable_state_dict(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        names = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        return {n: t for n, t in self._strip(full).items() if n in names}
+        names = set(self.trainable_names())
+        full = {k.removeprefix("inner."): v for k, v in full.items()}
+        return {n: t for n, t in full.items() if n in names}
 
     def load_trainable_state_dict(self, state):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -167,17 +240,82 @@ class FSDPStrategy(Strategy):
         state = {f"inner.{k}": v for k, v in state.items()}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def optimizer_state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def save_state(self, path: Path) -> None:
+        """Sharded: every rank writes its own shards (torch.distributed.checkpoint), no gather."""
+        import torch.distributed.checkpoint as dcp
 
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dcp.save(self._sharded_state(), checkpoint_id=str(path / "dcp"))
 
-    def load_optimizer_state_dict(self, state):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def load_state(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
-        set_optimizer_state_dict(self.model, self.optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed ZeRO 1/2/3. The engine runs in unmanaged gradient accumulation: every `backward`
+    accumulates locally, `clip_and_step` is the boundary (reduce, clip, overflow check, step)."""
+
+    name = "deepspeed"
+    # DeepSpeed's own checkpoints hold per-rank optimizer partitions; a different world size would
+    # need DeepSpeed's universal-checkpoint conversion, which is not wired in.
+    resharding_allowed = False
+
+    def __init__(self, engine, optimizer, ctx: DistContext, *, zero_stage: int):
+        super().__init__(engine, optimizer, ctx)
+        self.zero_stage = zero_stage
+
+    def no_sync(self, last_micro_batch: bool):
+        return contextlib.nullcontext()  # unmanaged accumulation: reduction happens in step()
+
+    def backward(self, loss):
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop already normalizes the loss
+
+    def clip_and_step(self, max_norm):
+        # ZeRO computes the global norm, clips (gradient_clipping) and skips the update on all
+        # ranks when the norm is NaN/Inf (was_step_applied() is then False).
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        applied = bool(self.model.was_step_applied())
+        if not applied and math.isfinite(norm):
+            norm = float("nan")
+        return norm, applied
+
+    def _gathered(self, params, modifier_rank=None):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+        return contextlib.nullcontext()
+
+    def trainable_state_dict(self):
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        # ZeRO-3 keeps only a partition per rank: gather (collective) or the export is empty.
+        with self._gathered([p for _, p in named]):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+    def load_trainable_state_dict(self, state):
+        params = dict(self.module.named_parameters())
+        with self._gathered([params[n] for n in state], modifier_rank=0), torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def save_state(self, path: Path) -> None:
+        """DeepSpeed's own format: each rank writes its optimizer/parameter partitions."""
+        self.model.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
+                                   exclude_frozen_parameters=True)
+
+    def load_state(self, path: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
 
 
 def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
@@ -191,11 +329,11 @@ def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
-    """Wrap `model` for the recipe's strategy and build its optimizer."""
+    """Wrap `model` (HF/PEFT) for the recipe's strategy and build its optimizer."""
     from llama_train.model import TrainModule
 
     strategy = recipe.parallel.strategy
-    if recipe.model.quantization == "none":
+    if recipe.model.quantization == "none" and strategy != "deepspeed":
         model.to(ctx.device)
     inner = model
     model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
@@ -205,24 +343,101 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
 
             ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
-        return Strategy(model, make_optimizer(model, recipe), ctx)
+        plain = Strategy(model, make_optimizer(model, recipe), ctx)
+        plain.name = strategy
+        return plain
     if strategy == "fsdp":
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        kwargs: dict = {}
-        if recipe.train.precision != "fp32":
-            dt = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
-        if recipe.parallel.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        for layer in decoder_layers(inner):
-            fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)  # root: embeddings, final norm, lm_head
-        register_fsdp_forward_method(model, "generate")
-        return FSDPStrategy(model, make_optimizer(model, recipe), ctx)
+        return _apply_fsdp(model, inner, recipe, ctx)
+    if strategy == "deepspeed":
+        return _apply_deepspeed(model, inner, recipe, ctx)
     raise PreflightError(f"parallel.strategy {strategy!r} is not available in this build")
+
+
+def _apply_fsdp(model, inner, recipe: Recipe, ctx: DistContext) -> FSDPStrategy:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    kwargs: dict = {}
+    if recipe.train.precision != "fp32":
+        dt = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
+    if recipe.parallel.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(inner):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)  # root: embeddings, final norm, lm_head
+    register_fsdp_forward_method(model, "generate")
+    return FSDPStrategy(model, make_optimizer(model, recipe), ctx)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+    """The DeepSpeed JSON built from the recipe, with a user's `parallel.deepspeed_config` merged on
+    top. Batch sizes, accumulation mode and clipping always come from the recipe (the loop owns them)."""
+    t, p = recipe.train, recipe.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    cfg: dict = {
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # the client optimizer is torch AdamW
+        "zero_force_ds_cpu_optimizer": False,   # ... also with optimizer offload
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_config:
+        path = Path(p.deepspeed_config)
+        if not path.is_file():
+            raise PreflightError(f"parallel.deepspeed_config: {path} does not exist")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PreflightError(f"parallel.deepspeed_config: {path} is not valid JSON: {exc}") from None
+        cfg = _merge(cfg, user)
+    owned = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", t.micro_batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum_steps", t.grad_accum_steps),
+        "train_batch_size": ("train.global_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size),
+        "gradient_clipping": ("train.max_grad_norm", t.max_grad_norm or 0.0),
+    }
+    for key, (recipe_key, value) in owned.items():
+        given = cfg.get(key, "auto")
+        if given != "auto" and given != value:
+            raise PreflightError(f"parallel.deepspeed_config sets {key}={given!r} but the recipe gives {value!r} "
+                                 f"({recipe_key}); remove it from the JSON or use \"auto\"")
+        cfg[key] = value
+    cfg["managed_gradient_accumulation"] = False  # our loop: N x backward, one step()
+    return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_deepspeed(model, inner, recipe: Recipe, ctx: DistContext) -> DeepSpeedStrategy:
+    import deepspeed
+
+    if ctx.device.type == "cpu":
+        # On CPU, DeepSpeed probes compilers for every op and JIT-compiles a shared-memory allreduce
+        # kernel on first use (minutes). We run gloo and torch's AdamW, which need none of its ops;
+        # a pre-filled table is the cache deepspeed.ops documents as editable.
+        deepspeed.ops.__compatible_ops__ = {}
+    cfg = deepspeed_config(recipe, ctx.world_size)
+    stage = cfg["zero_optimization"].get("stage", 0)
+    optimizer = make_optimizer(model, recipe)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
+                                           dist_init_required=False)
+    if stage == 3:
+        # The chunked loss reads lm_head.weight outside lm_head.forward: have ZeRO-3 gather it for
+        # the whole TrainModule forward, or it sees an empty partition.
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        deepspeed.zero.register_external_parameter(model, base.lm_head.weight)
+    return DeepSpeedStrategy(engine, optimizer, ctx, zero_stage=stage)
 
 
 def decoder_layers(model):

@@ -62,8 +62,18 @@ def _model_shape(recipe: Recipe) -> dict | None:
     return json.loads(cfg.read_text()) if cfg.is_file() else None
 
 
+def _shard_factors(recipe: Recipe, world_size: int) -> dict[str, int]:
+    """How many ways weights, gradients and optimizer state are split across ranks.
+    DDP: none. ZeRO-1: optimizer. ZeRO-2: + gradients. ZeRO-3 and FSDP: + weights."""
+    p = recipe.parallel
+    level = {"single": 0, "ddp": 0, "fsdp": 3, "deepspeed": p.zero_stage}[p.strategy]
+    return {"optimizer": world_size if level >= 1 else 1, "gradients": world_size if level >= 2 else 1,
+            "weights": world_size if level >= 3 else 1}
+
+
 def estimate_memory(recipe: Recipe, world_size: int) -> dict | None:
-    """Per-rank bytes of weights, gradients, optimizer state and activations (rough, no caches)."""
+    """Per-rank device bytes of weights, gradients, optimizer state and activations (rough, no
+    allocator caches), for the chosen strategy; `cpu_offloaded` is what offload moves to host RAM."""
     c = _model_shape(recipe)
     if c is None:
         return None
@@ -79,24 +89,27 @@ def estimate_memory(recipe: Recipe, world_size: int) -> dict | None:
         trainable = L * sum(lc.r * (a + b) for name, (a, b) in dims.items() if name in lc.target_modules)
     else:
         trainable = params
-    shard = world_size if recipe.parallel.strategy in ("fsdp",) or (
-        recipe.parallel.strategy == "deepspeed" and recipe.parallel.zero_stage == 3) else 1
-    opt_shard = world_size if recipe.parallel.strategy in ("fsdp", "deepspeed") else 1
-    grad_shard = world_size if recipe.parallel.strategy == "fsdp" or (
-        recipe.parallel.strategy == "deepspeed" and recipe.parallel.zero_stage >= 2) else 1
-    t = recipe.train
+    shard = _shard_factors(recipe, world_size)
+    p, t = recipe.parallel, recipe.train
+    offload_opt = p.cpu_offload and p.strategy in ("fsdp", "deepspeed")
+    offload_params = p.cpu_offload and shard["weights"] > 1  # FSDP CPUOffloadPolicy / ZeRO-3 offload_param
+    weights = params * wbytes / shard["weights"]
+    # Sharded weights are all-gathered one decoder layer at a time (plus one prefetched).
+    gathered = 2 * per_layer * wbytes if shard["weights"] > 1 else 0
+    optimizer = trainable * (8 + (4 if wbytes < 4 else 0)) / shard["optimizer"]  # Adam m, v (+ fp32 master)
     tokens = t.micro_batch_size * recipe.data.seq_len
     act_per_layer = tokens * h * 34 * (2 if t.precision != "fp32" else 4) / 2  # ~34 h bytes/token/layer (bf16)
     acts = (tokens * h * 2 * L) if recipe.model.gradient_checkpointing else act_per_layer * L
     est = {
-        "weights": params * wbytes / shard,
-        "gradients": trainable * 4 / grad_shard,
-        "optimizer": trainable * 8 / (1 if recipe.parallel.cpu_offload else opt_shard) * (
-            0 if recipe.parallel.cpu_offload else 1),
+        "weights": 0 if offload_params else weights,
+        "gathered_layers": gathered,
+        "gradients": trainable * 4 / shard["gradients"],
+        "optimizer": 0 if offload_opt else optimizer,
         "activations": acts,
         "loss_head": min(t.loss_chunk_size, tokens) * v * 4 * 2,
     }
     est["total"] = sum(est.values())
+    est["cpu_offloaded"] = (optimizer if offload_opt else 0) + (weights if offload_params else 0)
     return est
 
 
@@ -107,12 +120,18 @@ def preflight(recipe: Recipe, *, world_size: int | None = None) -> list[str]:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_world(recipe, world)
     check_hardware(recipe)
+    if recipe.parallel.strategy == "deepspeed":
+        from llama_train.parallel import deepspeed_config
+
+        deepspeed_config(recipe, world)  # a user JSON that contradicts the recipe fails here
     lines = [f"strategy {recipe.parallel.strategy} on {world} rank(s); global batch "
              f"{recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world} samples"]
     est = estimate_memory(recipe, world)
     if est:
         gib = {k: v / 2**30 for k, v in est.items()}
-        lines.append("memory per rank (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items()))
+        host = gib.pop("cpu_offloaded")
+        lines.append("device memory per rank (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items())
+                     + (f"; host RAM for offloaded state {host:.2f}" if host else ""))
     else:
         lines.append("memory estimate: base model config not on disk (hub id); skipped")
     return lines

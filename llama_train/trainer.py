@@ -25,10 +25,12 @@ from llama_train import checkpoint as ckpt
 from llama_train.config import Recipe, diff_recipes, dump_recipe
 from llama_train.data.dataset import dataset_fingerprint, load_data
 from llama_train.data.loader import MODEL_INPUTS, StepLoader, collate, num_supervised
-from llama_train.errors import CheckpointError, NonFiniteError, Preempted
+from llama_train.errors import CheckpointError, InfrastructureError, NonFiniteError, Preempted
 from llama_train.evaluate import eval_loss, evaluate
-from llama_train.model import apply_finetuning, count_params, load_base_model, load_tokenizer, resolve_base_path
+from llama_train.model import (DTYPES, apply_finetuning, count_params, load_base_model, load_tokenizer,
+                               resolve_base_path)
 from llama_train.parallel import DistContext, apply_strategy, init_distributed
+from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
 from llama_train.progress import Progress
 from llama_train.tracking import make_tracker, register_adapter
@@ -71,33 +73,99 @@ class StepResult:
     tokens: int          # non-pad tokens of the step, all ranks
     supervised: int      # supervised tokens of the step, all ranks
     skipped: bool        # non-finite loss or grad norm on some rank: no update anywhere
-    bad_ranks: list[int]
+    bad_ranks: list[int]  # ranks whose own loss was non-finite
 
 
-def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe) -> StepResult:
-    """Forward/backward every micro batch, clip, step (or skip on NaN/Inf everywhere), zero grads."""
+def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: bool = False) -> StepResult:
+    """Forward/backward every micro batch, clip, step (or skip on NaN/Inf everywhere), zero grads.
+    `inject_nan` is a test hook (see Faults): this rank's loss becomes NaN."""
     ctx = strategy.ctx
     supervised = ctx.all_reduce(sum(num_supervised(b) for b in micro))
-    # DDP/FSDP average gradients over ranks; scaling by world size turns that into the sum, so the
-    # update is d(sum of token losses)/d(theta) / (supervised tokens of the whole step).
+    # DDP/FSDP/ZeRO average gradients over ranks; scaling by world size turns that into the sum, so
+    # the update is d(sum of token losses)/d(theta) / (supervised tokens of the whole step).
     scale = ctx.world_size / max(supervised, 1)
     loss_sum_local = 0.0
     for k, batch in enumerate(micro):
         inputs = {n: v.to(ctx.device) for n, v in batch.items() if n in MODEL_INPUTS}
         with strategy.no_sync(k == len(micro) - 1), _autocast(recipe, ctx.device):
             loss_sum, _ = strategy.model(**inputs)
-            strategy.backward(loss_sum * scale)
+            if inject_nan:
+                loss_sum = loss_sum * float("nan")
+            # A non-finite loss poisons this rank's gradients, so the global (reduced) grad norm is
+            # non-finite on every rank and all of them skip the update in clip_and_step together.
+            finite = math.isfinite(float(loss_sum.detach()))
+            strategy.backward(loss_sum * (scale if finite else float("nan")))
         loss_sum_local += float(loss_sum.detach())
     loss = ctx.all_reduce(loss_sum_local) / max(supervised, 1)
-    grad_norm = strategy.grad_norm(recipe.train.max_grad_norm)
-    local_bad = not (math.isfinite(loss_sum_local) and math.isfinite(grad_norm))
-    bad_ranks = ctx.all_gather_object(ctx.rank if local_bad else None)
-    bad_ranks = [r for r in bad_ranks if r is not None]
-    if not bad_ranks:
-        strategy.step()
-    strategy.zero_grad()
+    grad_norm, applied = strategy.clip_and_step(recipe.train.max_grad_norm)
+    bad_ranks = ctx.all_gather_object(None if math.isfinite(loss_sum_local) else ctx.rank)
     tokens = ctx.all_reduce(sum(int(b["num_tokens"]) for b in micro))
-    return StepResult(loss, grad_norm, int(tokens), int(supervised), bool(bad_ranks), bad_ranks)
+    return StepResult(loss, grad_norm, int(tokens), int(supervised), not applied,
+                      [r for r in bad_ranks if r is not None])
+
+
+class Faults:
+    """Test hooks for fault injection, read from the environment (never set in production).
+
+    LLAMA_TRAIN_FAULT: comma-separated `kind:key=value:...` items, each for one rank and step:
+      kill:rank=R:step=S            SIGKILL rank R when it is about to run step S
+      sigterm:rank=R:step=S         send SIGTERM to rank R itself before step S (preemption)
+      nan:rank=R:step=S             rank R's loss is NaN at step S
+      ckpt_kill:rank=R:step=S:phase=P   SIGKILL rank R while writing checkpoint step_S, at phase P
+                                    (weights_written | files_synced | renamed; see checkpoint.py)
+      any item may add `:attempt=N`: only in torchrun restart N (TORCHELASTIC_RESTART_COUNT)
+    LLAMA_TRAIN_LEDGER=1: every rank appends {step, ids, lr, loss, skipped, digest} per step to
+      <output_dir>/ledger/rank<R>.jsonl (digest: sha256 of its trainable parameter shards).
+    """
+
+    def __init__(self, rank: int, spec: str | None = None):
+        self.rank = rank
+        self.items = []
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        for item in filter(None, (spec if spec is not None else os.environ.get("LLAMA_TRAIN_FAULT", "")).split(",")):
+            kind, *kvs = item.strip().split(":")
+            kv = dict(x.split("=", 1) for x in kvs)
+            if kv.get("attempt", attempt) == attempt:
+                self.items.append((kind, int(kv.get("rank", 0)), int(kv.get("step", 0)), kv.get("phase")))
+
+    def _hit(self, kind: str, step: int, phase: str | None = None) -> bool:
+        return any(k == kind and r == self.rank and s == step and p == phase for k, r, s, p in self.items)
+
+    def before_step(self, step: int) -> None:
+        if self._hit("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._hit("sigterm", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def nan(self, step: int) -> bool:
+        return self._hit("nan", step)
+
+    def in_checkpoint(self, phase: str, step: int) -> None:
+        if self._hit("ckpt_kill", step, phase):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Ledger:
+    """Per-rank record of the samples and result of every step (test hook, LLAMA_TRAIN_LEDGER=1)."""
+
+    def __init__(self, out: Path, rank: int):
+        self.path = out / "ledger" / f"rank{rank}.jsonl"
+        self.enabled = os.environ.get("LLAMA_TRAIN_LEDGER") == "1"
+
+    def rewind(self, step: int) -> None:
+        """Drop entries after `step` (the resumed step): the ledger is the effective history."""
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= step))
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
 
 class _SigtermFlag:
@@ -128,9 +196,21 @@ def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
     ctx = init_distributed(recipe)
     try:
         return _train(recipe, ctx, allow_recipe_change=allow_recipe_change)
+    except RuntimeError as exc:  # DistError, or gloo's plain RuntimeError: a peer died or a collective timed out
+        if not _is_collective_failure(exc):
+            raise
+        raise InfrastructureError(f"rank {ctx.rank}: collective failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); a rank died or hung "
+                                  f"(parallel.timeout_s={recipe.parallel.timeout_s})") from exc
     finally:
         if ctx.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        s in text for s in ("gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "timed out"))
 
 
 @dataclass
@@ -150,16 +230,24 @@ class Run:
     steps: int
     state: dict
     tracker: object
+    faults: Faults
+    ledger: Ledger
+    saved_step: int = -1  # step of the last checkpoint this process wrote
+    flops_per_token: float = 0.0  # llama_train.perf.flops_per_token at data.seq_len
+    peak_flops: float | None = None  # per device; None on CPU (no MFU then, only FLOP/s)
+    runtime_s: float = 0.0  # wall time of the optimizer steps this process ran
+    supervised_total: int = 0  # supervised tokens of those steps (all ranks)
 
     @property
     def ckpt_root(self) -> Path:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> None:
-        payload = dict(self.state, loader=self.loader.state_dict())
+        payload = dict(self.state, loader=self.loader.state_dict(), strategy=self.strategy.name)
         ckpt.save_checkpoint(self.ckpt_root, self.state["step"], strategy=self.strategy, scheduler=self.scheduler,
                              state=payload, recipe_yaml=self.recipe_yaml,
-                             keep_last_k=self.recipe.checkpoint.keep_last_k)
+                             keep_last_k=self.recipe.checkpoint.keep_last_k, fault=self.faults.in_checkpoint)
+        self.saved_step = self.state["step"]
 
 
 def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> dict:
@@ -169,7 +257,7 @@ def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> di
             run.state["eval_before"] = _evaluate(run)
             _log(ctx, f"eval before training: {_fmt_eval(run.state['eval_before'])}")
         status, losses = _loop(run)
-        if status == "preempted" or recipe.checkpoint.save_final:
+        if (status == "preempted" or recipe.checkpoint.save_final) and run.saved_step != run.state["step"]:
             run.save_checkpoint()
         if status == "preempted":
             run.tracker.finish("KILLED")
@@ -190,6 +278,11 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     out = Path(recipe.output_dir)
+    if not ctx.is_main:  # only rank 0 prints
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_incomplete(out / "checkpoints")
@@ -200,6 +293,9 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     data = load_data(recipe, tokenizer)
     model = apply_finetuning(load_base_model(recipe, base_path), recipe)
     num_trainable, num_frozen = count_params(model)
+    matmul_trainable, matmul_frozen = matmul_param_counts(model)
+    step_flops = flops_per_token(model.config, num_trainable=matmul_trainable, num_frozen=matmul_frozen,
+                                 seq_len=recipe.data.seq_len, lora=recipe.lora.enabled)
     strategy = apply_strategy(model, recipe, ctx)
     loader = StepLoader(len(data.train), micro_batch_size=t.micro_batch_size,
                         grad_accum_steps=t.grad_accum_steps, world_size=ctx.world_size, rank=ctx.rank,
@@ -209,8 +305,12 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,
              "tracking_run_id": None, "recipe_sha256": recipe.sha256(), "world_size": ctx.world_size}
     run = Run(recipe, ctx, out, dump_recipe(recipe), base_path, tokenizer, data, strategy, loader, scheduler,
-              steps, state, tracker=None)
+              steps, state, tracker=None, faults=Faults(ctx.rank), ledger=Ledger(out, ctx.rank),
+              flops_per_token=step_flops, peak_flops=peak_flops(ctx.device))
     resume_dir = _resume(run, allow_recipe_change=allow_recipe_change)
+    run.ledger.rewind(state["step"])
+    if state["step"] == 0:
+        run.ledger.write({"step": 0, "digest": strategy.local_digest()})
     run.tracker = make_tracker(recipe, rank=ctx.rank)
     tags = {"llama_train.dataset_fingerprint": dataset_fingerprint(data.train),
             "llama_train.world_size": str(ctx.world_size), "llama_train.strategy": recipe.parallel.strategy}
@@ -219,8 +319,9 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
         (out / "recipe.yaml").write_text(run.recipe_yaml)
     _log(ctx, f"model {base_path}: {num_trainable:,} trainable / {num_frozen:,} frozen params; "
               f"{len(data.train)} train rows ({data.stats}), {len(data.eval)} eval rows; "
-              f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)"
-              + (f"; resumed from {resume_dir.name}" if resume_dir else ""))
+              f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)")
+    if resume_dir:
+        _log(ctx, f"resumed from {resume_dir.name}")
     return run
 
 
@@ -238,8 +339,9 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
             f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(changes)
             + "\nrerun with --allow-recipe-change to resume anyway, or checkpoint.resume=never"
         )
-    run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler,
-                                          rank=run.ctx.rank, world_size=run.ctx.world_size))
+    run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler))
+    run.state.pop("strategy", None)
+    run.saved_step = run.state["step"]
     run.loader.load_state_dict(run.state.pop("loader"))
     run.state["world_size"] = run.ctx.world_size
     return resume_dir
@@ -247,46 +349,87 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
 
 def _loop(run: Run) -> tuple[str, list[float]]:
     """Optimizer steps until the end or SIGTERM. Returns (status, per-step losses)."""
-    recipe, ctx, state, t = run.recipe, run.ctx, run.state, run.recipe.train
+    ctx, state, t, every = run.ctx, run.state, run.recipe.train, run.recipe.checkpoint.every_n_steps
     losses: list[float] = []
     skips = 0
     with _SigtermFlag() as sigterm, Progress(total=run.steps, start=state["step"], enabled=ctx.is_main) as progress:
         while state["step"] < run.steps:
+            run.faults.before_step(state["step"] + 1)
             # All ranks agree on stopping at this boundary (SIGTERM may reach only some of them).
             if ctx.all_reduce(1.0 if sigterm.raised else 0.0, "max") > 0:
                 return "preempted", losses
-            t0 = time.perf_counter()
-            micro = [collate([run.data.train[i] for i in idx], pad_id=run.tokenizer.pad_token_id)
-                     for idx in run.loader.next_step()]
-            lr = run.scheduler.get_last_lr()[0]
-            res = optimizer_step(run.strategy, micro, recipe=recipe)
+            res, lr, dt = _train_step(run)
             skips = skips + 1 if res.skipped else 0
             if res.skipped:
-                _log(ctx, f"step {state['step'] + 1}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
-                          f"{res.grad_norm}, ranks {res.bad_ranks}); update skipped on all ranks ({skips} in a row)")
-                if skips >= t.max_nonfinite_skips:
-                    raise NonFiniteError(f"{skips} consecutive non-finite steps (train.max_nonfinite_skips="
-                                         f"{t.max_nonfinite_skips}); lower train.lr or check the data")
-            run.scheduler.step()
-            state["step"] += 1
-            state["consumed_samples"] += run.loader.global_batch
-            state["consumed_tokens"] += res.tokens
-            dt = time.perf_counter() - t0
+                _log_skip(run, res, skips)
             losses.append(res.loss)
-            if state["step"] % t.log_every_n_steps == 0 or state["step"] == run.steps:
-                run.tracker.log_metrics({
-                    "train/loss": res.loss, "train/lr": lr, "train/grad_norm": res.grad_norm,
-                    "train/tokens_per_s": res.tokens / dt, "train/supervised_tokens": res.supervised,
-                    "train/consumed_samples": state["consumed_samples"]}, step=state["step"])
-            progress.update(state["step"], loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
+            _log_step(run, res, lr=lr, dt=dt, progress=progress)
             if t.eval_every_n_steps and state["step"] % t.eval_every_n_steps == 0 and state["step"] < run.steps:
                 ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
                                batch_size=max(t.micro_batch_size, 16), device=ctx.device)
                 run.tracker.log_metrics({"eval/loss": ev}, step=state["step"])
-            every = recipe.checkpoint.every_n_steps
             if every and state["step"] % every == 0 and state["step"] < run.steps:
                 run.save_checkpoint()
     return "completed", losses
+
+
+def _train_step(run: Run) -> tuple[StepResult, float, float]:
+    """One optimizer step on this rank's slice of the next global batch; advances the counters."""
+    state, data = run.state, run.data.train
+    t0 = time.perf_counter()
+    indices = run.loader.next_step()
+    micro = [collate([data[i] for i in idx], pad_id=run.tokenizer.pad_token_id,
+                     attn_implementation=run.recipe.model.attn_implementation,
+                     mask_dtype=DTYPES[run.recipe.model.dtype]) for idx in indices]
+    lr = run.scheduler.get_last_lr()[0]
+    res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1))
+    run.scheduler.step()
+    state["step"] += 1
+    state["consumed_samples"] += run.loader.global_batch
+    state["consumed_tokens"] += res.tokens
+    if run.ledger.enabled:
+        ids = [x for idx in indices for i in idx for x in (data[i].get("ids") or [data[i].get("id", i)])]
+        run.ledger.write({"step": state["step"], "ids": ids, "lr": lr, "loss": res.loss, "skipped": res.skipped,
+                          "digest": run.strategy.local_digest()})
+    dt = time.perf_counter() - t0
+    run.runtime_s += dt
+    run.supervised_total += res.supervised
+    return res, lr, dt
+
+
+def _log_skip(run: Run, res: StepResult, skips: int) -> None:
+    t = run.recipe.train
+    _log(run.ctx, f"step {run.state['step']}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
+                  f"{res.grad_norm}, non-finite loss on rank(s) {res.bad_ranks or 'none'}); update skipped on "
+                  f"all ranks ({skips} in a row)")
+    if skips >= t.max_nonfinite_skips:
+        raise NonFiniteError(f"{skips} consecutive non-finite steps up to step {run.state['step']} "
+                             f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); lower train.lr or check the data")
+
+
+def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Progress) -> None:
+    state = run.state
+    if state["step"] % run.recipe.train.log_every_n_steps == 0 or state["step"] == run.steps:
+        # FLOP/s and MFU per device: the step's tokens are counted over all ranks.
+        flops_per_s = res.tokens / dt * run.flops_per_token / run.ctx.world_size
+        metrics = {
+            "train/loss": res.loss, "train/lr": lr, "train/grad_norm": res.grad_norm,
+            "train/tokens_per_s": res.tokens / dt, "train/supervised_tokens": res.supervised,
+            "train/supervised_tokens_per_s": res.supervised / dt, "train/consumed_samples": state["consumed_samples"],
+            "train/tflops_per_device": flops_per_s / 1e12, **_memory_metrics(run.ctx.device)}
+        if run.peak_flops:
+            metrics["train/mfu"] = flops_per_s / run.peak_flops
+        run.tracker.log_metrics(metrics, step=state["step"])
+    progress.update(state["step"], loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    import resource
+
+    out = {"train/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["train/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
 
 
 def _evaluate(run: Run) -> dict:
@@ -314,6 +457,10 @@ def _finish(run: Run, losses: list[float]) -> dict:
         "strategy": recipe.parallel.strategy,
         "consumed_samples": state["consumed_samples"],
         "consumed_tokens": state["consumed_tokens"],
+        # this process's optimizer steps only (eval and loading excluded)
+        "train_runtime_s": run.runtime_s,
+        "supervised_tokens_total": run.supervised_total,
+        "supervised_tokens_per_s": run.supervised_total / run.runtime_s if run.runtime_s else None,
         "data": run.data.stats,
         "tracking_run_id": state["tracking_run_id"],
     }

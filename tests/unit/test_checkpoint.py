@@ -1,0 +1,129 @@
+"""Checkpoint protocol in one process: commit marker, cleanup, retention, resume selection, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_train import checkpoint as ckpt
+from llama_train.errors import CheckpointError
+from llama_train.parallel import DistContext
+
+
+class FakeStrategy:
+    name = "ddp"
+    resharding_allowed = True
+
+    def __init__(self):
+        self.ctx = DistContext()
+        self.param = torch.nn.Parameter(torch.zeros(3))
+        self.optimizer = torch.optim.SGD([self.param], lr=0.5)
+        self.loaded = None
+
+    def save_state(self, path: Path) -> None:
+        torch.save({"w": self.param.detach().clone()}, path / "weights.pt")
+
+    def load_state(self, path: Path) -> None:
+        self.loaded = torch.load(path / "weights.pt")
+
+
+def _save(root: Path, step: int, strategy=None, keep: int = 2, fault=None) -> Path:
+    strategy = strategy or FakeStrategy()
+    sched = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lambda s: 1.0 / (s + 1))
+    return ckpt.save_checkpoint(root, step, strategy=strategy, scheduler=sched, state={"step": step, "world_size": 1},
+                                recipe_yaml="x: 1\n", keep_last_k=keep, fault=fault)
+
+
+def test_commit_marker_and_retention(tmp_path):
+    for step in (1, 2, 3):
+        final = _save(tmp_path, step)
+        assert (final / ckpt.MARKER).exists() and not (tmp_path / f"step_{step}.tmp").exists()
+    assert [d.name for d in ckpt.complete_checkpoints(tmp_path)] == ["step_2", "step_3"]
+    assert sorted(p.name for p in (tmp_path / "step_3").iterdir()) == [
+        "COMPLETE", "recipe.yaml", "rng_rank0.pt", "scheduler.pt", "state.json", "weights.pt"]
+
+
+def test_uncommitted_directories_are_never_loaded_and_cleaned(tmp_path):
+    _save(tmp_path, 2)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at(phase):
+        def hook(p, step):
+            if p == phase:
+                raise Crash
+        return hook
+
+    for step, phase in ((4, "weights_written"), (5, "files_synced"), (6, "renamed")):
+        with pytest.raises(Crash):
+            _save(tmp_path, step, fault=crash_at(phase))
+        assert ckpt.find_resume(tmp_path, "auto").name == "step_2"
+    assert (tmp_path / "step_6").exists() and not (tmp_path / "step_6" / ckpt.MARKER).exists()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ckpt.find_resume(tmp_path, str(tmp_path / "step_6"))
+    removed = {p.name for p in ckpt.clean_incomplete(tmp_path)}
+    assert removed == {"step_4.tmp", "step_5.tmp", "step_6"}
+    assert [p.name for p in tmp_path.iterdir()] == ["step_2"]
+    # pruning only ever touches committed checkpoints
+    _save(tmp_path, 7, keep=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_7"]
+
+
+def test_resume_selection(tmp_path):
+    assert ckpt.find_resume(tmp_path / "none", "auto") is None
+    path = _save(tmp_path, 3)
+    assert ckpt.find_resume(tmp_path, "never") is None
+    assert ckpt.find_resume(tmp_path, str(path)) == path
+
+
+def test_load_restores_lr_and_refuses_world_size_change_without_resharding(tmp_path):
+    s = FakeStrategy()
+    sched = torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda step: 1.0 / (step + 1))
+    for _ in range(3):
+        s.optimizer.step()
+        sched.step()
+    path = ckpt.save_checkpoint(tmp_path, 3, strategy=s, scheduler=sched, state={"step": 3, "world_size": 2,
+                                "strategy": "deepspeed"}, recipe_yaml="", keep_last_k=1)
+    fresh = FakeStrategy()
+    fresh.name = "deepspeed"
+    fresh.resharding_allowed = False
+    sched2 = torch.optim.lr_scheduler.LambdaLR(fresh.optimizer, lambda step: 1.0 / (step + 1))
+    with pytest.raises(CheckpointError, match="2 rank"):
+        ckpt.load_checkpoint(path, strategy=fresh, scheduler=sched2)
+    fresh.resharding_allowed = True
+    state = ckpt.load_checkpoint(path, strategy=fresh, scheduler=sched2)
+    assert state["step"] == 3 and fresh.loaded is not None
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 / 4)
+
+
+def test_faults_parse(monkeypatch):
+    from llama_train.trainer import Faults
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    f = Faults(1, "nan:rank=1:step=2,kill:rank=0:step=3,ckpt_kill:rank=1:step=4:phase=renamed:attempt=0")
+    assert f.nan(2) and not f.nan(3)
+    assert not Faults(0, "nan:rank=1:step=2").nan(2)
+    assert f.items == [("nan", 1, 2, None), ("kill", 0, 3, None)]  # attempt=0 item dropped in restart 1
+
+
+def test_changed_recipe_is_refused_with_a_diff(tmp_path, tiny_dir):
+    from llama_train.config import recipe_from_dict
+    from llama_train.trainer import train
+    from tests.conftest import tiny_recipe
+
+    base = tiny_recipe(tmp_path, tiny_dir, data={"builtin": {"num_train": 16, "num_eval": 1}, "seq_len": 48,
+                                                 "eval": {"max_new_tokens": 1}},
+                       train={"max_steps": 1, "micro_batch_size": 4}, checkpoint={"save_final": True})
+    train(recipe_from_dict(base))
+    changed = json.loads(json.dumps(base))
+    changed["train"]["lr"] = 5e-4
+    changed["train"]["max_steps"] = 2
+    with pytest.raises(CheckpointError, match=r"train.lr: 0.001 -> 0.0005") as err:
+        train(recipe_from_dict(changed))
+    assert "train.max_steps: 1 -> 2" in str(err.value) and "--allow-recipe-change" in str(err.value)
+    summary = train(recipe_from_dict(changed), allow_recipe_change=True)
+    assert summary["global_step"] == 2 and [s for s, _ in summary["loss_history"]] == [2]
