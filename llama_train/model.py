@@ -52,6 +52,10 @@ def load_base_model(recipe: Recipe, base_path: str, *, device: torch.device | No
     from transformers import AutoModelForCausalLM
 
     m = recipe.model
+    from llama_train import attention
+
+    if m.attn_implementation in attention.NAMES:
+        attention.register()  # transformers must know the name before from_pretrained checks it
     kwargs: dict = dict(
         dtype=DTYPES[m.dtype],
         attn_implementation=m.attn_implementation,

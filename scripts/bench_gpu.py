@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import platform
@@ -36,9 +35,9 @@ import time
 
 import torch
 import torch._dynamo
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from llama_train import attention
 from llama_train.loss import causal_lm_loss  # noqa: E402
 from llama_train.perf import flops_per_token, matmul_param_counts, mfu, peak_flops  # noqa: E402
 
@@ -48,110 +47,10 @@ ALL_VARIANTS = ("hf_packed", "hf_causal", "fast", "fast_ckpt", "hf_packed_compil
 
 
 # --------------------------------------------------------------------------- attention
-def _varlen_fn():
-    """torch's flash varlen attention and how to ask it for causal + GQA, or None."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" not in params and "is_causal" not in params:
-        return None  # unknown API: no way to ask for causal masking, use the per-document loop
-    return varlen_attn, ("window_size" in params), ("enable_gqa" in params), ("is_causal" in params)
-
-
-_VARLEN = None
-
-
-def doc_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal attention inside each packed document; signature of a transformers attention function.
-
-    query [B, Hq, S, D], key/value [B, Hkv, S, D]; kwargs carry ``cu_seq_lens_q`` (int32 tensor of
-    document offsets in the flattened B*S tokens), ``max_length_q`` and ``doc_bounds`` (the same
-    offsets as Python ints, for the per-document SDPA fallback used on CPU).
-    Returns [B, S, Hq, D] like transformers' sdpa_attention_forward.
-    """
-    bsz, num_q, seq, dim = query.shape
-    num_kv = key.shape[1]
-    q = query.transpose(1, 2).reshape(bsz * seq, num_q, dim)
-    k = key.transpose(1, 2).reshape(bsz * seq, num_kv, dim)
-    v = value.transpose(1, 2).reshape(bsz * seq, num_kv, dim)
-    if query.is_cuda and _VARLEN is not None:
-        fn, has_window, has_gqa, has_causal = _VARLEN
-        extra = {"scale": scaling}
-        if has_window:
-            extra["window_size"] = (-1, 0)  # causal
-        elif has_causal:
-            extra["is_causal"] = True
-        if has_gqa:
-            extra["enable_gqa"] = True
-        elif num_kv != num_q:
-            k = k.repeat_interleave(num_q // num_kv, dim=1)
-            v = v.repeat_interleave(num_q // num_kv, dim=1)
-        cu = kwargs["cu_seq_lens_q"]
-        out = fn(q, k, v, cu, cu, kwargs["max_length_q"], kwargs["max_length_q"], **extra)
-    else:
-        out = _per_document_sdpa(q, k, v, kwargs["doc_bounds"], scaling)
-    return out.reshape(bsz, seq, num_q, dim), None
-
-
-def _per_document_sdpa(q, k, v, bounds, scaling):
-    """q [T, Hq, D], k/v [T, Hkv, D]: causal SDPA on each document, concatenated."""
-    num_q, num_kv = q.shape[1], k.shape[1]
-    if q.is_cuda and num_kv != num_q:  # the flash SDPA backend wants equal head counts
-        k = k.repeat_interleave(num_q // num_kv, dim=1)
-        v = v.repeat_interleave(num_q // num_kv, dim=1)
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qd, kd, vd = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, D]
-        od = F.scaled_dot_product_attention(
-            qd, kd, vd, is_causal=True, scale=scaling, enable_gqa=kd.shape[1] != qd.shape[1]
-        )
-        outs.append(od.squeeze(0).transpose(0, 1))
-    return torch.cat(outs, dim=0)
-
-
-def _varlen_self_test(device: str = "cuda") -> str:
-    """Check varlen_attn (causal, GQA, backward) against the per-document SDPA loop on CUDA."""
-    global _VARLEN
-    try:
-        torch.manual_seed(0)
-        bounds = (0, 100, 300, 512)
-        q = torch.randn(512, 8, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(512, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(512, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        kw = {"cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32, device=device), "max_length_q": 512,
-              "doc_bounds": bounds}
-        as_hf = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
-        got, _ = doc_varlen_attention(None, as_hf(q), as_hf(k), as_hf(v), None, scaling=0.125, **kw)
-        got.float().square().sum().backward()
-        grads = [t.grad.clone() for t in (q, k, v)]
-        for t in (q, k, v):
-            t.grad = None
-        ref = _per_document_sdpa(q, k, v, bounds, 0.125)
-        ref.float().square().sum().backward()
-        # Relative to the largest reference value: bf16 kernels differ in summation order.
-        err = ((got.squeeze(0) - ref).abs().max() / ref.abs().max()).item()
-        gerr = max(((a - t.grad).abs().max() / t.grad.abs().max()).item() for a, t in zip(grads, (q, k, v)))
-        if err > 2e-2 or gerr > 2e-2:
-            raise AssertionError(f"max |out diff| {err:.3g}, max |grad diff| {gerr:.3g}")
-        return f"torch varlen_attn (flash), self-test max rel. out diff {err:.2g}, grad diff {gerr:.2g}"
-    except Exception as exc:  # noqa: BLE001 - fall back to the loop, say why
-        _VARLEN = None
-        return f"per-document flash SDPA loop (varlen_attn unusable: {type(exc).__name__}: {str(exc)[:200]})"
-
-
+# doc_varlen (varlen flash on CUDA, per-document SDPA loop elsewhere) lives in llama_train.attention;
+# `attention._VARLEN = None` forces the loop (the *_loop variants).
 def register_attention():
-    global _VARLEN
-    from transformers import AttentionInterface
-
-    _VARLEN = _varlen_fn()
-    AttentionInterface.register("doc_varlen", doc_varlen_attention)
-    if not torch.cuda.is_available():
-        return "per-document sdpa loop"
-    if _VARLEN is None:
-        return "per-document flash SDPA loop (no usable torch.nn.attention.varlen)"
-    return _varlen_self_test()
+    return attention.register()
 
 
 def set_attn(model, name):
@@ -255,10 +154,9 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     compiled = []
-    global _VARLEN
-    saved_varlen = _VARLEN
+    saved_varlen = attention._VARLEN
     if name.endswith("_loop"):
-        _VARLEN = None  # force the per-document SDPA loop
+        attention._VARLEN = None  # force the per-document SDPA loop
     if name.startswith("hf"):
         set_attn(model, "sdpa")
         loss_fn = lambda m, b: hf_loss(m, b, use_cache_false=(name == "hf_packed"))  # noqa: E731
@@ -302,7 +200,7 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
             with torch.no_grad(), torch.autocast(amp_device, dtype=torch.bfloat16):
                 check_loss = float(loss_fn(model, make_batch(args, device, cfg.vocab_size, 0)))
     finally:
-        _VARLEN = saved_varlen
+        attention._VARLEN = saved_varlen
         if name.endswith("_ckpt"):
             model.gradient_checkpointing_disable()
         for layer in compiled:  # back to eager for any later variant

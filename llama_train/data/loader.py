@@ -98,9 +98,10 @@ def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
     counts the real (non-pad) tokens.
 
     Unpacked rows get a 2D attention_mask marking real tokens. Packed rows (rows with `doc_lens`)
-    get position_ids restarting per document and, unless `attn_implementation` is
-    flash_attention_2 (varlen from position_ids, no mask), a block-diagonal causal 4D additive mask
-    of `mask_dtype` (the dtype attention runs in) that isolates the documents."""
+    get position_ids restarting per document and, unless `attn_implementation` finds the documents
+    from the position ids itself (flash_attention_2, doc_sdpa, doc_varlen: no mask), a
+    block-diagonal causal 4D additive mask of `mask_dtype` (the dtype attention runs in) that
+    isolates the documents."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -116,7 +117,9 @@ def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
         return batch
     seg = segments([r.get("doc_lens") or [len(r["input_ids"])] for r in rows], width)
     batch["position_ids"] = position_ids_from_segments(seg)
-    if attn_implementation != "flash_attention_2":
+    # These find the documents from the position ids; a 4D mask would make doc_sdpa/doc_varlen
+    # fall back to the full seq x seq attention.
+    if attn_implementation not in ("flash_attention_2", "doc_sdpa", "doc_varlen"):
         batch["attention_mask"] = block_causal_mask(seg, dtype=mask_dtype)
     return batch
 
