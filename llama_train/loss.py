@@ -13,7 +13,7 @@ Two gradient strategies, both in :class:`_ChunkedLinearCrossEntropy`:
   backward just scales them. 3 matmuls per chunk, like the naive path.
 * ``recompute=True``: forward keeps only references to its inputs; backward recomputes
   each chunk's logits. 4 matmuls per chunk, but no gradient buffer of size [N, H] (or
-  [V, H] when lm_head is trained) is held between forward and backward. ``scripts/bench_loss.py`` measures both (docs/bench_loss.md).
+  [V, H] when lm_head is trained) is held between forward and backward. ``scripts/bench_loss.py`` measures both (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CPU training benchmark: llama-train vs HF Trainer (PEFT, padding) vs TRL SFTTrainer (packing).
 
-    python scripts/bench_train.py --out docs/bench_train.json        # ~5-8 min on 2 cores
+    python scripts/bench_train.py --out bench_train.json        # ~5-8 min on 2 cores
 
 The same tiny Llama (llama_train.tiny.build_tiny, seed 0), the same synthetic chat data (one
 user and one assistant turn of random letter words from the tiny tokenizer's vocabulary; user and

@@ -43,3 +43,23 @@ def test_checkpoints_are_complete_and_pruned(quickstart_run):
     ckpts = sorted((quickstart_run / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step_100", "step_200"]  # keep_last_k: 2
     assert all((c / "COMPLETE").exists() for c in ckpts)
+
+
+def test_quickstart_run_is_in_the_local_mlflow_store(quickstart_run):
+    """The default store (sqlite beside output_dir) holds params, the recipe artifact, per-step
+    and eval metrics, the loss curve and the adapter of the quickstart run."""
+    from mlflow import MlflowClient
+
+    run_info = json.loads((quickstart_run / "run.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{quickstart_run.parent / 'mlruns.db'}")
+    run = client.get_run(run_info["tracking_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "16" and run.data.params["train.max_steps"] == "200"
+    assert run.data.tags["llama_train.recipe_sha256"] == run_info["recipe_sha256"]
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 201))  # every step once
+    assert "eval/exact_match" in run.data.metrics and "train/tflops_per_device" in run.data.metrics
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "run.json", "adapter", "loss_curve.png"} <= top, top
+    adapter = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert adapter == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
