@@ -2,6 +2,7 @@
 
 Layout: `<output_dir>/checkpoints/step_<N>/` holding
   trainable.safetensors + optimizer.pt   single/DDP: full trainable weights and optimizer state
+  adapter/                               LoRA runs: the PEFT adapter (what export/gate/serve load)
   dcp/                                   FSDP2: sharded weights + optimizer (torch.distributed.checkpoint)
   deepspeed/                             DeepSpeed ZeRO: the engine's own per-rank partitions
   scheduler.pt            LR scheduler state
@@ -104,8 +105,10 @@ FaultHook = Callable[[str, int], None]  # (phase, step): test hook, see trainer.
 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, strategy, scheduler, state: dict, recipe_yaml: str,
-                    keep_last_k: int, fault: FaultHook | None = None) -> Path:
-    """Collective: every rank must call it. Returns the committed directory."""
+                    keep_last_k: int, fault: FaultHook | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank must call it. Returns the committed directory. `extra(tmp_dir)` runs on
+    rank 0 before the files are synced (e.g. to add a servable adapter/)."""
     ctx = strategy.ctx
     fault = fault or (lambda phase, step: None)
     final = ckpt_root / f"step_{step}"
@@ -120,6 +123,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, strategy, scheduler, state: d
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps(state, indent=2))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if extra is not None:
+            extra(tmp)
     torch.save(rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     fsync_tree(tmp)  # each rank flushes what it wrote (on a shared filesystem, from its own node)
     fault("files_synced", step)

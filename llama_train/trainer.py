@@ -244,9 +244,16 @@ class Run:
 
     def save_checkpoint(self) -> None:
         payload = dict(self.state, loader=self.loader.state_dict(), strategy=self.strategy.name)
+        extra = None
+        if self.recipe.lora.enabled:
+            # A servable adapter/ in every LoRA checkpoint, so `llama-train export` and the gate
+            # take a checkpoint as well as a finished run (gathering the adapter is collective).
+            weights = self.strategy.trainable_state_dict()
+            extra = lambda tmp: write_adapter(tmp / "adapter", self.strategy.module, weights)  # noqa: E731
         ckpt.save_checkpoint(self.ckpt_root, self.state["step"], strategy=self.strategy, scheduler=self.scheduler,
                              state=payload, recipe_yaml=self.recipe_yaml,
-                             keep_last_k=self.recipe.checkpoint.keep_last_k, fault=self.faults.in_checkpoint)
+                             keep_last_k=self.recipe.checkpoint.keep_last_k, fault=self.faults.in_checkpoint,
+                             extra=extra)
         self.saved_step = self.state["step"]
 
 
@@ -491,13 +498,7 @@ def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) 
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if recipe.lora.enabled:
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        module.peft_config["default"].save_pretrained(str(tmp))
-        adapter = get_peft_model_state_dict(module, state_dict=weights)
-        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        write_adapter(tmp, module, weights)
     else:
         # Written from the gathered state dict, so it works for sharded (FSDP/ZeRO-3) models too.
         from safetensors.torch import save_file
@@ -513,6 +514,18 @@ def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) 
         shutil.rmtree(final)
     os.replace(tmp, final)
     return {"adapter_dir" if recipe.lora.enabled else "model_dir": str(final.resolve())}
+
+
+def write_adapter(dest: Path, module, weights: dict) -> None:
+    """PEFT adapter files (adapter_config.json + adapter_model.safetensors, nothing else) from the
+    gathered trainable weights of `module` (a PeftModel)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    module.peft_config["default"].save_pretrained(str(dest))
+    adapter = get_peft_model_state_dict(module, state_dict=weights)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(dest / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _fmt_eval(ev: dict) -> str:

@@ -45,6 +45,18 @@ def test_checkpoints_are_complete_and_pruned(quickstart_run):
     assert all((c / "COMPLETE").exists() for c in ckpts)
 
 
+def test_checkpoint_holds_a_servable_adapter_equal_to_the_final_one(quickstart_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from llama_train.export import export_run
+
+    manifest = export_run(quickstart_run / "checkpoints" / "step_200", tmp_path / "exp", formats=["adapter"])
+    assert manifest["recipe_sha256"] and manifest["metrics"]["global_step"] == 200
+    exported = load_file(str(tmp_path / "exp" / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(quickstart_run / "adapter" / "adapter_model.safetensors"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
 def test_quickstart_run_is_in_the_local_mlflow_store(quickstart_run):
     """The default store (sqlite beside output_dir) holds params, the recipe artifact, per-step
     and eval metrics, the loss curve and the adapter of the quickstart run."""
