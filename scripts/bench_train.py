@@ -166,6 +166,11 @@ def hf_training_args(cls, out: Path, *, batch: int, accum: int, **extra):
     )
 
 
+def run_dir(work: Path, args, name: str) -> Path:
+    """The output directory of one framework in one round (every run starts from an empty one)."""
+    return work / (f"{name}_run" + (f"_round{args.round}" if args.round else ""))
+
+
 def supervised_in_loader(loader) -> int:
     """Tokens that carry loss after the causal shift, as the model's loss sees them."""
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in loader)
@@ -177,7 +182,7 @@ def child_llama_train(work: Path, args) -> dict:
 
     import yaml
 
-    out = work / "llama_train_run"
+    out = run_dir(work, args, "llama_train")
     recipe = {
         "output_dir": str(out),
         "model": {"source": "tiny", "path": str(work / "tiny"), "attn_implementation": "doc_sdpa"},
@@ -191,7 +196,7 @@ def child_llama_train(work: Path, args) -> dict:
         "tracking": {"uri": f"sqlite:///{work}/mlruns.db", "log_system_metrics": False},
         "checkpoint": {"save_final": False, "resume": "never"},
     }
-    path = work / "recipe.yaml"
+    path = out.with_name(out.name + "_recipe.yaml")
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
     from llama_train import trainer
@@ -258,7 +263,7 @@ def child_hf(work: Path, args) -> dict:
     model = lora_model(work / "tiny")
     clock = StepClock()
     timer = step_timer(clock)
-    targs = hf_training_args(TrainingArguments, work / "hf_run", batch=args.hf_batch, accum=1)
+    targs = hf_training_args(TrainingArguments, run_dir(work, args, "hf"), batch=args.hf_batch, accum=1)
     trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=[timer],
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     supervised = supervised_in_loader(trainer.get_train_dataloader())
@@ -280,7 +285,7 @@ def child_trl(work: Path, args) -> dict:
     model = lora_model(work / "tiny")
     clock = StepClock()
     timer = step_timer(clock)
-    targs = hf_training_args(SFTConfig, work / "trl_run", batch=args.packed_rows, accum=1,
+    targs = hf_training_args(SFTConfig, run_dir(work, args, "trl"), batch=args.packed_rows, accum=1,
                              max_length=SEQ_LEN, packing=True, completion_only_loss=True)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[timer])
     supervised = supervised_in_loader(trainer.get_train_dataloader())
@@ -317,7 +322,7 @@ def spawn(name: str, work: Path, args) -> dict:
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--threads", str(args.threads),
-           "--packed-rows", str(args.packed_rows), "--hf-batch", str(args.hf_batch)]
+           "--packed-rows", str(args.packed_rows), "--hf-batch", str(args.hf_batch), "--round", str(args.round)]
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s,
@@ -352,6 +357,28 @@ def markdown(results: list[dict], base: str = "llama_train") -> str:
     return "\n".join(lines)
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One framework over the rounds: the round with the median supervised tokens/s (one round: itself)."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["tokens_per_s"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2], "rounds": len(runs), "rounds_ok": len(ok),
+            "tokens_per_s_all_rounds": [round(r["tokens_per_s"]) for r in ok]}
+
+
+def round_ratios(rounds: list[dict], names: list[str], base: str = "llama_train") -> str:
+    """llama-train's speed-up over each other framework, round by round (same round = same conditions)."""
+    others = [n for n in names if n != base]
+    lines = ["| round | " + " | ".join(f"{base} / {n}" for n in others) + " |",
+             "|---:|" + "---:|" * len(others)]
+    for k, rnd in enumerate(rounds):
+        b = rnd.get(base, {})
+        cells = [f"{b['tokens_per_s'] / rnd[n]['tokens_per_s']:.2f}x"
+                 if "error" not in b and "error" not in rnd.get(n, {"error": 1}) and b else "-" for n in others]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1000, help="conversations in the synthetic data set")
@@ -365,7 +392,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=int, default=900, help="per framework")
     ap.add_argument("--work", default=None, help="working directory (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of all frameworks; the order rotates per round and the table shows medians")
     ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
@@ -391,19 +421,28 @@ def main(argv=None) -> int:
            "threads": args.threads, "packed_rows_per_step": args.packed_rows, "hf_samples_per_step": args.hf_batch,
            "data": data, "argv": sys.argv[1:], "work": str(work)}
     print(json.dumps({"env": env}), flush=True)
-    results = []
-    for name in args.frameworks.split(","):
-        results.append(spawn(name, work, args))
-        print(json.dumps(results[-1]), flush=True)
-    counts = {r["supervised_tokens"] for r in results if "error" not in r}
+    names = args.frameworks.split(",")
+    rounds = []
+    for k in range(args.repeats):
+        # Rotate the order, so that no framework always runs first (cold caches) or last.
+        args.round = k
+        order = names[k % len(names):] + names[:k % len(names)]
+        rounds.append({name: spawn(name, work, args) for name in order})
+        for name in order:
+            print(json.dumps({"round": k, **rounds[-1][name]}), flush=True)
+    results = [median_result([r[name] for r in rounds]) for name in names]
+    counts = {r["supervised_tokens"] for rnd in rounds for r in rnd.values() if "error" not in r}
     status = 0
     if len(counts) > 1:
-        print(f"ERROR: supervised token counts differ between frameworks: {counts}", file=sys.stderr)
+        print(f"ERROR: supervised token counts differ between frameworks or rounds: {counts}", file=sys.stderr)
         status = 1
     print()
     print(markdown(results))
+    if args.repeats > 1:
+        print()
+        print(round_ratios(rounds, names))
     if args.out:
-        Path(args.out).write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps({"env": env, "results": results, "rounds": rounds}, indent=2) + "\n")
     return status
 
 
