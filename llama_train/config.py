@@ -222,6 +222,10 @@ class TrainConfig(Section):
         3, ge=1, description="Stop after this many consecutive steps skipped for NaN/Inf."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional); attention and the loss stay eager. "
+        "A GPU speed-up (BENCHMARKS.md); the first steps and new sequence lengths pay the compile time.",
+    )
 
 
 class ParallelConfig(Section):
@@ -316,6 +320,9 @@ class Recipe(Section):
         if self.model.quantization != "none" and not self.lora.enabled:
             raise ValueError("model.quantization (QLoRA) needs lora.enabled: true; a quantized base "
                              "cannot be fully fine-tuned")
+        if t.compile and self.parallel.strategy == "deepspeed":
+            raise ValueError("train.compile is not supported with parallel.strategy deepspeed (the engine "
+                             "wraps the model); use strategy ddp or fsdp, or set train.compile: false")
         if self.parallel.strategy == "deepspeed" and self.model.quantization != "none":
             raise ValueError("model.quantization with parallel.strategy deepspeed is not supported; "
                              "use strategy ddp or fsdp for QLoRA")

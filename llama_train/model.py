@@ -119,6 +119,36 @@ def apply_finetuning(model, recipe: Recipe):
     return model
 
 
+def compile_decoder_layers(model) -> int:
+    """Regional compilation: torch.compile each decoder layer on its own module (train.compile).
+
+    All layers share one graph (same code, same shapes), so compile time does not grow with depth.
+    The input embeddings' output is made to require grad (as for gradient checkpointing) so that
+    layer 0 sees the same kind of input as the others under LoRA. doc_sdpa/doc_varlen run eager:
+    their document boundaries are Python ints that change every step and would recompile the
+    layer each step. Returns the number of layers compiled."""
+    import torch._dynamo
+    from transformers import AttentionInterface
+
+    from llama_train import attention
+
+    for attr in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(torch._dynamo.config, attr):
+            setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
+    attention.register()
+    AttentionInterface.register("doc_sdpa", torch.compiler.disable(attention.doc_sdpa_attention))
+    AttentionInterface.register("doc_varlen", torch.compiler.disable(attention.doc_varlen_attention))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [m for m in base.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise RecipeError(f"train.compile: no decoder layers found in {type(base).__name__}; "
+                          "set train.compile: false")
+    model.enable_input_require_grads()
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def count_params(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

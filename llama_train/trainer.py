@@ -10,6 +10,7 @@ DDP/FSDP average gradients over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,11 +25,30 @@ import torch
 from llama_train import checkpoint as ckpt
 from llama_train.config import Recipe, diff_recipes, dump_recipe
 from llama_train.data.dataset import dataset_fingerprint, load_data
-from llama_train.data.loader import MODEL_INPUTS, StepLoader, collate, num_supervised
-from llama_train.errors import CheckpointError, InfrastructureError, NonFiniteError, Preempted
+from llama_train.data.loader import (
+    MODEL_INPUTS,
+    StepLoader,
+    as_filler,
+    collate,
+    is_filler,
+    num_supervised,
+    sample_index,
+)
+from llama_train.errors import (
+    CheckpointError,
+    InfrastructureError,
+    NonFiniteError,
+    Preempted,
+)
 from llama_train.evaluate import eval_loss, evaluate
-from llama_train.model import (DTYPES, apply_finetuning, count_params, load_base_model, load_tokenizer,
-                               resolve_base_path)
+from llama_train.model import (
+    DTYPES,
+    apply_finetuning,
+    count_params,
+    load_base_model,
+    load_tokenizer,
+    resolve_base_path,
+)
 from llama_train.parallel import DistContext, apply_strategy, init_distributed
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
@@ -53,10 +73,12 @@ def lr_lambda(recipe: Recipe, total_steps: int):
 
 
 def total_steps(recipe: Recipe, num_samples: int, global_batch: int) -> int:
+    """train.max_steps, or train.epochs x the steps of one epoch (ceil(samples / global batch): the
+    last step of an epoch may be partly filler rows, see data/loader.py)."""
     t = recipe.train
     if t.max_steps is not None:
         return t.max_steps
-    return max(1, math.ceil(t.epochs * num_samples / global_batch))
+    return max(1, math.ceil(t.epochs * math.ceil(num_samples / global_batch)))
 
 
 def _autocast(recipe: Recipe, device: torch.device):
@@ -372,8 +394,9 @@ def _loop(run: Run) -> tuple[str, list[float]]:
             losses.append(res.loss)
             _log_step(run, res, lr=lr, dt=dt, progress=progress)
             if t.eval_every_n_steps and state["step"] % t.eval_every_n_steps == 0 and state["step"] < run.steps:
-                ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
-                               batch_size=max(t.micro_batch_size, 16), device=ctx.device)
+                with _eager(run):
+                    ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
+                                   batch_size=max(t.micro_batch_size, 16), device=ctx.device)
                 run.tracker.log_metrics({"eval/loss": ev}, step=state["step"])
             if every and state["step"] % every == 0 and state["step"] < run.steps:
                 run.save_checkpoint()
@@ -385,17 +408,17 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     state, data = run.state, run.data.train
     t0 = time.perf_counter()
     indices = run.loader.next_step()
-    micro = [collate([data[i] for i in idx], pad_id=run.tokenizer.pad_token_id,
-                     attn_implementation=run.recipe.model.attn_implementation,
+    micro = [collate([as_filler(data[sample_index(i)]) if is_filler(i) else data[i] for i in idx],
+                     pad_id=run.tokenizer.pad_token_id, attn_implementation=run.recipe.model.attn_implementation,
                      mask_dtype=DTYPES[run.recipe.model.dtype]) for idx in indices]
     lr = run.scheduler.get_last_lr()[0]
     res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1))
     run.scheduler.step()
     state["step"] += 1
-    state["consumed_samples"] += run.loader.global_batch
+    state["consumed_samples"] += run.loader.last_step_samples
     state["consumed_tokens"] += res.tokens
     if run.ledger.enabled:
-        ids = [x for idx in indices for i in idx for x in (data[i].get("ids") or [data[i].get("id", i)])]
+        ids = [x for idx in indices for i in idx if not is_filler(i) for x in (data[i].get("ids") or [data[i].get("id", i)])]
         run.ledger.write({"step": state["step"], "ids": ids, "lr": lr, "loss": res.loss, "skipped": res.skipped,
                           "digest": run.strategy.local_digest()})
     dt = time.perf_counter() - t0
@@ -439,9 +462,18 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
     return out
 
 
+def _eager(run: Run):
+    """Evaluation and generation run the compiled layers eagerly (train.compile): their shapes
+    (padded eval batches, a growing KV cache) would each cost a compilation."""
+    if run.recipe.train.compile:
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
 def _evaluate(run: Run) -> dict:
-    return evaluate(run.strategy.model, run.tokenizer, run.data.eval, run.data.eval_rows, recipe=run.recipe,
-                    device=run.ctx.device)
+    with _eager(run):
+        return evaluate(run.strategy.model, run.tokenizer, run.data.eval, run.data.eval_rows, recipe=run.recipe,
+                        device=run.ctx.device)
 
 
 def _finish(run: Run, losses: list[float]) -> dict:

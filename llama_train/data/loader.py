@@ -5,10 +5,18 @@ communication is needed. Each optimizer step takes the next `global_batch` indic
 rank r gets the contiguous slice r of it, split into `grad_accum_steps` micro batches. Because
 every rank derives the same stream, 2 ranks x micro-batch 2 see exactly the samples that 1 rank x
 micro-batch 4 sees, and the loader state (epoch, position) is a pair of integers.
+
+An epoch is ceil(samples / global_batch) steps and trains every sample exactly once. When the
+global batch does not divide the samples, the epoch's last step is topped up with *filler* rows
+(samples from the start of the same permutation, reported as `filler(i)`): the trainer masks
+their labels, so they add nothing to the loss or the gradients, and every rank still has a full,
+same-shaped batch to run (DDP/FSDP/ZeRO need every rank in every collective). A step never mixes
+two epochs.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -20,6 +28,20 @@ from llama_train.data.packing import (
     position_ids_from_segments,
     segments,
 )
+
+
+def filler(index: int) -> int:
+    """How the loader reports sample `index` used as a filler row (a negative number)."""
+    return -1 - index
+
+
+def is_filler(entry: int) -> bool:
+    return entry < 0
+
+
+def sample_index(entry: int) -> int:
+    """The data index of a loader entry, filler or not."""
+    return entry if entry >= 0 else -1 - entry
 
 
 @dataclass
@@ -39,6 +61,7 @@ class StepLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.state = LoaderState()
+        self.last_step_samples = 0
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
 
@@ -54,17 +77,21 @@ class StepLoader:
             self._perm, self._perm_epoch = order, epoch
         return self._perm
 
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.global_batch)
+
     def next_step(self) -> list[list[int]]:
-        """Sample indices of this rank's micro batches for the next optimizer step."""
+        """Sample indices of this rank's micro batches for the next optimizer step; fillers (the
+        last step of an epoch that the global batch does not divide) are `filler(i)`, see
+        `is_filler` / `sample_index`. `last_step_samples` = real samples of the step, all ranks."""
         need = self.global_batch
-        taken: list[int] = []
-        while len(taken) < need:
-            perm = self._permutation(self.state.epoch)
-            chunk = perm[self.state.position : self.state.position + need - len(taken)]
-            taken += chunk
-            self.state.position += len(chunk)
-            if self.state.position >= self.num_samples:
-                self.state = LoaderState(epoch=self.state.epoch + 1, position=0)
+        perm = self._permutation(self.state.epoch)
+        taken = perm[self.state.position : self.state.position + need]
+        self.state.position += len(taken)
+        self.last_step_samples = len(taken)
+        taken += [filler(perm[j % self.num_samples]) for j in range(need - len(taken))]
+        if self.state.position >= self.num_samples:
+            self.state = LoaderState(epoch=self.state.epoch + 1, position=0)
         per_rank = self.micro_batch_size * self.grad_accum_steps
         mine = taken[self.rank * per_rank : (self.rank + 1) * per_rank]
         mb = self.micro_batch_size
@@ -92,10 +119,16 @@ class StepLoader:
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
+def as_filler(row: dict) -> dict:
+    """A row that runs through the model but carries no loss (labels all ignored); `collate` does
+    not count its tokens."""
+    return {**row, "labels": [IGNORE_INDEX] * len(row["labels"]), "filler": True}
+
+
 def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
             mask_dtype: torch.dtype = torch.float32) -> dict:
     """Right-pad to the longest row; labels are -100 on pad. Besides the model inputs, `num_tokens`
-    counts the real (non-pad) tokens.
+    counts the real (non-pad) tokens of the rows that are not fillers (`as_filler`).
 
     Unpacked rows get a 2D attention_mask marking real tokens. Packed rows (rows with `doc_lens`)
     get position_ids restarting per document and, unless `attn_implementation` finds the documents
@@ -111,7 +144,8 @@ def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
         ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
         labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
         real[i, :n] = 1
-    batch = {"input_ids": ids, "labels": labels, "num_tokens": int(real.sum())}
+    batch = {"input_ids": ids, "labels": labels,
+             "num_tokens": sum(len(r["input_ids"]) for r in rows if not r.get("filler"))}
     if not any("doc_lens" in r for r in rows):
         batch["attention_mask"] = real
         return batch

@@ -212,6 +212,25 @@ def test_only_rank0_writes_and_tracks(runs):
     assert found[0].data.tags.get("llama_train.world_size") == "2"
 
 
+@pytest.mark.slow
+def test_epochs_train_every_row_once_with_a_rank_of_fillers(runs, tmp_path):
+    """10 rows, global batch 4 (2 ranks x 2), 2 epochs: 3 steps per epoch. The third step has 2 real
+    rows, both on rank 0; rank 1 runs filler rows (labels masked) so DDP's collectives still match."""
+    recipe = run_recipe(tmp_path, runs.tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2,
+                        train={"max_steps": None, "epochs": 2},
+                        data={"builtin": {"num_train": 10, "num_eval": 1}, "seq_len": 64,
+                              "eval": {"max_new_tokens": 2}})
+    launch = torchrun(recipe, tmp_path)
+    assert launch.returncode == 0, launch.output[-3000:]
+    ledgers = [launch.ledger(r)[1:] for r in (0, 1)]
+    assert [e["step"] for e in ledgers[0]] == list(range(1, 7))
+    epochs = [[i for led in ledgers for e in led[k * 3:(k + 1) * 3] for i in e["ids"]] for k in (0, 1)]
+    assert len(epochs[0]) == len(set(epochs[0])) == 10 and set(epochs[0]) == set(epochs[1])  # once per epoch
+    assert [len(e["ids"]) for e in ledgers[1]] == [2, 2, 0, 2, 2, 0]  # rank 1: fillers only in step 3
+    assert launch.summary()["consumed_samples"] == 20
+    assert all(0 < e["loss"] < 20 and not e["skipped"] for e in ledgers[0])
+
+
 def test_indivisible_batch_fails_before_work(tmp_path, tiny_dir, capsys):
     """`llama-train run --nproc-per-node 2` checks before starting torchrun (every rank re-checks)."""
     from llama_train.launch import launch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llama_train.data.loader import StepLoader
+from llama_train.data.loader import StepLoader, as_filler, collate, is_filler, sample_index
 
 
 def _loaders(n, world, **kw):
@@ -50,3 +50,44 @@ def test_restored_state_continues_with_the_exact_next_batch():
     for ld, state in zip(resumed, saved):
         ld.load_state_dict(state)
     assert [[ld.next_step() for _ in range(7)] for ld in resumed] == expected
+
+
+def _flat(step):
+    return [i for mb in step for i in mb]
+
+
+def test_epoch_trains_every_sample_once_and_tops_up_the_last_step_with_fillers():
+    n = 10  # global batch 8 (2 ranks x micro 2 x accum 2): 2 steps per epoch, the second has 2 samples
+    loaders = _loaders(n, 2)
+    assert loaders[0].steps_per_epoch() == 2
+    for epoch in range(3):
+        real, fillers, sizes = [], [], []
+        for _ in range(2):
+            steps = [ld.next_step() for ld in loaders]
+            assert all(len(s) == 2 and all(len(mb) == 2 for mb in s) for s in steps)  # full shape on every rank
+            entries = [i for s in steps for i in _flat(s)]
+            real += [i for i in entries if not is_filler(i)]
+            fillers += [sample_index(i) for i in entries if is_filler(i)]
+            sizes.append(loaders[0].last_step_samples)
+        assert sorted(real) == list(range(n)), f"epoch {epoch}: each sample exactly once"
+        assert sizes == [8, 2] and len(fillers) == 6 and set(fillers) <= set(range(n))
+        assert all(ld.state_dict() == {"epoch": epoch + 1, "position": 0} for ld in loaders)  # no step spans epochs
+    # rank 1 holds only fillers in the short step; 1 rank x micro 8 sees the same global batches
+    one = StepLoader(n, micro_batch_size=8, grad_accum_steps=1, world_size=1, rank=0, seed=7)
+    two = _loaders(n, 2)
+    for _ in range(4):
+        assert _flat(one.next_step()) == [i for ld in two for i in _flat(ld.next_step())]
+
+
+def test_fewer_samples_than_one_global_batch():
+    ld = StepLoader(3, micro_batch_size=4, grad_accum_steps=1, world_size=1, rank=0, seed=1)
+    step = _flat(ld.next_step())
+    assert sorted(i for i in step if not is_filler(i)) == [0, 1, 2] and sum(map(is_filler, step)) == 1
+    assert ld.state_dict() == {"epoch": 1, "position": 0}
+
+
+def test_filler_rows_carry_no_labels_and_no_tokens():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    batch = collate([rows[0], as_filler(rows[1])], pad_id=0)
+    assert batch["num_tokens"] == 3 and (batch["labels"][1] == -100).all()
+    assert batch["input_ids"][1, :2].tolist() == [8, 9] and rows[1]["labels"] == [8, 9]  # the data row is untouched

@@ -8,7 +8,7 @@ import torch
 from llama_train.config import recipe_from_dict
 from llama_train.data.builtin import generate_examples
 from llama_train.data.chat import tokenize_messages
-from llama_train.data.loader import collate, num_supervised
+from llama_train.data.loader import as_filler, collate, num_supervised
 from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
 from llama_train.parallel import DistContext, apply_strategy
 from llama_train.trainer import optimizer_step
@@ -111,3 +111,24 @@ def test_nan_loss_skips_the_update(tmp_path, tiny_dir):
         lora_a.copy_(saved)
     after = _trainable(strategy)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_filler_rows_change_nothing(tmp_path, tiny_dir):
+    """The short last step of an epoch is topped up with filler rows (labels masked): loss, grad norm,
+    supervised and counted tokens, and the update equal those of the real rows alone."""
+    results = []
+    for with_fillers in (False, True):
+        recipe, tok, strategy, rows = _setup(tmp_path, tiny_dir, lora={"dropout": 0.0}, train={"lr": 1e-3})
+        real = rows[:3]
+        micro = [collate(real[:2], pad_id=tok.pad_token_id), collate(real[2:], pad_id=tok.pad_token_id)]
+        if with_fillers:  # same shapes as a full step of 2 x 2, the 4th row and a whole micro batch filler
+            micro = [collate(real[:2], pad_id=tok.pad_token_id),
+                     collate([real[2], as_filler(rows[5])], pad_id=tok.pad_token_id),
+                     collate([as_filler(rows[6]), as_filler(rows[0])], pad_id=tok.pad_token_id)]
+        res = optimizer_step(strategy, micro, recipe=recipe)
+        results.append((res, _trainable(strategy)))
+    (a, wa), (b, wb) = results
+    assert a.supervised == b.supervised > 0 and a.tokens == b.tokens
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=1e-5, atol=1e-6)
