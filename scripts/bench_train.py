@@ -1,6 +1,12 @@
 """CPU training benchmark: llama-train vs HF Trainer (PEFT, padding) vs TRL SFTTrainer (packing).
 
-    python scripts/bench_train.py --out bench_train.json        # ~5-8 min on 2 cores
+    python scripts/bench_train.py --out bench_train.json        # ~3 min on 2 idle cores
+    python scripts/bench_train.py --rows 600 --repeats 3 --out bench_train.json   # the BENCHMARKS.md run
+
+`--repeats R` runs R rounds of every framework, rotating the order per round (no framework always
+first or last); the table shows each framework's median round and a second table the per-round
+ratios (the two runs compared within a round saw the same machine state). `--frameworks` may add
+`llama_train_compiled` (the same recipe with `train.compile: true`).
 
 The same tiny Llama (llama_train.tiny.build_tiny, seed 0), the same synthetic chat data (one
 user and one assistant turn of random letter words from the tiny tokenizer's vocabulary; user and
@@ -57,6 +63,7 @@ SEQ_LEN = 1024
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HP = {"lr": 2e-4, "seed": 42, "r": 16, "alpha": 32, "max_grad_norm": 1.0}
 FRAMEWORKS = ("llama_train", "hf", "trl")
+OPTIONAL = ("llama_train_compiled",)  # llama_train with train.compile: true (not in the default set)
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -177,12 +184,13 @@ def supervised_in_loader(loader) -> int:
 
 
 # ------------------------------------------------------------------------------- children
-def child_llama_train(work: Path, args) -> dict:
+def child_llama_train(work: Path, args, *, compiled: bool = False) -> dict:
     import inspect
 
     import yaml
 
-    out = run_dir(work, args, "llama_train")
+    name = "llama_train_compiled" if compiled else "llama_train"
+    out = run_dir(work, args, name)
     recipe = {
         "output_dir": str(out),
         "model": {"source": "tiny", "path": str(work / "tiny"), "attn_implementation": "doc_sdpa"},
@@ -192,7 +200,7 @@ def child_llama_train(work: Path, args) -> dict:
         "train": {"epochs": 1, "micro_batch_size": args.packed_rows, "grad_accum_steps": 1, "lr": HP["lr"],
                   "lr_scheduler": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
                   "max_grad_norm": HP["max_grad_norm"], "seed": HP["seed"], "precision": "fp32",
-                  "num_threads": args.threads, "log_every_n_steps": 1},
+                  "num_threads": args.threads, "log_every_n_steps": 1, "compile": compiled},
         "tracking": {"uri": f"sqlite:///{work}/mlruns.db", "log_system_metrics": False},
         "checkpoint": {"save_final": False, "resume": "never"},
     }
@@ -228,7 +236,7 @@ def child_llama_train(work: Path, args) -> dict:
     steps = [r for r in rows if "train/loss" in r["metrics"]]
     run = json.loads((out / "run.json").read_text())
     losses = [r["metrics"]["train/loss"] for r in steps]
-    return {"framework": "llama_train", "steps": len(steps), "note": note,
+    return {"framework": name, "steps": len(steps), "note": note,
             "supervised_tokens": int(sum(r["metrics"]["train/supervised_tokens"] for r in steps)),
             **clock.result(), "metrics_jsonl_loop_s": loop_seconds([r["time"] for r in steps]),
             "train_runtime_s": run.get("train_runtime_s"),
@@ -297,7 +305,8 @@ def child_trl(work: Path, args) -> dict:
             "packing_strategy": targs.packing_strategy, "padding_free": trainer.padding_free}
 
 
-CHILDREN = {"llama_train": child_llama_train, "hf": child_hf, "trl": child_trl}
+CHILDREN = {"llama_train": child_llama_train, "hf": child_hf, "trl": child_trl,
+            "llama_train_compiled": lambda work, args: child_llama_train(work, args, compiled=True)}
 
 
 def run_child(name: str, work: Path, args) -> dict:
@@ -384,17 +393,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=1000, help="conversations in the synthetic data set")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every framework")
-    # One packed row per step: with k > 1, llama-train's epoch of ceil(rows / k) steps takes
-    # the last step's missing rows from the next epoch, and the supervised tokens would differ.
+    # One packed row (~4.4 conversations) per step, matching hf's 4 samples. With k > 1 the last
+    # step of the epoch is topped up with filler rows (no labels), so the supervised tokens match.
     ap.add_argument("--packed-rows", type=int, default=1, help="packed rows of 1024 per optimizer step (llama_train, trl)")
     ap.add_argument("--hf-batch", type=int, default=4, help="padded samples per optimizer step (hf)")
-    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                    help=f"comma-separated, from {', '.join(FRAMEWORKS + OPTIONAL)}")
     ap.add_argument("--timeout-s", type=int, default=900, help="per framework")
     ap.add_argument("--work", default=None, help="working directory (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of all frameworks; the order rotates per round and the table shows medians")
-    ap.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=FRAMEWORKS + OPTIONAL, help=argparse.SUPPRESS)
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import ADAPTER_NAME, BASE_NAME
+from tests.integration.conftest import ADAPTER_NAME, BASE_NAME, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -226,3 +226,34 @@ def test_over_concurrency_limit_is_429_then_recovers(served):
         time.sleep(0.2)
     ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, temperature=0)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_request_timeout_is_504_and_frees_the_slot(tiny_model_dir, tmp_path):
+    """--request-timeout-s 0.5: a 900-token generation gets 504 (non-streaming) or an in-band error
+    event after its first chunks (streaming, headers already sent); generation stops for it, the
+    in-flight gauge returns to 0, and the next short request is served."""
+    server = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
+                           "--request-timeout-s", "0.5", "--max-concurrency", "1"], tmp_path)
+    try:
+        long = {"model": BASE_NAME, "messages": MSGS, "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        t0 = time.monotonic()
+        r = httpx.post(f"{server.v1}/chat/completions", json=long, headers=headers, timeout=60)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "timeout" and "request-timeout-s" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 30  # answered at the deadline, not after 900 tokens
+        with httpx.stream("POST", f"{server.v1}/chat/completions", json={**long, "stream": True},
+                          headers=headers, timeout=60) as s:
+            assert s.status_code == 200
+            events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+        error = json.loads(events[-2] if events[-1] == "[DONE]" else events[-1])
+        assert error["error"]["code"] == "timeout", events[-3:]
+        deadline = time.monotonic() + 30
+        while counter(server.metrics(), "llama_train_inflight_requests") > 0:
+            assert time.monotonic() < deadline, "a timed-out request still holds its slot"
+            time.sleep(0.2)
+        ok = server.client().chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.stop()
