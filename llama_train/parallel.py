@@ -340,10 +340,6 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
     strategy = recipe.parallel.strategy
     if recipe.model.quantization == "none" and strategy != "deepspeed":
         model.to(ctx.device)
-    if recipe.train.compile:  # before DDP/FSDP wrap the layers (as torchtitan orders them)
-        from llama_train.model import compile_decoder_layers
-
-        compile_decoder_layers(model)
     inner = model
     model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
     if strategy in ("single", "ddp"):

@@ -44,6 +44,7 @@ from llama_train.evaluate import eval_loss, evaluate
 from llama_train.model import (
     DTYPES,
     apply_finetuning,
+    compile_decoder_layers,
     count_params,
     load_base_model,
     load_tokenizer,
@@ -325,6 +326,8 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     matmul_trainable, matmul_frozen = matmul_param_counts(model)
     step_flops = flops_per_token(model.config, num_trainable=matmul_trainable, num_frozen=matmul_frozen,
                                  seq_len=recipe.data.seq_len, lora=recipe.lora.enabled)
+    # Before DDP/FSDP wrap the layers (the order torchtitan uses); compilation itself is lazy.
+    compiled = compile_decoder_layers(model) if t.compile else 0
     strategy = apply_strategy(model, recipe, ctx)
     loader = StepLoader(len(data.train), micro_batch_size=t.micro_batch_size,
                         grad_accum_steps=t.grad_accum_steps, world_size=ctx.world_size, rank=ctx.rank,
@@ -348,7 +351,8 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
         (out / "recipe.yaml").write_text(run.recipe_yaml)
     _log(ctx, f"model {base_path}: {num_trainable:,} trainable / {num_frozen:,} frozen params; "
               f"{len(data.train)} train rows ({data.stats}), {len(data.eval)} eval rows; "
-              f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)")
+              f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)"
+              + (f"; train.compile: {compiled} decoder layers compiled" if compiled else ""))
     if resume_dir:
         _log(ctx, f"resumed from {resume_dir.name}")
     return run

@@ -213,6 +213,25 @@ def test_only_rank0_writes_and_tracks(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on CPU (inductor) needs a C++ compiler")
+def test_fsdp_with_compiled_layers_matches_single_process(runs, tmp_path):
+    """train.compile under FSDP2 (layers compiled, then sharded): the same losses and weights as
+    the eager single-process run."""
+    parallel, lora = STRATEGIES["fsdp"]
+    recipe = run_recipe(tmp_path, runs.tiny_dir, lora=lora, parallel=parallel, micro_batch_size=2,
+                        train={"compile": True})
+    launch = torchrun(recipe, tmp_path)
+    assert launch.returncode == 0, launch.output[-4000:]
+    assert "train.compile: 4 decoder layers compiled" in " ".join(launch.output.split())  # rich wraps lines
+    base = runs.single(lora)
+    got, want = losses(launch.out), losses(base)
+    assert len(got) == len(want) == MAX_STEPS
+    assert max(abs(a - b) for a, b in zip(got, want)) < LOSS_ATOL, (got, want)
+    assert_weights_close(exported(launch.out), exported(base))
+
+
+@pytest.mark.slow
 def test_epochs_train_every_row_once_with_a_rank_of_fillers(runs, tmp_path):
     """10 rows, global batch 4 (2 ranks x 2), 2 epochs: 3 steps per epoch. The third step has 2 real
     rows, both on rank 0; rank 1 runs filler rows (labels masked) so DDP's collectives still match."""

@@ -34,13 +34,14 @@ def _run(tmp_path, tiny_dir, *, compiled: bool):
 
 
 @needs_cxx
-def test_compiled_layers_train_like_eager(tmp_path, tiny_dir):
+def test_compiled_layers_train_like_eager(tmp_path, tiny_dir, capsys):
     from torch._dynamo.utils import counters
 
     _, eager_losses, eager_w = _run(tmp_path, tiny_dir, compiled=False)
     graphs_before = counters["stats"]["unique_graphs"]
     summary, losses, weights = _run(tmp_path, tiny_dir, compiled=True)
     assert counters["stats"]["unique_graphs"] > graphs_before  # the layers really were compiled
+    assert "train.compile: 4 decoder layers compiled" in " ".join(capsys.readouterr().err.split())
     assert len(losses) == len(eager_losses) == 4
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     assert set(weights) == set(eager_w)  # regional compilation keeps the parameter names
