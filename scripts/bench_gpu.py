@@ -18,6 +18,10 @@ fused AdamW, grad-norm clipping at 1.0 (the HF Trainer step). Variants:
                  (torch.nn.attention.varlen.varlen_attn over cu_seqlens; documents isolated).
   fast_ckpt      fast + non-reentrant gradient checkpointing of every decoder layer.
   fast_compile   fast + torch.compile of every decoder layer (regional compilation).
+  hf_trainer     transformers.Trainer itself (bf16=True, optim adamw_torch_fused, max_grad_norm 1.0,
+                 per-device batch = --batch packed rows) on the same rows, model.config.use_cache
+                 False so that sdpa isolates the documents (as hf_packed). Timed by a TrainerCallback
+                 at each optimizer step's end (after a CUDA sync), warm-up steps excluded.
 
 One JSON line per variant, then a markdown table. Throughput counts every token of the
 packed rows; MFU uses llama_train.perf (4 x frozen + 6 x LoRA params + 12*L*H*seq per token).
@@ -43,7 +47,7 @@ from llama_train.perf import flops_per_token, matmul_param_counts, mfu, peak_flo
 
 IGNORE = -100
 ALL_VARIANTS = ("hf_packed", "hf_causal", "fast", "fast_ckpt", "hf_packed_compile", "fast_compile",
-                "fast_compile_loop", "fast_compile_ckpt")
+                "fast_compile_loop", "fast_compile_ckpt", "hf_trainer")
 
 
 # --------------------------------------------------------------------------- attention
@@ -229,6 +233,62 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
     return result
 
 
+def run_hf_trainer(model, cfg, args, device, flops_tok, peak):
+    """The same rows through transformers.Trainer (the HF side as users run it)."""
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    set_attn(model, "sdpa")
+    base_cfg = model.get_base_model().config
+    saved_cache, base_cfg.use_cache = base_cfg.use_cache, False  # sdpa + position ids: documents isolated
+    n = args.warmup + args.steps
+    rows = []
+    for step in range(n):
+        input_ids, labels, position_ids, _, _ = make_batch(args, torch.device("cpu"), cfg.vocab_size, step)
+        rows += [{"input_ids": input_ids[i], "labels": labels[i], "position_ids": position_ids[i]}
+                 for i in range(args.batch)]
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            sync(device)
+            times.append(time.perf_counter())
+
+        def on_log(self, targs, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            targs = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=n, learning_rate=1e-5,
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", bf16=True,
+                gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+                dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, seed=0,
+                use_cpu=device.type == "cpu")
+            stack = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}  # noqa: E731
+            t0 = time.perf_counter()
+            Trainer(model=model, args=targs, train_dataset=rows, data_collator=stack, callbacks=[Clock()]).train()
+    finally:
+        base_cfg.use_cache = saved_cache
+    elapsed = times[-1] - times[args.warmup - 1] if args.warmup else times[-1] - t0
+    tps = args.steps * args.batch * args.seq / elapsed
+    return {
+        "variant": "hf_trainer", "tokens_per_s": round(tps, 1), "step_s": round(elapsed / args.steps, 4),
+        "mfu": None if peak is None else round(mfu(tps, flops_tok, peak), 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "warmup_s": round((times[args.warmup - 1] if args.warmup else t0) - t0, 1),
+        "last_loss": losses[-1] if losses else None, "optimizer_steps": len(times),
+    }
+
+
 def loss_check(model, cfg, args, device):
     """Loss of one packed batch: isolated-documents HF path vs fast path vs plain causal."""
     batch = make_batch(args, device, cfg.vocab_size, 0)
@@ -290,7 +350,10 @@ def main(argv=None):
             print(json.dumps(results[-1]), flush=True)
             continue
         try:
-            results.append(run_variant(name, model, cfg, args, device, flops_tok, peak))
+            if name == "hf_trainer":  # last in the default order: Trainer may leave state on the model
+                results.append(run_hf_trainer(model, cfg, args, device, flops_tok, peak))
+            else:
+                results.append(run_variant(name, model, cfg, args, device, flops_tok, peak))
         except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
             msg = f"{type(exc).__name__}: {exc}"
             results.append({"variant": name, "error": msg[:500]})
