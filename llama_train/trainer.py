@@ -134,6 +134,7 @@ class Faults:
       kill:rank=R:step=S            SIGKILL rank R when it is about to run step S
       sigterm:rank=R:step=S         send SIGTERM to rank R itself before step S (preemption)
       nan:rank=R:step=S             rank R's loss is NaN at step S
+      hang:rank=R:step=S            rank R stops (sleeps, ignoring SIGTERM) before step S: a hung rank
       ckpt_kill:rank=R:step=S:phase=P   SIGKILL rank R while writing checkpoint step_S, at phase P
                                     (weights_written | files_synced | renamed; see checkpoint.py)
       any item may add `:attempt=N`: only in torchrun restart N (TORCHELASTIC_RESTART_COUNT)
@@ -159,6 +160,9 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._hit("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._hit("hang", step):
+            while True:  # like a rank stuck in a kernel or a deadlock: only SIGKILL ends it
+                time.sleep(3600)
 
     def nan(self, step: int) -> bool:
         return self._hit("nan", step)

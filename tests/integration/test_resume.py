@@ -23,6 +23,7 @@ __all__ = ["runs"]  # the session fixture, shared with test_distributed.py
 RESUME_ATOL = 1e-6
 KILLED = 137   # 128 + SIGKILL, as llama_train.k8s.launch reports a rank killed by a signal
 PREEMPTED = 143
+INFRA = 130     # llama_train.errors.InfrastructureError
 
 
 def assert_same_history(got: Launch, want: Launch) -> None:
@@ -113,3 +114,20 @@ def test_kill_during_checkpoint_writes_and_nan_skip(runs, tmp_path):
         assert sorted(ledger) == [0, 1, 2, 3]  # step 3 ran; the next start rewinds it
         assert ledger[1]["skipped"] and ledger[1]["digest"] == ledger[0]["digest"]  # params unchanged
         assert ledger[2]["digest"] != ledger[1]["digest"]                           # later steps train
+
+
+@pytest.mark.slow
+def test_hung_rank_fails_the_job_at_the_collective_timeout_then_resumes(runs, tmp_path):
+    """Rank 1 hangs before step 3 (sleeping, deaf to SIGTERM, as in a stuck kernel): rank 0 waits in
+    the next collective until parallel.timeout_s, exits 130 (infrastructure: retried by the operator)
+    naming the setting, torchrun ends the hung rank, and the resume repeats nothing."""
+    recipe = _chain_recipe(runs, "ddp", tmp_path)
+    recipe["parallel"]["timeout_s"] = 10
+    hung = torchrun(recipe, tmp_path, fault="hang:rank=1:step=3")
+    assert hung.returncode == INFRA, hung.output[-3000:]
+    assert "parallel.timeout_s=10" in " ".join(hung.output.split()), hung.output[-3000:]
+    assert [d.name for d in complete_checkpoints(hung.out / "checkpoints")] == ["step_2"]
+    resumed = torchrun(recipe, tmp_path)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "resumed from step_2" in resumed.output
+    assert_same_history(resumed, runs.distributed("ddp"))
