@@ -380,6 +380,18 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
     run.state.pop("strategy", None)
     run.saved_step = run.state["step"]
     run.loader.load_state_dict(run.state.pop("loader"))
+    saved_world = run.state.get("world_size", run.ctx.world_size)
+    if saved_world != run.ctx.world_size:
+        import yaml
+
+        st = yaml.safe_load(saved_recipe).get("train", {})
+        saved_batch = st.get("micro_batch_size", 0) * st.get("grad_accum_steps", 1) * saved_world
+        same = saved_batch == run.loader.global_batch
+        _log(run.ctx, f"resuming {resume_dir.name} (written by {saved_world} rank(s)) on {run.ctx.world_size}: "
+                      f"global batch {saved_batch} -> {run.loader.global_batch}"
+                      + ("" if same else " (the batch size changes from here on; to keep it, set "
+                                         "train.grad_accum_steps so that micro x accum x ranks is equal, "
+                                         "or pin train.global_batch_size)"))
     run.state["world_size"] = run.ctx.world_size
     return resume_dir
 

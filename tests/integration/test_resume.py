@@ -131,3 +131,31 @@ def test_hung_rank_fails_the_job_at_the_collective_timeout_then_resumes(runs, tm
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resumed from step_2" in resumed.output
     assert_same_history(resumed, runs.distributed("ddp"))
+
+
+@pytest.mark.slow
+def test_resume_ddp_checkpoint_on_one_rank_with_the_same_global_batch(runs, tmp_path, monkeypatch, capsys):
+    """2 ranks x micro 2 killed before step 3; the checkpoint resumes in one process with micro 2 x
+    accum 2 (same global batch 4, --allow-recipe-change): the rest of the run sees the same samples
+    per step and reaches the same losses and weights as the uninterrupted 2-rank run."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.trainer import train
+    from tests.integration.test_distributed import LOSS_ATOL, assert_weights_close
+
+    recipe = _chain_recipe(runs, "ddp", tmp_path)
+    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
+    assert killed.returncode == KILLED, killed.output[-3000:]
+    monkeypatch.setenv("LLAMA_TRAIN_LEDGER", "1")
+    for var in ("LLAMA_TRAIN_FAULT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    one_rank = {**recipe, "train": {**recipe["train"], "grad_accum_steps": 2}}
+    train(recipe_from_dict(one_rank), allow_recipe_change=True)
+    log = " ".join(capsys.readouterr().err.split())
+    assert "resuming step_2 (written by 2 rank(s)) on 1: global batch 4 -> 4" in log, log[-2000:]
+    ref = runs.distributed("ddp")
+    ref_ids = [a.get("ids", []) + b.get("ids", []) for a, b in zip(ref.ledger(0), ref.ledger(1))]
+    got = killed.ledger(0)  # the same file, now holding the resumed steps too
+    assert [e["step"] for e in got] == list(range(MAX_STEPS + 1))
+    assert [e["ids"] for e in got[3:]] == ref_ids[3:]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got[1:], ref.ledger(0)[1:])) < LOSS_ATOL
+    assert_weights_close(exported(killed.out), exported(ref.out))
