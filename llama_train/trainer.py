@@ -438,7 +438,8 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     state["consumed_samples"] += run.loader.last_step_samples
     state["consumed_tokens"] += res.tokens
     if run.ledger.enabled:
-        ids = [x for idx in indices for i in idx if not is_filler(i) for x in (data[i].get("ids") or [data[i].get("id", i)])]
+        ids = [x for idx in indices for i in idx if not is_filler(i)
+               for x in (data[i].get("ids") or [data[i].get("id", i)])]
         run.ledger.write({"step": state["step"], "ids": ids, "lr": lr, "loss": res.loss, "skipped": res.skipped,
                           "digest": run.strategy.local_digest()})
     dt = time.perf_counter() - t0
