@@ -8,10 +8,17 @@ code. Plain torchrun exits 1 whenever a rank fails or the agent is signalled (ch
 - the exit code of the first failing rank (root cause), a signal death as 128 + signal;
 - 128 + signal when the agent itself is signalled (SIGTERM on preemption -> 143);
 - 130 (InfrastructureError) when the agent fails otherwise (rendezvous timeout, lost peer).
+
+It also defaults TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with c10d rendezvous (elastic PyTorchJobs)
+and --max-restarts, the workers otherwise share the agent's TCPStore across restarts and the
+restarted group hangs in init_process_group (pytorch/pytorch#135712; checked with torch 2.13 on
+2 gloo ranks). In-place restarts need c10d rendezvous: the static one (--master-port only) keeps
+one store across restarts, and the restarted ranks read the dead ranks' addresses from it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 INFRASTRUCTURE_EXIT = 130  # llama_train.errors.InfrastructureError.exit_code
@@ -29,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun_main(argv)
     except ChildFailedError as exc:

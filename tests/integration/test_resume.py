@@ -159,3 +159,19 @@ def test_resume_ddp_checkpoint_on_one_rank_with_the_same_global_batch(runs, tmp_
     assert [e["ids"] for e in got[3:]] == ref_ids[3:]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got[1:], ref.ledger(0)[1:])) < LOSS_ATOL
     assert_weights_close(exported(killed.out), exported(ref.out))
+
+
+@pytest.mark.slow
+def test_in_place_torchrun_restart_resumes(runs, tmp_path):
+    """torchrun --max-restarts=1 with c10d rendezvous (what an elastic PyTorchJob runs): rank 1 is
+    SIGKILLed before step 3 in the first attempt; the agent restarts the group, which resumes from
+    step_2 and finishes with the uninterrupted run's history. (Needs the launcher's default
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the shared store the restarted group hangs.)"""
+    from tests.integration.test_distributed import free_port
+
+    recipe = _chain_recipe(runs, "ddp", tmp_path)
+    launch = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3:attempt=0",
+                      extra_args=["--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"])
+    assert launch.returncode == 0, launch.output[-3000:]
+    assert "resumed from step_2" in launch.output
+    assert_same_history(launch, runs.distributed("ddp"))
