@@ -43,6 +43,24 @@ def tiny_recipe(tmp_path, tiny_dir=None, **sections):
     return base
 
 
+def assert_packed_docs_match_alone(model, packed_logits, docs, groups, *, rtol: float) -> list[int]:
+    """Each document of packed row r (documents `groups[r]`, in order) has the logits of the document
+    run alone. Returns the number of real tokens of each row."""
+    import torch
+
+    ends = []
+    for r, group in enumerate(groups):
+        start = 0
+        for i in group:
+            ids = torch.tensor([docs[i]["input_ids"]])
+            alone = model(input_ids=ids).logits[0]
+            n = ids.shape[1]
+            torch.testing.assert_close(packed_logits[r, start : start + n], alone, rtol=rtol, atol=1e-5)
+            start += n
+        ends.append(start)
+    return ends
+
+
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 

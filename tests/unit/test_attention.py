@@ -13,6 +13,8 @@ from llama_train import attention
 from llama_train.data.chat import IGNORE_INDEX
 from llama_train.data.loader import collate, num_supervised
 
+from ..conftest import assert_packed_docs_match_alone
+
 
 def _docs(n: int, *, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
@@ -88,16 +90,10 @@ def test_packed_logits_equal_each_document_alone(model, tiny_dir, tiny_tokenizer
         assert len(per_doc_calls) == model.config.num_hidden_layers and len(per_doc_calls[0]) == 7
         ref = sdpa(input_ids=masked["input_ids"], attention_mask=masked["attention_mask"],
                    position_ids=masked["position_ids"]).logits
-        for r, group in enumerate(GROUPS):
-            start = 0
-            for i in group:
-                ids = torch.tensor([docs[i]["input_ids"]])
-                alone = model(input_ids=ids).logits[0]
-                n = ids.shape[1]
-                torch.testing.assert_close(packed[r, start : start + n], alone, rtol=1e-5, atol=1e-5)
-                start += n
+        ends = assert_packed_docs_match_alone(model, packed, docs, GROUPS, rtol=1e-5)
+        for r, end in enumerate(ends):
             # Real tokens agree with the 4D-mask sdpa path (padding positions are never trained).
-            torch.testing.assert_close(packed[r, :start], ref[r, :start], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed[r, :end], ref[r, :end], rtol=1e-5, atol=1e-5)
 
 
 def test_unpacked_padded_batch_matches_sdpa(model, tiny_dir, tiny_tokenizer, per_doc_calls):

@@ -11,6 +11,8 @@ from llama_train.data.chat import IGNORE_INDEX, tokenize_messages
 from llama_train.data.loader import collate, num_supervised
 from llama_train.data.packing import best_fit_decreasing, pack_table, packing_efficiency
 
+from ..conftest import assert_packed_docs_match_alone
+
 
 def test_best_fit_decreasing_fills_bins_and_keeps_every_sample():
     lengths = [7, 5, 4, 3, 3, 2, 1, 9, 10]
@@ -92,14 +94,7 @@ def test_packed_logits_equal_each_document_alone(tiny_dir, tiny_tokenizer, docs,
         # The default use_cache=True is the case where position ids alone leak across documents.
         packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
-        for r, group in enumerate([[0, 1, 2], [3, 4]]):
-            start = 0
-            for i in group:
-                ids = torch.tensor([docs[i]["input_ids"]])
-                alone = model(input_ids=ids).logits[0]
-                n = ids.shape[1]
-                torch.testing.assert_close(packed[r, start : start + n], alone, rtol=1e-4, atol=1e-5)
-                start += n
+        assert_packed_docs_match_alone(model, packed, docs, [[0, 1, 2], [3, 4]], rtol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
