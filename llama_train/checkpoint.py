@@ -45,11 +45,17 @@ def _fsync_path(path: Path) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file and directory under `path` (data reaches the disk before the rename)."""
+    """fsync every file and directory under `path` (data reaches the disk before the rename).
+
+    Ranks share the directory: a file another rank is writing may be renamed (a library's temp file)
+    between the listing and the open. It is skipped: the rank that wrote it fsyncs it under its
+    final name in its own pass, which ends before the barrier that precedes the commit."""
     for root, _, files in os.walk(path):
-        for f in files:
-            _fsync_path(Path(root) / f)
-        _fsync_path(Path(root))
+        for name in [*files, ""]:  # "" = the directory itself, after its files
+            try:
+                _fsync_path(Path(root) / name if name else Path(root))
+            except FileNotFoundError:
+                continue
 
 
 def rng_state() -> dict:

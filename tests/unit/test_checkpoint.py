@@ -127,3 +127,15 @@ def test_changed_recipe_is_refused_with_a_diff(tmp_path, tiny_dir):
     assert "train.max_steps: 1 -> 2" in str(err.value) and "--allow-recipe-change" in str(err.value)
     summary = train(recipe_from_dict(changed), allow_recipe_change=True)
     assert summary["global_step"] == 2 and [s for s, _ in summary["loss_history"]] == [2]
+
+
+def test_fsync_tree_skips_files_another_rank_renamed_meanwhile(tmp_path, monkeypatch):
+    """Ranks fsync the same shared step_N.tmp; a temp file that another rank renamed between the
+    listing and the open must not fail this rank's save (seen: rank 1 vs rank 0's adapter writer)."""
+    (tmp_path / "real.pt").write_bytes(b"x")
+    synced = []
+    real_fsync = ckpt._fsync_path
+    monkeypatch.setattr(ckpt, "_fsync_path", lambda p: (real_fsync(p), synced.append(Path(p).name)))
+    monkeypatch.setattr(ckpt.os, "walk", lambda path: iter([(str(path), [], [".tmpAbC123", "real.pt"])]))
+    ckpt.fsync_tree(tmp_path)
+    assert synced == ["real.pt", tmp_path.name]
