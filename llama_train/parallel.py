@@ -295,16 +295,28 @@ class DeepSpeedStrategy(Strategy):
         return contextlib.nullcontext()
 
     def trainable_state_dict(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        # ZeRO-3 keeps only a partition per rank: gather (collective) or the export is empty.
+        # The optimizer's float32 master weights (under bf16/fp16 the module's parameters are their
+        # 16-bit copies, and exporting those would round the trained weights). Collective under
+        # ZeRO-3 (the partitions are all-reduced), so every rank calls it in the same order.
+        masters = [safe_get_full_fp32_param(p) for _, p in named]
+        if all(m is not None for m in masters):
+            return {n: m.detach().to("cpu", torch.float32, copy=True) for (n, _), m in zip(named, masters)}
+        # no optimizer-owned copy (ZeRO stage 0): the module's parameters, gathered under ZeRO-3
         with self._gathered([p for _, p in named]):
             return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
     def load_trainable_state_dict(self, state):
+        from deepspeed.utils import safe_set_full_fp32_param
+
         params = dict(self.module.named_parameters())
         with self._gathered([params[n] for n in state], modifier_rank=0), torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
+        for n, t in state.items():  # and the master copy, or the next step would restore the old value
+            safe_set_full_fp32_param(params[n], t.to(torch.float32))
 
     def save_state(self, path: Path) -> None:
         """DeepSpeed's own format: each rank writes its optimizer/parameter partitions."""
@@ -366,7 +378,8 @@ def _apply_fsdp(model, inner, recipe: Recipe, ctx: DistContext) -> FSDPStrategy:
         dt = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32)
     if recipe.parallel.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory needs an accelerator; on a CPU device the offload path runs unpinned
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")
     for layer in decoder_layers(inner):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)  # root: embeddings, final norm, lm_head
