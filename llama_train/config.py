@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -212,6 +213,10 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast dtype for forward/backward (bf16 on modern GPUs)."
     )
+    loss_scale_init: float = Field(
+        65536.0, gt=0, description="fp16 only: initial dynamic loss scale, a power of two. It halves on a "
+        "gradient overflow (the step is skipped) and doubles after 2000 steps without one.",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm; null = off.")
     eval_every_n_steps: int = Field(0, ge=0, description="Eval loss every N steps; 0 = only at the end.")
     log_every_n_steps: int = Field(1, ge=1, description="Progress and metric cadence, in steps.")
@@ -323,6 +328,9 @@ class Recipe(Section):
         if t.compile and self.parallel.strategy == "deepspeed":
             raise ValueError("train.compile is not supported with parallel.strategy deepspeed (the engine "
                              "wraps the model); use strategy ddp or fsdp, or set train.compile: false")
+        if math.log2(t.loss_scale_init) != round(math.log2(t.loss_scale_init)):
+            raise ValueError(f"train.loss_scale_init must be a power of two (scaling by one is exact in fp16), "
+                             f"got {t.loss_scale_init}; e.g. 65536")
         if self.parallel.strategy == "deepspeed" and self.model.quantization != "none":
             raise ValueError("model.quantization with parallel.strategy deepspeed is not supported; "
                              "use strategy ddp or fsdp for QLoRA")

@@ -154,10 +154,15 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_and_step(self, max_norm: float | None) -> tuple[float, bool]:
-        """Clip the global grad norm, step unless it is NaN/Inf, zero grads. Returns (norm, applied).
-        The norm is global (gradients are already reduced), so every rank takes the same decision."""
+    def clip_and_step(self, max_norm: float | None, grad_scale: float = 1.0) -> tuple[float, bool]:
+        """Divide the gradients by `grad_scale` (the fp16 loss scale), clip the global grad norm, step
+        unless it is NaN/Inf, zero grads. Returns (norm, applied). The norm is global (gradients are
+        already reduced), so every rank takes the same decision."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if grad_scale != 1.0:
+            with torch.no_grad():
+                for p in params:
+                    p.grad.mul_(1.0 / grad_scale)  # a power of two: exact
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
@@ -240,11 +245,21 @@ class FSDPStrategy(Strategy):
         state = {f"inner.{k}": v for k, v in state.items()}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
+    # get_optimizer_state_dict() initializes an empty optimizer with a zero-gradient step at lr 0,
+    # so a checkpoint taken before the first applied update (every step so far skipped: NaN, fp16
+    # overflow) would make that update Adam's second (other bias correction) and change the run.
+    OPTIMIZER_EMPTY = "optimizer_empty"
+
     def save_state(self, path: Path) -> None:
         """Sharded: every rank writes its own shards (torch.distributed.checkpoint), no gather."""
         import torch.distributed.checkpoint as dcp
 
+        empty = not self.optimizer.state
         dcp.save(self._sharded_state(), checkpoint_id=str(path / "dcp"))
+        if empty:  # undo the initialization; a resume starts from an empty optimizer as well
+            self.optimizer.state.clear()
+            if self.ctx.rank == 0:
+                (path / self.OPTIMIZER_EMPTY).write_text("no optimizer step had been applied\n")
 
     def load_state(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -255,6 +270,8 @@ class FSDPStrategy(Strategy):
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if (path / self.OPTIMIZER_EMPTY).exists():
+            self.optimizer.state.clear()
 
 
 class DeepSpeedStrategy(Strategy):
@@ -276,9 +293,10 @@ class DeepSpeedStrategy(Strategy):
     def backward(self, loss):
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already normalizes the loss
 
-    def clip_and_step(self, max_norm):
+    def clip_and_step(self, max_norm, grad_scale: float = 1.0):
         # ZeRO computes the global norm, clips (gradient_clipping) and skips the update on all
-        # ranks when the norm is NaN/Inf (was_step_applied() is then False).
+        # ranks when the norm is NaN/Inf (was_step_applied() is then False). Under fp16 the engine
+        # scales the loss itself (its own dynamic scaler), so `grad_scale` is always 1 here.
         self.model.step()
         norm = self.model.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
@@ -399,7 +417,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     cfg: dict = {
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": round(math.log2(t.loss_scale_init))},
         "zero_allow_untested_optimizer": True,  # the client optimizer is torch AdamW
         "zero_force_ds_cpu_optimizer": False,   # ... also with optimizer offload
         "steps_per_print": 2**31 - 1,

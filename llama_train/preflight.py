@@ -48,8 +48,9 @@ def check_hardware(recipe: Recipe) -> None:
         raise PreflightError("parallel.backend: nccl needs CUDA GPUs; use parallel.backend: gloo (or auto)")
     if p.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise PreflightError("parallel.strategy: deepspeed needs DeepSpeed: pip install 'llama_train[deepspeed]'")
-    if recipe.train.precision == "fp16" and not cuda:
-        raise PreflightError("train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if recipe.train.precision == "fp16" and p.strategy == "deepspeed" and not cuda:
+        raise PreflightError("train.precision: fp16 with parallel.strategy deepspeed needs CUDA GPUs (DeepSpeed's "
+                             "CPU accelerator has no fp16); use bf16 or fp32 here, or strategy ddp/fsdp")
 
 
 def _model_shape(recipe: Recipe) -> dict | None:

@@ -97,12 +97,46 @@ class StepResult:
     supervised: int      # supervised tokens of the step, all ranks
     skipped: bool        # non-finite loss or grad norm on some rank: no update anywhere
     bad_ranks: list[int]  # ranks whose own loss was non-finite
+    overflow: bool = False  # fp16: finite loss, non-finite gradients (the loss scaler backs off)
 
 
-def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: bool = False) -> StepResult:
+class LossScaler:
+    """Dynamic loss scaling for fp16 (single, ddp, fsdp; DeepSpeed's engine scales by itself).
+
+    The loss is multiplied by `scale` before backward so that small fp16 activation gradients do not
+    flush to zero, and the float32 parameter gradients are divided by it before clipping. A step whose
+    loss is finite but whose global grad norm is not overflowed: it is skipped on every rank and the
+    scale halves; GROWTH_INTERVAL applied steps in a row double it. The decision uses the global norm
+    and loss, so all ranks agree. The state lives in the run state (checkpointed: exact resume)."""
+
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self, state: dict, init: float):
+        self.state = state
+        state.setdefault("loss_scale", float(init))
+        state.setdefault("loss_scale_good_steps", 0)
+
+    @property
+    def scale(self) -> float:
+        return self.state["loss_scale"]
+
+    def update(self, *, applied: bool, overflow: bool) -> None:
+        if overflow:
+            self.state["loss_scale"] = self.scale / 2
+            self.state["loss_scale_good_steps"] = 0
+        elif applied:
+            self.state["loss_scale_good_steps"] += 1
+            if self.state["loss_scale_good_steps"] >= self.GROWTH_INTERVAL:
+                self.state["loss_scale"] = self.scale * 2
+                self.state["loss_scale_good_steps"] = 0
+
+
+def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: bool = False,
+                   scaler: LossScaler | None = None) -> StepResult:
     """Forward/backward every micro batch, clip, step (or skip on NaN/Inf everywhere), zero grads.
-    `inject_nan` is a test hook (see Faults): this rank's loss becomes NaN."""
+    `inject_nan` is a test hook (see Faults): this rank's loss becomes NaN. `scaler`: fp16 loss scaling."""
     ctx = strategy.ctx
+    loss_scale = scaler.scale if scaler else 1.0
     supervised = ctx.all_reduce(sum(num_supervised(b) for b in micro))
     # DDP/FSDP/ZeRO average gradients over ranks; scaling by world size turns that into the sum, so
     # the update is d(sum of token losses)/d(theta) / (supervised tokens of the whole step).
@@ -117,14 +151,18 @@ def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: b
             # A non-finite loss poisons this rank's gradients, so the global (reduced) grad norm is
             # non-finite on every rank and all of them skip the update in clip_and_step together.
             finite = math.isfinite(float(loss_sum.detach()))
-            strategy.backward(loss_sum * (scale if finite else float("nan")))
+            strategy.backward(loss_sum * (scale * loss_scale if finite else float("nan")))
         loss_sum_local += float(loss_sum.detach())
     loss = ctx.all_reduce(loss_sum_local) / max(supervised, 1)
-    grad_norm, applied = strategy.clip_and_step(recipe.train.max_grad_norm)
-    bad_ranks = ctx.all_gather_object(None if math.isfinite(loss_sum_local) else ctx.rank)
+    grad_norm, applied = strategy.clip_and_step(recipe.train.max_grad_norm, grad_scale=loss_scale)
+    bad_ranks = [r for r in ctx.all_gather_object(None if math.isfinite(loss_sum_local) else ctx.rank)
+                 if r is not None]
     tokens = ctx.all_reduce(sum(int(b["num_tokens"]) for b in micro))
-    return StepResult(loss, grad_norm, int(tokens), int(supervised), not applied,
-                      [r for r in bad_ranks if r is not None])
+    # fp16 (ours or DeepSpeed's scaler): gradients overflowed although every loss was finite
+    overflow = recipe.train.precision == "fp16" and not applied and not bad_ranks
+    if scaler:
+        scaler.update(applied=applied, overflow=overflow)
+    return StepResult(loss, grad_norm, int(tokens), int(supervised), not applied, bad_ranks, overflow)
 
 
 class Faults:
@@ -269,6 +307,14 @@ class Run:
     def ckpt_root(self) -> Path:
         return self.out / "checkpoints"
 
+    @property
+    def scaler(self) -> LossScaler | None:
+        """fp16 loss scaling (its state is in `state`); DeepSpeed's engine scales the loss itself."""
+        t = self.recipe.train
+        if t.precision != "fp16" or self.recipe.parallel.strategy == "deepspeed":
+            return None
+        return LossScaler(self.state, t.loss_scale_init)
+
     def save_checkpoint(self) -> None:
         payload = dict(self.state, loader=self.loader.state_dict(), strategy=self.strategy.name)
         extra = None
@@ -400,7 +446,7 @@ def _loop(run: Run) -> tuple[str, list[float]]:
     """Optimizer steps until the end or SIGTERM. Returns (status, per-step losses)."""
     ctx, state, t, every = run.ctx, run.state, run.recipe.train, run.recipe.checkpoint.every_n_steps
     losses: list[float] = []
-    skips = 0
+    skips = overflows = 0
     with _SigtermFlag() as sigterm, Progress(total=run.steps, start=state["step"], enabled=ctx.is_main) as progress:
         while state["step"] < run.steps:
             run.faults.before_step(state["step"] + 1)
@@ -408,8 +454,11 @@ def _loop(run: Run) -> tuple[str, list[float]]:
             if ctx.all_reduce(1.0 if sigterm.raised else 0.0, "max") > 0:
                 return "preempted", losses
             res, lr, dt = _train_step(run)
-            skips = skips + 1 if res.skipped else 0
-            if res.skipped:
+            overflows = overflows + 1 if res.overflow else 0
+            skips = skips + 1 if res.skipped and not res.overflow else 0
+            if res.overflow:
+                _log_overflow(run, res, overflows)
+            elif res.skipped:
                 _log_skip(run, res, skips)
             losses.append(res.loss)
             _log_step(run, res, lr=lr, dt=dt, progress=progress)
@@ -432,7 +481,8 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
                      pad_id=run.tokenizer.pad_token_id, attn_implementation=run.recipe.model.attn_implementation,
                      mask_dtype=DTYPES[run.recipe.model.dtype]) for idx in indices]
     lr = run.scheduler.get_last_lr()[0]
-    res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1))
+    res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1),
+                         scaler=run.scaler)
     run.scheduler.step()
     state["step"] += 1
     state["consumed_samples"] += run.loader.last_step_samples
@@ -458,6 +508,19 @@ def _log_skip(run: Run, res: StepResult, skips: int) -> None:
                              f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); lower train.lr or check the data")
 
 
+MAX_OVERFLOWS = 32  # halvings: from the default 2^16 down to 2^-16
+
+
+def _log_overflow(run: Run, res: StepResult, overflows: int) -> None:
+    scale = f"; loss scale now {run.scaler.scale:g}" if run.scaler else " (DeepSpeed lowers its loss scale)"
+    _log(run.ctx, f"step {run.state['step']}: fp16 gradient overflow (loss {res.loss:.4f} is finite); update "
+                  f"skipped on all ranks{scale} ({overflows} in a row)")
+    if overflows >= MAX_OVERFLOWS:
+        raise NonFiniteError(f"{overflows} consecutive fp16 gradient overflows up to step {run.state['step']}: "
+                             "the gradients are not finite at any loss scale; use train.precision: bf16 "
+                             "(or fp32), or lower train.lr")
+
+
 def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Progress) -> None:
     state = run.state
     if state["step"] % run.recipe.train.log_every_n_steps == 0 or state["step"] == run.steps:
@@ -470,6 +533,8 @@ def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Prog
             "train/tflops_per_device": flops_per_s / 1e12, **_memory_metrics(run.ctx.device)}
         if run.peak_flops:
             metrics["train/mfu"] = flops_per_s / run.peak_flops
+        if run.scaler:
+            metrics["train/loss_scale"] = run.scaler.scale
         run.tracker.log_metrics(metrics, step=state["step"])
     progress.update(state["step"], loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
 

@@ -1,4 +1,4 @@
-"""bf16 mixed precision and CPU offload under real torchrun gloo ranks.
+"""bf16/fp16 mixed precision and CPU offload under real torchrun gloo ranks.
 
 FSDP2 (MixedPrecisionPolicy bf16 + CPUOffloadPolicy) and DeepSpeed ZeRO-3 (bf16 + optimizer and
 parameter offload) on 2 ranks against the single-process bf16-autocast run with the same global
@@ -6,6 +6,8 @@ batch: bf16 rounds differently in each (FSDP casts the weights, ZeRO keeps a 16-
 masters, autocast casts per op), so losses and weights agree to bf16 precision, not bitwise. The
 exported adapter must hold the float32 master weights. A ZeRO-3 bf16 run killed mid-way resumes
 bit-exactly (the float32 masters and offloaded optimizer state come back from the checkpoint).
+FSDP2 in fp16 with the dynamic loss scaler: every rank takes the same overflow decisions as the
+single-process fp16 run (the decision uses the global grad norm, not a rank's shard).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ VARIANTS = {
 needs_ds = pytest.mark.skipif(not DS_INSTALLED, reason="deepspeed not installed")
 
 
-def _recipe(runs, root, parallel=None, **kw):
+def _recipe(runs, root, parallel=None, train=None, **kw):
     return run_recipe(root, runs.tiny_dir, parallel=parallel, micro_batch_size=2 if parallel else 4,
-                      train={"precision": "bf16"}, **kw)
+                      train=train or {"precision": "bf16"}, **kw)
 
 
 def _variant(runs, name: str) -> Launch:
@@ -79,3 +81,17 @@ def test_zero3_bf16_offload_killed_then_resumed_exactly(runs, tmp_path):
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resumed from step_2" in resumed.output
     assert_same_history(resumed, _variant(runs, "zero3_bf16_offload"))
+
+
+@pytest.mark.slow
+def test_fsdp_fp16_ranks_agree_on_loss_scale_overflows(runs, tmp_path):
+    fp16 = {"precision": "fp16", "loss_scale_init": 2.0**18}  # overflows the first steps (tests/unit/test_fp16.py)
+    single = train_in_process(_recipe(runs, tmp_path / "single", train=fp16))
+    launch = torchrun(_recipe(runs, tmp_path / "fsdp", {"strategy": "fsdp"}, train=fp16), tmp_path / "fsdp")
+    assert launch.returncode == 0, launch.output[-4000:]
+    want = [e["skipped"] for e in Launch(0, "", single).ledger(0)[1:]]
+    assert any(want) and not all(want), want  # some overflows, then training
+    for rank in (0, 1):
+        assert [e["skipped"] for e in launch.ledger(rank)[1:]] == want, rank
+    got, ref = losses(launch.out), losses(single)
+    assert max(abs(a - b) for a, b in zip(got, ref)) < BF16_LOSS_ATOL, (got, ref)

@@ -15,8 +15,8 @@ import re
 import pytest
 
 from llama_train.checkpoint import clean_incomplete, complete_checkpoints, find_resume
-from tests.integration.test_distributed import (DS_INSTALLED, MAX_STEPS, STRATEGIES, Launch, exported, run_recipe,
-                                                runs, torchrun)
+from tests.integration.test_distributed import (DS_INSTALLED, LOSS_ATOL, MAX_STEPS, STRATEGIES, Launch, exported,
+                                                run_recipe, runs, torchrun)
 
 __all__ = ["runs"]  # the session fixture, shared with test_distributed.py
 
@@ -175,3 +175,29 @@ def test_in_place_torchrun_restart_resumes(runs, tmp_path):
     assert launch.returncode == 0, launch.output[-3000:]
     assert "resumed from step_2" in launch.output
     assert_same_history(launch, runs.distributed("ddp"))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_before_the_first_update_resumes_exactly(runs, tmp_path, monkeypatch):
+    """Steps 1-2 are skipped (NaN on rank 0), step_2 is saved before any optimizer step, rank 1 dies
+    at step 3. Saving FSDP optimizer state initializes an empty optimizer with a zero step, which
+    would make the first real update Adam's second; the resumed run must train exactly like the
+    single process with the same skips, uninterrupted."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.trainer import train
+
+    nan = "nan:rank=0:step=1,nan:rank=0:step=2"
+    parallel, lora = STRATEGIES["fsdp"]
+    recipe = run_recipe(tmp_path / "fsdp", runs.tiny_dir, lora=lora, parallel=parallel, micro_batch_size=2)
+    killed = torchrun(recipe, tmp_path / "fsdp", fault=f"{nan},kill:rank=1:step=3")
+    assert killed.returncode == KILLED, killed.output[-3000:]
+    assert (killed.out / "checkpoints" / "step_2" / "optimizer_empty").exists()
+    resumed = torchrun(recipe, tmp_path / "fsdp")
+    assert resumed.returncode == 0 and "resumed from step_2" in resumed.output, resumed.output[-3000:]
+    single = run_recipe(tmp_path / "single", runs.tiny_dir, lora=lora)
+    monkeypatch.setenv("LLAMA_TRAIN_FAULT", nan)
+    train(recipe_from_dict(single))
+    got = dict(resumed.summary()["loss_history"])  # the steps the resumed run ran: 3-6
+    want = dict(json.loads((tmp_path / "single" / "run" / "run.json").read_text())["loss_history"])
+    assert sorted(got) == list(range(3, MAX_STEPS + 1))
+    assert max(abs(got[s] - want[s]) for s in got) < LOSS_ATOL, (got, want)
