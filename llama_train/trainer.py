@@ -105,8 +105,8 @@ class LossScaler:
 
     The loss is multiplied by `scale` before backward so that small fp16 activation gradients do not
     flush to zero, and the float32 parameter gradients are divided by it before clipping. A step whose
-    loss is finite but whose global grad norm is not overflowed: it is skipped on every rank and the
-    scale halves; GROWTH_INTERVAL applied steps in a row double it. The decision uses the global norm
+    loss is finite but whose global grad norm is not has overflowed: it is skipped on every rank and
+    the scale halves; GROWTH_INTERVAL applied steps in a row double it. The decision uses the global norm
     and loss, so all ranks agree. The state lives in the run state (checkpointed: exact resume)."""
 
     GROWTH_INTERVAL = 2000

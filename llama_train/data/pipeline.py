@@ -192,10 +192,28 @@ def tokenize_pool(recipe: Recipe, tokenizer, pool: list[dict], *, fingerprint: s
         "length": datasets.Value("int32"), "status": datasets.Value("string")})
     if not pool:
         return features.arrow_schema.empty_table()
-    out = ds.map(_tokenize_batch, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=["conv"],
-                 num_proc=_num_proc(recipe, len(pool)), features=features, new_fingerprint=fingerprint,
-                 desc="tokenize")
+    environ = os.environ
+    try:
+        out = ds.map(_tokenize_batch, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=["conv"],
+                     num_proc=_num_proc(recipe, len(pool)), features=features, new_fingerprint=fingerprint,
+                     desc="tokenize")
+    finally:
+        _rebind_environ(environ)
     return out.with_format("arrow")[:]
+
+
+def _rebind_environ(environ) -> None:
+    """datasets' `map(num_proc >= 1)` ends by rebinding `os.environ` to a deep copy of itself taken
+    before the map (datasets 5.2). Whoever holds the original object (`from os import environ`,
+    pytest's monkeypatch, a launcher's env edits) would from then on read and write a stale mapping.
+    Put the original object back, holding the copy's values."""
+    if os.environ is environ:
+        return
+    values = dict(os.environ)
+    os.environ = environ
+    for key in set(environ) - set(values):
+        del environ[key]
+    environ.update(values)
 
 
 def _mix(recipe: Recipe, src_of_row: np.ndarray) -> np.ndarray:

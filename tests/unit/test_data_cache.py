@@ -94,3 +94,17 @@ def test_lost_rename_race_uses_the_winner(setup, tiny_tokenizer, monkeypatch):
     prepared, info = build_or_load(r, tiny_tokenizer)
     assert len(prepared.train) == 12
     assert [p.name for p in cache_mod.cache_root(r).iterdir() if p.is_dir()] == [info["key"]]
+
+
+def test_tokenizing_keeps_the_os_environ_object(setup, tiny_tokenizer, monkeypatch):
+    """datasets' multi-process map (num_proc >= 1, always used here) rebinds os.environ to a copy of
+    itself; the pipeline puts the original object back, so whoever holds it (monkeypatch here, which
+    must be able to undo its edit; `from os import environ` elsewhere) still sees the live mapping."""
+    import os
+
+    _, recipe = setup
+    environ = os.environ
+    monkeypatch.setenv("LLAMA_TRAIN_TEST_MARK", "1")
+    build_or_load(recipe(), tiny_tokenizer)
+    assert os.environ is environ
+    assert os.environ["LLAMA_TRAIN_TEST_MARK"] == "1"
