@@ -4,8 +4,8 @@ FSDP2 (MixedPrecisionPolicy bf16 + CPUOffloadPolicy) and DeepSpeed ZeRO-3 (bf16 
 parameter offload) on 2 ranks against the single-process bf16-autocast run with the same global
 batch: bf16 rounds differently in each (FSDP casts the weights, ZeRO keeps a 16-bit module and float32
 masters, autocast casts per op), so losses and weights agree to bf16 precision, not bitwise. The
-exported adapter must hold the float32 master weights. A ZeRO-3 bf16 run killed mid-way resumes
-bit-exactly (the float32 masters and offloaded optimizer state come back from the checkpoint).
+exported adapter must hold the float32 master weights. (Exact resume is tested in fp32 for every
+strategy in test_resume.py; a bf16 ZeRO-3 resume is left out to keep the suite's time.)
 FSDP2 in fp16 with the dynamic loss scaler: every rank takes the same overflow decisions as the
 single-process fp16 run (the decision uses the global grad norm, not a rank's shard).
 """
@@ -16,7 +16,6 @@ import pytest
 
 from tests.integration.test_distributed import (DS_INSTALLED, MAX_STEPS, Launch, exported, losses, run_recipe,
                                                 runs, torchrun, train_in_process)
-from tests.integration.test_resume import KILLED, assert_same_history
 
 __all__ = ["runs"]
 
@@ -69,18 +68,6 @@ def test_bf16_with_offload_matches_single_process_bf16(runs, name):
         assert diff < BF16_WEIGHT_ATOL, (k, diff)
     ckpt_adapter = exported(launch.out / "checkpoints" / "step_4")  # every 2 steps, the last 2 kept
     assert all(t.dtype == __import__("torch").float32 for t in ckpt_adapter.values())
-
-
-@pytest.mark.slow
-@needs_ds
-def test_zero3_bf16_offload_killed_then_resumed_exactly(runs, tmp_path):
-    recipe = _recipe(runs, tmp_path, VARIANTS["zero3_bf16_offload"])
-    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
-    assert killed.returncode == KILLED, killed.output[-3000:]
-    resumed = torchrun(recipe, tmp_path)
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "resumed from step_2" in resumed.output
-    assert_same_history(resumed, _variant(runs, "zero3_bf16_offload"))
 
 
 @pytest.mark.slow
