@@ -75,7 +75,8 @@ def build_model(args, device):
         cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq)
     else:  # Llama-3.1-8B architecture
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=getattr(args, "layers", None) or 32,
                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                           rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
