@@ -316,13 +316,14 @@ class DeepSpeedStrategy(Strategy):
         from deepspeed.utils import safe_get_full_fp32_param
 
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        # The optimizer's float32 master weights (under bf16/fp16 the module's parameters are their
-        # 16-bit copies, and exporting those would round the trained weights). Collective under
-        # ZeRO-3 (the partitions are all-reduced), so every rank calls it in the same order.
-        masters = [safe_get_full_fp32_param(p) for _, p in named]
-        if all(m is not None for m in masters):
-            return {n: m.detach().to("cpu", torch.float32, copy=True) for (n, _), m in zip(named, masters)}
-        # no optimizer-owned copy (ZeRO stage 0): the module's parameters, gathered under ZeRO-3
+        if self.model.bfloat16_enabled() or self.model.fp16_enabled():
+            # The optimizer's float32 master weights: the module's parameters are their 16-bit
+            # copies, and exporting those would round the trained weights. Collective (every rank
+            # all-reduces each parameter's partitions), so every rank calls it in the same order.
+            masters = [safe_get_full_fp32_param(p) for _, p in named]
+            if all(m is not None for m in masters):
+                return {n: m.detach().to("cpu", torch.float32, copy=True) for (n, _), m in zip(named, masters)}
+        # float32 (the parameters are the masters), or no optimizer-owned copy: gathered under ZeRO-3
         with self._gathered([p for _, p in named]):
             return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
