@@ -13,6 +13,7 @@ single-process fp16 run (the decision uses the global grad norm, not a rank's sh
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.integration.test_distributed import (DS_INSTALLED, MAX_STEPS, Launch, exported, losses, run_recipe,
                                                 runs, torchrun, train_in_process)
@@ -63,11 +64,11 @@ def test_bf16_with_offload_matches_single_process_bf16(runs, name):
     w, ref = exported(launch.out), exported(_single_bf16(runs))
     assert set(w) == set(ref)
     for k in ref:
-        assert w[k].dtype == ref[k].dtype == __import__("torch").float32, (k, w[k].dtype)  # the fp32 masters
+        assert w[k].dtype == ref[k].dtype == torch.float32, (k, w[k].dtype)  # the fp32 masters
         diff = float((w[k] - ref[k]).abs().max())
         assert diff < BF16_WEIGHT_ATOL, (k, diff)
     ckpt_adapter = exported(launch.out / "checkpoints" / "step_4")  # every 2 steps, the last 2 kept
-    assert all(t.dtype == __import__("torch").float32 for t in ckpt_adapter.values())
+    assert all(t.dtype == torch.float32 for t in ckpt_adapter.values())
 
 
 @pytest.mark.slow
