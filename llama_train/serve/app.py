@@ -184,6 +184,7 @@ class _Handlers:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         req.reject_unsupported(unsupported)
+        top_logprobs, prompt_logprobs = req.logprob_params()
         engine = self.engine
         if engine is None or (req.model != engine.base_id and req.model not in engine.adapters):
             raise self.unknown_model(req.model)
@@ -194,22 +195,21 @@ class _Handlers:
         prompts = self._prompts(req, kind)
         adapter = None if req.model == engine.base_id else req.model
         loop = asyncio.get_running_loop()
-        gens = [GenRequest(ids, self._params(req, len(ids)), req.model, adapter, loop)
-                for ids in prompts]
+        gens = [GenRequest(ids, self._params(req, len(ids), top_logprobs, prompt_logprobs),
+                           req.model, adapter, loop) for ids in prompts]
         if req.stream and len(gens) > 1:
             raise APIError(400, "stream with several prompts is not supported; send one prompt",
                            param="prompt", code="unsupported_parameter")
-        if kind == "text" and req.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo",
-                           code="unsupported_parameter")
+        out = _Output(kind, req.n, top_logprobs is not None,
+                      self._echo_texts(req, prompts) if kind == "text" and req.echo else None)
         for gen in gens:
             self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
             engine.submit(gen)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": req.model}
         if req.stream:
-            return await self._stream(gens[0], req, kind, meta, deadline)
-        return await self._complete(gens, req, kind, meta, deadline)
+            return await self._stream(gens[0], req, out, meta, deadline)
+        return await self._complete(gens, req, out, meta, deadline)
 
     def _prompts(self, req, kind: str) -> list[list[int]]:
         engine = self.engine
@@ -234,7 +234,16 @@ class _Handlers:
             return [list(prompt)]
         return [engine.text_prompt_ids(p) for p in prompt]
 
-    def _params(self, req, prompt_len: int) -> SamplingParams:
+    def _echo_texts(self, req, prompts: list[list[int]]) -> list[str]:
+        """The prompt text each choice starts with under `echo` (token prompts are decoded)."""
+        if isinstance(req.prompt, str):
+            return [req.prompt]
+        if all(isinstance(p, str) for p in req.prompt):
+            return list(req.prompt)
+        return [self.engine.tokenizer.decode(ids) for ids in prompts]
+
+    def _params(self, req, prompt_len: int, top_logprobs: int | None,
+                prompt_logprobs: bool) -> SamplingParams:
         ctx = self.engine.context_length
         asked = req.effective_max_tokens()
         room = ctx - prompt_len
@@ -250,7 +259,8 @@ class _Handlers:
                            code="context_length_exceeded")
         return SamplingParams(max_tokens=asked or min(self.engine.default_max_tokens, room),
                               temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
-                              seed=req.seed, n=req.n, ignore_eos=req.ignore_eos)
+                              seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
+                              logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
 
     async def _next_event(self, gen: GenRequest, deadline: float):
         left = deadline - asyncio.get_running_loop().time()
@@ -271,60 +281,55 @@ class _Handlers:
         c = sum(g.completion_tokens for g in gens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def _complete(self, gens, req, kind, meta, deadline) -> dict:
+    async def _complete(self, gens, req, out: _Output, meta, deadline) -> dict:
         choices = []
         try:
             for gi, gen in enumerate(gens):
                 texts, finish = [""] * req.n, [None] * req.n
+                entries: list[list[dict]] = [[] for _ in range(req.n)]
                 while any(f is None for f in finish):
-                    for idx, text, fin in (await self._next_event(gen, deadline)).deltas:
+                    for idx, text, fin, lps in (await self._next_event(gen, deadline)).deltas:
                         texts[idx] += text
+                        entries[idx] += lps
                         finish[idx] = fin or finish[idx]
                 for i in range(req.n):
-                    index = gi * req.n + i
-                    if kind == "chat":
-                        choices.append({"index": index, "message": {"role": "assistant", "content":
-                                        texts[i]}, "finish_reason": finish[i], "logprobs": None})
-                    else:
-                        choices.append({"index": index, "text": texts[i], "finish_reason": finish[i],
-                                        "logprobs": None})
+                    choices.append(out.choice(gi * req.n + i, gi, gen, texts[i], entries[i],
+                                              finish[i]))
         finally:
             for gen in gens:
                 gen.cancel()
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
-        obj = "chat.completion" if kind == "chat" else "text_completion"
+        obj = "chat.completion" if out.kind == "chat" else "text_completion"
         return {**meta, "object": obj, "choices": choices, "usage": self._usage(gens)}
 
-    async def _stream(self, gen, req, kind, meta, deadline) -> StreamingResponse:
+    async def _stream(self, gen, req, out: _Output, meta, deadline) -> StreamingResponse:
         try:  # wait for the first tokens, so errors before them get a real status code
             first = await self._next_event(gen, deadline)
         except BaseException:
             self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
             raise
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        obj = "chat.completion.chunk" if out.kind == "chat" else "text_completion"
 
-        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> bytes:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else (
-                    {} if text is None else {"content": text})
-                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        def chunk(index: int, text: str | None, finish: str | None, lps: list[dict] | None = None,
+                  role: bool = False) -> bytes:
+            choice = out.chunk_choice(index, text, finish, lps, role)
             return _sse({**meta, "object": obj, "choices": [choice]})
 
         async def body():
             try:
-                if kind == "chat":
-                    for i in range(req.n):
+                for i in range(req.n):
+                    if out.kind == "chat":
                         yield chunk(i, None, None, role=True)
+                    elif out.echo_texts is not None:  # the prompt first, as one chunk
+                        yield chunk(i, out.echo_texts[0], None, gen.prompt_logprobs)
                 event, done = first, 0
                 while True:
-                    for idx, text, fin in event.deltas:
+                    for idx, text, fin, lps in event.deltas:
                         if text:
-                            yield chunk(idx, text, None)
+                            yield chunk(idx, text, None, lps)
                         if fin:
                             done += 1
-                            yield chunk(idx, None, fin)
+                            yield chunk(idx, None, fin, None if text else lps)
                     if done >= req.n:
                         break
                     try:
@@ -341,3 +346,57 @@ class _Handlers:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+class _Output:
+    """Shapes choices and stream chunks: chat or text completion, with or without logprobs
+    (chat: `{"content": [entries]}`; completions: the legacy `tokens` / `token_logprobs` /
+    `top_logprobs` / `text_offset` lists) and `echo` (the prompt text and its logprobs first)."""
+
+    def __init__(self, kind: str, n: int, logprobs: bool, echo_texts: list[str] | None):
+        self.kind, self.logprobs, self.echo_texts = kind, logprobs, echo_texts
+        self.offsets = [0] * n  # streamed text_offset so far, per choice
+
+    def choice(self, index: int, prompt_index: int, gen: GenRequest, text: str,
+               entries: list[dict], finish: str | None) -> dict:
+        if self.kind == "chat":
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": {"content": entries} if self.logprobs else None}
+        if self.echo_texts is not None:
+            text = self.echo_texts[prompt_index] + text
+            entries = (gen.prompt_logprobs or []) + entries
+        return {"index": index, "text": text, "finish_reason": finish,
+                "logprobs": _legacy_logprobs(entries, 0) if self.logprobs else None}
+
+    def chunk_choice(self, index: int, text: str | None, finish: str | None,
+                     entries: list[dict] | None, role: bool) -> dict:
+        logprobs = None
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else (
+                {} if text is None else {"content": text})
+            if self.logprobs and not role:
+                logprobs = {"content": entries or []}
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        if self.logprobs:
+            logprobs = _legacy_logprobs(entries or [], self.offsets[index])
+            self.offsets[index] += sum(len(e["token"]) for e in entries or [])
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+
+
+def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
+    """Chat-shaped logprob entries -> the /v1/completions lists. As OpenAI documents, each
+    top_logprobs dict holds the chosen token as well as the k most likely (up to k + 1 keys);
+    text_offset counts characters of the token strings from the first one listed."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        top = None
+        if e["logprob"] is not None:
+            top = {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+            top[e["token"]] = e["logprob"]  # the chosen token wins a clash of equal strings
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out

@@ -7,6 +7,12 @@ a batch), prefills them, merges them into the running batch of their model, and 
 token for every running batch (`set_adapter(name)`, or `disable_adapter()` for the base).
 Tokens go back to each request's asyncio queue as they are produced, so streaming and
 non-streaming share one path and a request never waits for another to finish.
+
+Log probabilities (when a request asks for them) are those of the model's own distribution
+(log-softmax of the float32 logits, before temperature and top-p; vLLM's default "raw"
+logprobs), one entry per generated token in the OpenAI chat shape
+`{"token", "logprob", "bytes", "top_logprobs"}`. The stop token that ends a sequence is not
+reported, so the entries' bytes join to exactly the returned text (up to a stop string's cut).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import inspect
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,13 +41,17 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None  # None: off; k >= 0: each token's logprob and the k most likely
+    prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
 
 
 @dataclass
 class Event:
     """What the worker reports: text deltas per choice, a finish reason, or an error."""
 
-    deltas: list[tuple[int, str, str | None]]  # (choice index, new text, finish_reason or None)
+    # (choice index, new text, finish_reason or None, logprob entries of the tokens behind the
+    # new text: [] unless the request asked for logprobs)
+    deltas: list[tuple[int, str, str | None, list[dict]]]
     error: BaseException | None = None
 
 
@@ -58,6 +69,9 @@ class GenRequest:
         self.cancelled = False
         self.completion_tokens = 0
         self.enqueued_at = time.monotonic()
+        # params.prompt_logprobs: one entry per prompt token (the first has logprob None), set by
+        # the worker at prefill, before the request's first event
+        self.prompt_logprobs: list[dict] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -89,6 +103,8 @@ class Engine:
         self.context_length = 0
         self.eos_ids: set[int] = set()
         self.cache_kw = "cache"
+        self._byte_decoder: dict[str, int] | None = None
+        self._pieces: dict[int, tuple[str, list[int]]] = {}
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._pending: queue.Queue[GenRequest | None] = queue.Queue()
@@ -134,6 +150,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         if tok.eos_token_id is not None:
             self.eos_ids.add(tok.eos_token_id)
+        self._byte_decoder = _BYTE_DECODER if _is_byte_level(tok) else None
         self.model, self.tokenizer = model, tok
         log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
                                         "load_s": round(time.monotonic() - t0, 2)})
@@ -228,6 +245,38 @@ class Engine:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
+    # ------------------------------------------------------------------ logprobs
+    def token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's own bytes (a byte-level BPE token may hold part of a UTF-8 character) and
+        their text (partial characters as U+FFFD), as OpenAI reports `token` and `bytes`."""
+        hit = self._pieces.get(token_id)
+        if hit is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            table = self._byte_decoder
+            if piece is None:  # an id past the tokenizer's vocabulary (padded embedding rows)
+                raw = b""
+            elif table is not None and all(c in table for c in piece):
+                raw = bytes(table[c] for c in piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+                raw = bytes([int(piece[3:5], 16)])
+            else:  # SentencePiece word piece ("\u2581" = space) or an added token
+                raw = piece.replace("\u2581", " ").encode()
+            hit = self._pieces[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return hit
+
+    def logprob_entry(self, logprobs, token_id: int, top: int) -> dict:
+        """OpenAI chat-shaped entry for `token_id` from one row of log-probabilities [vocab]."""
+        def item(tid: int, lp: float) -> dict:
+            text, raw = self.token_piece(tid)
+            return {"token": text, "logprob": max(lp, -9999.0), "bytes": raw}  # -inf is not JSON
+
+        entry = item(token_id, float(logprobs[token_id]))
+        entry["top_logprobs"] = []
+        if top > 0:
+            vals, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+            entry["top_logprobs"] = [item(t, v) for v, t in zip(vals.tolist(), ids.tolist())]
+        return entry
+
 
 class _Row:
     """One sequence being generated: a choice of a request."""
@@ -239,6 +288,7 @@ class _Row:
         p = req.params
         self.ids: list[int] = []
         self.sent = ""
+        self.lp_pending: list[dict] = []  # logprob entries not yet sent with a text delta
         self.done = False
         self.generator = None
         if p.temperature > 0:
@@ -277,9 +327,20 @@ class _Group:
             mask[i, width - len(ids):] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+        echo = [i for i, r in enumerate(rows) if r.index == 0 and r.req.params.prompt_logprobs]
         with torch.inference_mode():
             out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                                    use_cache=True, logits_to_keep=1)
+                                    use_cache=True, logits_to_keep=0 if echo else 1)
+            for i in echo:  # logits at position j predict prompt token j + 1
+                req = rows[i].req
+                ids = req.prompt_ids
+                lsm = torch.log_softmax(out.logits[i, width - len(ids):width - 1].float(), -1)
+                top = req.params.logprobs or 0
+                first_text, first_bytes = self.engine.token_piece(ids[0])
+                req.prompt_logprobs = [{"token": first_text, "logprob": None, "bytes": first_bytes,
+                                        "top_logprobs": []}]
+                req.prompt_logprobs += [self.engine.logprob_entry(lsm[j], ids[j + 1], top)
+                                        for j in range(len(ids) - 1)]
         cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         if self.cache is None:
             self.cache, self.mask, self.pos, self.logits = cache, mask, pos[:, -1:], logits
@@ -296,7 +357,7 @@ class _Group:
         import torch
 
         nxt = self._pick(self.logits)
-        self._emit(nxt.tolist())
+        self._emit(nxt.tolist(), self._logprobs(nxt))
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if not keep:
             self.reset()
@@ -334,9 +395,20 @@ class _Group:
             nxt[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
         return nxt
 
-    def _emit(self, tokens: list[int]) -> None:
+    def _logprobs(self, tokens) -> list[dict | None]:
+        """The logprob entry of each row's new token (None for rows that did not ask)."""
+        import torch
+
+        out: list[dict | None] = [None] * len(self.rows)
+        for i, r in enumerate(self.rows):
+            if not r.done and r.req.params.logprobs is not None:
+                lsm = torch.log_softmax(self.logits[i], -1).cpu()
+                out[i] = self.engine.logprob_entry(lsm, int(tokens[i]), r.req.params.logprobs)
+        return out
+
+    def _emit(self, tokens: list[int], logprobs: list[dict | None]) -> None:
         per_req: dict[int, tuple[GenRequest, list]] = {}
-        for r, t in zip(self.rows, tokens):
+        for r, t, lp in zip(self.rows, tokens, logprobs):
             if r.done:
                 continue
             if r.req.cancelled:
@@ -349,6 +421,8 @@ class _Group:
             if t in self.engine.eos_ids and not p.ignore_eos:
                 r.ids.pop()
                 finish = "stop"
+            elif lp is not None:
+                r.lp_pending.append(lp)
             text = self.tok.decode(r.ids, skip_special_tokens=True)
             cut = min((text.find(s) for s in p.stop if s and s in text), default=-1)
             if cut >= 0:
@@ -362,9 +436,51 @@ class _Group:
             if finish:
                 r.done = True
             if delta or finish:
-                per_req.setdefault(id(r.req), (r.req, []))[1].append((r.index, delta, finish))
+                per_req.setdefault(id(r.req), (r.req, []))[1].append(
+                    (r.index, delta, finish, r.lp_pending))
+                r.lp_pending = []
         for req, deltas in per_req.values():
             req.post(Event(deltas))
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: the printable Latin-1 bytes
+    as themselves, the other bytes as code points 256, 257, ... in byte order. Returns the
+    inverse map, character -> byte."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+_BYTE_DECODER = _byte_level_alphabet()
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """Whether the (fast) tokenizer decodes with a ByteLevel decoder (Llama 3, GPT-2 style)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder")
+    except Exception:  # noqa: BLE001  (a backend that cannot serialize: assume not byte-level)
+        return False
+
+    def find(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(find(v) for v in node.values())
+        if isinstance(node, list):
+            return any(find(v) for v in node)
+        return False
+
+    return find(decoder)
 
 
 def _layers(cache) -> list:

@@ -99,22 +99,38 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (and vLLM's default --max-logprobs)
+
+
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_params(self) -> tuple[int | None, bool]:
+        """(how many alternatives per token, None = no logprobs; prompt logprobs)."""
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
+                           code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None, False
 
 
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprob_params(self) -> tuple[int | None, bool]:
+        return self.logprobs, bool(self.echo and self.logprobs is not None)
 
-CHAT_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias", "audio")
-COMPLETION_UNSUPPORTED = ("logprobs", "logit_bias", "suffix")
+
+CHAT_UNSUPPORTED = ("tools", "functions", "logit_bias", "audio")
+COMPLETION_UNSUPPORTED = ("logit_bias", "suffix")

@@ -1,0 +1,140 @@
+"""Log probabilities and echo on the real server (shared `served` process), checked against the
+model run directly with transformers: chat `logprobs`/`top_logprobs`, and the lm-eval-harness
+style `/v1/completions` request (token-id prompt, `echo`, `logprobs`, `max_tokens: 1`)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import ADAPTER_NAME, BASE_NAME
+
+pytestmark = pytest.mark.slow
+
+MSGS = [{"role": "user", "content": "Reverse the word banana"}]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The base model and tokenizer in this process: log-softmax of the next-token logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def logprobs(ids: list[int]):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits, -1)  # row j: distribution of token j + 1
+
+    return tok, logprobs
+
+
+def test_chat_logprobs_match_the_model(served, reference):
+    tok, logprobs = reference
+    r = served.client().chat.completions.create(model=BASE_NAME, messages=MSGS, temperature=0,
+                                                max_tokens=10, logprobs=True, top_logprobs=3)
+    choice = r.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == r.usage.completion_tokens - (choice.finish_reason == "stop")
+    assert b"".join(bytes(e.bytes) for e in content) == choice.message.content.encode()
+    # Greedy decoding, replayed here token by token: each reported logprob is the model's.
+    text = tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for e in content:
+        lp = logprobs(ids)[-1]
+        nxt = int(lp.argmax())
+        assert e.logprob == pytest.approx(float(lp[nxt]), abs=1e-4)
+        assert len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs),
+                                                             reverse=True)
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
+        assert e.top_logprobs[1].logprob == pytest.approx(float(lp.topk(2).values[1]), abs=1e-4)
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        ids.append(nxt)
+    assert tok.decode(ids[len(tok(text, add_special_tokens=False)["input_ids"]):],
+                      skip_special_tokens=True) == choice.message.content
+
+
+def test_streamed_chat_logprobs_equal_the_whole_response(served):
+    c = served.client()
+    kw = {"model": ADAPTER_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 10,
+          "logprobs": True, "top_logprobs": 2}
+    full = c.chat.completions.create(**kw).choices[0].logprobs.content
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in full]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in full], abs=1e-5)
+    # without logprobs asked, none are computed or sent
+    plain = c.chat.completions.create(model=ADAPTER_NAME, messages=MSGS, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions_echo_logprobs_as_lm_eval_asks(served, reference):
+    """lm-eval-harness `local-completions` loglikelihood: token ids in, prompt logprobs out."""
+    tok, logprobs = reference
+    ids = tok("The quick brown fox jumps over the lazy dog")["input_ids"]
+    r = served.client().completions.create(model=BASE_NAME, prompt=ids, echo=True, logprobs=1,
+                                           max_tokens=1, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1
+    assert lp.tokens[: len(ids)] == [tok.decode([i]) for i in ids]  # ASCII: one char per byte
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = logprobs(ids)
+    want = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)] + [float(ref[-1].max())]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for j in range(1, len(ids)):  # top-1 plus the prompt's own token, as OpenAI documents
+        top = lp.top_logprobs[j]
+        assert lp.tokens[j] in top and max(top.values()) == pytest.approx(float(ref[j - 1].max()), abs=1e-4)
+        assert 1 <= len(top) <= 2
+    assert r.choices[0].text == tok.decode(ids) + lp.tokens[-1]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+
+
+def test_streamed_completion_echoes_the_prompt_first(served):
+    c = served.client()
+    kw = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 4, "temperature": 0,
+          "echo": True, "logprobs": 0, "extra_body": {"ignore_eos": True}}
+    full = c.completions.create(**kw).choices[0]
+    chunks = [ch.choices[0] for ch in c.completions.create(stream=True, **kw) if ch.choices]
+    assert chunks[0].text == "The quick brown"
+    assert "".join(ch.text for ch in chunks) == full.text
+    tokens = [t for ch in chunks if ch.logprobs for t in ch.logprobs.tokens]
+    offsets = [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset]
+    assert tokens == full.logprobs.tokens and offsets == full.logprobs.text_offset
+    assert len(tokens) == len(full.logprobs.token_logprobs) > 4
+    plain = c.completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=2,
+                                 echo=True, temperature=0).choices[0]
+    assert plain.text.startswith("The quick brown") and plain.logprobs is None
+
+
+def test_sampled_tokens_report_their_own_logprob(served):
+    kw = {"model": BASE_NAME, "messages": MSGS, "max_tokens": 6, "temperature": 1.0, "seed": 3,
+          "n": 2, "logprobs": True, "top_logprobs": 2, "extra_body": {"ignore_eos": True}}
+    r1, r2 = (served.client().chat.completions.create(**kw) for _ in range(2))
+    for ch in r1.choices:
+        assert len(ch.logprobs.content) == 6
+        for e in ch.logprobs.content:  # sampled, so not always the most likely token
+            assert len(e.top_logprobs) == 2 and e.logprob <= e.top_logprobs[0].logprob + 1e-6
+    assert [[e.logprob for e in ch.logprobs.content] for ch in r1.choices] == \
+        [[e.logprob for e in ch.logprobs.content] for ch in r2.choices]  # seeded
+
+
+def test_bad_logprob_parameters_are_400(served):
+    c = served.client()
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, top_logprobs=2, max_tokens=2)
+    assert exc.value.body["param"] == "top_logprobs" and "logprobs: true" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, logprobs=True, top_logprobs=21)
+    assert exc.value.body["param"] == "top_logprobs"
+    headers = {"authorization": f"Bearer {served.api_key}"}
+    r = httpx.post(f"{served.v1}/completions", headers=headers, timeout=30,
+                   content=json.dumps({"model": BASE_NAME, "prompt": "x", "logprobs": 21}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
