@@ -260,7 +260,13 @@ class _Handlers:
         return SamplingParams(max_tokens=asked or min(self.engine.default_max_tokens, room),
                               temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
                               seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
-                              logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+                              logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                              top_k=max(req.top_k, 0), min_p=req.min_p,
+                              repetition_penalty=req.repetition_penalty,
+                              frequency_penalty=req.frequency_penalty,
+                              presence_penalty=req.presence_penalty,
+                              logit_bias=req.token_biases(self.engine.vocab_size),
+                              min_tokens=req.min_tokens)
 
     async def _next_event(self, gen: GenRequest, deadline: float):
         left = deadline - asyncio.get_running_loop().time()

@@ -42,7 +42,23 @@ class SamplingParams:
     n: int = 1
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
     logprobs: int | None = None  # None: off; k >= 0: each token's logprob and the k most likely
+    # Logit processing, applied in this order (as vLLM): logit_bias; min_tokens (no stop token
+    # before); repetition_penalty (prompt and output tokens: positive logits / p, negative x p);
+    # frequency and presence penalties (output tokens: -count x f - p); then temperature, top_k,
+    # min_p (drop tokens below min_p x the top probability) and top_p.
+    top_k: int = 0  # 0 (or -1): off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
     prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
+
+    @property
+    def processes_logits(self) -> bool:
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass
@@ -101,6 +117,7 @@ class Engine:
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length = 0
+        self.vocab_size = 0
         self.eos_ids: set[int] = set()
         self.cache_kw = "cache"
         self._byte_decoder: dict[str, int] | None = None
@@ -145,6 +162,7 @@ class Engine:
         self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or tok.model_max_length)
+        self.vocab_size = max(len(tok), int(getattr(cfg, "vocab_size", 0) or 0))  # logits' width
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -385,14 +403,23 @@ class _Group:
         nxt = logits.argmax(-1).cpu()
         for i, r in enumerate(self.rows):
             p = r.req.params
-            if r.done or p.temperature <= 0:
+            if r.done or (p.temperature <= 0 and not p.processes_logits):
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, -1).cpu()
+            row = self._process(logits[i], r) if p.processes_logits else logits[i]
+            if p.temperature <= 0:
+                nxt[i] = row.argmax()
+                continue
+            row = row / p.temperature
+            if 0 < p.top_k < row.shape[-1]:
+                row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
+            probs = torch.softmax(row, -1)
+            if p.min_p > 0:
+                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
             if p.top_p < 1.0:
                 sp, si = probs.sort(descending=True)
                 keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
                 probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            nxt[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+            nxt[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator)[0]
         return nxt
 
     def _logprobs(self, tokens) -> list[dict | None]:
@@ -405,6 +432,28 @@ class _Group:
                 lsm = torch.log_softmax(self.logits[i], -1).cpu()
                 out[i] = self.engine.logprob_entry(lsm, int(tokens[i]), r.req.params.logprobs)
         return out
+
+    def _process(self, row, r: _Row):
+        """Bias and penalties on (a copy of) one row's float32 logits."""
+        import torch
+
+        p = r.req.params
+        row = row.clone()
+        vocab = row.shape[-1]
+        for tid, bias in p.logit_bias.items():
+            if tid < vocab:
+                row[tid] += bias
+        if len(r.ids) < p.min_tokens:
+            row[[t for t in self.engine.eos_ids if t < vocab]] = float("-inf")
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.req.prompt_ids) | set(r.ids)), device=row.device)
+            seen = seen[seen < vocab]
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if r.ids and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(r.ids, device=row.device), minlength=vocab)[:vocab].float()
+            row -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
+        return row
 
     def _emit(self, tokens: list[int], logprobs: list[dict | None]) -> None:
         per_req: dict[int, tuple[GenRequest, list]] = {}

@@ -53,7 +53,23 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    ignore_eos: bool = False  # vLLM extension, for benchmarks
+    logit_bias: dict[str, float] | None = None
+    # vLLM extensions
+    ignore_eos: bool = False
+    top_k: int = Field(-1, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_tokens: int = Field(0, ge=0)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"keys must be token ids (got {key!r})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be between -100 and 100 (got {bias} for token {key})")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -66,15 +82,28 @@ class _Body(BaseModel):
         return stops
 
     def reject_unsupported(self, names: tuple[str, ...]) -> None:
+        """400 for parameters this server would otherwise ignore while they change the result."""
         extra = self.model_extra or {}
-        for name in names:
-            if extra.get(name) not in (None, False, [], 0):
+        for name in names + UNSUPPORTED:
+            value = extra.get(name)
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if name == "best_of" and value in (1, self.n):
+                continue
+            if value not in (None, False, [], 0, {}):
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported by this server (send 0)", param=name,
-                               code="unsupported_parameter")
+        if self.min_tokens and self.effective_max_tokens() and self.min_tokens > self.effective_max_tokens():
+            raise APIError(400, f"min_tokens ({self.min_tokens}) is larger than max_tokens "
+                           f"({self.effective_max_tokens()})", param="min_tokens", code="invalid_value")
+
+    def token_biases(self, vocab: int) -> dict[int, float]:
+        biases = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        bad = sorted(t for t in biases if t >= vocab)
+        if bad:
+            raise APIError(400, f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                           param="logit_bias", code="invalid_value")
+        return biases
 
     @property
     def include_usage(self) -> bool:
@@ -132,5 +161,8 @@ class CompletionRequest(_Body):
         return self.logprobs, bool(self.echo and self.logprobs is not None)
 
 
-CHAT_UNSUPPORTED = ("tools", "functions", "logit_bias", "audio")
-COMPLETION_UNSUPPORTED = ("logit_bias", "suffix")
+# Parameters that would change the result: rejected (400) rather than silently ignored.
+UNSUPPORTED = ("response_format", "best_of", "use_beam_search", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs")
+CHAT_UNSUPPORTED = ("tools", "functions", "audio")
+COMPLETION_UNSUPPORTED = ("suffix",)

@@ -1,6 +1,8 @@
-"""Log probabilities and echo on the real server (shared `served` process), checked against the
-model run directly with transformers: chat `logprobs`/`top_logprobs`, and the lm-eval-harness
-style `/v1/completions` request (token-id prompt, `echo`, `logprobs`, `max_tokens: 1`)."""
+"""Log probabilities, echo and logit processing on the real server (shared `served` process),
+checked against the model run directly with transformers: chat `logprobs`/`top_logprobs`, the
+lm-eval-harness style `/v1/completions` request (token-id prompt, `echo`, `logprobs`,
+`max_tokens: 1`), and `logit_bias`, penalties, `top_k`, `min_p`, `min_tokens`, each replayed
+token by token here."""
 
 from __future__ import annotations
 
@@ -31,7 +33,23 @@ def reference(tiny_model_dir):
             logits = model(input_ids=torch.tensor([ids])).logits[0].float()
         return torch.log_softmax(logits, -1)  # row j: distribution of token j + 1
 
+    logprobs.model = model
     return tok, logprobs
+
+
+def replay(reference, prompt: list[int], steps: int, process=lambda logits, ids, out: logits):
+    """Greedy decoding here, with `process(last_logits, all_ids, output_ids)` applied first."""
+    import torch
+
+    _, logprobs = reference
+    ids, out = list(prompt), []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = logprobs.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        nxt = int(process(logits.clone(), ids, out).argmax())
+        ids.append(nxt)
+        out.append(nxt)
+    return out
 
 
 def test_chat_logprobs_match_the_model(served, reference):
@@ -138,3 +156,90 @@ def test_bad_logprob_parameters_are_400(served):
     r = httpx.post(f"{served.v1}/completions", headers=headers, timeout=30,
                    content=json.dumps({"model": BASE_NAME, "prompt": "x", "logprobs": 21}))
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+PROMPT = "The quick brown fox"
+
+
+def complete(served, **kw) -> tuple[str, object]:
+    kw = {"model": BASE_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+          "extra_body": {"ignore_eos": True, **kw.pop("extra_body", {})}, **kw}
+    choice = served.client().completions.create(**kw).choices[0]
+    return choice.text, choice
+
+
+def test_logit_bias_forces_and_bans_tokens(served, reference):
+    import torch
+
+    tok, _ = reference
+    prompt = tok(PROMPT)["input_ids"]
+    greedy = replay(reference, prompt, 8)
+    forced = tok.convert_tokens_to_ids("Ġthe")
+    text, _ = complete(served, logit_bias={str(forced): 100})
+    assert text == tok.decode([forced] * 8)
+    banned = replay(reference, prompt, 8, lambda x, ids, out: x.index_fill(0, torch.tensor([greedy[0]]), -1e9))
+    text, _ = complete(served, logit_bias={str(greedy[0]): -100})
+    assert banned[0] != greedy[0] and text == tok.decode(banned)
+
+
+def test_frequency_presence_and_repetition_penalties_match_the_formulas(served, reference):
+    import torch
+
+    tok, _ = reference
+    prompt = tok(PROMPT)["input_ids"]
+    plain = replay(reference, prompt, 8)
+
+    def penalties(frequency: float, presence: float):
+        def process(x, ids, out):
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.shape[0]).float()
+            return x - frequency * counts - presence * (counts > 0).float()
+        return process
+
+    def repetition(x, ids, out):
+        seen = torch.tensor(sorted(set(ids)))
+        x[seen] = torch.where(x[seen] > 0, x[seen] / 1.8, x[seen] * 1.8)
+        return x
+
+    for frequency, presence in ((1.5, 0.0), (0.0, 2.0), (0.7, 0.7)):
+        want = replay(reference, prompt, 8, penalties(frequency, presence))
+        text, _ = complete(served, frequency_penalty=frequency, presence_penalty=presence)
+        assert text == tok.decode(want) and want != plain, (frequency, presence)
+    want = replay(reference, prompt, 8, repetition)
+    text, _ = complete(served, extra_body={"repetition_penalty": 1.8})
+    assert text == tok.decode(want) and want != plain
+
+
+def test_top_k_1_and_min_p_1_sample_the_greedy_sequence(served):
+    greedy, _ = complete(served)
+    for seed in (1, 2):
+        assert complete(served, temperature=1.5, seed=seed, extra_body={"top_k": 1})[0] == greedy
+        assert complete(served, temperature=1.5, seed=seed, extra_body={"min_p": 1.0})[0] == greedy
+    sampled = {complete(served, temperature=1.5, seed=s, extra_body={"top_k": 50})[0] for s in (1, 2, 3)}
+    assert len(sampled) > 1  # top_k alone still samples
+
+
+def test_min_tokens_holds_back_the_stop_token(served, reference):
+    tok, _ = reference
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    kw = {"model": BASE_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+          "logit_bias": {str(eot): 100}}
+    early = served.client().completions.create(**kw)
+    assert early.choices[0].finish_reason == "stop" and early.choices[0].text == ""
+    late = served.client().completions.create(**kw, extra_body={"min_tokens": 3})
+    assert late.choices[0].finish_reason == "stop" and late.usage.completion_tokens == 4
+
+
+def test_parameters_that_would_be_ignored_are_400(served):
+    c = served.client()
+    for kw, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"logit_bias": {"x": 1}}, "logit_bias"),
+                      ({"logit_bias": {"5": 300}}, "logit_bias"),
+                      ({"logit_bias": {"999999": 1}}, "logit_bias"),
+                      ({"extra_body": {"min_tokens": 9}, "max_tokens": 4}, "min_tokens"),
+                      ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.chat.completions.create(model=BASE_NAME, messages=MSGS, **{"max_tokens": 2, **kw})
+        assert exc.value.body["param"].startswith(param), (kw, exc.value.body)
+    ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2,
+                                   response_format={"type": "text"})
+    assert ok.choices[0].message.content is not None
