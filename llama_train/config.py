@@ -158,6 +158,12 @@ class DataConfig(Section):
         description="Fail preflight when non-pad tokens / row slots of the train rows is below this.",
     )
     shuffle: bool = Field(True, description="Shuffle rows each epoch (deterministic by seed and epoch).")
+    group_by_length: bool = Field(
+        False,
+        description="Unpacked rows (packing: false): order each epoch's shuffled rows by length within "
+        "windows of 50 global batches, longest first, so micro batches pad little (HF Trainer's "
+        "group_by_length). With packing every row is already about seq_len long.",
+    )
     cache: bool = Field(
         True, description="Reuse the preprocessed (tokenized, packed) data saved under cache_dir."
     )
@@ -331,6 +337,9 @@ class Recipe(Section):
         if math.log2(t.loss_scale_init) != round(math.log2(t.loss_scale_init)):
             raise ValueError(f"train.loss_scale_init must be a power of two (scaling by one is exact in fp16), "
                              f"got {t.loss_scale_init}; e.g. 65536")
+        if self.data.group_by_length and self.data.packing:
+            raise ValueError("data.group_by_length orders unpacked rows by length; with data.packing: true "
+                             "the rows are already about seq_len long: set one of them to false")
         if self.parallel.strategy == "deepspeed" and self.model.quantization != "none":
             raise ValueError("model.quantization with parallel.strategy deepspeed is not supported; "
                              "use strategy ddp or fsdp for QLoRA")

@@ -32,6 +32,7 @@ from llama_train.data.loader import (
     collate,
     is_filler,
     num_supervised,
+    row_lengths,
     sample_index,
 )
 from llama_train.errors import (
@@ -381,7 +382,8 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     strategy = apply_strategy(model, recipe, ctx)
     loader = StepLoader(len(data.train), micro_batch_size=t.micro_batch_size,
                         grad_accum_steps=t.grad_accum_steps, world_size=ctx.world_size, rank=ctx.rank,
-                        seed=t.seed, shuffle=recipe.data.shuffle)
+                        seed=t.seed, shuffle=recipe.data.shuffle,
+                        lengths=row_lengths(data.train) if recipe.data.group_by_length else None)
     steps = total_steps(recipe, len(data.train), loader.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe, steps))
     state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,

@@ -6,7 +6,9 @@
 `--repeats R` runs R rounds of every framework, rotating the order per round (no framework always
 first or last); the table shows each framework's median round and a second table the per-round
 ratios (the two runs compared within a round saw the same machine state). `--frameworks` may add
-`llama_train_compiled` (the same recipe with `train.compile: true`).
+`llama_train_compiled` (the same recipe with `train.compile: true`), `llama_train_padded`
+(data.packing false: one sample per row, padded to the longest of `--hf-batch` rows per step, as
+hf) and `llama_train_grouped` (the same with data.group_by_length).
 
 The same tiny Llama (llama_train.tiny.build_tiny, seed 0), the same synthetic chat data (one
 user and one assistant turn of random letter words from the tiny tokenizer's vocabulary; user and
@@ -45,6 +47,7 @@ padded batches vary in cost. The load average before and after each child is rec
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -63,7 +66,9 @@ SEQ_LEN = 1024
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HP = {"lr": 2e-4, "seed": 42, "r": 16, "alpha": 32, "max_grad_norm": 1.0}
 FRAMEWORKS = ("llama_train", "hf", "trl")
-OPTIONAL = ("llama_train_compiled",)  # llama_train with train.compile: true (not in the default set)
+# not in the default set: llama_train with train.compile: true; unpacked rows (padded like hf),
+# without and with data.group_by_length
+OPTIONAL = ("llama_train_compiled", "llama_train_padded", "llama_train_grouped")
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -184,20 +189,23 @@ def supervised_in_loader(loader) -> int:
 
 
 # ------------------------------------------------------------------------------- children
-def child_llama_train(work: Path, args, *, compiled: bool = False) -> dict:
+def child_llama_train(work: Path, args, *, variant: str = "") -> dict:
     import inspect
 
     import yaml
 
-    name = "llama_train_compiled" if compiled else "llama_train"
+    name = f"llama_train_{variant}" if variant else "llama_train"
+    compiled, packed = variant == "compiled", variant not in ("padded", "grouped")
     out = run_dir(work, args, name)
     recipe = {
         "output_dir": str(out),
         "model": {"source": "tiny", "path": str(work / "tiny"), "attn_implementation": "doc_sdpa"},
-        "data": {"sources": [{"path": str(work / "chat.jsonl"), "format": "messages"}], "packing": True,
+        "data": {"sources": [{"path": str(work / "chat.jsonl"), "format": "messages"}], "packing": packed,
+                 "group_by_length": variant == "grouped",
                  "seq_len": SEQ_LEN, "cache_dir": str(work / "llama_train_cache")},
         "lora": {"r": HP["r"], "alpha": HP["alpha"], "dropout": 0.0, "target_modules": LORA_TARGETS},
-        "train": {"epochs": 1, "micro_batch_size": args.packed_rows, "grad_accum_steps": 1, "lr": HP["lr"],
+        "train": {"epochs": 1, "micro_batch_size": args.packed_rows if packed else args.hf_batch,
+                  "grad_accum_steps": 1, "lr": HP["lr"],
                   "lr_scheduler": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
                   "max_grad_norm": HP["max_grad_norm"], "seed": HP["seed"], "precision": "fp32",
                   "num_threads": args.threads, "log_every_n_steps": 1, "compile": compiled},
@@ -306,7 +314,8 @@ def child_trl(work: Path, args) -> dict:
 
 
 CHILDREN = {"llama_train": child_llama_train, "hf": child_hf, "trl": child_trl,
-            "llama_train_compiled": lambda work, args: child_llama_train(work, args, compiled=True)}
+            **{f"llama_train_{v}": functools.partial(child_llama_train, variant=v)
+               for v in ("compiled", "padded", "grouped")}}
 
 
 def run_child(name: str, work: Path, args) -> dict:

@@ -28,7 +28,8 @@ from llama_train.data.pipeline import Prepared, prepare
 
 PIPELINE_VERSION = 1  # bump when the pipeline's output for the same inputs changes
 COMPLETE = "COMPLETE"
-NOT_KEYED = {"cache", "cache_dir", "num_proc", "max_dropped_fraction", "min_packing_efficiency", "shuffle"}
+NOT_KEYED = {"cache", "cache_dir", "num_proc", "max_dropped_fraction", "min_packing_efficiency", "shuffle",
+             "group_by_length"}
 
 
 def cache_root(recipe: Recipe) -> Path:

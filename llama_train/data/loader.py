@@ -6,6 +6,10 @@ rank r gets the contiguous slice r of it, split into `grad_accum_steps` micro ba
 every rank derives the same stream, 2 ranks x micro-batch 2 see exactly the samples that 1 rank x
 micro-batch 4 sees, and the loader state (epoch, position) is a pair of integers.
 
+With `lengths` (data.group_by_length, unpacked rows) each epoch's permutation is then reordered
+by `group_by_length`: windows of 50 global batches sorted by length, so a micro batch holds rows
+of similar length and pads little; the longest row comes first.
+
 An epoch is ceil(samples / global_batch) steps and trains every sample exactly once. When the
 global batch does not divide the samples, the epoch's last step is topped up with *filler* rows
 (samples from the start of the same permutation, reported as `filler(i)`): the trainer masks
@@ -25,9 +29,19 @@ import torch
 from llama_train.data.chat import IGNORE_INDEX
 from llama_train.data.packing import (
     block_causal_mask,
+    group_by_length,
     position_ids_from_segments,
     segments,
 )
+
+
+def row_lengths(dataset) -> list[int]:
+    """Tokens per row of a train `datasets.Dataset` (its input_ids lengths, read from Arrow)."""
+    import pyarrow.compute as pc
+
+    if not len(dataset):
+        return []
+    return pc.list_value_length(dataset.with_format("arrow")[:].column("input_ids")).to_pylist()
 
 
 def filler(index: int) -> int:
@@ -52,8 +66,11 @@ class LoaderState:
 
 class StepLoader:
     def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum_steps: int,
-                 world_size: int, rank: int, seed: int, shuffle: bool = True):
+                 world_size: int, rank: int, seed: int, shuffle: bool = True, lengths=None):
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
         self.num_samples = num_samples
+        self.lengths = lengths
         self.micro_batch_size = micro_batch_size
         self.grad_accum_steps = grad_accum_steps
         self.world_size = world_size
@@ -74,6 +91,8 @@ class StepLoader:
             order = list(range(self.num_samples))
             if self.shuffle:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, self.global_batch)
             self._perm, self._perm_epoch = order, epoch
         return self._perm
 

@@ -42,9 +42,15 @@ def build_report(recipe: Recipe, prepared: Prepared, *, cache: dict | None = Non
         alternative = {"padded": padded_efficiency(trained, batch_size=recipe.train.micro_batch_size,
                                                    seed=recipe.train.seed)}
     else:
-        efficiency = padded_efficiency(trained, batch_size=recipe.train.micro_batch_size, seed=recipe.train.seed)
+        group = recipe.train.micro_batch_size * recipe.train.grad_accum_steps  # x ranks: about the same
+        padded = {grouped: padded_efficiency(trained, batch_size=recipe.train.micro_batch_size,
+                                             seed=recipe.train.seed, group_size=group if grouped else None)
+                  for grouped in (False, True)}
+        efficiency = padded[d.group_by_length]
         alternative = {"packed": packing_efficiency(trained, best_fit_decreasing(trained, d.seq_len), d.seq_len)
                        if trained.size else 0.0}
+        if not d.group_by_length:
+            alternative["group_by_length"] = padded[True]
     report = {
         "rows": c["rows"],
         "kept": c["kept"],
