@@ -32,6 +32,7 @@ from llama_train.serve.schemas import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    check_token_ids,
     error_body,
     from_validation_error,
 )
@@ -201,7 +202,8 @@ class _Handlers:
             raise APIError(400, "stream with several prompts is not supported; send one prompt",
                            param="prompt", code="unsupported_parameter")
         out = _Output(kind, req.n, top_logprobs is not None,
-                      self._echo_texts(req, prompts) if kind == "text" and req.echo else None)
+                      self._echo_texts(req, prompts) if kind == "text" and req.echo else None,
+                      engine.special_tokens)
         for gen in gens:
             self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
             engine.submit(gen)
@@ -225,14 +227,14 @@ class _Handlers:
         prompt = req.prompt
         if isinstance(prompt, str):
             return [engine.text_prompt_ids(prompt)]
-        if all(isinstance(p, int) for p in prompt):
-            vocab = len(engine.tokenizer)
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary "
-                               f"[0, {vocab})", param="prompt", code="invalid_value")
-            return [list(prompt)]
-        return [engine.text_prompt_ids(p) for p in prompt]
+        if all(isinstance(p, str) for p in prompt):
+            return [engine.text_prompt_ids(p) for p in prompt]
+        lists = [list(prompt)] if all(isinstance(p, int) for p in prompt) else [list(p) for p in prompt]
+        for ids in lists:
+            if not ids:
+                raise APIError(400, "a token-id prompt is empty", param="prompt", code="invalid_value")
+            check_token_ids(ids, len(engine.tokenizer), "prompt")
+        return lists
 
     def _echo_texts(self, req, prompts: list[list[int]]) -> list[str]:
         """The prompt text each choice starts with under `echo` (token prompts are decoded)."""
@@ -257,7 +259,7 @@ class _Handlers:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens and the prompt "
                            f"has {prompt_len}; shorten it.", param="messages",
                            code="context_length_exceeded")
-        return SamplingParams(max_tokens=asked or min(self.engine.default_max_tokens, room),
+        return SamplingParams(max_tokens=asked if asked is not None else min(self.engine.default_max_tokens, room),
                               temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
                               seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
                               logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
@@ -266,7 +268,12 @@ class _Handlers:
                               frequency_penalty=req.frequency_penalty,
                               presence_penalty=req.presence_penalty,
                               logit_bias=req.token_biases(self.engine.vocab_size),
-                              min_tokens=req.min_tokens)
+                              min_tokens=req.min_tokens,
+                              stop_token_ids=req.token_ids("stop_token_ids", self.engine.vocab_size) or [],
+                              allowed_token_ids=req.token_ids("allowed_token_ids", self.engine.vocab_size),
+                              include_stop_str_in_output=req.include_stop_str_in_output,
+                              report_stop_token=isinstance(req, CompletionRequest),
+                              tokens_as_ids=req.return_tokens_as_token_ids)
 
     async def _next_event(self, gen: GenRequest, deadline: float):
         left = deadline - asyncio.get_running_loop().time()
@@ -359,8 +366,10 @@ class _Output:
     (chat: `{"content": [entries]}`; completions: the legacy `tokens` / `token_logprobs` /
     `top_logprobs` / `text_offset` lists) and `echo` (the prompt text and its logprobs first)."""
 
-    def __init__(self, kind: str, n: int, logprobs: bool, echo_texts: list[str] | None):
+    def __init__(self, kind: str, n: int, logprobs: bool, echo_texts: list[str] | None,
+                 special_tokens: set[str]):
         self.kind, self.logprobs, self.echo_texts = kind, logprobs, echo_texts
+        self.special = special_tokens
         self.offsets = [0] * n  # streamed text_offset so far, per choice
 
     def choice(self, index: int, prompt_index: int, gen: GenRequest, text: str,
@@ -373,7 +382,7 @@ class _Output:
             text = self.echo_texts[prompt_index] + text
             entries = (gen.prompt_logprobs or []) + entries
         return {"index": index, "text": text, "finish_reason": finish,
-                "logprobs": _legacy_logprobs(entries, 0) if self.logprobs else None}
+                "logprobs": self._legacy(entries, text, 0)[0] if self.logprobs else None}
 
     def chunk_choice(self, index: int, text: str | None, finish: str | None,
                      entries: list[dict] | None, role: bool) -> dict:
@@ -385,24 +394,27 @@ class _Output:
                 logprobs = {"content": entries or []}
             return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         if self.logprobs:
-            logprobs = _legacy_logprobs(entries or [], self.offsets[index])
-            self.offsets[index] += sum(len(e["token"]) for e in entries or [])
+            logprobs, self.offsets[index] = self._legacy(entries or [], text or "", self.offsets[index])
         return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
-
-def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
-    """Chat-shaped logprob entries -> the /v1/completions lists. As OpenAI documents, each
-    top_logprobs dict holds the chosen token as well as the k most likely (up to k + 1 keys);
-    text_offset counts characters of the token strings from the first one listed."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        out["tokens"].append(e["token"])
-        out["token_logprobs"].append(e["logprob"])
-        top = None
-        if e["logprob"] is not None:
-            top = {t["token"]: t["logprob"] for t in e["top_logprobs"]}
-            top[e["token"]] = e["logprob"]  # the chosen token wins a clash of equal strings
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(e["token"])
-    return out
+    def _legacy(self, entries: list[dict], text: str, offset: int) -> tuple[dict, int]:
+        """Chat-shaped logprob entries -> the /v1/completions lists, and the offset after them.
+        As OpenAI documents, each top_logprobs dict holds the chosen token as well as the k most
+        likely (up to k + 1 keys). text_offset: where each token starts in the returned text
+        (`offset` + position in `text`); a special token the text does not show (a BOS the
+        tokenizer added, the stop token) takes no room."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        pos = 0
+        for e in entries:
+            out["tokens"].append(e["token"])
+            out["token_logprobs"].append(e["logprob"])
+            top = None
+            if e["logprob"] is not None:
+                top = {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                top[e["token"]] = e["logprob"]  # the chosen token wins a clash of equal strings
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset + pos)
+            piece = bytes(e["bytes"]).decode("utf-8", errors="replace")
+            if not (piece in self.special and not text.startswith(piece, pos)):
+                pos += len(piece)
+        return out, offset + pos

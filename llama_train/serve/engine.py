@@ -52,13 +52,18 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    min_tokens: int = 0
+    min_tokens: int = 0  # stop tokens are masked and stop strings ignored until then
+    allowed_token_ids: list[int] | None = None  # vLLM: sample only from these
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM: stop like EOS (also with ignore_eos)
+    include_stop_str_in_output: bool = False  # vLLM: keep the stop string in the text
+    report_stop_token: bool = False  # list the stop token's logprob entry (/v1/completions, as vLLM)
+    tokens_as_ids: bool = False  # vLLM return_tokens_as_token_ids: entries' token = "token_id:N"
     prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
 
     @property
     def processes_logits(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Engine:
         self.cache_kw = "cache"
         self._byte_decoder: dict[str, int] | None = None
         self._pieces: dict[int, tuple[str, list[int]]] = {}
+        self.special_tokens: set[str] = set()
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._pending: queue.Queue[GenRequest | None] = queue.Queue()
@@ -169,6 +175,8 @@ class Engine:
         if tok.eos_token_id is not None:
             self.eos_ids.add(tok.eos_token_id)
         self._byte_decoder = _BYTE_DECODER if _is_byte_level(tok) else None
+        self.special_tokens = set(tok.all_special_tokens) | {
+            t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
         self.model, self.tokenizer = model, tok
         log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
                                         "load_s": round(time.monotonic() - t0, 2)})
@@ -282,18 +290,48 @@ class Engine:
             hit = self._pieces[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return hit
 
-    def logprob_entry(self, logprobs, token_id: int, top: int) -> dict:
-        """OpenAI chat-shaped entry for `token_id` from one row of log-probabilities [vocab]."""
-        def item(tid: int, lp: float) -> dict:
+    def logprob_entry(self, token_id: int, logprob: float | None, top: list[tuple[int, float]],
+                      as_ids: bool = False) -> dict:
+        """OpenAI chat-shaped entry: the token, its logprob, its bytes and the `top` alternatives
+        ((token id, logprob) pairs). `as_ids`: token strings are "token_id:N" (vLLM's
+        return_tokens_as_token_ids), the bytes stay the token's own."""
+        def item(tid: int, lp: float | None) -> dict:
             text, raw = self.token_piece(tid)
-            return {"token": text, "logprob": max(lp, -9999.0), "bytes": raw}  # -inf is not JSON
+            if lp is not None and not lp >= -9999.0:  # -inf and NaN are not JSON (OpenAI: -9999)
+                lp = -9999.0
+            return {"token": f"token_id:{tid}" if as_ids else text, "logprob": lp, "bytes": raw}
 
-        entry = item(token_id, float(logprobs[token_id]))
-        entry["top_logprobs"] = []
-        if top > 0:
-            vals, ids = logprobs.topk(min(top, logprobs.shape[-1]))
-            entry["top_logprobs"] = [item(t, v) for v, t in zip(vals.tolist(), ids.tolist())]
+        entry = item(token_id, logprob)
+        entry["top_logprobs"] = [item(t, v) for t, v in top]
         return entry
+
+    def logprob_entries(self, logits, token_ids: list[int], tops: list[int],
+                        as_ids: list[bool]) -> list[dict]:
+        """Entries for row i of `logits` [rows, vocab] choosing token_ids[i], with tops[i]
+        alternatives: log-softmax, gather and top-k on the logits' device, one copy to the host."""
+        import torch
+
+        lsm = torch.log_softmax(logits.float(), -1)
+        chosen = lsm.gather(1, torch.tensor(token_ids, device=lsm.device)[:, None])[:, 0].tolist()
+        k = min(max(tops), lsm.shape[-1])
+        vals, ids = (lsm.topk(k, -1) if k > 0 else (lsm[:, :0], lsm[:, :0].long()))
+        vals, ids = vals.tolist(), ids.tolist()
+        return [self.logprob_entry(t, lp, list(zip(ids[i][:top], vals[i][:top])), a)
+                for i, (t, lp, top, a) in enumerate(zip(token_ids, chosen, tops, as_ids))]
+
+    def prompt_logprobs(self, logits, prompt_ids: list[int], top: int, as_ids: bool) -> list[dict]:
+        """Entries for every prompt token (the first has logprob None) from the prefill logits
+        of its positions, [len - 1 (or more), vocab]: row j predicts prompt token j + 1. Done in
+        chunks, so no [len, vocab] float32 copy is made at once."""
+        out = [self.logprob_entry(prompt_ids[0], None, [], as_ids)]
+        for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROB_CHUNK):
+            targets = prompt_ids[start + 1:start + 1 + PROMPT_LOGPROB_CHUNK]
+            out += self.logprob_entries(logits[start:start + len(targets)], targets,
+                                        [top] * len(targets), [as_ids] * len(targets))
+        return out
+
+
+PROMPT_LOGPROB_CHUNK = 512  # prompt positions per log-softmax (bounds the float32 copy)
 
 
 class _Row:
@@ -307,6 +345,8 @@ class _Row:
         self.ids: list[int] = []
         self.sent = ""
         self.lp_pending: list[dict] = []  # logprob entries not yet sent with a text delta
+        self.bias = self.seen = None  # logit processing tensors, built on first use
+        self.scanned = 0  # characters of the decoded text already searched for stop strings
         self.done = False
         self.generator = None
         if p.temperature > 0:
@@ -332,6 +372,20 @@ class _Group:
         self.cache = self.mask = self.pos = self.logits = None
 
     def admit(self, reqs: list[GenRequest]) -> None:
+        """Prefill new requests and merge them into the running batch. A request that wants its
+        prompt's logprobs is prefilled alone (only it computes logits at every position); a
+        prefill that fails fails its own requests, not the running ones."""
+        plain = [q for q in reqs if not q.params.prompt_logprobs]
+        batches = ([plain] if plain else []) + [[q] for q in reqs if q.params.prompt_logprobs]
+        for batch in batches:
+            try:
+                self._prefill(batch)
+            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the running batch is intact)
+                log.exception("prefill failed")
+                for req in batch:
+                    req.post(Event([], error=exc))
+
+    def _prefill(self, reqs: list[GenRequest]) -> None:
         import torch
 
         rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
@@ -345,20 +399,17 @@ class _Group:
             mask[i, width - len(ids):] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-        echo = [i for i, r in enumerate(rows) if r.index == 0 and r.req.params.prompt_logprobs]
+        echo = reqs[0] if reqs[0].params.prompt_logprobs else None  # then alone (see admit)
         with torch.inference_mode():
             out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                     use_cache=True, logits_to_keep=0 if echo else 1)
-            for i in echo:  # logits at position j predict prompt token j + 1
-                req = rows[i].req
-                ids = req.prompt_ids
-                lsm = torch.log_softmax(out.logits[i, width - len(ids):width - 1].float(), -1)
-                top = req.params.logprobs or 0
-                first_text, first_bytes = self.engine.token_piece(ids[0])
-                req.prompt_logprobs = [{"token": first_text, "logprob": None, "bytes": first_bytes,
-                                        "top_logprobs": []}]
-                req.prompt_logprobs += [self.engine.logprob_entry(lsm[j], ids[j + 1], top)
-                                        for j in range(len(ids) - 1)]
+            if echo is not None:  # one prompt (n rows of it, left-padding-free): row 0's logits
+                p = echo.params
+                echo.prompt_logprobs = self.engine.prompt_logprobs(
+                    out.logits[0, :-1], echo.prompt_ids, p.logprobs or 0, p.tokens_as_ids)
+                if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
+                    echo.post(Event([(r.index, "", "length", []) for r in rows]))
+                    return
         cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         if self.cache is None:
             self.cache, self.mask, self.pos, self.logits = cache, mask, pos[:, -1:], logits
@@ -415,6 +466,7 @@ class _Group:
             probs = torch.softmax(row, -1)
             if p.min_p > 0:
                 probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+                probs = probs / probs.sum()  # top_p sees the renormalized distribution
             if p.top_p < 1.0:
                 sp, si = probs.sort(descending=True)
                 keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
@@ -424,13 +476,15 @@ class _Group:
 
     def _logprobs(self, tokens) -> list[dict | None]:
         """The logprob entry of each row's new token (None for rows that did not ask)."""
-        import torch
-
         out: list[dict | None] = [None] * len(self.rows)
-        for i, r in enumerate(self.rows):
-            if not r.done and r.req.params.logprobs is not None:
-                lsm = torch.log_softmax(self.logits[i], -1).cpu()
-                out[i] = self.engine.logprob_entry(lsm, int(tokens[i]), r.req.params.logprobs)
+        want = [i for i, r in enumerate(self.rows) if not r.done and r.req.params.logprobs is not None]
+        if want:
+            params = [self.rows[i].req.params for i in want]
+            entries = self.engine.logprob_entries(
+                self.logits[want], [int(tokens[i]) for i in want], [p.logprobs for p in params],
+                [p.tokens_as_ids for p in params])
+            for i, entry in zip(want, entries):
+                out[i] = entry
         return out
 
     def _process(self, row, r: _Row):
@@ -438,18 +492,26 @@ class _Group:
         import torch
 
         p = r.req.params
-        row = row.clone()
         vocab = row.shape[-1]
-        for tid, bias in p.logit_bias.items():
-            if tid < vocab:
-                row[tid] += bias
+        if r.bias is None:  # dense bias (logit_bias, allowed_token_ids) and the prompt's tokens, once
+            r.bias = torch.zeros(vocab, device=row.device)
+            if p.allowed_token_ids is not None:
+                r.bias.fill_(float("-inf"))
+                r.bias[[t for t in p.allowed_token_ids if t < vocab]] = 0.0
+            for tid, bias in p.logit_bias.items():
+                if tid < vocab:
+                    r.bias[tid] += bias
+            r.seen = torch.zeros(vocab, dtype=torch.bool, device=row.device)
+            r.seen[[t for t in r.req.prompt_ids if t < vocab]] = True
+        row = row + r.bias
         if len(r.ids) < p.min_tokens:
-            row[[t for t in self.engine.eos_ids if t < vocab]] = float("-inf")
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.engine.eos_ids)
+            row[[t for t in stops if t < vocab]] = float("-inf")
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.req.prompt_ids) | set(r.ids)), device=row.device)
-            seen = seen[seen < vocab]
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            seen = r.seen.clone()
+            seen[[t for t in r.ids if t < vocab]] = True
+            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                row * p.repetition_penalty), row)
         if r.ids and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(r.ids, device=row.device), minlength=vocab)[:vocab].float()
             row -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
@@ -467,15 +529,21 @@ class _Group:
             r.ids.append(t)
             r.req.completion_tokens += 1
             finish = None
-            if t in self.engine.eos_ids and not p.ignore_eos:
+            if (t in self.engine.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 r.ids.pop()
                 finish = "stop"
-            elif lp is not None:
+            if lp is not None and (finish is None or p.report_stop_token):
                 r.lp_pending.append(lp)
             text = self.tok.decode(r.ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in p.stop if s and s in text), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
+            found = []
+            if len(r.ids) >= p.min_tokens:  # only text new since the last step (as vLLM): a stop
+                # string that appeared before min_tokens was reached does not count later
+                found = [(i, s) for s in p.stop if s
+                         for i in [text.find(s, max(0, r.scanned - len(s) + 1))] if i >= 0]
+            r.scanned = len(text)
+            if found:
+                cut, stop = min(found)
+                text, finish = text[:cut + (len(stop) if p.include_stop_str_in_output else 0)], "stop"
             elif finish is None and len(r.ids) >= p.max_tokens:
                 finish = "length"
             if finish is None:

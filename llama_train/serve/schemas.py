@@ -60,6 +60,10 @@ class _Body(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False
 
     @field_validator("logit_bias")
     @classmethod
@@ -93,21 +97,36 @@ class _Body(BaseModel):
             if value not in (None, False, [], 0, {}):
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")
-        if self.min_tokens and self.effective_max_tokens() and self.min_tokens > self.effective_max_tokens():
-            raise APIError(400, f"min_tokens ({self.min_tokens}) is larger than max_tokens "
-                           f"({self.effective_max_tokens()})", param="min_tokens", code="invalid_value")
+        most = self.effective_max_tokens()
+        if self.min_tokens and most is not None and self.min_tokens > most:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) is larger than max_tokens ({most})",
+                           param="min_tokens", code="invalid_value")
+        if most == 0 and not getattr(self, "echo", False):
+            raise APIError(400, "max_tokens 0 only scores the prompt: it needs echo: true (and logprobs)",
+                           param="max_tokens", code="invalid_value")
 
     def token_biases(self, vocab: int) -> dict[int, float]:
         biases = {int(k): v for k, v in (self.logit_bias or {}).items()}
-        bad = sorted(t for t in biases if t >= vocab)
-        if bad:
-            raise APIError(400, f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                           param="logit_bias", code="invalid_value")
+        check_token_ids(biases, vocab, "logit_bias")
         return biases
+
+    def token_ids(self, name: str, vocab: int) -> list[int] | None:
+        """stop_token_ids / allowed_token_ids, checked against the vocabulary."""
+        ids = getattr(self, name)
+        if ids is not None:
+            check_token_ids(ids, vocab, name)
+        return ids
 
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+
+def check_token_ids(ids, vocab: int, param: str) -> None:
+    bad = sorted({t for t in ids if not 0 <= t < vocab})
+    if bad:
+        raise APIError(400, f"{param} token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                       param=param, code="invalid_value")
 
 
 class ChatMessage(BaseModel):
@@ -149,9 +168,10 @@ class ChatCompletionRequest(_Body):
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
+    # a string, strings, token ids, or lists of token ids (lm-evaluation-harness sends these)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     echo: bool = False
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for /v1/completions
+    max_tokens: int | None = Field(16, ge=0)  # the OpenAI default; 0 with echo: score the prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def effective_max_tokens(self) -> int | None:
@@ -163,6 +183,7 @@ class CompletionRequest(_Body):
 
 # Parameters that would change the result: rejected (400) rather than silently ignored.
 UNSUPPORTED = ("response_format", "best_of", "use_beam_search", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs")
-CHAT_UNSUPPORTED = ("tools", "functions", "audio")
+               "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs", "bad_words",
+               "logits_processors")
+CHAT_UNSUPPORTED = ("tools", "functions", "audio", "echo", "continue_final_message", "chat_template")
 COMPLETION_UNSUPPORTED = ("suffix",)

@@ -93,26 +93,58 @@ def test_streamed_chat_logprobs_equal_the_whole_response(served):
     assert plain.choices[0].logprobs is None
 
 
-def test_completions_echo_logprobs_as_lm_eval_asks(served, reference):
-    """lm-eval-harness `local-completions` loglikelihood: token ids in, prompt logprobs out."""
+def test_lm_eval_loglikelihood_requests(served, reference):
+    """lm-evaluation-harness `local-completions` loglikelihood, request for request: token-id
+    lists (a batch of 2), echo, logprobs 1, max_tokens 1, no ignore_eos; it reads
+    `token_logprobs[ctxlen:-1]`, so every response must list len(prompt) + 1 tokens, also when the
+    generated token is the stop token."""
+    import httpx
+
     tok, logprobs = reference
-    ids = tok("The quick brown fox jumps over the lazy dog")["input_ids"]
-    r = served.client().completions.create(model=BASE_NAME, prompt=ids, echo=True, logprobs=1,
-                                           max_tokens=1, temperature=0,
-                                           extra_body={"ignore_eos": True})
-    lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(ids) + 1
-    assert lp.tokens[: len(ids)] == [tok.decode([i]) for i in ids]  # ASCII: one char per byte
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    ref = logprobs(ids)
-    want = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)] + [float(ref[-1].max())]
-    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
-    for j in range(1, len(ids)):  # top-1 plus the prompt's own token, as OpenAI documents
-        top = lp.top_logprobs[j]
-        assert lp.tokens[j] in top and max(top.values()) == pytest.approx(float(ref[j - 1].max()), abs=1e-4)
-        assert 1 <= len(top) <= 2
-    assert r.choices[0].text == tok.decode(ids) + lp.tokens[-1]
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+    ctx = tok("Question: what is the capital of France? Answer:")["input_ids"]
+    cont = tok(" Paris is the capital")["input_ids"]
+    other = tok("The quick brown fox")["input_ids"]
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    headers = {"authorization": f"Bearer {served.api_key}"}
+    body = {"model": BASE_NAME, "prompt": [ctx + cont, other], "echo": True, "logprobs": 1,
+            "max_tokens": 1, "temperature": 0, "seed": 1234}
+    for bias in ({}, {str(eot): 100}):  # the second ends on the stop token
+        r = httpx.post(f"{served.v1}/completions", headers=headers, timeout=60,
+                       json={**body, "logit_bias": bias}).json()
+        assert [c["index"] for c in r["choices"]] == [0, 1]
+        for choice, ids in zip(r["choices"], (ctx + cont, other)):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(ids) + 1
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            ref = logprobs(ids)
+            want = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+            assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+            for j in range(1, len(ids)):  # top-1 plus the prompt's own token, as OpenAI documents
+                top = lp["top_logprobs"][j]
+                assert lp["tokens"][j] in top and 1 <= len(top) <= 2
+                assert max(top.values()) == pytest.approx(float(ref[j - 1].max()), abs=1e-4)
+            # the text is the prompt and the completion; offsets point into it
+            text = choice["text"]
+            assert text.startswith(tok.decode(ids))
+            for t, off in zip(lp["tokens"], lp["text_offset"]):
+                assert t == "<|eot_id|>" or text[off:off + len(t)] == t
+        cont_lp = r["choices"][0]["logprobs"]["token_logprobs"][len(ctx):-1]  # lm-eval's slice
+        assert len(cont_lp) == len(cont)
+        assert cont_lp == pytest.approx([float(logprobs(ctx + cont)[j - 1, (ctx + cont)[j]])
+                                         for j in range(len(ctx), len(ctx + cont))], abs=1e-4)
+        if bias:
+            last = r["choices"][0]
+            assert last["finish_reason"] == "stop" and last["logprobs"]["tokens"][-1] == "<|eot_id|>"
+            assert last["text"] == tok.decode(ctx + cont)
+            assert last["logprobs"]["text_offset"][-1] == len(last["text"])
+    # max_tokens 0 with echo only scores the prompt
+    r = served.client().completions.create(model=BASE_NAME, prompt=other, echo=True, logprobs=0,
+                                           max_tokens=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 0
+    assert r.choices[0].text == tok.decode(other) and len(r.choices[0].logprobs.tokens) == len(other)
+    with pytest.raises(openai.BadRequestError) as exc:
+        served.client().completions.create(model=BASE_NAME, prompt=other, max_tokens=0)
+    assert exc.value.body["param"] == "max_tokens"
 
 
 def test_streamed_completion_echoes_the_prompt_first(served):
@@ -132,16 +164,29 @@ def test_streamed_completion_echoes_the_prompt_first(served):
     assert plain.text.startswith("The quick brown") and plain.logprobs is None
 
 
-def test_sampled_tokens_report_their_own_logprob(served):
+def test_sampled_tokens_report_their_own_logprob(served, reference):
+    """Sampled (not greedy) tokens, n=2, with vLLM's return_tokens_as_token_ids: each reported
+    logprob is the model's for that very token after that very prefix."""
+    tok, logprobs = reference
     kw = {"model": BASE_NAME, "messages": MSGS, "max_tokens": 6, "temperature": 1.0, "seed": 3,
-          "n": 2, "logprobs": True, "top_logprobs": 2, "extra_body": {"ignore_eos": True}}
-    r1, r2 = (served.client().chat.completions.create(**kw) for _ in range(2))
-    for ch in r1.choices:
-        assert len(ch.logprobs.content) == 6
-        for e in ch.logprobs.content:  # sampled, so not always the most likely token
-            assert len(e.top_logprobs) == 2 and e.logprob <= e.top_logprobs[0].logprob + 1e-6
-    assert [[e.logprob for e in ch.logprobs.content] for ch in r1.choices] == \
-        [[e.logprob for e in ch.logprobs.content] for ch in r2.choices]  # seeded
+          "n": 2, "logprobs": True, "top_logprobs": 2,
+          "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True}}
+    r = served.client().chat.completions.create(**kw)
+    prompt = tok(tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    choices = []
+    for ch in r.choices:
+        ids = [int(e.token.removeprefix("token_id:")) for e in ch.logprobs.content]
+        assert len(ids) == 6
+        ref = logprobs(prompt + ids)
+        want = [float(ref[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)]
+        assert [e.logprob for e in ch.logprobs.content] == pytest.approx(want, abs=1e-4)
+        assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token.startswith("token_id:")
+                   for e in ch.logprobs.content)
+        joined = b"".join(bytes(e.bytes) for e in ch.logprobs.content)
+        assert joined.decode("utf-8", "replace") == ch.message.content  # random bytes: not all UTF-8
+        choices.append(ids)
+    assert choices[0] != choices[1]  # two samples, not one reported twice
 
 
 def test_bad_logprob_parameters_are_400(served):
@@ -159,6 +204,7 @@ def test_bad_logprob_parameters_are_400(served):
 
 
 PROMPT = "The quick brown fox"
+WORDY = "Question: what is"  # the tiny model's greedy text from here is visible (" are l are...")
 
 
 def complete(served, **kw) -> tuple[str, object]:
@@ -218,7 +264,7 @@ def test_top_k_1_and_min_p_1_sample_the_greedy_sequence(served):
     assert len(sampled) > 1  # top_k alone still samples
 
 
-def test_min_tokens_holds_back_the_stop_token(served, reference):
+def test_stop_tokens_min_tokens_and_stop_strings(served, reference):
     tok, _ = reference
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     kw = {"model": BASE_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
@@ -227,6 +273,32 @@ def test_min_tokens_holds_back_the_stop_token(served, reference):
     assert early.choices[0].finish_reason == "stop" and early.choices[0].text == ""
     late = served.client().completions.create(**kw, extra_body={"min_tokens": 3})
     assert late.choices[0].finish_reason == "stop" and late.usage.completion_tokens == 4
+    # stop_token_ids: a token of the greedy sequence ends it there (it is not in the text)
+    greedy = replay(reference, tok(WORDY)["input_ids"], 8)
+    k = next(j for j in range(2, 8) if greedy[j] not in greedy[:j])
+    text, choice = complete(served, prompt=WORDY, extra_body={"stop_token_ids": [greedy[k]]})
+    assert choice.finish_reason == "stop" and text == tok.decode(greedy[:k]) and text.strip()
+    # stop strings: cut before them, or kept with include_stop_str_in_output; not before min_tokens
+    full = tok.decode(greedy)
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    text, choice = complete(served, prompt=WORDY, stop=[stop])
+    assert choice.finish_reason == "stop" and text == full[:full.find(stop)]
+    text, _ = complete(served, prompt=WORDY, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert text == full[:full.find(stop) + len(stop)]
+    r = served.client().completions.create(model=BASE_NAME, prompt=WORDY, max_tokens=8, temperature=0,
+                                           stop=[stop], extra_body={"ignore_eos": True, "min_tokens": 8})
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == full
+
+
+def test_allowed_token_ids_restrict_sampling(served, reference):
+    tok, _ = reference
+    allowed = tok("the and of")["input_ids"][:3]
+    r = served.client().completions.create(
+        model=BASE_NAME, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=0, logprobs=0,
+        extra_body={"ignore_eos": True, "allowed_token_ids": allowed, "return_tokens_as_token_ids": True})
+    ids = [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
+    assert len(ids) == 8 and set(ids) <= set(allowed)
 
 
 def test_parameters_that_would_be_ignored_are_400(served):
@@ -236,7 +308,9 @@ def test_parameters_that_would_be_ignored_are_400(served):
                       ({"logit_bias": {"5": 300}}, "logit_bias"),
                       ({"logit_bias": {"999999": 1}}, "logit_bias"),
                       ({"extra_body": {"min_tokens": 9}, "max_tokens": 4}, "min_tokens"),
-                      ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json")):
+                      ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+                      ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
+                      ({"extra_body": {"bad_words": ["x"]}}, "bad_words")):
         with pytest.raises(openai.BadRequestError) as exc:
             c.chat.completions.create(model=BASE_NAME, messages=MSGS, **{"max_tokens": 2, **kw})
         assert exc.value.body["param"].startswith(param), (kw, exc.value.body)
