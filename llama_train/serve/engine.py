@@ -11,8 +11,9 @@ non-streaming share one path and a request never waits for another to finish.
 Log probabilities (when a request asks for them) are those of the model's own distribution
 (log-softmax of the float32 logits, before temperature and top-p; vLLM's default "raw"
 logprobs), one entry per generated token in the OpenAI chat shape
-`{"token", "logprob", "bytes", "top_logprobs"}`. The stop token that ends a sequence is not
-reported, so the entries' bytes join to exactly the returned text (up to a stop string's cut).
+`{"token", "logprob", "bytes", "top_logprobs"}`. The stop token that ends a sequence is listed
+only where the request says so (`report_stop_token`: /v1/completions, as vLLM does); otherwise
+the entries' bytes join to exactly the returned text (up to a stop string's cut).
 """
 
 from __future__ import annotations
