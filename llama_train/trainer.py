@@ -382,8 +382,9 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     strategy = apply_strategy(model, recipe, ctx)
     loader = StepLoader(len(data.train), micro_batch_size=t.micro_batch_size,
                         grad_accum_steps=t.grad_accum_steps, world_size=ctx.world_size, rank=ctx.rank,
-                        seed=t.seed, shuffle=recipe.data.shuffle,
-                        lengths=row_lengths(data.train) if recipe.data.group_by_length else None)
+                        seed=t.seed, shuffle=recipe.data.shuffle, group_by_length=recipe.data.group_by_length,
+                        # unpacked rows: also to finish an epoch begun grouped (resume, recipe change)
+                        lengths=None if recipe.data.packing else row_lengths(data.train))
     steps = total_steps(recipe, len(data.train), loader.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe, steps))
     state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,

@@ -4,15 +4,19 @@ The sample order is a seeded permutation per epoch (seed, epoch) — the same on
 communication is needed. Each optimizer step takes the next `global_batch` indices of that stream;
 rank r gets the contiguous slice r of it, split into `grad_accum_steps` micro batches. Because
 every rank derives the same stream, 2 ranks x micro-batch 2 see exactly the samples that 1 rank x
-micro-batch 4 sees, and the loader state (epoch, position) is a pair of integers.
+micro-batch 4 sees, and the loader state is (epoch, position[, group]).
 
-With `lengths` (data.group_by_length, unpacked rows) each epoch's permutation is then reordered
-by `group_by_length`: windows of 50 global batches sorted by length, so a micro batch holds rows
-of similar length and pads little; the longest row comes first.
+With `group_by_length` (data.group_by_length, unpacked rows) each epoch's permutation is then
+reordered by `group_by_length`: windows of 50 global batches sorted by length, so a micro batch
+holds rows of similar length and pads little; the batch with the longest row comes first. The
+state records the global batch an epoch was grouped by (`group`, 0 = not grouped) when the epoch
+starts, so a resume on another number of ranks, or with group_by_length switched, finishes the
+epoch in the order it began (every row once) and applies the new setting from the next epoch.
 
 An epoch is ceil(samples / global_batch) steps and trains every sample exactly once. When the
 global batch does not divide the samples, the epoch's last step is topped up with *filler* rows
-(samples from the start of the same permutation, reported as `filler(i)`): the trainer masks
+(samples from the end of the same permutation, reported as `filler(i)`; with grouping these
+are the shortest rows): the trainer masks
 their labels, so they add nothing to the loss or the gradients, and every rank still has a full,
 same-shaped batch to run (DDP/FSDP/ZeRO need every rank in every collective). A step never mixes
 two epochs.
@@ -62,15 +66,21 @@ def sample_index(entry: int) -> int:
 class LoaderState:
     epoch: int = 0
     position: int = 0  # samples of this epoch's permutation already consumed (all ranks)
+    group: int | None = None  # global batch this epoch's order is grouped by (0: not grouped);
+    # None: not decided yet (a new epoch, or a checkpoint from before grouping existed)
 
 
 class StepLoader:
     def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum_steps: int,
-                 world_size: int, rank: int, seed: int, shuffle: bool = True, lengths=None):
+                 world_size: int, rank: int, seed: int, shuffle: bool = True, lengths=None,
+                 group_by_length: bool = False):
         if lengths is not None and len(lengths) != num_samples:
             raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
+        if group_by_length and lengths is None:
+            raise ValueError("group_by_length needs the rows' lengths")
         self.num_samples = num_samples
-        self.lengths = lengths
+        self.lengths = lengths  # tokens per row; needed to group (or to finish a grouped epoch)
+        self.group_by_length = group_by_length
         self.micro_batch_size = micro_batch_size
         self.grad_accum_steps = grad_accum_steps
         self.world_size = world_size
@@ -79,21 +89,28 @@ class StepLoader:
         self.shuffle = shuffle
         self.state = LoaderState()
         self.last_step_samples = 0
-        self._perm_epoch: int | None = None
+        self._perm_key: tuple[int, int] | None = None
         self._perm: list[int] = []
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.world_size
 
-    def _permutation(self, epoch: int) -> list[int]:
-        if self._perm_epoch != epoch:
+    def _permutation(self) -> list[int]:
+        state = self.state
+        if state.group is None:  # the epoch starts (or an old checkpoint): decide its grouping
+            state.group = self.global_batch if self.group_by_length else 0
+        key = (state.epoch, state.group)
+        if self._perm_key != key:
             order = list(range(self.num_samples))
             if self.shuffle:
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            if self.lengths is not None:
-                order = group_by_length(order, self.lengths, self.global_batch)
-            self._perm, self._perm_epoch = order, epoch
+                random.Random(self.seed * 1_000_003 + state.epoch).shuffle(order)
+            if state.group:
+                if self.lengths is None:
+                    raise ValueError("this epoch was begun grouped by length (data.group_by_length); "
+                                     "the loader needs the rows' lengths to finish it")
+                order = group_by_length(order, self.lengths, state.group)
+            self._perm, self._perm_key = order, key
         return self._perm
 
     def steps_per_epoch(self) -> int:
@@ -104,11 +121,11 @@ class StepLoader:
         last step of an epoch that the global batch does not divide) are `filler(i)`, see
         `is_filler` / `sample_index`. `last_step_samples` = real samples of the step, all ranks."""
         need = self.global_batch
-        perm = self._permutation(self.state.epoch)
+        perm = self._permutation()
         taken = perm[self.state.position : self.state.position + need]
         self.state.position += len(taken)
         self.last_step_samples = len(taken)
-        taken += [filler(perm[j % self.num_samples]) for j in range(need - len(taken))]
+        taken += [filler(perm[-1 - j % self.num_samples]) for j in range(need - len(taken))]
         if self.state.position >= self.num_samples:
             self.state = LoaderState(epoch=self.state.epoch + 1, position=0)
         per_rank = self.micro_batch_size * self.grad_accum_steps
@@ -128,10 +145,33 @@ class StepLoader:
         return out
 
     def state_dict(self) -> dict:
-        return asdict(self.state)
+        state = asdict(self.state)
+        if state["group"] is None:
+            del state["group"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoaderState(**state)
+
+
+def padded_efficiency(lengths, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
+                      seed: int, shuffle: bool = True, group_by_length: bool = False) -> float:
+    """Real tokens / slots over the first epoch of unpacked rows as the trainer batches them: the
+    same loader (order, grouping, fillers), every micro batch padded to its longest row."""
+    if not len(lengths):
+        return 0.0
+    loader = StepLoader(len(lengths), micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                        world_size=world_size, rank=0, seed=seed, shuffle=shuffle, lengths=lengths,
+                        group_by_length=group_by_length)
+    real = slots = 0
+    for _ in range(loader.steps_per_epoch()):
+        batch = loader.step_indices_all_ranks()
+        loader.next_step()
+        for start in range(0, len(batch), micro_batch_size):
+            micro = batch[start:start + micro_batch_size]
+            slots += max(int(lengths[sample_index(i)]) for i in micro) * len(micro)
+            real += sum(int(lengths[i]) for i in micro if not is_filler(i))
+    return real / max(1, slots)
 
 
 # Keys of a collated batch that go to the model; the rest (num_tokens) are bookkeeping.

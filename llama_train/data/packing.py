@@ -81,33 +81,23 @@ GROUP_WINDOW = 50  # global batches per length-sorted window (HF's group_by_leng
 
 def group_by_length(order: list[int], lengths, group_size: int, window: int = GROUP_WINDOW) -> list[int]:
     """Reorder a shuffled sample order so that neighbours have similar lengths, keeping it random
-    at a larger scale: cut `order` into windows of `window * group_size` samples, sort each
-    window by length (longest first, ties in shuffled order), and put the longest sample of all
-    first (a step that runs out of memory does so at once). Batches cut from the result at
-    multiples of `group_size` hold samples of similar length, so padding them costs little."""
+    at a larger scale: cut `order` into windows of `window * group_size` samples and sort each
+    window by length (longest first, ties in shuffled order). Batches cut from the result at
+    multiples of `group_size` then hold samples of similar length, so padding them costs little.
+    The batch that holds the longest sample of all (the head of some window) trades places with
+    the first batch, so a step that runs out of memory does so at once."""
     size = max(1, window * group_size)
     out: list[int] = []
     for start in range(0, len(order), size):
         out += sorted(order[start:start + size], key=lambda i: -int(lengths[i]))
     if out:
-        longest = max(range(0, len(out), size), key=lambda j: int(lengths[out[j]]))
-        out[0], out[longest] = out[longest], out[0]
+        head = max(range(0, len(out), size), key=lambda j: int(lengths[out[j]]))
+        span = min(group_size, len(out) - head)  # a whole batch, unless the epoch's last is short
+        if head and span == min(group_size, len(out)):
+            out[:span], out[head:head + span] = out[head:head + span], out[:span]
+        elif head:
+            out[0], out[head] = out[head], out[0]
     return out
-
-
-def padded_efficiency(lengths, *, batch_size: int, seed: int = 0, group_size: int | None = None) -> float:
-    """Non-pad tokens / slots when shuffled samples are padded to the longest of each batch
-    (`group_size`: with `group_by_length` over global batches of that size)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if lengths.size == 0:
-        return 0.0
-    order = np.random.default_rng(seed).permutation(lengths.size)
-    if group_size:
-        order = np.asarray(group_by_length(order.tolist(), lengths, group_size), dtype=np.int64)
-    shuffled = lengths[order]
-    slots = sum(int(chunk.max()) * len(chunk) for chunk in np.array_split(
-        shuffled, max(1, int(np.ceil(lengths.size / batch_size)))))
-    return float(lengths.sum()) / max(1, slots)
 
 
 def segments(doc_lens_rows: list[list[int]], width: int) -> torch.Tensor:

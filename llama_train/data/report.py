@@ -4,15 +4,13 @@ efficiency, and the recipe thresholds that turn it into a failure."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 
 from llama_train.config import Recipe
-from llama_train.data.packing import (
-    best_fit_decreasing,
-    packing_efficiency,
-    padded_efficiency,
-)
+from llama_train.data.loader import padded_efficiency, row_lengths
+from llama_train.data.packing import best_fit_decreasing, packing_efficiency
 from llama_train.data.pipeline import CATEGORIES, Prepared
 
 
@@ -34,23 +32,20 @@ def build_report(recipe: Recipe, prepared: Prepared, *, cache: dict | None = Non
     c = prepared.counts
     lengths = np.asarray(prepared.lengths, dtype=np.int64)
     trained = np.minimum(lengths, d.seq_len)
-    rows_tokens = (prepared.train.with_format("arrow")[:].column("input_ids").to_pylist()
-                   if prepared.train.num_rows else [])
-    rows_tokens = [len(x) for x in rows_tokens]
+    rows_tokens = row_lengths(prepared.train)
+    t = recipe.train
+    # as the trainer batches the rows, for this job's number of ranks (torchrun's WORLD_SIZE)
+    batching = {"micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
+                "world_size": int(os.environ.get("WORLD_SIZE", "1")), "seed": t.seed, "shuffle": d.shuffle}
     if d.packing:
         efficiency = float(sum(rows_tokens)) / max(1, len(rows_tokens) * d.seq_len)
-        alternative = {"padded": padded_efficiency(trained, batch_size=recipe.train.micro_batch_size,
-                                                   seed=recipe.train.seed)}
+        alternative = {"padded": padded_efficiency(trained, **batching)}
     else:
-        group = recipe.train.micro_batch_size * recipe.train.grad_accum_steps  # x ranks: about the same
-        padded = {grouped: padded_efficiency(trained, batch_size=recipe.train.micro_batch_size,
-                                             seed=recipe.train.seed, group_size=group if grouped else None)
-                  for grouped in (False, True)}
-        efficiency = padded[d.group_by_length]
+        efficiency = padded_efficiency(rows_tokens, group_by_length=d.group_by_length, **batching)
         alternative = {"packed": packing_efficiency(trained, best_fit_decreasing(trained, d.seq_len), d.seq_len)
                        if trained.size else 0.0}
         if not d.group_by_length:
-            alternative["group_by_length"] = padded[True]
+            alternative["group_by_length"] = padded_efficiency(rows_tokens, group_by_length=True, **batching)
     report = {
         "rows": c["rows"],
         "kept": c["kept"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llama_train.data.loader import StepLoader, as_filler, collate, is_filler, sample_index
 
 
@@ -96,23 +98,47 @@ def test_filler_rows_carry_no_labels_and_no_tokens():
 def _lognormal_lengths(n, seed=0):
     import numpy as np
 
-    return np.clip(np.random.default_rng(seed).lognormal(5.3, 0.7, n).astype(int), 8, 1024)
+    return np.maximum(np.random.default_rng(seed).lognormal(5.3, 0.7, n).astype(int), 8)
 
 
 def _pad_efficiency(lengths, steps):
     """Real tokens / padded slots over micro batches padded to their longest row."""
-    real = sum(int(lengths[i]) for s in steps for mb in s for i in mb)
-    slots = sum(max(int(lengths[i]) for i in mb) * len(mb) for s in steps for mb in s)
+    real = sum(int(lengths[i]) for s in steps for mb in s for i in mb if not is_filler(i))
+    slots = sum(max(int(lengths[sample_index(i)]) for i in mb) * len(mb) for s in steps for mb in s)
     return real / slots
 
 
-def test_group_by_length_sorts_windows_pads_less_and_keeps_the_rank_contract():
+def test_group_by_length_sorts_windows_and_puts_the_longest_batch_first():
+    import random
+
+    from llama_train.data.packing import group_by_length
+
+    n, group = 1000, 8  # windows of 50 x 8 = 400
+    lengths = _lognormal_lengths(n)
+    order = list(range(n))
+    random.Random(1).shuffle(order)
+    lengths[order[700]] = lengths.max() + 1000  # the longest row sits in the second window
+    out = group_by_length(order, lengths, group)
+    assert sorted(out) == list(range(n))
+    assert out[0] == order[700]
+    batches = [[int(lengths[i]) for i in out[b:b + group]] for b in range(0, n, group)]
+    # the first batch of window 1 moved to the front; the first batch of window 0 took its place
+    assert batches[0] == sorted(batches[0], reverse=True) and min(batches[0]) >= max(batches[51])
+    assert batches[50] == sorted(batches[50], reverse=True) and min(batches[50]) >= max(batches[1])
+    for w in (range(1, 50), range(51, 100), range(100, 125)):
+        flat = [x for b in w for x in batches[b]]
+        assert flat == sorted(flat, reverse=True)
+    assert batches[50] == sorted(sorted(lengths[order[:400]], reverse=True)[:8], reverse=True)
+
+
+def test_group_by_length_pads_less_and_keeps_the_rank_contract():
     import numpy as np
 
     n = 1000
     lengths = _lognormal_lengths(n)
-    two = _loaders(n, 2, lengths=lengths)  # global batch 8
-    one = StepLoader(n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7, lengths=lengths)
+    two = _loaders(n, 2, lengths=lengths, group_by_length=True)  # global batch 8
+    one = StepLoader(n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7,
+                     lengths=lengths, group_by_length=True)
     plain = StepLoader(n, micro_batch_size=2, grad_accum_steps=2, world_size=2, rank=0, seed=7)
     order, rank0_steps, plain_steps = [], [], []
     for _ in range(n // 8):  # one epoch, no fillers
@@ -124,31 +150,59 @@ def test_group_by_length_sorts_windows_pads_less_and_keeps_the_rank_contract():
         order += flat
     assert sorted(order) == list(range(n))  # every sample once
     assert lengths[order[0]] == lengths.max()  # the longest first
-    for start in range(0, n, 400):  # windows of 50 global batches, sorted longest first
-        window = [int(lengths[i]) for i in order[start + 1:start + 400]]
-        assert window == sorted(window, reverse=True)
     grouped, shuffled = _pad_efficiency(lengths, rank0_steps), _pad_efficiency(lengths, plain_steps)
     assert grouped > 0.95 and shuffled < 0.8, (grouped, shuffled)
-    # a new epoch regroups a new permutation
-    nxt = [i for ld in two for mb in ld.next_step() for i in mb]
+    nxt = [i for ld in two for mb in ld.next_step() for i in mb]  # a new epoch regroups
     assert nxt != order[:8] and lengths[nxt[0]] == lengths.max()
-    # resume mid-epoch continues with the same batches
-    a = _loaders(n, 1, lengths=lengths)[0]
+    a = _loaders(n, 1, lengths=lengths, group_by_length=True)[0]  # resume mid-epoch: same batches
     for _ in range(37):
         a.next_step()
-    b = _loaders(n, 1, lengths=lengths)[0]
+    b = _loaders(n, 1, lengths=lengths, group_by_length=True)[0]
     b.load_state_dict(a.state_dict())
     assert [a.next_step() for _ in range(5)] == [b.next_step() for _ in range(5)]
     assert np.array_equal(lengths, _lognormal_lengths(n))  # not reordered in place
 
 
+def test_grouped_epoch_finishes_in_its_order_on_another_world_size_or_setting():
+    """Resumed mid-epoch on 1 rank (global batch 4 instead of 8), or with grouping switched off,
+    the epoch still trains every row once; the new setting applies from the next epoch."""
+    n = 1001
+    lengths = _lognormal_lengths(n)
+    for resumed in ({"world": 1, "group_by_length": True}, {"world": 2, "group_by_length": False}):
+        two = _loaders(n, 2, lengths=lengths, group_by_length=True)
+        seen = [i for _ in range(60) for ld in two for mb in ld.next_step() for i in mb]
+        state = two[0].state_dict()
+        assert state["group"] == 8
+        rest = _loaders(n, resumed["world"], lengths=lengths, group_by_length=resumed["group_by_length"])
+        for ld in rest:
+            ld.load_state_dict(state)
+        while rest[0].state.epoch == 0:
+            seen += [i for ld in rest for mb in ld.next_step() for i in mb]
+        assert sorted(i for i in seen if not is_filler(i)) == list(range(n)), resumed
+        rest[0].next_step()
+        assert rest[0].state.group == (4 * resumed["world"] if resumed["group_by_length"] else 0)
+    ungrouped = _loaders(n, 1)[0]  # a grouped epoch cannot be finished without the lengths
+    ungrouped.load_state_dict(state)
+    with pytest.raises(ValueError, match="lengths"):
+        ungrouped.next_step()
+
+
+def test_grouped_fillers_are_the_shortest_rows():
+    n = 1001  # global batch 8: the epoch's last step has 1 real row and 7 fillers
+    lengths = _lognormal_lengths(n)
+    ld = StepLoader(n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7,
+                    lengths=lengths, group_by_length=True)
+    for _ in range(125):
+        ld.next_step()
+    last = [i for mb in ld.next_step() for i in mb]
+    fillers = [int(lengths[sample_index(i)]) for i in last if is_filler(i)]
+    assert len(fillers) == 7 and max(fillers) <= sorted(lengths)[n // 10]
+
+
 def test_group_by_length_is_for_unpacked_rows(tmp_path):
-    import pytest
-
     from llama_train.config import recipe_from_dict
-    from tests.conftest import tiny_recipe
-
     from llama_train.errors import RecipeError
+    from tests.conftest import tiny_recipe
 
     with pytest.raises(RecipeError, match="data.group_by_length"):
         recipe_from_dict(tiny_recipe(tmp_path, data={"packing": True, "group_by_length": True}))
@@ -156,10 +210,12 @@ def test_group_by_length_is_for_unpacked_rows(tmp_path):
         StepLoader(4, micro_batch_size=1, grad_accum_steps=1, world_size=1, rank=0, seed=0, lengths=[1, 2, 3])
 
 
-def test_trainer_groups_unpacked_rows_and_the_report_shows_the_gain(tmp_path, tiny_dir, monkeypatch):
-    """The trainer passes the row lengths: its first step holds the longest rows (ledger), and the
-    data report gives the padded efficiency with grouping (and without, as the alternative)."""
+def test_trainer_groups_unpacked_rows_and_the_report_predicts_its_padding(tmp_path, tiny_dir, monkeypatch):
+    """A one-epoch run with group_by_length: its first step holds the longest rows (ledger), and
+    the data report's efficiency is the real/padded ratio of the batches the trainer ran."""
     import json
+
+    from transformers import AutoTokenizer
 
     from llama_train.config import recipe_from_dict
     from llama_train.data.dataset import load_data
@@ -170,20 +226,19 @@ def test_trainer_groups_unpacked_rows_and_the_report_shows_the_gain(tmp_path, ti
     monkeypatch.setenv("LLAMA_TRAIN_LEDGER", "1")
     raw = tiny_recipe(tmp_path, tiny_dir, data={"packing": False, "group_by_length": True,
                                                 "builtin": {"num_train": 200, "num_eval": 4}},
-                      train={"max_steps": 1, "micro_batch_size": 4})
+                      train={"max_steps": None, "epochs": 1, "micro_batch_size": 4})
     recipe = recipe_from_dict(raw)
     train(recipe)
-
     ledger = [json.loads(x) for x in (tmp_path / "run" / "ledger" / "rank0.jsonl").read_text().splitlines()]
-    first = next(e for e in ledger if e["step"] == 1)["ids"]
-    from transformers import AutoTokenizer
-
+    steps = [e["ids"] for e in ledger if e["step"] >= 1]
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     grouped = load_data(recipe, tok)
     lengths = row_lengths(grouped.train)
     by_id = dict(zip(grouped.train["id"], lengths))
-    assert max(by_id[i] for i in first) == max(lengths)
-    assert sorted(by_id[i] for i in first) == sorted(lengths)[-4:]  # one window: the 4 longest
+    assert len(steps) == len(lengths) // 4 and sorted(i for s in steps for i in s) == sorted(by_id)
+    assert sorted(by_id[i] for i in steps[0]) == sorted(lengths)[-4:]  # one window: the 4 longest
+    ran = sum(by_id[i] for s in steps for i in s) / sum(4 * max(by_id[i] for i in s) for s in steps)
+    assert grouped.report["efficiency"] == pytest.approx(ran, rel=1e-12)
     plain = load_data(recipe_from_dict({**raw, "data": {**raw["data"], "group_by_length": False}}), tok)
-    assert grouped.report["efficiency"] == plain.report["efficiency_if"]["group_by_length"]
-    assert grouped.report["efficiency"] > plain.report["efficiency"]
+    assert plain.report["efficiency_if"]["group_by_length"] == pytest.approx(ran, rel=1e-12)
+    assert plain.report["efficiency"] < ran
