@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,7 +25,7 @@ BUILTIN_DATA = "builtin:tasks"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -199,7 +199,8 @@ class TrainConfig(Section):
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas (beta1, beta2), each in [0, 1).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warmup."
     )
@@ -385,14 +386,42 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            if e["type"] == "string_type" and isinstance(got, (bool, int, float)):
+                got_s += f"; YAML read the value as {type(got).__name__}: quote it, e.g. {key.split('.')[-1]}: \"...\""
             lines.append(f"  {key}: {e['msg']}{got_s}")
     return "\n".join(lines)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML for recipes: a key given twice in one mapping is an error (plain YAML keeps the last one,
+    silently dropping the first), and dates stay strings (no recipe field is a date)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (also at line {seen[key] + 1}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def _parse_scalar(text: str) -> Any:
     """Override values are YAML scalars/flow collections: `1e-4`, `true`, `[q_proj, v_proj]`."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"override value {text!r} is not valid YAML: {exc}") from None
 
@@ -421,13 +450,15 @@ def _read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise RecipeError(f"recipe path {path} is a directory; give a .yaml file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
-        return {}
+        raise RecipeError(f"recipe {path} is empty; start from one of `llama-train recipe list`")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of sections, got {type(data).__name__}")
     return data

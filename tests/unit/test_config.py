@@ -153,3 +153,38 @@ def test_cli_validate_show_schema_list(tmp_path):
     assert res.returncode == 0 and "recipes/quickstart.yaml\tllama-train run recipes/quickstart.yaml" in res.stdout
     res = _cli("recipe", "validate", "recipes/quickstart.yaml", "train.max_stepz=3")
     assert res.returncode == 2 and "did you mean `train.max_steps`" in res.stderr
+
+
+def test_yaml_pitfalls_are_named(tmp_path):
+    """A key given twice, an empty or non-UTF-8 file, non-finite numbers, betas out of range and
+    YAML's bool reading of bare words are errors that say what to change; dates stay strings."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train: {lr: 1.0e-4}\ntrain: {max_steps: 3}\n")
+    with pytest.raises(RecipeError, match=r"line 2.*duplicate key 'train' \(also at line 1\)"):
+        load_recipe(dup)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(RecipeError, match="is empty"):
+        load_recipe(tmp_path / "empty.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="is not UTF-8"):
+        load_recipe(tmp_path / "latin1.yaml")
+    qs = ROOT / "recipes" / "quickstart.yaml"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(qs, ["train.lr=inf", "train.loss_scale_init=.nan", "train.betas=[1.5, 0.9]",
+                         "tracking.experiment=yes"])
+    msg = str(err.value)
+    assert "train.lr: Input should be a finite number" in msg and "train.loss_scale_init: Input should be a finite" in msg
+    assert "train.betas.0: Input should be less than 1" in msg
+    assert 'tracking.experiment: Input should be a valid string (got True); YAML read the value as bool: quote it' in msg
+    assert load_recipe(qs, ["tracking.run_name=2024-01-01"]).tracking.run_name == "2024-01-01"
+
+
+def test_init_tiny_refuses_a_directory_it_did_not_write(tmp_path, capsys):
+    from llama_train.cli import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_text("precious")
+    assert main(["init-tiny", str(other)]) == 2
+    assert "is not empty and holds no tiny model" in capsys.readouterr().err
+    assert (other / "model.safetensors").read_text() == "precious"
