@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -86,11 +87,12 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def clean_incomplete(ckpt_root: Path) -> list[Path]:
-    """Delete directories that were never committed (a crash mid-write). Rank 0, before any save."""
+    """Delete checkpoint directories that were never committed (a crash mid-write). Rank 0, before
+    any save. Only `step_N` / `step_N.tmp` names: anything else a user put there is left alone."""
     removed = []
     if ckpt_root.exists():
         for d in ckpt_root.iterdir():
-            if d.is_dir() and not (d / MARKER).exists():
+            if d.is_dir() and re.fullmatch(r"step_\d+(\.tmp)?", d.name) and not (d / MARKER).exists():
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
     return removed

@@ -23,8 +23,13 @@ def resolve_base_path(recipe: Recipe) -> str:
 
     path = Path(m.path or Path(recipe.output_dir) / "base_model").resolve()
     marker = path / "llama_train_tiny.json"
-    if not (marker.exists() and json.loads(marker.read_text()).get("seed") == m.tiny_seed
-            and (path / "model.safetensors").exists()):
+    built_seed = json.loads(marker.read_text()).get("seed") if marker.exists() else None
+    if built_seed is not None and built_seed != m.tiny_seed:
+        # Never rebuild in place: runs, checkpoints and exports in this directory were trained on it.
+        raise RecipeError(f"model.tiny_seed={m.tiny_seed}, but {path} holds the tiny model built with seed "
+                          f"{built_seed}; keep model.tiny_seed={built_seed}, or set a new output_dir "
+                          "(or model.path) for the other base model")
+    if not (built_seed is not None and (path / "model.safetensors").exists()):
         if path.exists() and any(path.iterdir()) and not marker.exists():
             raise RecipeError(f"model.path {path} exists and is not a tiny model directory; "
                               "point model.path elsewhere or use model.source: hf")
@@ -39,6 +44,7 @@ def load_tokenizer(recipe: Recipe, base_path: str):
         base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
     )
     if recipe.data.chat_template:
+        _check_template_syntax(recipe.data.chat_template)
         tok.chat_template = recipe.data.chat_template
     if tok.chat_template is None:
         raise RecipeError(f"tokenizer of {base_path} has no chat template; set data.chat_template")
@@ -46,6 +52,21 @@ def load_tokenizer(recipe: Recipe, base_path: str):
         # Llama 3 ships without a pad token; any id works since padded labels are -100 and masked.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_template_syntax(template: str) -> None:
+    """Compile data.chat_template as transformers will, so a syntax error names the recipe key
+    instead of surfacing mid-tokenization."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private helper: without it, the error shows when the template first runs
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as exc:
+        raise RecipeError(f"data.chat_template: Jinja syntax error at line {exc.lineno}: {exc.message}") from None
 
 
 def load_base_model(recipe: Recipe, base_path: str, *, device: torch.device | None = None):

@@ -55,7 +55,7 @@ from llama_train.parallel import DistContext, apply_strategy, init_distributed
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
 from llama_train.progress import Progress
-from llama_train.tracking import make_tracker, register_adapter
+from llama_train.tracking import METRICS_FILE, make_tracker, register_adapter
 
 
 def lr_lambda(recipe: Recipe, total_steps: int):
@@ -333,6 +333,12 @@ class Run:
 
 def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> dict:
     run = _setup(recipe, ctx, allow_recipe_change=allow_recipe_change)
+    finished = ctx.broadcast_object(_finished_summary(run) if ctx.is_main else None)  # run.json is rank 0's
+    if finished is not None:  # the same command again after the run ended: nothing to redo
+        _log(ctx, f"{run.out} already finished at step {run.state['step']} (run.json); nothing to train")
+        run.tracker.finish("FINISHED")
+        ctx.barrier()
+        return finished
     try:
         if run.state["eval_before"] is None and run.data.eval:
             run.state["eval_before"] = _evaluate(run)
@@ -388,16 +394,19 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     steps = total_steps(recipe, len(data.train), loader.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe, steps))
     state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,
-             "tracking_run_id": None, "recipe_sha256": recipe.sha256(), "world_size": ctx.world_size}
+             "tracking_run_id": None, "recipe_sha256": recipe.sha256(), "world_size": ctx.world_size,
+             "dataset_fingerprint": dataset_fingerprint(data.train)}
     run = Run(recipe, ctx, out, dump_recipe(recipe), base_path, tokenizer, data, strategy, loader, scheduler,
               steps, state, tracker=None, faults=Faults(ctx.rank), ledger=Ledger(out, ctx.rank),
               flops_per_token=step_flops, peak_flops=peak_flops(ctx.device))
     resume_dir = _resume(run, allow_recipe_change=allow_recipe_change)
+    if resume_dir is None and ctx.is_main:
+        _set_aside_metrics(ctx, out)
     run.ledger.rewind(state["step"])
     if state["step"] == 0:
         run.ledger.write({"step": 0, "digest": strategy.local_digest()})
     run.tracker = make_tracker(recipe, rank=ctx.rank)
-    tags = {"llama_train.dataset_fingerprint": dataset_fingerprint(data.train),
+    tags = {"llama_train.dataset_fingerprint": state["dataset_fingerprint"],
             "llama_train.world_size": str(ctx.world_size), "llama_train.strategy": recipe.parallel.strategy}
     state["tracking_run_id"] = run.tracker.start(params={}, tags=tags, resume_run_id=state["tracking_run_id"])
     if ctx.is_main:
@@ -415,17 +424,39 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
     """Load the newest complete checkpoint (or the one named); refuse a changed recipe."""
     resume_dir = ckpt.find_resume(run.ckpt_root, run.recipe.checkpoint.resume)
     if resume_dir is None:
+        _refuse_starting_over(run)
         return None
-    saved_recipe = (resume_dir / "recipe.yaml").read_text()
+    try:
+        saved_recipe = (resume_dir / "recipe.yaml").read_text()
+    except OSError as exc:
+        raise _damaged(run, resume_dir, exc) from None
     if saved_recipe != run.recipe_yaml and not allow_recipe_change:
         import yaml
 
         changes = diff_recipes(yaml.safe_load(saved_recipe), yaml.safe_load(run.recipe_yaml))
         raise CheckpointError(
             f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(changes)
-            + "\nrerun with --allow-recipe-change to resume anyway, or checkpoint.resume=never"
+            + "\nrerun with --allow-recipe-change to resume anyway, or start over in a new output_dir"
         )
-    run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler))
+    try:
+        saved_data = ckpt.read_state(resume_dir).get("dataset_fingerprint")
+        if saved_data not in (None, run.state["dataset_fingerprint"]) and not allow_recipe_change:
+            # Same recipe, other rows (a data file edited in place): the saved loader position
+            # would index into different rows.
+            raise CheckpointError(
+                f"the training data changed since checkpoint {resume_dir} (dataset fingerprint "
+                f"{saved_data} -> {run.state['dataset_fingerprint']}, same recipe): a data file was edited. "
+                "Restore the data, rerun with --allow-recipe-change to resume on the new rows anyway, "
+                "or start over with checkpoint.resume=never in a new output_dir")
+        fingerprint = run.state["dataset_fingerprint"]
+        run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler))
+        run.state["dataset_fingerprint"] = fingerprint  # the data this run trains on from here
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a missing or truncated file: torch, safetensors, json and OS errors alike
+        if isinstance(exc, RuntimeError) and _is_collective_failure(exc):
+            raise  # a peer died while loading: infrastructure, retried
+        raise _damaged(run, resume_dir, exc) from None
     run.state.pop("strategy", None)
     run.saved_step = run.state["step"]
     run.loader.load_state_dict(run.state.pop("loader"))
@@ -443,6 +474,54 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
                                          "or pin train.global_batch_size)"))
     run.state["world_size"] = run.ctx.world_size
     return resume_dir
+
+
+def _finished_summary(run: Run) -> dict | None:
+    """run.json of this very run when it already ended at the resumed step (and its outputs are
+    there), so a rerun neither repeats the final eval and registration nor blanks the summary."""
+    path = run.out / "run.json"
+    if run.state["step"] < run.steps or not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    output = summary.get("adapter_dir") or summary.get("model_dir")
+    same = (summary.get("status") == "completed" and summary.get("global_step") == run.state["step"]
+            and summary.get("recipe_sha256") == run.recipe.sha256())
+    return summary if same and output and Path(output).exists() else None
+
+
+def _refuse_starting_over(run: Run) -> None:
+    """A new run never starts among an earlier run's checkpoints or results: its steps, adapter and
+    run.json would mix with theirs (and overwrite them)."""
+    earlier = [d.name for d in ckpt.complete_checkpoints(run.ckpt_root)]
+    if (run.out / "run.json").exists():
+        earlier.append("run.json")
+    if earlier:
+        raise CheckpointError(
+            f"output_dir {run.out} holds an earlier run ({', '.join(earlier)}) and checkpoint.resume="
+            f"{run.recipe.checkpoint.resume} starts a new one: set a new output_dir, or delete the earlier "
+            "run's files to start over in this one (checkpoint.resume=auto resumes its newest checkpoint)")
+
+
+def _set_aside_metrics(ctx: DistContext, out: Path) -> None:
+    """A run that resumes nothing (the earlier attempt died before its first checkpoint): that
+    attempt's metrics are kept beside the file, and do not hide this run's steps from the tracker."""
+    metrics = out / METRICS_FILE
+    if metrics.exists() and metrics.stat().st_size:
+        aside = metrics.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        os.replace(metrics, aside)
+        _log(ctx, f"no checkpoint to resume: the earlier attempt's {METRICS_FILE} moved to {aside.name}")
+
+
+def _damaged(run: Run, resume_dir: Path, exc: Exception) -> CheckpointError:
+    older = [d.name for d in ckpt.complete_checkpoints(run.ckpt_root) if d != resume_dir]
+    fix = (f"checkpoint.resume={run.ckpt_root / older[-1]} (the newest other complete checkpoint)"
+           if older else "checkpoint.resume=never in a new output_dir")
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return CheckpointError(f"checkpoint {resume_dir} cannot be loaded ({type(exc).__name__}: {detail[:300]}); "
+                           f"it is damaged or incomplete. Resume from another one with {fix}")
 
 
 def _loop(run: Run) -> tuple[str, list[float]]:

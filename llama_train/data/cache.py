@@ -96,6 +96,13 @@ def load(path: Path) -> Prepared:
                     lengths=np.load(path / "lengths.npy"), sources=meta["sources"])
 
 
+def _try_load(path: Path) -> Prepared | None:
+    try:
+        return load(path)
+    except Exception:  # noqa: BLE001  (any damage means: build the entry again)
+        return None
+
+
 def build_or_load(recipe: Recipe, tokenizer, *, rebuild: bool = False) -> tuple[Prepared, dict]:
     """(prepared data, info {key, path, hit}). With data.cache false, builds in memory."""
     from filelock import FileLock
@@ -105,15 +112,19 @@ def build_or_load(recipe: Recipe, tokenizer, *, rebuild: bool = False) -> tuple[
         return prepare(recipe, tokenizer, fingerprint=key), {"key": key, "path": None, "hit": False}
     root = cache_root(recipe)
     final = root / key
-    if not rebuild and (final / COMPLETE).exists():
-        return load(final), {"key": key, "path": str(final), "hit": True}
+    if not rebuild and (final / COMPLETE).exists() and (hit := _try_load(final)) is not None:
+        return hit, {"key": key, "path": str(final), "hit": True}
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{key}.lock")):
         if (final / COMPLETE).exists():
-            if not rebuild:
-                return load(final), {"key": key, "path": str(final), "hit": True}
-            _remove(final)
+            if not rebuild and (hit := _try_load(final)) is not None:
+                return hit, {"key": key, "path": str(final), "hit": True}
+            _remove(final)  # rebuilt on request, or unreadable (damaged, or an empty entry of an older version)
         prepared = prepare(recipe, tokenizer, fingerprint=key)
+        if len(prepared.train) == 0:
+            # Nothing usable (an empty file, the wrong format, every row too long): not cached (an
+            # Arrow dataset without rows does not load back); preflight reports why.
+            return prepared, {"key": key, "path": None, "hit": False}
         tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             save(prepared, tmp)

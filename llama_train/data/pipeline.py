@@ -31,7 +31,8 @@ from llama_train.errors import DataError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CATEGORIES = ("invalid_json", "missing_field", "wrong_type", "empty_response", "duplicate",
-              "overlength", "no_supervised")
+              "template", "overlength", "no_supervised")
+TEMPLATE_ERROR = "template:"  # status prefix of a row the chat template refused (raise_exception)
 MAX_EXAMPLES = 5  # bad rows quoted per category in the report
 
 
@@ -70,8 +71,15 @@ def apply_length_policy(tok: dict, *, seq_len: int, policy: str) -> tuple[dict |
 
 def _tokenize_batch(batch, *, tokenizer, train_on, chat_template, seq_len, policy):
     out = {"input_ids": [], "labels": [], "length": [], "status": []}
+    from jinja2 import TemplateError
+
     for conv_json in batch["conv"]:
-        tok = tokenize_sample(json.loads(conv_json), tokenizer, train_on=train_on, chat_template=chat_template)
+        try:
+            tok = tokenize_sample(json.loads(conv_json), tokenizer, train_on=train_on, chat_template=chat_template)
+        except TemplateError as exc:  # the template's raise_exception (e.g. roles must alternate): this row only
+            for key, value in (("input_ids", []), ("labels", []), ("length", 0), ("status", TEMPLATE_ERROR + str(exc)[:300])):
+                out[key].append(value)
+            continue
         n = len(tok["input_ids"])
         kept, status = apply_length_policy(tok, seq_len=seq_len, policy=policy)
         out["input_ids"].append(kept["input_ids"] if kept else [])
@@ -233,11 +241,16 @@ def _tokenize_eval(recipe: Recipe, tokenizer, ev: list[dict]) -> tuple[list[dict
     d = recipe.data
     ev = ev[: d.eval.max_samples]
     eval_rows, tok_eval = [], []
+    from jinja2 import TemplateError
+
     for s in ev:
         conv = s["conv"]
+        try:
+            tok = tokenize_sample(conv, tokenizer, train_on=d.train_on, chat_template=d.chat_template)
+        except TemplateError:
+            continue  # the template refuses this conversation: it cannot be scored or prompted either
         eval_rows.append({"id": s["id"], "messages": None if isinstance(conv, str) else conv,
                           **({"text": conv} if isinstance(conv, str) else {})})
-        tok = tokenize_sample(conv, tokenizer, train_on=d.train_on, chat_template=d.chat_template)
         policy = "truncate" if d.overlength == "error" else d.overlength
         kept, _ = apply_length_policy(tok, seq_len=d.seq_len, policy=policy)
         if kept:
@@ -269,6 +282,9 @@ def prepare(recipe: Recipe, tokenizer, *, fingerprint: str = "llama_train") -> P
                             "or set data.overlength: drop | truncate")
         category = "overlength" if status[i] == "overlength" else "no_supervised"
         tally.drop(category, where[i], whys[status[i]].format(n=n, seq_len=d.seq_len, train_on=d.train_on))
+    for i, st in enumerate(status):
+        if st.startswith(TEMPLATE_ERROR):
+            tally.drop("template", where[i], f"the chat template refused it: {st[len(TEMPLATE_ERROR):]}")
     tally.counts["truncated"] = int(np.isin(status, ["truncated", "truncated_no_supervised"]).sum())
     keep = np.flatnonzero((status == "ok") | (status == "truncated"))
     table = full.take(pa.array(keep))

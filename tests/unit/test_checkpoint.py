@@ -139,3 +139,74 @@ def test_fsync_tree_skips_files_another_rank_renamed_meanwhile(tmp_path, monkeyp
     monkeypatch.setattr(ckpt.os, "walk", lambda path: iter([(str(path), [], [".tmpAbC123", "real.pt"])]))
     ckpt.fsync_tree(tmp_path)
     assert synced == ["real.pt", tmp_path.name]
+
+
+def test_clean_incomplete_only_removes_checkpoint_directories(tmp_path):
+    _save(tmp_path, 2)
+    (tmp_path / "step_3.tmp").mkdir()
+    (tmp_path / "step_4").mkdir()  # renamed, never marked: a crash between rename and marker
+    (tmp_path / "best").mkdir()  # the user's
+    (tmp_path / "best" / "adapter_model.safetensors").write_bytes(b"x")
+    removed = sorted(d.name for d in ckpt.clean_incomplete(tmp_path))
+    assert removed == ["step_3.tmp", "step_4"]
+    assert (tmp_path / "best" / "adapter_model.safetensors").exists() and (tmp_path / "step_2").exists()
+
+
+def test_tiny_base_is_never_rebuilt_under_a_run(tmp_path):
+    """Changing model.tiny_seed for an output_dir whose base_model was built with another seed is
+    refused before anything is written: the run's checkpoints and exports were trained on it."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.errors import RecipeError
+    from llama_train.model import resolve_base_path
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path)
+    base = Path(resolve_base_path(recipe_from_dict(recipe)))
+    before = (base / "model.safetensors").read_bytes()
+    recipe["model"]["tiny_seed"] = 1
+    with pytest.raises(RecipeError, match=r"model.tiny_seed=1.*built with seed 0"):
+        resolve_base_path(recipe_from_dict(recipe))
+    assert (base / "model.safetensors").read_bytes() == before
+
+
+def test_reruns_resume_never_mix_runs_and_name_damage(tmp_path, tiny_dir):
+    """The same command after a run ended changes nothing; a new run never starts among an earlier
+    run's files; edited data and damaged checkpoints are refused with the fix (exit 5)."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.trainer import train
+    from tests.conftest import tiny_recipe
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Sort: {n}"}, {"role": "assistant", "content": str(n)}]}
+            for n in range(100, 116)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = tiny_recipe(tmp_path, tiny_dir, data={"sources": [{"path": str(data), "format": "messages"}],
+                                                 "seq_len": 48, "cache": False},
+                       train={"max_steps": 1, "micro_batch_size": 4}, checkpoint={"save_final": True})
+    out = Path(base["output_dir"])
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "metrics": {"train/loss": 9.0}}\n')  # a dead attempt's
+    first = train(recipe_from_dict(base))
+    assert not (out / "metrics.jsonl").exists() and len(list(out.glob("metrics.*.jsonl"))) == 1
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    written = (adapter.stat().st_mtime_ns, (out / "run.json").read_text())
+
+    again = train(recipe_from_dict(base))
+    assert again["train_loss"] == first["train_loss"] is not None and again["loss_history"] == first["loss_history"]
+    assert (adapter.stat().st_mtime_ns, (out / "run.json").read_text()) == written
+
+    fresh = json.loads(json.dumps(base))
+    fresh["checkpoint"]["resume"] = "never"
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(step_1, run.json\).*new output_dir"):
+        train(recipe_from_dict(fresh))
+    assert (adapter.stat().st_mtime_ns, (out / "run.json").read_text()) == written
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))  # edited in place, same recipe
+    with pytest.raises(CheckpointError, match=r"training data changed since checkpoint .*step_1"):
+        train(recipe_from_dict(base))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    (out / "checkpoints" / "step_1" / "scheduler.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"step_1 cannot be loaded .*damaged.*resume=never in a new output_dir"):
+        train(recipe_from_dict(base))
+    assert (adapter.stat().st_mtime_ns, (out / "run.json").read_text()) == written

@@ -4,6 +4,7 @@ thresholds turn the report into a failure (exit code 3); mixtures and eval split
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,7 +33,7 @@ BAD_LINES = [
     json.dumps({"messages": [{"role": "user", "content": "Add: 4 + 4"}]}),  # no_supervised
 ]
 EXPECTED = {"invalid_json": 1, "missing_field": 1, "wrong_type": 2, "empty_response": 1, "duplicate": 1,
-            "overlength": 1, "no_supervised": 1}
+            "template": 0, "overlength": 1, "no_supervised": 1}
 
 
 @pytest.fixture
@@ -128,3 +129,40 @@ def test_eval_file(tmp_path, tiny_dir, tiny_tokenizer, bad_file):
 def test_missing_file_names_the_key(tmp_path, tiny_dir, tiny_tokenizer):
     with pytest.raises(DataError, match="data.sources path .*nope.jsonl does not exist"):
         check_data(_recipe(tmp_path, tiny_dir, tmp_path / "nope.jsonl"), tiny_tokenizer)
+
+
+def test_chat_template_refusing_a_row_drops_that_row_and_a_syntax_error_names_the_key(tmp_path, tiny_dir, tiny_tokenizer):
+    from llama_train.errors import RecipeError
+    from llama_train.model import load_tokenizer
+
+    path = tmp_path / "train.jsonl"
+    rows = [GOOD[0], _msg("BAD", "x"), *GOOD[1:8]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refusing = ("{% for m in messages %}{% if m['content'] == 'BAD' %}{{ raise_exception('roles must alternate') }}"
+                "{% endif %}{% endfor %}" + tiny_tokenizer.chat_template)
+    recipe = _recipe(tmp_path, tiny_dir, path, chat_template=refusing, max_dropped_fraction=0.5, cache=False)
+    data, report = check_data(recipe, load_tokenizer(recipe, str(tiny_dir)))
+    assert report["counts"]["template"] == 1 and report["kept"] == 8 and report["ok"]
+    assert report["examples"]["template"] == [f"{path} line 2: the chat template refused it: roles must alternate"]
+    broken = _recipe(tmp_path, tiny_dir, path, chat_template="{% if x %}")
+    with pytest.raises(RecipeError, match=r"data.chat_template: Jinja syntax error at line 1"):
+        load_tokenizer(broken, str(tiny_dir))
+
+
+def test_no_usable_rows_is_a_data_error_with_the_cache_and_a_damaged_entry_is_rebuilt(tmp_path, tiny_dir, tiny_tokenizer):
+    from llama_train.data import cache
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    recipe = _recipe(tmp_path, tiny_dir, empty, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="no usable training rows"):
+        load_data(recipe, tiny_tokenizer)
+    assert not list((tmp_path / "cache").glob("*/COMPLETE"))  # nothing cached for it
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    recipe = _recipe(tmp_path, tiny_dir, good, cache_dir=str(tmp_path / "cache"))
+    _, info = cache.build_or_load(recipe, tiny_tokenizer)
+    (Path(info["path"]) / "meta.json").write_text("{trunc")
+    prepared, again = cache.build_or_load(recipe, tiny_tokenizer)
+    assert again["path"] == info["path"] and not again["hit"] and len(prepared.train) == len(GOOD)
