@@ -42,7 +42,7 @@ def run(
 
 @recipe_app.command("validate")
 def recipe_validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
-                    world_size: int = typer.Option(None, "--world-size", help="Ranks to check for.")):
+                    world_size: int = typer.Option(None, "--world-size", min=1, help="Ranks to check for.")):
     """Check a recipe: schema, conflicts, hardware fit, and a per-rank memory estimate."""
     from llama_train.config import load_recipe
     from llama_train.preflight import preflight

@@ -432,6 +432,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override {item!r} must look like `section.key=value` (e.g. train.lr=1e-4)")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"override {item!r}: the key {key.strip()!r} is not a dotted recipe key "
+                              "(e.g. train.lr=1e-4)")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

@@ -40,9 +40,13 @@ def resolve_base_path(recipe: Recipe) -> str:
 def load_tokenizer(recipe: Recipe, base_path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:  # not a directory, not a valid hub id, or offline without a cache
+        raise RecipeError(f"cannot load model.path {base_path!r}: {str(exc).splitlines()[0]} (a local model "
+                          "directory, or a hub id that is in the HF cache or reachable)") from None
     if recipe.data.chat_template:
         _check_template_syntax(recipe.data.chat_template)
         tok.chat_template = recipe.data.chat_template
@@ -120,6 +124,11 @@ def apply_finetuning(model, recipe: Recipe):
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.model.gradient_checkpointing
         )
+    names = [name for name, _ in model.named_modules()]
+    unknown = [m for m in lc.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    if unknown:  # peft would silently train nothing for them
+        raise RecipeError(f"lora.modules_to_save {unknown}: no module of the model has that name "
+                          "(for Llama: lm_head, embed_tokens)")
     config = peft.LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,

@@ -40,6 +40,7 @@ from llama_train.errors import (
     InfrastructureError,
     NonFiniteError,
     Preempted,
+    RecipeError,
 )
 from llama_train.evaluate import eval_loss, evaluate
 from llama_train.model import (
@@ -258,6 +259,8 @@ class _SigtermFlag:
 
 def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
     """Run the recipe's training job in this process (one rank of it under torchrun)."""
+    if Path(recipe.output_dir).exists() and not Path(recipe.output_dir).is_dir():
+        raise RecipeError(f"output_dir {recipe.output_dir} is a file; set output_dir to a directory")
     preflight(recipe)
     ctx = init_distributed(recipe)
     try:

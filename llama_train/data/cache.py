@@ -26,7 +26,7 @@ import numpy as np
 from llama_train.config import BUILTIN_DATA, Recipe
 from llama_train.data.pipeline import Prepared, prepare
 
-PIPELINE_VERSION = 1  # bump when the pipeline's output for the same inputs changes
+PIPELINE_VERSION = 2  # bump when the pipeline's output for the same inputs changes
 COMPLETE = "COMPLETE"
 NOT_KEYED = {"cache", "cache_dir", "num_proc", "max_dropped_fraction", "min_packing_efficiency", "shuffle",
              "group_by_length"}
@@ -114,6 +114,10 @@ def build_or_load(recipe: Recipe, tokenizer, *, rebuild: bool = False) -> tuple[
     final = root / key
     if not rebuild and (final / COMPLETE).exists() and (hit := _try_load(final)) is not None:
         return hit, {"key": key, "path": str(final), "hit": True}
+    if root.exists() and not root.is_dir():
+        from llama_train.errors import RecipeError
+
+        raise RecipeError(f"data.cache_dir {root} is a file; point data.cache_dir at a directory")
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{key}.lock")):
         if (final / COMPLETE).exists():

@@ -51,7 +51,7 @@ def build_report(recipe: Recipe, prepared: Prepared, *, cache: dict | None = Non
         "kept": c["kept"],
         "dropped": c["dropped"],
         "dropped_fraction": c["dropped"] / max(1, c["rows"]),
-        "counts": {k: c[k] for k in CATEGORIES},
+        "counts": {k: c.get(k, 0) for k in CATEGORIES},
         "truncated": c["truncated"],
         "overlength_policy": d.overlength,
         "eval_held_out": c["eval_held_out"],

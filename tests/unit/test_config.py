@@ -177,6 +177,8 @@ def test_yaml_pitfalls_are_named(tmp_path):
     assert "train.betas.0: Input should be less than 1" in msg
     assert 'tracking.experiment: Input should be a valid string (got True); YAML read the value as bool: quote it' in msg
     assert load_recipe(qs, ["tracking.run_name=2024-01-01"]).tracking.run_name == "2024-01-01"
+    with pytest.raises(RecipeError, match=r"override '=4': the key '' is not a dotted recipe key"):
+        load_recipe(qs, ["=4"])
 
 
 def test_init_tiny_refuses_a_directory_it_did_not_write(tmp_path, capsys):
@@ -188,3 +190,19 @@ def test_init_tiny_refuses_a_directory_it_did_not_write(tmp_path, capsys):
     assert main(["init-tiny", str(other)]) == 2
     assert "is not empty and holds no tiny model" in capsys.readouterr().err
     assert (other / "model.safetensors").read_text() == "precious"
+
+
+def test_paths_and_module_names_that_cannot_work_are_recipe_errors(tmp_path, tiny_dir):
+    from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
+    from llama_train.trainer import train
+    from tests.conftest import tiny_recipe
+
+    hub = recipe_from_dict(tiny_recipe(tmp_path, model={"source": "hf", "path": "/nonexistent"}))
+    with pytest.raises(RecipeError, match=r"cannot load model.path '/nonexistent'"):
+        load_tokenizer(hub, "/nonexistent")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RecipeError, match=r"output_dir .*afile is a file"):
+        train(recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, output_dir=str(tmp_path / "afile"))))
+    bogus = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, lora={"modules_to_save": ["bogus"]}))
+    with pytest.raises(RecipeError, match=r"lora.modules_to_save \['bogus'\]: no module"):
+        apply_finetuning(load_base_model(bogus, str(tiny_dir)), bogus)
