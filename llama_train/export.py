@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +39,19 @@ TARGETS = ("vllm", "nim")
 
 
 class ExportError(LlamaTrainError):
-    """The run cannot be exported: files missing, or the adapter fails the serving lint."""
+    """The run cannot be exported: files missing or unreadable (exit 1, "other usage error")."""
+
+    exit_code = 1
+
+
+class ExportUsageError(ExportError):
+    """A flag is invalid: --format, --target, --out, --adapter-name (exit 2, "CLI usage")."""
+
+    exit_code = 2
+
+
+class ExportRefused(ExportError):
+    """The adapter breaks a serving target's rules (the lint); exit 7 is reserved for this."""
 
     exit_code = 7
 
@@ -63,7 +77,7 @@ def required_max_lora_rank(r: int) -> int:
     for value in VLLM_LORA_RANKS:
         if value >= r:
             return value
-    raise ExportError(f"LoRA rank {r} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
+    raise ExportRefused(f"LoRA rank {r} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
 
 
 def _weight_keys(path: Path) -> list[str]:
@@ -71,6 +85,26 @@ def _weight_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())
+
+
+def unreadable_adapter_files(adapter_dir: Path) -> list[str]:
+    """Why the adapter's files cannot be parsed (truncated safetensors, broken JSON); [] if they
+    can. Checked before the lint rules, which need both files parsed."""
+    problems = []
+    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if cfg_path.is_file():
+        try:
+            if not isinstance(json.loads(cfg_path.read_text()), dict):
+                problems.append(f"{cfg_path} is not a JSON object")
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problems.append(f"{cfg_path} is not valid JSON ({exc}); re-export or re-save the adapter")
+    if weights_path.is_file():
+        try:
+            _weight_keys(weights_path)
+        except Exception as exc:  # SafetensorError (truncated/corrupt header) has no public base class
+            problems.append(f"{weights_path} cannot be read as safetensors ({str(exc)[:200]}); the file is "
+                            "truncated or corrupt: re-export or re-save the adapter")
+    return problems
 
 
 def _module_names_in_weights(keys: Iterable[str]) -> set[str]:
@@ -98,7 +132,7 @@ def lint_adapter(
     targets = tuple(targets or ())
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise ExportError(f"unknown serving target(s) {unknown}; choose from {list(TARGETS)}")
+        raise ExportUsageError(f"unknown serving target(s) {unknown} (--target); choose from {list(TARGETS)}")
     if not targets:
         return []
     findings: list[Finding] = []
@@ -116,6 +150,10 @@ def lint_adapter(
         found = f"found {bins}" if bins else f"found {present}"
         add("files", f"adapter_model.safetensors is missing ({found}); vLLM/NIM exports must be "
             "safetensors: re-save with `model.save_pretrained(dir, safe_serialization=True)`")
+    for problem in unreadable_adapter_files(adapter_dir):
+        add("readable", problem)
+    if any(f.rule == "readable" for f in findings):
+        return findings  # the rules below need both files parsed
     extra = [p for p in present if p not in ADAPTER_FILES]
     if any(p.endswith(".bin") for p in extra):
         add("files", f"pickle weight files {[p for p in extra if p.endswith('.bin')]} next to the "
@@ -195,6 +233,7 @@ class RunInfo:
     run: dict
     recipe_text: str | None
     recipe: dict
+    checkpoint_state: dict | None = None  # state.json when `src` is a checkpoint
 
 
 def _sha256(path: Path) -> str:
@@ -211,6 +250,17 @@ def _find_up(src: Path, name: str) -> Path | None:
         if (d / name).is_file():
             return d / name
     return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"{path} is unreadable ({exc}); restore it from the run, or delete it "
+                          "(export then takes the run's metadata from what else it finds)") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} is not a JSON object; restore it from the run")
+    return data
 
 
 def resolve_run(src: str | Path) -> RunInfo:
@@ -234,11 +284,21 @@ def resolve_run(src: str | Path) -> RunInfo:
         raise ExportError(f"{src} holds no adapter (adapter/adapter_config.json) and no full model "
                           "(model/config.json); has the run finished? (see run.json `status`)")
     run_path = _find_up(src, "run.json")
-    run = json.loads(run_path.read_text()) if run_path else {}
+    run = _read_json(run_path) if run_path else {}
     recipe_path = _find_up(src, "recipe.yaml")
     recipe_text = recipe_path.read_text() if recipe_path else None
-    recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
-    return RunInfo(src, adapter_dir, model_dir, run, recipe_text, recipe)
+    try:
+        recipe = (yaml.safe_load(recipe_text) or {}) if recipe_text else {}
+    except yaml.YAMLError as exc:
+        raise ExportError(f"{recipe_path} is not valid YAML ({exc}); restore it from the run") from None
+    if not isinstance(recipe, dict):
+        raise ExportError(f"{recipe_path} is not a recipe (a YAML mapping); restore it from the run")
+    # A checkpoint's own state.json (not run.json, which describes the end of the run) says which
+    # step its weights are from.
+    state = _read_json(src / "state.json") if (src / "state.json").is_file() else None
+    if state is None and src.parent.name == "checkpoints" and src.name.startswith("step_"):
+        state = {"step": int(src.name[5:])} if src.name[5:].isdigit() else None
+    return RunInfo(src, adapter_dir, model_dir, run, recipe_text, recipe, state)
 
 
 def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
@@ -253,7 +313,7 @@ def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
 def _base_model(info: RunInfo) -> str:
     base = info.run.get("base_model")
     if not base and info.adapter_dir is not None:
-        cfg = json.loads((info.adapter_dir / "adapter_config.json").read_text())
+        cfg = _read_json(info.adapter_dir / "adapter_config.json")
         base = cfg.get("base_model_name_or_path")
     if not base:
         raise ExportError("cannot tell the base model: run.json has no `base_model` and "
@@ -271,7 +331,13 @@ def _export_merged(info: RunInfo, base: str, dest: Path) -> None:
     else:
         from peft import PeftModel
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        except (OSError, ValueError) as exc:  # missing directory or hub id (HFValidationError is a ValueError)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
+            raise ExportError(f"--format merged needs the base model {base!r} (run.json `base_model`), "
+                              f"which cannot be loaded: {first}. Make it available at that path "
+                              "(or log in for a gated hub model), or export --format adapter") from None
         model = PeftModel.from_pretrained(model, str(info.adapter_dir)).merge_and_unload()
         tok_src = info.adapter_dir if (info.adapter_dir / "tokenizer_config.json").exists() else base
     model.save_pretrained(dest, safe_serialization=True)
@@ -282,11 +348,12 @@ def _export_merged(info: RunInfo, base: str, dest: Path) -> None:
         pass  # the base has no generation_config.json; save_pretrained wrote the model's own
 
 
-def _export_vllm(adapter_dir: Path, out: Path, name: str, base: str, r: int) -> None:
+def _export_vllm(adapter_dir: Path, out: Path, name: str, base: str, r: int, *, final: Path) -> None:
+    """Written into `out` (a temporary directory); paths in the files name `final`, where it goes."""
     vdir = out / "vllm"
     _copy_adapter(adapter_dir, vdir / name)
     max_rank = required_max_lora_rank(r)
-    module = {"name": name, "path": str((vdir / name).resolve()), "base_model_name": base}
+    module = {"name": name, "path": str(final.resolve() / "vllm" / name), "base_model_name": base}
     (vdir / "lora_modules.json").write_text(
         json.dumps({"lora_modules": [module], "max_lora_rank": max_rank}, indent=2) + "\n")
     cmd = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(max_rank),
@@ -311,63 +378,135 @@ def export_run(
     targets: Iterable[str] | None = None,
     allow_incompatible: bool = False,
     adapter_name: str | None = None,
+    force: bool = False,
 ) -> dict:
     """Export `src` (run or checkpoint directory) to `out_dir` in `formats`; return the manifest.
 
+    A non-empty `out_dir` is refused unless `force`, which replaces it as a whole.
+
     `targets` defaults to the recipe's `export.targets` (else vllm + nim); the recipe's
     `export.max_lora_rank`, `export.adapter_name` and `export.allow_incompatible` apply too.
-    Raises ExportError when the lint finds an error and incompatibility is not allowed.
+    Raises ExportRefused (exit 7) when the lint finds an error and incompatibility is not allowed,
+    ExportUsageError (exit 2) for bad arguments, ExportError (exit 1) for missing/unreadable files.
     """
     formats = list(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        raise ExportError(f"unknown export format(s) {bad}; choose from {list(FORMATS)}")
+        raise ExportUsageError(f"unknown export format(s) {bad} (--format); choose from {list(FORMATS)}")
     info = resolve_run(src)
+    out = Path(out_dir)
+    _check_out(out, info.src, force=force)
     ecfg = info.recipe.get("export") or {}
     targets = list(targets if targets is not None else ecfg.get("targets", TARGETS))
     max_lora_rank = int(ecfg.get("max_lora_rank", VLLM_DEFAULT_MAX_LORA_RANK))
     allow = allow_incompatible or bool(ecfg.get("allow_incompatible", False))
     name = adapter_name or ecfg.get("adapter_name") or info.run.get("run_name") or info.src.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-        raise ExportError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-' (it is a "
-                          "directory and a served model name); pass --adapter-name")
+        raise ExportUsageError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-' (it is a "
+                               "directory and a served model name); pass --adapter-name")
     base = _base_model(info)
 
     adapter_formats = [f for f in formats if f in ("adapter", "vllm", "nim")]
     if info.adapter_dir is None and adapter_formats:
-        raise ExportError(f"{info.src} is a full fine-tuning run (model/, no adapter); formats "
-                          f"{adapter_formats} need an adapter: use --format merged")
+        raise ExportUsageError(f"{info.src} is a full fine-tuning run (model/, no adapter); formats "
+                               f"{adapter_formats} need an adapter: use --format merged")
+    if info.adapter_dir is not None:
+        unreadable = unreadable_adapter_files(info.adapter_dir)
+        if unreadable:  # not a lint finding: --allow-incompatible cannot export a broken file
+            raise ExportError("; ".join(unreadable))
     findings = lint_adapter(info.adapter_dir, targets, max_lora_rank=max_lora_rank) \
         if info.adapter_dir is not None else []
     errors = [f for f in findings if f.severity == "error"]
     if errors and not allow:
         lines = "\n".join(f"  - {f}" for f in findings)
-        raise ExportError(f"adapter {info.adapter_dir} is not servable by {targets}:\n{lines}\n"
-                          "Fix the recipe and retrain, export --format merged, or pass "
-                          "--allow-incompatible (recipe: export.allow_incompatible: true)")
+        raise ExportRefused(f"adapter {info.adapter_dir} is not servable by {targets}:\n{lines}\n"
+                            "Fix the recipe and retrain, export --format merged, or pass "
+                            "--allow-incompatible (recipe: export.allow_incompatible: true)")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     r = 0
     if info.adapter_dir is not None:
-        r = int(json.loads((info.adapter_dir / "adapter_config.json").read_text()).get("r", 0))
-    for fmt in formats:
-        if fmt == "adapter":
-            _copy_adapter(info.adapter_dir, out / "adapter")
-        elif fmt == "merged":
-            _export_merged(info, base, out / "merged")
-        elif fmt == "vllm":
-            _export_vllm(info.adapter_dir, out, name, base, r)
-        elif fmt == "nim":
-            _copy_adapter(info.adapter_dir, out / "nim" / name)
+        r = int(_read_json(info.adapter_dir / "adapter_config.json").get("r", 0))
+    # Built in a sibling temporary directory and moved into place only when complete: a failure
+    # (a missing base model for `merged`, a full disk) leaves any earlier export at `out` untouched,
+    # and a replaced export never mixes old files with new ones.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for fmt in formats:
+            if fmt == "adapter":
+                _copy_adapter(info.adapter_dir, tmp / "adapter")
+            elif fmt == "merged":
+                _export_merged(info, base, tmp / "merged")
+            elif fmt == "vllm":
+                _export_vllm(info.adapter_dir, tmp, name, base, r, final=out)
+            elif fmt == "nim":
+                _copy_adapter(info.adapter_dir, tmp / "nim" / name)
+        manifest = _manifest(info, tmp, name=name, base=base, formats=formats, targets=targets, r=r,
+                             findings=findings)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
+    return manifest
 
+
+def _check_out(out: Path, src: Path, *, force: bool) -> None:
+    """Refuse an --out that would overwrite the source or someone's files; before any work."""
+    o, s = out.resolve(), src.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        where = "the source" if o == s else "inside the source" if s in o.parents else "a parent of the source"
+        raise ExportUsageError(f"--out {out} is {where} {src}; export to a directory outside the run, "
+                               f"e.g. --out exports/{s.name}")
+    if out.exists() and not out.is_dir():
+        raise ExportUsageError(f"--out {out} is an existing file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportUsageError(f"--out {out} already holds files (an earlier export?); pass --force to "
+                               "replace it as a whole, or choose another --out")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`. An existing `out` (--force) is renamed aside first and deleted only
+    after the new one is in place, so at every moment one complete export sits at `out` or beside it."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / out.name, out)  # put the previous export back
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _manifest(info: RunInfo, root: Path, *, name: str, base: str, formats: list[str], targets: list[str],
+              r: int, findings: list[Finding]) -> dict:
     files = {
-        str(p.relative_to(out)): _sha256(p)
-        for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"
+        str(p.relative_to(root)): _sha256(p)
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"
     }
     recipe_sha = info.run.get("recipe_sha256") or (
         hashlib.sha256(info.recipe_text.encode()).hexdigest() if info.recipe_text else None)
-    manifest = {
+    if info.checkpoint_state is not None:
+        # run.json's step, loss and final eval describe the end of the run, not these weights;
+        # a checkpoint records its step (and the eval before training), not a loss.
+        metrics = {"status": "checkpoint", "global_step": info.checkpoint_state.get("step"),
+                   "train_loss": info.checkpoint_state.get("train_loss"),
+                   "eval": {"before": info.checkpoint_state.get("eval_before") or
+                            (info.run.get("eval") or {}).get("before")}}
+        if isinstance(metrics["eval"]["before"], dict):
+            metrics["eval"]["before"] = {k: v for k, v in metrics["eval"]["before"].items() if k != "examples"}
+    else:
+        metrics = {"status": info.run.get("status"), "global_step": info.run.get("global_step"),
+                   "train_loss": info.run.get("train_loss"), "eval": info.run.get("eval")}
+    return {
         "llama_train_version": _version(),
         "source": str(info.src.resolve()),
         "adapter_name": name,
@@ -377,17 +516,10 @@ def export_run(
         "formats": formats,
         "targets": targets,
         "lora_rank": r or None,
-        "metrics": {
-            "status": info.run.get("status"),
-            "global_step": info.run.get("global_step"),
-            "train_loss": info.run.get("train_loss"),
-            "eval": info.run.get("eval"),
-        },
+        "metrics": metrics,
         "lint": [asdict(f) for f in findings],
         "files": files,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 # --------------------------------------------------------------------------- CLI
@@ -405,11 +537,13 @@ def export_command(
         "--target", help="Serving targets to lint against (default: the recipe's export.targets).")] = None,
     adapter_name: Annotated[str | None, typer.Option(
         "--adapter-name", help="Served adapter name (default: recipe export.adapter_name, run name).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a non-empty --out as a whole (only once the new export is complete).")] = False,
 ) -> None:
     """Export an adapter (and merged / vLLM / NIM layouts) with a manifest of sha256 hashes."""
     formats = [f.strip() for item in format for f in item.split(",") if f.strip()]
     manifest = export_run(run_or_checkpoint, out, formats=formats, targets=target or None,
-                          allow_incompatible=allow_incompatible, adapter_name=adapter_name)
+                          allow_incompatible=allow_incompatible, adapter_name=adapter_name, force=force)
     if json_out:
         typer.echo(json.dumps(manifest, indent=2))
         return

@@ -125,8 +125,12 @@ def test_checkpoint_dir_finds_run_metadata_upwards(run_dir, tmp_path):
     ckpt = tmp_path / "run2" / "checkpoints" / "step_5"
     shutil.copytree(run / "adapter", ckpt / "adapter")
     shutil.copy(run / "run.json", tmp_path / "run2" / "run.json")
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "eval_before": {"loss": 3.0, "examples": []}}))
     manifest = export_run(ckpt, tmp_path / "out")
-    assert manifest["metrics"]["global_step"] == 20 and manifest["source"].endswith("step_5")
+    assert manifest["source"].endswith("step_5") and manifest["run_name"] == "tiny-sql"
+    # the checkpoint's step, not run.json's final step/loss/eval (those describe other weights)
+    assert manifest["metrics"] == {"status": "checkpoint", "global_step": 5, "train_loss": None,
+                                   "eval": {"before": {"loss": 3.0}}}
 
 
 def test_incompatible_adapter_fails_unless_allowed(tiny_dir, tmp_path):
@@ -150,15 +154,86 @@ def test_recipe_can_opt_out_of_the_lint(tiny_dir, tmp_path):
 
 def test_bad_inputs_are_clear_errors(run_dir, tmp_path):
     run, _ = run_dir
-    with pytest.raises(ExportError, match="not a directory"):
+    # exit 7 is only for lint refusals: bad flags are usage (2), missing inputs other errors (1)
+    with pytest.raises(ExportError, match="not a directory") as exc:
         export_run(tmp_path / "missing", tmp_path / "out")
-    with pytest.raises(ExportError, match="unknown export format"):
+    assert exc.value.exit_code == 1
+    with pytest.raises(ExportError, match="unknown export format") as exc:
         export_run(run, tmp_path / "out", formats=["gguf"])
+    assert exc.value.exit_code == 2 and "--format" in str(exc.value)
+    with pytest.raises(ExportError, match="unknown serving target") as exc:
+        export_run(run, tmp_path / "out", targets=["onnx"])
+    assert exc.value.exit_code == 2 and "--target" in str(exc.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ExportError, match="holds no adapter"):
+    with pytest.raises(ExportError, match="holds no adapter") as exc:
         export_run(tmp_path / "empty", tmp_path / "out")
+    assert exc.value.exit_code == 1
     with pytest.raises(ExportError, match="adapter name"):
         export_run(run, tmp_path / "out", adapter_name="bad name/..")
+    assert not (tmp_path / "out").exists()
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_existing_export_is_refused_then_replaced_whole_with_force(run_dir, tmp_path):
+    run, _ = run_dir
+    out = tmp_path / "out"
+    export_run(run, out, formats=["adapter", "vllm"])
+    before = _tree(out)
+    with pytest.raises(ExportError, match="--force") as exc:
+        export_run(run, out, formats=["adapter"])
+    assert exc.value.exit_code == 2 and _tree(out) == before
+    manifest = export_run(run, out, formats=["adapter"], force=True)
+    # no stale vllm/ from the first export: the directory holds exactly what the manifest lists
+    assert set(_tree(out)) == {"manifest.json", *manifest["files"]} and not (out / "vllm").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
+
+
+def test_failed_export_leaves_the_existing_export_untouched(run_dir, tmp_path):
+    import shutil
+
+    run, _ = run_dir
+    out = tmp_path / "out"
+    export_run(run, out, formats=["adapter"])
+    before = _tree(out)
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "adapter", broken / "adapter")
+    (broken / "run.json").write_text(json.dumps({"base_model": str(tmp_path / "no-such-base")}))
+    with pytest.raises(ExportError, match="needs the base model") as exc:
+        export_run(broken, out, formats=["merged"], force=True)
+    assert exc.value.exit_code == 1 and "--format adapter" in str(exc.value)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_out_over_the_source_or_a_file_and_unreadable_inputs_are_clear_errors(run_dir, tmp_path):
+    import shutil
+
+    run, _ = run_dir
+    before = _tree(run)
+    for out, needle in [(run, "is the source"), (run / "adapter", "inside the source"),
+                        (run.parent, "parent of the source")]:
+        with pytest.raises(ExportError, match=needle) as exc:
+            export_run(run, out, force=True)
+        assert exc.value.exit_code == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="existing file"):
+        export_run(run, tmp_path / "file")
+    assert _tree(run) == before
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    (bad / "run.json").write_text((run / "run.json").read_text()[:40])  # truncated
+    with pytest.raises(ExportError, match="run.json is unreadable") as exc:
+        export_run(bad, tmp_path / "o1")
+    assert exc.value.exit_code == 1
+    (bad / "run.json").write_bytes((run / "run.json").read_bytes())
+    weights = bad / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ExportError, match="cannot be read as safetensors") as exc:
+        export_run(bad, tmp_path / "o2", allow_incompatible=True)
+    assert exc.value.exit_code == 1 and not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 def test_full_finetune_run_exports_merged_only(tiny_dir, tmp_path):
