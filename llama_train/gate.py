@@ -96,6 +96,20 @@ class Candidate:
     report_dir: Path
     registry_name: str | None = None
     version: str | None = None
+    manifest_error: str | None = None  # manifest.json exists but cannot be read: a failed format check
+
+
+def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), (None, None) when there is none, or (None, why it is unreadable)."""
+    if not path.exists():
+        return None, None
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        return None, f"{path.name} is unreadable ({exc}); re-export the candidate"
+    if not isinstance(manifest, dict):
+        return None, f"{path.name} is not a JSON object; re-export the candidate"
+    return manifest, None
 
 
 def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | None) -> Candidate:
@@ -103,17 +117,24 @@ def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | 
         from llama_train.registry import download_adapter
 
         name, version = _registry_ref(ref, tracking_uri)
-        local = download_adapter(f"models:/{name}/{version}", uri=tracking_uri)
-        manifest_path = local / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        return Candidate(ref, local, manifest, report_dir or Path.cwd() / "gate-report", name, version)
+        try:
+            local = download_adapter(f"models:/{name}/{version}", uri=tracking_uri)
+        except LlamaTrainError:
+            raise
+        except Exception as exc:  # MlflowException: version missing, registry unreachable
+            missing = "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower()
+            why = f"version {version} does not exist on model {name}" if missing else _first_line(exc)
+            raise GateError(f"{ref}: {why} (registry {tracking_uri or 'from the environment'}); "
+                            "check the name and version, or pass --tracking-uri") from None
+        manifest, error = _read_manifest(local / "manifest.json")
+        return Candidate(ref, local, manifest, report_dir or Path.cwd() / "gate-report", name, version,
+                         manifest_error=error)
     path = Path(ref)
     if not path.is_dir():
         raise GateError(f"candidate {ref} is neither a directory nor a models:/NAME/VERSION reference")
-    manifest_path = path / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    manifest, error = _read_manifest(path / "manifest.json")
     adapter = path / "adapter" if (path / "adapter").is_dir() else path
-    return Candidate(ref, adapter, manifest, report_dir or path)
+    return Candidate(ref, adapter, manifest, report_dir or path, manifest_error=error)
 
 
 def _registry_ref(ref: str, tracking_uri: str | None) -> tuple[str, str]:
@@ -151,9 +172,9 @@ def find_recipe(candidate: Candidate, recipe_path: str | None) -> Recipe:
 
 
 def check_format(c: Candidate, recipe: Recipe) -> Check:
-    from llama_train.export import _sha256, lint_adapter
+    from llama_train.export import _sha256, lint_adapter, unreadable_adapter_files
 
-    problems = []
+    problems = [c.manifest_error] if c.manifest_error else []
     present = {p.name for p in c.adapter_dir.iterdir() if p.is_file()}
     missing, extra = ADAPTER_FILES - present, present - ADAPTER_FILES - REPORT_FILES
     if missing:
@@ -169,10 +190,16 @@ def check_format(c: Candidate, recipe: Recipe) -> Check:
                 tampered.append(rel)
         if tampered:
             problems.append(f"sha256 mismatch against manifest.json: {tampered} (file changed after export)")
-    findings = [f for f in lint_adapter(c.adapter_dir, recipe.export.targets,
-                                        max_lora_rank=recipe.export.max_lora_rank) if f.severity == "error"]
+    # A truncated safetensors or broken JSON fails here, whatever the recipe's export.targets,
+    # rather than crashing the lint or the load check.
+    unreadable = unreadable_adapter_files(c.adapter_dir)
+    problems += unreadable
+    findings = [] if unreadable else [
+        f for f in lint_adapter(c.adapter_dir, recipe.export.targets, max_lora_rank=recipe.export.max_lora_rank)
+        if f.severity == "error"]
     problems += [str(f) for f in findings]
-    figures = {"manifest": c.manifest is not None, "lint_errors": len(findings), "tampered": tampered}
+    figures = {"manifest": c.manifest is not None, "lint_errors": len(findings), "tampered": tampered,
+               "unreadable": len(unreadable)}
     if problems:
         return Check("format", "failed", "; ".join(problems), figures)
     note = "" if c.manifest is not None else " (no manifest.json: hashes not checked)"
@@ -369,8 +396,31 @@ def _champion(recipe: Recipe, c: Candidate, tracking_uri: str | None) -> tuple[s
 
 def run_gate(ref: str, *, recipe_path: str | None = None, promote: bool = False, serving: bool = True,
              tracking_uri: str | None = None, report_dir: Path | None = None) -> GateReport:
+    if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
+        raise GateError(f"--report-dir {report_dir} is an existing file; give a directory")
     c = resolve_candidate(ref, tracking_uri=tracking_uri, report_dir=report_dir)
-    recipe = find_recipe(c, recipe_path)
+    try:
+        recipe = find_recipe(c, recipe_path)
+    except GateError:
+        if not c.manifest_error:
+            raise
+        recipe = None  # the broken manifest is what names the run (and its recipe)
+    # Usage problems are found before the checks (minutes on a real model), not after them.
+    if recipe is None:
+        report = GateReport(candidate=ref, adapter_dir=str(c.adapter_dir), model_version=c.version)
+        report.checks = [Check("format", "failed", f"{c.manifest_error} (without it no recipe was found: "
+                               "pass --recipe to run the other format checks)")]
+        report.checks += [Check(s, "skipped", "an earlier check failed") for s in STAGES[1:]
+                          if s != "serving" or serving]
+        _write_report(report, c.report_dir)
+        return report
+    if promote and not (c.registry_name or recipe.tracking.registered_model_name):
+        raise GateError("--promote needs a registered model: a models:/ candidate or "
+                        "tracking.registered_model_name in the recipe")
+    try:
+        c.report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GateError(f"cannot create the report directory {c.report_dir} ({exc}); pass --report-dir") from None
     tracking_uri = tracking_uri or _tracking_uri(recipe)
     report = GateReport(candidate=ref, adapter_dir=str(c.adapter_dir), model_version=c.version)
     checks = report.checks

@@ -175,3 +175,57 @@ def test_regressed_adapter_trained_on_shuffled_answers_fails_quality(gate_env, p
     assert "does not beat the base" in quality.message or "regresses the champion" in quality.message
     assert report.figures["candidate"]["exact_match"] < report.figures["champion"]["exact_match"]
     assert _aliases(gate_env) == before
+
+
+def _truncate_weights(export: Path):
+    f = export / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+
+
+def _break_json(rel):
+    return lambda export: (export / rel).write_text('{"r": ')
+
+
+@pytest.mark.parametrize("name, corrupt, needle", [
+    ("truncated", _truncate_weights, "cannot be read as safetensors"),
+    ("bad_config", _break_json("adapter/adapter_config.json"), "adapter_config.json is not valid JSON"),
+    ("bad_manifest", _break_json("manifest.json"), "manifest.json is unreadable"),
+])
+def test_unreadable_files_fail_the_format_check_with_a_report(gate_env, name, corrupt, needle):
+    import shutil
+
+    candidate = gate_env["tmp"] / f"corrupt_{name}"
+    shutil.copytree(gate_env["good"], candidate)
+    for f in ("gate_report.json", "gate_report.md"):
+        (candidate / f).unlink(missing_ok=True)
+    corrupt(candidate)
+    # no --recipe for the broken manifest: it names the run, so the gate must still report on it
+    kw = {} if name == "bad_manifest" else {"recipe_path": gate_env["recipe"]}
+    report = run_gate(str(candidate), tracking_uri=gate_env["uri"], serving=False, **kw)
+    fmt = report.checks[0]
+    assert not report.passed and fmt.name == "format" and fmt.status == "failed"
+    assert needle in fmt.message, fmt.message
+    assert json.loads((candidate / "gate_report.json").read_text())["passed"] is False
+
+
+def test_usage_errors_stop_the_gate_before_any_check(gate_env, tmp_path, monkeypatch):
+    from llama_train import gate as gate_mod
+    from llama_train.gate import GateError
+
+    def no_checks(*a, **k):
+        raise AssertionError("a check ran before the usage error was reported")
+
+    monkeypatch.setattr(gate_mod, "check_format", no_checks)
+    with pytest.raises(GateError, match=r"models:/quickstart-gate/999: version 999 does not exist") as exc:
+        _gate(gate_env, f"models:/{NAME}/999")
+    assert exc.value.exit_code == 9
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GateError, match="--report-dir .* is an existing file"):
+        _gate(gate_env, gate_env["good"], report_dir=tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    recipe = yaml.safe_load(Path(gate_env["recipe"]).read_text())
+    recipe["tracking"]["registered_model_name"] = None
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(GateError, match="--promote needs a registered model"):
+        run_gate(str(gate_env["good"]), recipe_path=str(tmp_path / "r.yaml"), tracking_uri=gate_env["uri"],
+                 promote=True, report_dir=tmp_path / "reports")
