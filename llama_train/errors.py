@@ -20,6 +20,12 @@ class RecipeError(LlamaTrainError):
     exit_code = 2
 
 
+class UsageError(LlamaTrainError):
+    """A command-line flag has a value the command cannot use (the message names the flag)."""
+
+    exit_code = 2
+
+
 class DataError(LlamaTrainError):
     """Training or eval data is missing, malformed or fails preflight thresholds."""
 

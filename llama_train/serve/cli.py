@@ -7,7 +7,65 @@ from typing import Annotated
 
 import typer
 
-from llama_train.errors import LlamaTrainError
+from llama_train.errors import LlamaTrainError, PreflightError, UsageError
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_flags(*, base: str, host: str, port: int, dtype: str, device: str, log_level: str) -> None:
+    """Everything that can be checked before the server starts: afterwards a failure only shows as
+    /health 503 with the error in the log, or as uvicorn's exit 3 (which means data errors here).
+    Bad flag values exit 2, a device this machine lacks 4, a missing base model or a busy port 1."""
+    if log_level.upper() not in LOG_LEVELS:
+        raise UsageError(f"--log-level {log_level!r}: choose from {', '.join(LOG_LEVELS)}")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: a TCP port is 0-65535")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PreflightError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PreflightError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    _check_base(base)
+    import socket
+
+    with socket.socket() as s:  # uvicorn would bind only after the app is built
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise LlamaTrainError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}; "
+                                  "another server may use the port: choose another --port") from None
+
+
+def _check_base(base: str) -> None:
+    from pathlib import Path
+
+    path = Path(base).expanduser()
+    if path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise LlamaTrainError(f"--base {base}: no model directory there (no config.json); give a "
+                                  "directory with config.json + safetensors, or a hub id")
+        return
+    # A hub id must load offline (the server never downloads): it has to be in the local cache.
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(base, "config.json")
+    except ValueError:  # not a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise LlamaTrainError(f"--base {base}: neither a local directory nor a model in the Hugging Face "
+                              f"cache; download it first (`huggingface-cli download {base}`, with HF_TOKEN "
+                              "for gated models) or give a directory")
 
 
 def serve_command(
@@ -50,13 +108,20 @@ def serve_command(
     from llama_train.serve.observe import log_config
     from llama_train.serve.upstream import Upstream
 
+    check_flags(base=base, host=host, port=port, dtype=dtype, device=device, log_level=log_level)
+    try:
+        adapters = parse_named(adapter, "adapter")
+        upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        check_adapter_dirs(adapters)
+    except ValueError as exc:
+        raise LlamaTrainError(str(exc)) from None
     cfg = log_config(json_logs, log_level.upper())
     logging.config.dictConfig(cfg)  # before create_app, so its warnings use the format
     logging.captureWarnings(True)  # library warnings become log records (one JSON line each)
     try:
-        adapters = parse_named(adapter, "adapter")
-        check_adapter_dirs(adapters)
-        upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
         engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         default_max_tokens=default_max_tokens)

@@ -257,3 +257,52 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny_model_dir, tmp_path):
         assert ok.choices[0].finish_reason in ("stop", "length")
     finally:
         server.stop()
+
+
+def test_bad_flags_and_files_exit_before_the_server_starts(tiny_model_dir, tiny_adapter_dir, tmp_path,
+                                                           monkeypatch):
+    """Checked up front: otherwise the server runs unready (/health 503) with the error in its log."""
+    import socket
+
+    import typer
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from llama_train.errors import LlamaTrainError
+    from llama_train.serve.cli import serve_command
+
+    def never(*a, **k):
+        raise AssertionError("the server started despite a bad flag")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    app = typer.Typer()
+    app.command("serve")(serve_command)
+    app.command("noop")(lambda: None)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_bytes((tiny_adapter_dir / "adapter_config.json").read_bytes())
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    base = ["--base", str(tiny_model_dir)]
+    cases = [
+        (base + ["--log-level", "BOGUS"], 2, "--log-level"),
+        (base + ["--port", "99999"], 2, "--port 99999"),
+        (base + ["--dtype", "float8"], 2, "--dtype"),
+        (base + ["--adapter", "nameless"], 2, "--adapter"),
+        (["--base", str(tmp_path / "nonexistent")], 1, "--base"),
+        (base + ["--adapter", f"a={no_weights}"], 1, "no adapter_model.safetensors"),
+        (base + ["--port", str(busy.getsockname()[1])], 1, "choose another --port"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((base + ["--device", "cuda"], 4, "CUDA is not available"))
+    try:
+        for argv, code, needle in cases:
+            result = CliRunner().invoke(app, ["serve", *argv])
+            exc = result.exception
+            assert isinstance(exc, LlamaTrainError), (argv, result.output, exc)
+            assert exc.exit_code == code and needle in str(exc), (argv, exc)
+    finally:
+        busy.close()
