@@ -69,7 +69,15 @@ def recipe_schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="
 
     text = json.dumps(schema(), indent=2)
     if out:
-        out.write_text(text + "\n")
+        from llama_train.errors import UsageError
+
+        if out.is_dir():
+            raise UsageError(f"-o/--out {out} is a directory; give a file path, e.g. {out / 'recipe.schema.json'}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as exc:
+            raise UsageError(f"-o/--out {out}: cannot write ({exc.strerror or exc}); give a writable file path") from None
     else:
         typer.echo(text)
 

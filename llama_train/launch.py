@@ -18,6 +18,21 @@ def torchrun_command(recipe_path: str, overrides: list[str], *, nproc_per_node: 
     return cmd + (["--allow-recipe-change"] if allow_recipe_change else [])
 
 
+def check_launch_flags(*, nproc_per_node: int, nnodes: int, node_rank: int, master_port: int) -> None:
+    """torchrun answers these with a bare AssertionError and exit code 130, which a PyTorchJob would
+    retry as an infrastructure failure: they are usage errors (exit 2)."""
+    from llama_train.errors import UsageError
+
+    if nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node {nproc_per_node}: must be at least 1 (processes on this node)")
+    if nnodes < 1:
+        raise UsageError(f"--nnodes {nnodes}: must be at least 1")
+    if not 0 <= node_rank < nnodes:
+        raise UsageError(f"--node-rank {node_rank}: must be 0 .. --nnodes - 1 ({nnodes - 1})")
+    if not 1 <= master_port <= 65535:
+        raise UsageError(f"--master-port {master_port}: a TCP port is 1-65535")
+
+
 def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = 29500, allow_recipe_change: bool = False) -> int:
     """Validate first (fail in seconds, exit 1-127), then train. Returns the exit code."""
@@ -25,6 +40,8 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int = 1, n
 
     world = nproc_per_node * nnodes
     try:
+        check_launch_flags(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                           master_port=master_port)
         preflight(load_recipe(recipe_path, overrides), world_size=world)
     except LlamaTrainError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -206,3 +206,27 @@ def test_paths_and_module_names_that_cannot_work_are_recipe_errors(tmp_path, tin
     bogus = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, lora={"modules_to_save": ["bogus"]}))
     with pytest.raises(RecipeError, match=r"lora.modules_to_save \['bogus'\]: no module"):
         apply_finetuning(load_base_model(bogus, str(tiny_dir)), bogus)
+
+
+def test_run_rejects_bad_launch_flags_before_torchrun(capsys):
+    """torchrun answers these with an AssertionError and exit 130 (retried as infrastructure)."""
+    from llama_train.launch import launch
+
+    quick = str(ROOT / "recipes" / "quickstart.yaml")
+    for kw, flag in [({"nproc_per_node": 0}, "--nproc-per-node 0"), ({"nnodes": -1}, "--nnodes -1"),
+                     ({"nnodes": 2, "node_rank": 2}, "--node-rank 2"), ({"master_port": 70000}, "--master-port")]:
+        assert launch(quick, [], **kw) == 2, kw
+        assert flag in capsys.readouterr().err
+
+
+def test_recipe_schema_output_path_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from llama_train.cli import app
+    from llama_train.errors import UsageError
+
+    res = CliRunner().invoke(app, ["recipe", "schema", "-o", str(tmp_path)])
+    assert isinstance(res.exception, UsageError) and "is a directory" in str(res.exception)
+    nested = tmp_path / "new" / "x.json"  # parent directories are created
+    assert CliRunner().invoke(app, ["recipe", "schema", "-o", str(nested)]).exit_code == 0
+    assert json.loads(nested.read_text())["title"]
