@@ -35,6 +35,19 @@ def _render(recipe: Path, overrides: list[str] | None, **flags) -> list[dict]:
     return objects
 
 
+def _write(path: Path, text: str, *, flag: str) -> None:
+    """Write `text` to a file given on the command line; parent directories are created."""
+    from llama_train.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file path, e.g. {path / 'job.yaml'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or exc}); give a writable file path") from None
+
+
 @app.command()
 def render(
     recipe: Path = RecipeArg,
@@ -55,7 +68,7 @@ def render(
     text = to_yaml(_render(recipe, overrides, kind=kind, nodes=nodes, gpus_per_node=gpus_per_node,
                            image=image, namespace=namespace, queue=queue, name=name))
     if output:
-        output.write_text(text)
+        _write(output, text, flag="-o/--output")
         typer.echo(f"wrote {output}", err=True)
     else:
         typer.echo(text, nl=False)

@@ -437,7 +437,19 @@ def _trainjob(recipe: Recipe, cfg: K8sConfig, name: str) -> dict:
 
 def render_manifests(recipe: Recipe, *, kind: str | None = None, **flags: Any) -> list[dict]:
     """[ConfigMap(recipe), (PVC,) job]: what `llama-train k8s render` prints and `submit` creates."""
+    from llama_train.errors import PreflightError
+    from llama_train.preflight import check_world
+
     cfg = resolve_k8s(recipe, kind=kind, **flags)
+    # The world-size half of `recipe validate --world-size` (strategy, global batch): a job that
+    # cannot start is refused here rather than after its pods are scheduled. (The hardware half
+    # is left to the pods: the machine that renders has other devices.)
+    world = cfg.nodes * nproc_per_node(cfg)
+    try:
+        check_world(recipe, world)
+    except PreflightError as exc:
+        raise PreflightError(f"{exc} (world size {world} = --nodes {cfg.nodes} x {nproc_per_node(cfg)} "
+                             "process(es) per node)") from None
     name = job_name(recipe, cfg)
     job = _pytorchjob(recipe, cfg, name) if cfg.kind == "pytorchjob" else _trainjob(recipe, cfg, name)
     objects = [render_configmap(recipe, cfg, name)]

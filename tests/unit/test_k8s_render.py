@@ -25,8 +25,9 @@ needs_schemas = pytest.mark.skipif(SCHEMAS is None,
 
 
 def recipe(**k8s):
+    # ddp: render runs the world-size preflight, and `single` cannot run on several ranks
     return recipe_from_dict({"output_dir": "outputs/demo", "train": {"max_steps": 5},
-                             "k8s": {"image": IMAGE, **k8s}})
+                             "parallel": {"strategy": "ddp"}, "k8s": {"image": IMAGE, **k8s}})
 
 
 # name -> (k8s section, render flags)
@@ -238,8 +239,8 @@ def test_cli_render_writes_multidoc_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"output_dir": "outputs/cli", "train": {"max_steps": 5}}))
     out = tmp_path / "job.yaml"
-    result = CliRunner().invoke(app, ["render", str(path), "train.lr=1e-4", "--image", IMAGE, "--nodes", "2",
-                                      "--gpus-per-node", "8", "--queue", "q", "-o", str(out)])
+    result = CliRunner().invoke(app, ["render", str(path), "train.lr=1e-4", "parallel.strategy=ddp", "--image",
+                                      IMAGE, "--nodes", "2", "--gpus-per-node", "8", "--queue", "q", "-o", str(out)])
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(out.read_text()))
     assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
@@ -248,6 +249,30 @@ def test_cli_render_writes_multidoc_yaml(tmp_path):
 
     bad = CliRunner().invoke(app, ["render", str(path), "--image", IMAGE, "--gpus-per-node", "-3"])
     assert isinstance(bad.exception, RecipeError) and "--gpus-per-node" in str(bad.exception)
+
+
+def test_cli_render_runs_the_world_size_preflight_and_checks_the_output_path(tmp_path):
+    """Same refusal (exit 4) as `recipe validate --world-size nodes x procs per node`; -o errors exit 2."""
+    from typer.testing import CliRunner
+
+    from llama_train.errors import PreflightError, UsageError
+    from llama_train.k8s.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "outputs/cli", "train": {"max_steps": 5}}))
+    out = tmp_path / "job.yaml"
+    for args, needle in [(["--nodes", "2"], "needs parallel.strategy ddp"),
+                         (["--nodes", "2", "--gpus-per-node", "8", "parallel.strategy=ddp",
+                           "train.global_batch_size=7"], "train.global_batch_size=7")]:
+        res = CliRunner().invoke(app, ["render", str(path), "--image", IMAGE, "-o", str(out), *args])
+        assert isinstance(res.exception, PreflightError) and res.exception.exit_code == 4, res.output
+        assert needle in str(res.exception) and "--nodes 2" in str(res.exception)
+        assert not out.exists()
+    res = CliRunner().invoke(app, ["render", str(path), "--image", IMAGE, "-o", str(tmp_path)])
+    assert isinstance(res.exception, UsageError) and "is a directory" in str(res.exception)
+    nested = tmp_path / "new" / "dir" / "job.yaml"  # parent directories are created
+    assert CliRunner().invoke(app, ["render", str(path), "--image", IMAGE, "-o", str(nested)]).exit_code == 0
+    assert nested.read_text().startswith("apiVersion")
 
 
 def test_client_verbs_fail_clearly_without_cluster(monkeypatch, tmp_path):
