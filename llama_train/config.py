@@ -380,7 +380,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(recipe)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_suggest(Recipe, loc[:-1], str(loc[-1]))}")
+            hint = (" (YAML needs a space after ':' to read `key: value`)" if ":" in str(loc[-1])
+                    else _suggest(Recipe, loc[:-1], str(loc[-1])))
+            lines.append(f"  {key}: unknown key{hint}")
         elif e["type"] == "value_error":
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:

@@ -42,7 +42,14 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int = 1, n
     try:
         check_launch_flags(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                            master_port=master_port)
-        preflight(load_recipe(recipe_path, overrides), world_size=world)
+        recipe = load_recipe(recipe_path, overrides)
+        preflight(recipe, world_size=world)
+        if node_rank > 0:
+            # torchrun's static rendezvous would wait up to 10 minutes, silently, for node 0.
+            from llama_train.parallel import check_master_reachable
+
+            check_master_reachable(min(recipe.parallel.timeout_s, 60), addr=master_addr, port=master_port,
+                                   who=f"node rank {node_rank}")
     except LlamaTrainError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

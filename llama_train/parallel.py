@@ -96,12 +96,14 @@ def init_distributed(recipe: Recipe) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def check_master_reachable(timeout_s: float) -> None:
+def check_master_reachable(timeout_s: float, *, addr: str | None = None, port: int | None = None,
+                           who: str | None = None) -> None:
     """Fail with the address in the message instead of hanging in init_process_group."""
     import socket
     import time
 
-    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    addr = addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = port or int(os.environ.get("MASTER_PORT", "29500"))
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -110,7 +112,7 @@ def check_master_reachable(timeout_s: float) -> None:
         except OSError as exc:
             if time.monotonic() > deadline:
                 raise InfrastructureError(
-                    f"rank {os.environ.get('RANK')} cannot reach the master at {addr}:{port} after {timeout_s:.0f} s "
+                    f"{who or 'rank ' + os.environ.get('RANK', '?')} cannot reach the master at {addr}:{port} after {timeout_s:.0f} s "
                     f"({exc}); check --master-addr/--master-port (MASTER_ADDR/MASTER_PORT), that node rank 0 "
                     "is up, and that the port is open between nodes") from None
             time.sleep(1)

@@ -88,7 +88,9 @@ def failures(recipe: Recipe, report: dict) -> list[str]:
                    f"data.max_dropped_fraction={d.max_dropped_fraction}; fix the rows listed or raise the threshold")
     if d.min_packing_efficiency is not None and report["efficiency"] < d.min_packing_efficiency:
         out.append(f"efficiency {report['efficiency']:.3f} < data.min_packing_efficiency="
-                   f"{d.min_packing_efficiency}; enable data.packing or lower the threshold")
+                   f"{d.min_packing_efficiency}; "
+                   + ("lower the threshold, or raise data.seq_len (more documents fit a row)" if d.packing else
+                      "enable data.packing (or data.group_by_length), or lower the threshold"))
     return out
 
 

@@ -179,6 +179,8 @@ def test_yaml_pitfalls_are_named(tmp_path):
     assert load_recipe(qs, ["tracking.run_name=2024-01-01"]).tracking.run_name == "2024-01-01"
     with pytest.raises(RecipeError, match=r"override '=4': the key '' is not a dotted recipe key"):
         load_recipe(qs, ["=4"])
+    with pytest.raises(RecipeError, match=r"unknown key \(YAML needs a space after ':'"):
+        load_recipe(qs, ["data.sources=[{path: x.jsonl, format:messages}]"])
 
 
 def test_init_tiny_refuses_a_directory_it_did_not_write(tmp_path, capsys):
@@ -217,6 +219,12 @@ def test_run_rejects_bad_launch_flags_before_torchrun(capsys):
                      ({"nnodes": 2, "node_rank": 2}, "--node-rank 2"), ({"master_port": 70000}, "--master-port")]:
         assert launch(quick, [], **kw) == 2, kw
         assert flag in capsys.readouterr().err
+    # A worker node whose master never comes up fails with the address (torchrun would wait 10 minutes).
+    from tests.integration.test_distributed import free_port
+
+    port = free_port()
+    code = launch(quick, ["parallel.strategy=ddp", "parallel.timeout_s=10"], nnodes=2, node_rank=1, master_port=port)
+    assert code == 130 and f"node rank 1 cannot reach the master at 127.0.0.1:{port} after 10 s" in capsys.readouterr().err
 
 
 def test_recipe_schema_output_path_errors(tmp_path):
