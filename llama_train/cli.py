@@ -97,18 +97,17 @@ def recipe_list(root: Path = typer.Option(Path("recipes"), "--root", help="Direc
 def init_tiny(out: Path = typer.Argument(..., help="Directory to write the model to."),
               seed: int = typer.Option(0, help="Seed: same seed, identical files.")):
     """Write a tiny random Llama + tokenizer (Llama-3 chat template) for CPU experiments."""
-    import json
-
     from llama_train.errors import RecipeError
+    from llama_train.model import tiny_seed_of
     from llama_train.tiny import build_tiny
 
     if out.exists() and not out.is_dir():
         raise RecipeError(f"init-tiny: {out} is a file; give a directory")
-    marker = out / "llama_train_tiny.json"
     if out.is_dir() and any(out.iterdir()):
-        if not marker.exists():
+        built = tiny_seed_of(out)
+        if built is None:
             raise RecipeError(f"init-tiny: {out} is not empty and holds no tiny model; give a new or empty directory")
-        if json.loads(marker.read_text()).get("seed") != seed:
+        if built != seed:
             raise RecipeError(f"init-tiny: {out} holds a tiny model built with another seed; give a new directory")
     typer.echo(str(build_tiny(out, seed=seed)))
 

@@ -430,7 +430,10 @@ def export_run(
     # (a missing base model for `merged`, a full disk) leaves any earlier export at `out` untouched,
     # and a replaced export never mixes old files with new ones.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = _staging_dir(out)
+    except OSError as exc:
+        raise ExportError(f"cannot write next to --out {out} ({exc.strerror or exc}); choose a writable --out") from None
     try:
         for fmt in formats:
             if fmt == "adapter":
@@ -444,7 +447,11 @@ def export_run(
         manifest = _manifest(info, tmp, name=name, base=base, formats=formats, targets=targets, r=r,
                              findings=findings)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, out)
+        try:
+            _move_into_place(tmp, out)
+        except OSError as exc:
+            raise ExportError(f"cannot move the export into --out {out} ({exc.strerror or exc}); "
+                              "nothing there was changed unless this names a file") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
     return manifest
@@ -464,9 +471,32 @@ def _check_out(out: Path, src: Path, *, force: bool) -> None:
                                "replace it as a whole, or choose another --out")
 
 
+def _staging_dir(out: Path) -> Path:
+    """Where the export is built: beside `out` (then renamed into place), or inside it when `out` is
+    a mount point (a volume cannot be renamed or removed). Same permissions as a plain mkdir."""
+    parent = out if out.is_dir() and os.path.ismount(out) else out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a serving container of another uid could not read it
+    return tmp
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`. An existing `out` (--force) is renamed aside first and deleted only
-    after the new one is in place, so at every moment one complete export sits at `out` or beside it."""
+    after the new one is in place, so at every moment one complete export sits at `out` or beside it.
+    A mount point `out` holds `tmp`: its other entries are replaced by tmp's, one by one."""
+    if tmp.parent == out:
+        for entry in out.iterdir():
+            if entry != tmp and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry != tmp:
+                entry.unlink()
+        for entry in tmp.iterdir():
+            os.replace(entry, out / entry.name)
+        tmp.rmdir()
+        return
     if not out.exists():
         os.replace(tmp, out)
         return

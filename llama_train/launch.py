@@ -48,7 +48,9 @@ def launch(recipe_path: str, overrides: list[str], *, nproc_per_node: int = 1, n
             # torchrun's static rendezvous would wait up to 10 minutes, silently, for node 0.
             from llama_train.parallel import check_master_reachable
 
-            check_master_reachable(min(recipe.parallel.timeout_s, 60), addr=master_addr, port=master_port,
+            print(f"node rank {node_rank}: waiting up to {recipe.parallel.timeout_s} s (parallel.timeout_s) "
+                  f"for the master at {master_addr}:{master_port}", file=sys.stderr, flush=True)
+            check_master_reachable(recipe.parallel.timeout_s, addr=master_addr, port=master_port,
                                    who=f"node rank {node_rank}")
     except LlamaTrainError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

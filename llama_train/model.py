@@ -23,7 +23,7 @@ def resolve_base_path(recipe: Recipe) -> str:
 
     path = Path(m.path or Path(recipe.output_dir) / "base_model").resolve()
     marker = path / "llama_train_tiny.json"
-    built_seed = json.loads(marker.read_text()).get("seed") if marker.exists() else None
+    built_seed = tiny_seed_of(path)
     if built_seed is not None and built_seed != m.tiny_seed:
         # Never rebuild in place: runs, checkpoints and exports in this directory were trained on it.
         raise RecipeError(f"model.tiny_seed={m.tiny_seed}, but {path} holds the tiny model built with seed "
@@ -35,6 +35,17 @@ def resolve_base_path(recipe: Recipe) -> str:
                               "point model.path elsewhere or use model.source: hf")
         build_tiny(path, seed=m.tiny_seed)
     return str(path)
+
+
+def tiny_seed_of(path: Path) -> int | None:
+    """The seed a tiny model directory was built with (its llama_train_tiny.json), None if none."""
+    marker = path / "llama_train_tiny.json"
+    if not marker.exists():
+        return None
+    try:
+        return int(json.loads(marker.read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RecipeError(f"{marker} is unreadable; delete {path} to build the tiny model again") from None
 
 
 def load_tokenizer(recipe: Recipe, base_path: str):

@@ -429,36 +429,42 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
     if resume_dir is None:
         _refuse_starting_over(run)
         return None
+    import yaml
+
     try:
         saved_recipe = (resume_dir / "recipe.yaml").read_text()
-    except OSError as exc:
+        saved = yaml.safe_load(saved_recipe)
+        if not isinstance(saved, dict):
+            raise ValueError("recipe.yaml is not a recipe mapping")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise _damaged(run, resume_dir, exc) from None
-    if saved_recipe != run.recipe_yaml and not allow_recipe_change:
-        import yaml
-
-        changes = diff_recipes(yaml.safe_load(saved_recipe), yaml.safe_load(run.recipe_yaml))
+    current = yaml.safe_load(run.recipe_yaml)
+    # Which checkpoint to resume from is not part of the run: naming an older one is not a change.
+    for recipe in (saved, current):
+        recipe.get("checkpoint", {}).pop("resume", None)
+    if saved != current and not allow_recipe_change:
         raise CheckpointError(
-            f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(changes)
+            f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(diff_recipes(saved, current))
             + "\nrerun with --allow-recipe-change to resume anyway, or start over in a new output_dir"
         )
     try:
         saved_data = ckpt.read_state(resume_dir).get("dataset_fingerprint")
         if saved_data not in (None, run.state["dataset_fingerprint"]) and not allow_recipe_change:
-            # Same recipe, other rows (a data file edited in place): the saved loader position
-            # would index into different rows.
+            # Same recipe, other rows (a data file edited in place, or another tokenization): the
+            # saved loader position would index into different rows.
             raise CheckpointError(
                 f"the training data changed since checkpoint {resume_dir} (dataset fingerprint "
-                f"{saved_data} -> {run.state['dataset_fingerprint']}, same recipe): a data file was edited. "
-                "Restore the data, rerun with --allow-recipe-change to resume on the new rows anyway, "
-                "or start over with checkpoint.resume=never in a new output_dir")
+                f"{saved_data} -> {run.state['dataset_fingerprint']}, same recipe): a data file was edited, "
+                "or the tokenizer or llama-train's data pipeline version differs. Restore them, rerun with "
+                "--allow-recipe-change to resume on the new rows anyway, or start over in a new output_dir")
         fingerprint = run.state["dataset_fingerprint"]
         run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler))
         run.state["dataset_fingerprint"] = fingerprint  # the data this run trains on from here
     except CheckpointError:
         raise
-    except Exception as exc:  # a missing or truncated file: torch, safetensors, json and OS errors alike
-        if isinstance(exc, RuntimeError) and _is_collective_failure(exc):
-            raise  # a peer died while loading: infrastructure, retried
+    except Exception as exc:
+        if not _is_damage(exc):
+            raise  # out of memory, a peer that died, a bug: not the checkpoint's fault
         raise _damaged(run, resume_dir, exc) from None
     run.state.pop("strategy", None)
     run.saved_step = run.state["step"]
@@ -467,7 +473,7 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
     if saved_world != run.ctx.world_size:
         import yaml
 
-        st = yaml.safe_load(saved_recipe).get("train", {})
+        st = saved.get("train", {})
         saved_batch = st.get("micro_batch_size", 0) * st.get("grad_accum_steps", 1) * saved_world
         same = saved_batch == run.loader.global_batch
         _log(run.ctx, f"resuming {resume_dir.name} (written by {saved_world} rank(s)) on {run.ctx.world_size}: "
@@ -489,10 +495,12 @@ def _finished_summary(run: Run) -> dict | None:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    output = summary.get("adapter_dir") or summary.get("model_dir")
+    if not isinstance(summary, dict):
+        return None
+    output = run.out / ("adapter" if run.recipe.lora.enabled else "model")  # here, even if the directory moved
     same = (summary.get("status") == "completed" and summary.get("global_step") == run.state["step"]
             and summary.get("recipe_sha256") == run.recipe.sha256())
-    return summary if same and output and Path(output).exists() else None
+    return summary if same and output.exists() else None
 
 
 def _refuse_starting_over(run: Run) -> None:
@@ -502,10 +510,12 @@ def _refuse_starting_over(run: Run) -> None:
     if (run.out / "run.json").exists():
         earlier.append("run.json")
     if earlier:
+        resume = run.recipe.checkpoint.resume
+        why = (f"checkpoint.resume={resume} starts a new one" if resume == "never" else
+               "it has no checkpoint to resume, so this would train it again")
         raise CheckpointError(
-            f"output_dir {run.out} holds an earlier run ({', '.join(earlier)}) and checkpoint.resume="
-            f"{run.recipe.checkpoint.resume} starts a new one: set a new output_dir, or delete the earlier "
-            "run's files to start over in this one (checkpoint.resume=auto resumes its newest checkpoint)")
+            f"output_dir {run.out} holds an earlier run ({', '.join(earlier)}) and {why}: set a new "
+            "output_dir, or delete the earlier run's files to start over in this one")
 
 
 def _set_aside_metrics(ctx: DistContext, out: Path) -> None:
@@ -516,6 +526,18 @@ def _set_aside_metrics(ctx: DistContext, out: Path) -> None:
         aside = metrics.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         os.replace(metrics, aside)
         _log(ctx, f"no checkpoint to resume: the earlier attempt's {METRICS_FILE} moved to {aside.name}")
+
+
+def _is_damage(exc: Exception) -> bool:
+    """A missing, truncated or corrupt checkpoint file (as torch, safetensors and json report it)."""
+    import pickle
+
+    if isinstance(exc, (FileNotFoundError, EOFError, pickle.UnpicklingError, ValueError)):
+        return True  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    text = str(exc)
+    return type(exc).__name__ == "SafetensorError" or (
+        isinstance(exc, RuntimeError) and not _is_collective_failure(exc)
+        and any(s in text for s in ("PytorchStreamReader", "central directory", "unexpected EOF", "file too short")))
 
 
 def _damaged(run: Run, resume_dir: Path, exc: Exception) -> CheckpointError:

@@ -37,13 +37,14 @@ def check_flags(*, base: str, host: str, port: int, dtype: str, device: str, log
     _check_base(base)
     import socket
 
-    with socket.socket() as s:  # uvicorn would bind only after the app is built
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise LlamaTrainError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}; "
-                                  "another server may use the port: choose another --port") from None
+    try:  # uvicorn would bind only after the app is built; IPv6 hosts (`::`) included
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as exc:  # socket.gaierror (an unknown --host) is an OSError too
+        raise LlamaTrainError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}; "
+                              "check --host, or another server may use the port: choose another --port") from None
 
 
 def _check_base(base: str) -> None:
@@ -55,8 +56,14 @@ def _check_base(base: str) -> None:
             raise LlamaTrainError(f"--base {base}: no model directory there (no config.json); give a "
                                   "directory with config.json + safetensors, or a hub id")
         return
-    # A hub id must load offline (the server never downloads): it has to be in the local cache.
+    # A hub id is downloaded at startup unless offline (HF_HUB_OFFLINE=1): then it must be cached.
+    import os
+
     from huggingface_hub import try_to_load_from_cache
+
+    if not any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return
 
     try:
         cached = try_to_load_from_cache(base, "config.json")
@@ -70,7 +77,7 @@ def _check_base(base: str) -> None:
 
 def serve_command(
     base: Annotated[str, typer.Option(
-        "--base", help="Base model: a local directory or a hub id that loads offline.")],
+        "--base", help="Base model: a local directory or a hub id (from the HF cache when HF_HUB_OFFLINE=1).")],
     adapter: Annotated[list[str] | None, typer.Option(
         "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME.")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in a container).")] = "127.0.0.1",

@@ -182,7 +182,8 @@ def test_reruns_resume_never_mix_runs_and_name_damage(tmp_path, tiny_dir):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = tiny_recipe(tmp_path, tiny_dir, data={"sources": [{"path": str(data), "format": "messages"}],
                                                  "seq_len": 48, "cache": False},
-                       train={"max_steps": 1, "micro_batch_size": 4}, checkpoint={"save_final": True})
+                       train={"max_steps": 2, "micro_batch_size": 4},
+                       checkpoint={"save_final": True, "every_n_steps": 1, "keep_last_k": 2})
     out = Path(base["output_dir"])
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "metrics": {"train/loss": 9.0}}\n')  # a dead attempt's
@@ -197,16 +198,23 @@ def test_reruns_resume_never_mix_runs_and_name_damage(tmp_path, tiny_dir):
 
     fresh = json.loads(json.dumps(base))
     fresh["checkpoint"]["resume"] = "never"
-    with pytest.raises(CheckpointError, match=r"holds an earlier run \(step_1, run.json\).*new output_dir"):
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(step_1, step_2, run.json\).*new output_dir"):
         train(recipe_from_dict(fresh))
     assert (adapter.stat().st_mtime_ns, (out / "run.json").read_text()) == written
 
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))  # edited in place, same recipe
-    with pytest.raises(CheckpointError, match=r"training data changed since checkpoint .*step_1"):
+    with pytest.raises(CheckpointError, match=r"training data changed since checkpoint .*step_2"):
         train(recipe_from_dict(base))
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    (out / "checkpoints" / "step_1" / "scheduler.pt").write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match=r"step_1 cannot be loaded .*damaged.*resume=never in a new output_dir"):
+    (out / "checkpoints" / "step_2" / "scheduler.pt").write_bytes(b"truncated")
+    older = out / "checkpoints" / "step_1"
+    with pytest.raises(CheckpointError, match=rf"step_2 cannot be loaded .*damaged.*checkpoint.resume={older}"):
         train(recipe_from_dict(base))
     assert (adapter.stat().st_mtime_ns, (out / "run.json").read_text()) == written
+    # the named fix works: choosing the checkpoint is not a recipe change
+    named = json.loads(json.dumps(base))
+    named["checkpoint"]["resume"] = str(older)
+    redone = train(recipe_from_dict(named))
+    assert redone["global_step"] == 2 and [s for s, _ in redone["loss_history"]] == [2]
+    assert redone["loss_history"][0][1] == pytest.approx(first["loss_history"][1][1], rel=1e-5)

@@ -162,6 +162,10 @@ def test_yaml_pitfalls_are_named(tmp_path):
     dup.write_text("train: {lr: 1.0e-4}\ntrain: {max_steps: 3}\n")
     with pytest.raises(RecipeError, match=r"line 2.*duplicate key 'train' \(also at line 1\)"):
         load_recipe(dup)
+    merged = tmp_path / "merge.yaml"  # YAML merge keys are not duplicates
+    merged.write_text("train: {max_steps: 1}\ndata:\n  sources:\n    - &a {path: a.jsonl, format: messages}\n"
+                      "    - {<<: *a, path: b.jsonl}\n")
+    assert [s.path for s in load_recipe(merged).data.sources] == ["a.jsonl", "b.jsonl"]
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     with pytest.raises(RecipeError, match="is empty"):
         load_recipe(tmp_path / "empty.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 
 import pytest
@@ -189,6 +190,9 @@ def test_existing_export_is_refused_then_replaced_whole_with_force(run_dir, tmp_
     # no stale vllm/ from the first export: the directory holds exactly what the manifest lists
     assert set(_tree(out)) == {"manifest.json", *manifest["files"]} and not (out / "vllm").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # as mkdir makes it (a temp dir would be 0700)
 
 
 def test_failed_export_leaves_the_existing_export_untouched(run_dir, tmp_path):
