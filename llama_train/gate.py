@@ -488,9 +488,12 @@ def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str)
 
 
 def _write_report(report: GateReport, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gate_report.json").write_text(report.to_json() + "\n")
-    (out / "gate_report.md").write_text(report.to_markdown())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gate_report.json").write_text(report.to_json() + "\n")
+        (out / "gate_report.md").write_text(report.to_markdown())
+    except OSError as exc:
+        raise GateError(f"cannot write the gate report to {out} ({exc.strerror or exc}); pass --report-dir") from None
 
 
 def _log_report(report: GateReport, c: Candidate, recipe: Recipe, tracking_uri: str) -> None:
