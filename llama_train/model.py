@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -160,6 +161,19 @@ def apply_finetuning(model, recipe: Recipe):
     return model
 
 
+def isolate_inductor_cache() -> None:
+    """Give each forced CPU kernel family (ATEN_CPU_CAPABILITY) its own inductor cache directory.
+
+    Inductor's cache key leaves ATEN_CPU_CAPABILITY out (torch 2.13): a kernel generated for
+    avx512 and reused in a process forced to avx2 computes wrong numbers, and one reused under
+    `default` does not compile. An explicit TORCHINDUCTOR_CACHE_DIR is left as the user set it."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten_cpu_{capability}")
+
+
 def compile_decoder_layers(model) -> int:
     """Regional compilation: torch.compile each decoder layer on its own module (train.compile).
 
@@ -176,6 +190,7 @@ def compile_decoder_layers(model) -> int:
     for attr in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(torch._dynamo.config, attr):
             setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
+    isolate_inductor_cache()
     attention.register()
     AttentionInterface.register("doc_sdpa", torch.compiler.disable(attention.doc_sdpa_attention))
     AttentionInterface.register("doc_varlen", torch.compiler.disable(attention.doc_varlen_attention))

@@ -54,3 +54,36 @@ def test_compile_refused_with_deepspeed(tmp_path, tiny_dir):
     with pytest.raises(RecipeError, match="train.compile"):
         recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, train={"compile": True},
                                      parallel={"strategy": "deepspeed"}))
+
+
+_KERNEL_SCRIPT = """
+import torch
+from llama_train.model import isolate_inductor_cache
+isolate_inductor_cache()
+def rms(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+x, w = torch.randn(4, 64, 128), torch.randn(128)
+torch.testing.assert_close(torch.compile(rms)(x, w), rms(x, w))
+print("kernel ok")
+"""
+
+
+@needs_cxx
+def test_forced_cpu_capabilities_do_not_share_inductor_kernels(tmp_path):
+    """Inductor's cache key omits ATEN_CPU_CAPABILITY: without a directory per forced capability, a
+    kernel vectorized for avx2 is reused under `default` and fails to compile (and avx512 kernels
+    reused under avx2 compute wrong numbers). Two processes share one temp dir, as on a CI host."""
+    import subprocess
+    import sys
+
+    from torch._inductor import cpu_vec_isa
+
+    if not any("avx2" in str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()):
+        pytest.skip("needs an x86 CPU with AVX2 to force two kernel families")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)  # inductor's default cache lives under the temp dir
+    for capability in ("avx2", "default"):
+        proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], capture_output=True, text=True,
+                              env={**env, "ATEN_CPU_CAPABILITY": capability}, timeout=600)
+        assert proc.returncode == 0 and "kernel ok" in proc.stdout, (capability, proc.stderr[-2000:])
+    assert {p.name for p in tmp_path.glob("torchinductor_*/aten_cpu_*")} == {"aten_cpu_avx2", "aten_cpu_default"}
