@@ -42,13 +42,21 @@ def run(
 
 @recipe_app.command("validate")
 def recipe_validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
-                    world_size: int = typer.Option(None, "--world-size", min=1, help="Ranks to check for.")):
+                    world_size: int = typer.Option(None, "--world-size", min=1, help="Ranks to check for."),
+                    cluster: bool = typer.Option(
+                        False, "--cluster", help="Check for the cluster the recipe targets (world size "
+                        "k8s.nodes x GPUs per node unless --world-size), not this machine's devices and "
+                        "packages (CUDA, DeepSpeed, bitsandbytes).")):
     """Check a recipe: schema, conflicts, hardware fit, and a per-rank memory estimate."""
     from llama_train.config import load_recipe
     from llama_train.preflight import preflight
 
     r = load_recipe(recipe, overrides)
-    report = preflight(r, world_size=world_size)
+    if cluster and world_size is None:
+        from llama_train.k8s.render import nproc_per_node
+
+        world_size = r.k8s.nodes * nproc_per_node(r.k8s)
+    report = preflight(r, world_size=world_size, local=not cluster)
     typer.echo(f"{recipe}: valid (sha256 {r.sha256()[:12]})")
     for line in report:
         typer.echo(f"  {line}")

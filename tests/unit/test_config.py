@@ -242,3 +242,26 @@ def test_recipe_schema_output_path_errors(tmp_path):
     nested = tmp_path / "new" / "x.json"  # parent directories are created
     assert CliRunner().invoke(app, ["recipe", "schema", "-o", str(nested)]).exit_code == 0
     assert json.loads(nested.read_text())["title"]
+
+
+def test_validate_cluster_checks_the_cluster_not_this_machine(capsys):
+    """`recipe validate --cluster`: a CUDA-only recipe validates on a laptop (the world size comes
+    from the recipe's k8s section), and a cluster shape that cannot work is still refused."""
+    import torch
+
+    from llama_train.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to show the difference")
+    qlora = str(ROOT / "recipes/llama3.1/8b_qlora.yaml")
+    assert main(["recipe", "validate", qlora]) == 4
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["recipe", "validate", qlora, "--cluster"]) == 0
+    assert "devices and packages not checked (--cluster)" in capsys.readouterr().out
+    big = str(ROOT / "recipes/llama3.1/70b_lora.yaml")
+    assert main(["recipe", "validate", big, "--cluster"]) == 0
+    assert "fsdp on 16 rank(s)" in capsys.readouterr().out  # k8s.nodes 2 x gpus_per_node 8
+    assert main(["recipe", "validate", big, "train.global_batch_size=64", "--cluster"]) == 0
+    capsys.readouterr()
+    assert main(["recipe", "validate", big, "train.global_batch_size=64", "k8s.nodes=3", "--cluster"]) == 4
+    assert "world size (24)" in capsys.readouterr().err
