@@ -24,6 +24,7 @@ import math
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -521,10 +522,23 @@ class MlflowTracker:
         self._save_state()
         self._closing_message(complete=closed and done.get("gaps", False) and "end" in done)
 
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI, in its model-training view (MLflow 3 opens the GenAI
+        view unless asked: the experimentKind tag is not enough in 3.17's UI)."""
+        if not self.run_id or not self.uri.startswith(("http://", "https://")):
+            return None
+        try:
+            exp_id = self._client.get_run(self.run_id).info.experiment_id
+        except Exception:  # noqa: BLE001
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{exp_id}/runs/{self.run_id}?workflowType=machine_learning"
+
     def _closing_message(self, *, complete: bool) -> None:
         """The last thing a run says about tracking: where it is, or what is left and how to
         upload it."""
         if complete:
+            if url := self.run_url():
+                print(f"MLflow run: {url}", file=sys.stderr, flush=True)
             return
         pending = [a for a in self._state.get("artifacts", []) if not a.get("uploaded")]
         where = f"run {self.run_id}" if self.run_id else "no MLflow run yet"

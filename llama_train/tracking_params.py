@@ -124,18 +124,29 @@ def _command_line() -> str:
     return shlex.join([head, *argv[1:]]) if argv else head
 
 
+def _recipe_arg() -> str | None:
+    """The recipe file named on the command line (the run's source), absolute."""
+    for arg in sys.argv[1:]:
+        if arg.endswith((".yaml", ".yml")) and "=" not in arg and Path(arg).is_file():
+            return str(Path(arg).resolve())
+    return None
+
+
 def source_tags() -> dict[str, str]:
-    """`mlflow.user` and `mlflow.source.*`: the UI's "Created by" and "Source"."""
+    """`mlflow.user` and `mlflow.source.*`: the UI's "Created by" and "Source" (which shows the
+    last path component of the source name: the recipe file), and the whole command line."""
     try:
         user = os.environ.get("LLAMA_TRAIN_USER") or getpass.getuser()
     except (KeyError, OSError):  # a container user with no passwd entry
         user = os.environ.get("USER") or f"uid-{os.getuid()}"
     in_job = bool(os.environ.get("KUBEFLOW_JOB_NAME") or os.environ.get("JOB_NAME")
                   or os.environ.get("TORCHELASTIC_RUN_ID"))
+    command = _command_line()
     return {
         "mlflow.user": user,
-        "mlflow.source.name": _command_line(),
+        "mlflow.source.name": _recipe_arg() or command,
         "mlflow.source.type": "JOB" if in_job else "LOCAL",
+        "llama_train.command": command,
     }
 
 
