@@ -157,6 +157,15 @@ def base_model_label(recipe: Recipe, base_path: str) -> str:
     return hub_id_of(base_path) or base_path
 
 
+def served_base_name(recipe: Recipe, base_path: str) -> str:
+    """`base_model_name_or_path` of the adapter: the hub id when the base came from the hub (also
+    through a hub-cache snapshot directory), so it means the same where the adapter is served;
+    else the local directory (serve it with `--base` pointing at that model there)."""
+    if recipe.model.source == "hf":
+        return hub_id_of(base_path) or base_path
+    return base_path
+
+
 def hub_id_of(path: str) -> str | None:
     """`org/name` for a hub id or a Hugging Face cache snapshot directory
     (…/models--org--name/snapshots/<commit>); None for any other local directory."""

@@ -62,6 +62,7 @@ from llama_train.tracking_params import (
     base_model_label,
     derived_params,
     eval_metrics,
+    served_base_name,
     summary_metrics,
     version_description,
     version_tags,
@@ -393,6 +394,8 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     tokenizer = load_tokenizer(recipe, base_path)
     data = load_data(recipe, tokenizer)
     model = apply_finetuning(load_base_model(recipe, base_path), recipe)
+    if recipe.lora.enabled:  # the base as the adapter names it where it is served (hub id, not a cache path)
+        model.peft_config["default"].base_model_name_or_path = served_base_name(recipe, base_path)
     num_trainable, num_frozen = count_params(model)
     matmul_trainable, matmul_frozen = matmul_param_counts(model)
     step_flops = flops_per_token(model.config, num_trainable=matmul_trainable, num_frozen=matmul_frozen,

@@ -38,6 +38,7 @@ except ImportError:  # imported as a package module
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "story-lora"
+HUB_ID = "llama-train/tiny-llama"
 STEPS, EVAL_EVERY, NUM_TRAIN, MICRO = 6, 3, 64, 8
 
 
@@ -60,10 +61,14 @@ class StoryRun:
 
 @pytest.fixture(scope="module")
 def story(mlflow_server, tmp_path_factory) -> StoryRun:
+    from llama_train.tiny import build_tiny
+
     root = tmp_path_factory.mktemp("story")
+    # the base as a Hugging Face cache snapshot, as `from_pretrained(hub id)` leaves it on disk
+    base = build_tiny(root / "hub" / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / "0123abcd", seed=0)
     recipe = {
         "output_dir": str(root / "run"),
-        "model": {"source": "tiny", "tiny_seed": 0},
+        "model": {"source": "hf", "path": str(base)},
         "data": {"builtin": {"num_train": NUM_TRAIN, "num_eval": 8}, "seq_len": 64},
         "train": {"max_steps": STEPS, "micro_batch_size": MICRO, "lr": 3e-3, "warmup_steps": 0,
                   "eval_every_n_steps": EVAL_EVERY, "num_threads": 1},
@@ -207,7 +212,7 @@ def test_model_version_has_a_description_and_one_tag_per_fact(story):
     mv = client.get_model_version(MODEL_NAME, version)
     before, after = story.summary["eval"]["before"], story.summary["eval"]["after"]
     sha = story.summary["recipe_sha256"]
-    assert "tiny random Llama (seed 0)" in mv.description and sha in mv.description
+    assert HUB_ID in mv.description and sha in mv.description
     assert f"{before['loss']:.4g} before → {after['loss']:.4g} after" in mv.description
     assert "exact_match" in mv.description
     expected = {"llama_train.base_model", "llama_train.recipe_sha256", "llama_train.dataset_fingerprint",
@@ -217,6 +222,12 @@ def test_model_version_has_a_description_and_one_tag_per_fact(story):
     assert mv.tags["llama_train.recipe_sha256"] == sha
     assert float(mv.tags["eval_before.loss"]) == pytest.approx(before["loss"], rel=1e-5)
     assert float(mv.tags["eval_after.exact_match"]) == pytest.approx(after["exact_match"])
+    assert mv.tags["llama_train.base_model"] == HUB_ID
+    # the registered adapter names its base by hub id, not the training machine's cache path
+    from llama_train.registry import download_adapter
+
+    local = download_adapter(f"models:/{MODEL_NAME}/{version}", dst=story.out / "registered", uri=story.uri)
+    assert json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
 
 
 def test_epoch_and_end_of_training_summary_metrics(story):
