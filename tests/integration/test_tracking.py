@@ -243,6 +243,9 @@ def test_server_goes_away_training_continues_and_sync_fills_gaps(mlflow_server, 
         offline.finish()
     messages = [str(w.message) for w in caught]
     assert any("failed" in m for m in messages) and any("unreachable" in m for m in messages)
+    # the run that lost its server ends by saying what to run (issue 24), not "retrying in 30 s"
+    closing = [m for m in messages if "did not receive everything" in m]
+    assert closing and f"llama-train track sync {recipe.output_dir}" in closing[0], messages[-3:]
     print(
         f"log_metrics: mean {statistics.mean(durations) * 1000:.2f} ms, "
         f"max {max(durations) * 1000:.2f} ms; finish {finish_s:.1f} s"

@@ -293,6 +293,9 @@ def test_mlflow_ui_shows_dataset_eval_chart_and_version_description(story, tmp_p
     try:
         overview = browser.page_text(browser.dump_dom(run_page))
         assert any(line.startswith("builtin:tasks:train (") for line in overview), overview[:200]
+        about = overview[overview.index("About this run"):]
+        assert about[about.index("Created by") + 1] == getpass.getuser()
+        assert about[about.index("Source") + 1] == story.recipe_path.name  # the UI shows the file name
         for budget_ms in (60000, 120000):  # the charts load lazily, after the page
             charts = browser.dump_dom(charts_page, budget_ms=budget_ms)
             if browser.chart_points(charts, "eval/loss"):
