@@ -63,7 +63,7 @@ def register_adapter(
         for key in ("llama_train.recipe_sha256", "llama_train.base_model"):
             if key in tracker.default_tags:
                 all_tags.setdefault(key, tracker.default_tags[key])
-        for key, value in tracker.latest.items():
+        for key, value in list(tracker.latest.items()):  # the system sampler thread adds keys
             if key.startswith("eval/") and key != "eval/num_samples":
                 all_tags.setdefault(f"eval_after.{key.removeprefix('eval/')}", f"{value:.6g}")
     try:
