@@ -407,7 +407,7 @@ class MlflowTracker:
             "recipe_yaml": self.recipe_yaml,
             "artifacts": [],
             "datasets": [],
-            "start_time_ms": int(time.time() * 1000),
+            "start_time_ms": self._resumed_start_ms(resume_run_id) or int(time.time() * 1000),
         }
         try:
             self._client = _client(self.uri)
@@ -435,6 +435,18 @@ class MlflowTracker:
                 lambda: client.log_text(run_id, self.recipe_yaml, "recipe.yaml"), "log recipe"
             )
         return self.run_id
+
+    def _resumed_start_ms(self, resume_run_id: str | None) -> int | None:
+        """Start time of the attempt this one continues (same run id, its metrics still here), so
+        a run created later by `track sync` starts when training did."""
+        try:
+            previous = json.loads((self.output_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        metrics = self.output_dir / METRICS_FILE
+        if previous.get("run_id") != resume_run_id or not metrics.exists() or not metrics.stat().st_size:
+            return None
+        return previous.get("start_time_ms")
 
     def _open_run(self, tags: dict[str, str], resume_run_id: str | None) -> str:
         client = self._client

@@ -260,16 +260,22 @@ def test_offline_run_synced_later_keeps_its_times_and_says_how(mlflow_server, tm
     recipe = recipe_from_dict({"output_dir": str(out), "train": {"max_steps": 3},
                                "tracking": {"uri": dead, "experiment": "story-offline",
                                             "log_system_metrics": False}})
-    tracker = make_tracker(recipe, rank=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert tracker.start(params={}, tags={}) is None
-        for step in range(1, 4):
-            tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+        first = make_tracker(recipe, rank=0)  # preempted after step 2, resumed (still offline)
+        assert first.start(params={}, tags={}) is None
+        for step in (1, 2):
+            first.log_metrics({"train/loss": 1.0 / step}, step=step)
+        first.finish("KILLED")
+        started = json.loads((out / STATE_FILE).read_text())["start_time_ms"]
+        tracker = make_tracker(recipe, rank=0)
+        assert tracker.start(params={}, tags={}, resume_run_id=None) is None
+        tracker.log_metrics({"train/loss": 1.0 / 3}, step=3)
         tracker.finish()
     last = str(caught[-1].message)
     assert f"llama-train track sync {out}" in last and "retrying in" not in last, last
     state = json.loads((out / STATE_FILE).read_text())
+    assert state["start_time_ms"] == started  # the resumed attempt keeps when training started
     time.sleep(2.0)  # the sync happens measurably later than the run
     sync_ms = time.time() * 1000
     summary = sync_command(out, uri=mlflow_server.uri)
@@ -279,6 +285,8 @@ def test_offline_run_synced_later_keeps_its_times_and_says_how(mlflow_server, tm
     assert info.status == "FINISHED"
     assert info.start_time == state["start_time_ms"] and info.end_time == state["end_time_ms"]
     assert info.end_time < sync_ms - 1500  # when the run ended, not when it was synced
+    assert _history(MlflowClient(mlflow_server.uri), summary["run_id"], "train/loss") == [
+        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
 
 
 def test_mlflow_ui_shows_dataset_eval_chart_and_version_description(story, tmp_path):
