@@ -225,7 +225,9 @@ class TrainConfig(Section):
         "gradient overflow (the step is skipped) and doubles after 2000 steps without one.",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm; null = off.")
-    eval_every_n_steps: int = Field(0, ge=0, description="Eval loss every N steps; 0 = only at the end.")
+    eval_every_n_steps: int = Field(
+        0, ge=0, description="Eval loss and perplexity every N steps, on the same eval/* charts as "
+        "the full eval before training (step 0) and at the end; 0 = only those two.")
     log_every_n_steps: int = Field(1, ge=1, description="Progress and metric cadence, in steps.")
     loss_chunk_size: int = Field(
         1024, ge=16, description="Tokens per chunk of the chunked cross-entropy (bounds logits memory)."

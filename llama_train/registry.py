@@ -35,11 +35,15 @@ def register_adapter(
     *,
     name: str,
     tags: dict | None = None,
+    description: str | None = None,
     uri: str | None = None,
 ) -> str | None:
     """Register `adapter_dir` (logged under the run's `adapter/` artifacts) as a new version of
-    `name`, tagged, with alias `candidate`. Returns the version, or None (with a warning) when
-    there is no run or the server fails."""
+    `name`, with `description` (markdown), tags and alias `candidate`. Returns the version, or None
+    (with a warning) when there is no run or the server fails.
+
+    With a tracker, the version also gets the run's recipe hash and base model tags and one
+    `eval_after.<metric>` tag per final `eval/<metric>` value (not copies of every metric)."""
     tracker = None if isinstance(tracker_or_run_id, str) else tracker_or_run_id
     run_id = (
         tracker_or_run_id
@@ -59,8 +63,9 @@ def register_adapter(
         for key in ("llama_train.recipe_sha256", "llama_train.base_model"):
             if key in tracker.default_tags:
                 all_tags.setdefault(key, tracker.default_tags[key])
-        for key, value in tracker.latest.items():
-            all_tags.setdefault(f"metric.{key}", value)
+        for key, value in list(tracker.latest.items()):  # the system sampler thread adds keys
+            if key.startswith("eval/") and key != "eval/num_samples":
+                all_tags.setdefault(f"eval_after.{key.removeprefix('eval/')}", f"{value:.6g}")
     try:
         client = _client(uri or _default_uri())
         if not client.list_artifacts(run_id, ADAPTER_ARTIFACT_PATH):
@@ -72,7 +77,8 @@ def register_adapter(
                 raise
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
         version = client.create_model_version(
-            name, source, run_id=run_id, tags=_tag_items(all_tags), await_creation_for=60
+            name, source, run_id=run_id, tags=_tag_items(all_tags), description=description,
+            await_creation_for=60,
         )
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         return str(version.version)

@@ -24,6 +24,7 @@ import math
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from llama_train.config import Recipe
 
 METRICS_FILE = "metrics.jsonl"
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # which artifacts the UI renders as tables
 STATE_FILE = "tracking.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 ADAPTER_ARTIFACT_PATH = "adapter"
@@ -81,6 +83,8 @@ class Tracker(Protocol):
     ) -> str | None: ...
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_datasets(self, records: list[dict]) -> None: ...
+    def log_table(self, table: dict, artifact_file: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -96,6 +100,12 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_datasets(self, records: list[dict]) -> None:
+        pass
+
+    def log_table(self, table: dict, artifact_file: str) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -197,23 +207,41 @@ def _log_metric_batch(
         client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
 
 
-def _create_run(
-    client: MlflowClient, *, uri: str, experiment: str, run_name: str, tags: dict
-) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        experiment_id = exp.experiment_id
-    else:
+def ensure_experiment(client: MlflowClient, name: str, *, uri: str | None = None) -> str:
+    """Id of experiment `name`, created if needed, marked as a model-training experiment (MLflow
+    3 otherwise opens it in its GenAI view) unless someone chose another kind."""
+    from llama_train.tracking_params import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
         try:
-            experiment_id = client.create_experiment(
-                experiment, artifact_location=_artifact_location(uri)
+            return client.create_experiment(
+                name,
+                artifact_location=_artifact_location(uri) if uri else None,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except Exception:  # created meanwhile by another job
-            exp = client.get_experiment_by_name(experiment)
+            exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
-            experiment_id = exp.experiment_id
-    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def _create_run(
+    client: MlflowClient,
+    *,
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict,
+    start_time_ms: int | None = None,
+) -> str:
+    experiment_id = ensure_experiment(client, experiment, uri=uri)
+    return client.create_run(
+        experiment_id, run_name=run_name, tags=tags, start_time=start_time_ms
+    ).info.run_id
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -249,6 +277,7 @@ class _Uploader:
         self._offline_until = 0.0
         self.num_failed = 0
         self.num_dropped = 0
+        self.closing = False  # set by finish(): nothing is retried after the final items
         self._warned_full = False
         self._thread = threading.Thread(target=self._loop, name="llama-train-mlflow", daemon=True)
         self._thread.start()
@@ -283,11 +312,14 @@ class _Uploader:
                 except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
                     self.num_failed += 1
                     self._offline_until = time.monotonic() + self._backoff_s
-                    _warn(
-                        f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); training "
-                        f"continues, retrying in {self._backoff_s:.0f} s; metrics are kept in "
-                        f"{METRICS_FILE}"
-                    )
+                    if self.closing:
+                        _warn(f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]})")
+                    else:
+                        _warn(
+                            f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                            f"training continues, retrying in {self._backoff_s:.0f} s; metrics "
+                            f"are kept in {METRICS_FILE}"
+                        )
             finally:
                 self._queue.task_done()
 
@@ -349,7 +381,8 @@ class MlflowTracker:
         self._uploader: _Uploader | None = None
         self._client: MlflowClient | None = None
         self._file = None
-        self._monitor = None
+        self._sampler = None
+        self._log_lock = threading.Lock()  # log_metrics runs on the main and the sampler thread
         self._state: dict = {}
         self._state_lock = threading.Lock()
         self._finished = False
@@ -373,6 +406,8 @@ class MlflowTracker:
             "tags": all_tags,
             "recipe_yaml": self.recipe_yaml,
             "artifacts": [],
+            "datasets": [],
+            "start_time_ms": self._resumed_start_ms(resume_run_id) or int(time.time() * 1000),
         }
         try:
             self._client = _client(self.uri)
@@ -387,18 +422,31 @@ class MlflowTracker:
             self._client = None
         self._state["run_id"] = self.run_id
         self._save_state()
-        if self._client is None or self.run_id is None:
+        if self._client is not None and self.run_id is not None:
+            self._uploader = _Uploader(max_queue=self._max_queue, backoff_s=self._backoff_s)
+        if self.log_system_metrics:  # also offline: the samples go to metrics.jsonl
+            self._start_system_metrics()
+        if self._uploader is None:
             return self.run_id
-        self._uploader = _Uploader(max_queue=self._max_queue, backoff_s=self._backoff_s)
         client, run_id = self._client, self.run_id
         self._submit(lambda: _log_params(client, run_id, all_params), "log params")
         if self.recipe_yaml:
             self._submit(
                 lambda: client.log_text(run_id, self.recipe_yaml, "recipe.yaml"), "log recipe"
             )
-        if self.log_system_metrics:
-            self._start_system_metrics(resume=resume_run_id is not None)
         return self.run_id
+
+    def _resumed_start_ms(self, resume_run_id: str | None) -> int | None:
+        """Start time of the attempt this one continues (same run id, its metrics still here), so
+        a run created later by `track sync` starts when training did."""
+        try:
+            previous = json.loads((self.output_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        metrics = self.output_dir / METRICS_FILE
+        if previous.get("run_id") != resume_run_id or not metrics.exists() or not metrics.stat().st_size:
+            return None
+        return previous.get("start_time_ms")
 
     def _open_run(self, tags: dict[str, str], resume_run_id: str | None) -> str:
         client = self._client
@@ -420,54 +468,97 @@ class MlflowTracker:
                 self._merge_server_last_steps(run)
                 return resume_run_id
         return _create_run(
-            client, uri=self.uri, experiment=self.experiment, run_name=self.run_name, tags=tags
+            client,
+            uri=self.uri,
+            experiment=self.experiment,
+            run_name=self.run_name,
+            tags=tags,
+            start_time_ms=self._state.get("start_time_ms"),
         )
 
-    def _start_system_metrics(self, *, resume: bool) -> None:
+    def _start_system_metrics(self) -> None:
         try:
-            import psutil  # noqa: F401  (mlflow's monitor needs it)
-            from mlflow.system_metrics.system_metrics_monitor import (
-                SystemMetricsMonitor,
-            )
+            from llama_train.system_metrics import SystemSampler
 
-            self._monitor = SystemMetricsMonitor(
-                self.run_id, resume_logging=resume, tracking_uri=self.uri
+            first = 1 + max(
+                (s for k, s in self.last_steps.items() if k.startswith("system/")), default=-1
             )
-            self._monitor.start()
+            self._sampler = SystemSampler(
+                lambda metrics, step: self.log_metrics(metrics, step=step), first_step=first
+            )
+            self._sampler.start()
         except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
             _warn(f"system metrics are off ({type(exc).__name__}: {exc}); `pip install psutil`")
-            self._monitor = None
+            self._sampler = None
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._finished:
             return
+        if self._sampler is not None:
+            self._sampler.finish()
         self._finished = True
-        if self._monitor is not None:
-            threading.Thread(target=self._monitor.finish, daemon=True).start()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._log_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
         curve = self._plot_loss_curve()
         self._state["status"] = status
+        end_ms = self._state["end_time_ms"] = int(time.time() * 1000)  # kept by `track sync`
         if curve is not None:
             self.log_artifact(curve)
         self._save_state()
         uploader = self._uploader
         if uploader is None:
+            self._closing_message(complete=False)
             return
         client, run_id, output_dir = self._client, self.run_id, self.output_dir
         uploader.retry_now()  # one more try for the final items even inside a backoff window
+        uploader.closing = True
+        done: dict[str, bool] = {}
         if uploader.num_failed or uploader.num_dropped:
-            self._submit(
-                lambda: sync_run(output_dir, client=client, quiet=True), "fill metric gaps"
-            )
-        self._submit(lambda: client.set_terminated(run_id, status), "end run")
-        if not uploader.close(self.flush_timeout_s):
-            _warn(
-                f"MLflow uploads did not finish within {self.flush_timeout_s:.0f} s; run "
-                f"`llama-train track sync {self.output_dir}` to upload the rest"
-            )
+
+            def fill_gaps() -> None:
+                sync_run(output_dir, client=client, quiet=True)
+                done["gaps"] = True
+
+            self._submit(fill_gaps, "upload of what the server missed")
+        else:
+            done["gaps"] = True
+
+        def end_run() -> None:
+            client.set_terminated(run_id, status, end_time=end_ms)
+            done["end"] = True
+
+        self._submit(end_run, "end of run")
+        closed = uploader.close(self.flush_timeout_s)
         self._save_state()
+        self._closing_message(complete=closed and done.get("gaps", False) and "end" in done)
+
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI, in its model-training view (MLflow 3 opens the GenAI
+        view unless asked: the experimentKind tag is not enough in 3.17's UI)."""
+        if not self.run_id or not self.uri.startswith(("http://", "https://")):
+            return None
+        try:
+            exp_id = self._client.get_run(self.run_id).info.experiment_id
+        except Exception:  # noqa: BLE001
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{exp_id}/runs/{self.run_id}?workflowType=machine_learning"
+
+    def _closing_message(self, *, complete: bool) -> None:
+        """The last thing a run says about tracking: where it is, or what is left and how to
+        upload it."""
+        if complete:
+            if url := self.run_url():
+                print(f"MLflow run: {url}", file=sys.stderr, flush=True)
+            return
+        pending = [a for a in self._state.get("artifacts", []) if not a.get("uploaded")]
+        where = f"run {self.run_id}" if self.run_id else "no MLflow run yet"
+        _warn(
+            f"MLflow at {self.uri} did not receive everything ({where}; {len(pending)} artifact(s) "
+            f"pending; all metrics are in {self.output_dir / METRICS_FILE}). When the server is "
+            f"reachable, run: llama-train track sync {self.output_dir}"
+        )
 
     def flush(self, timeout: float | None = None) -> bool:
         return self._uploader.flush(timeout or self.flush_timeout_s) if self._uploader else True
@@ -475,6 +566,10 @@ class MlflowTracker:
     # ---- logging ---------------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        with self._log_lock:
+            self._log_metrics(metrics, step=step)
+
+    def _log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         if self._file is None:
             return
         fresh: dict[str, float] = {}
@@ -523,6 +618,33 @@ class MlflowTracker:
 
         self._submit(upload, f"upload of {path.name}")
 
+    def log_datasets(self, records: list[dict]) -> None:
+        """Dataset lineage (see llama_train.tracking_datasets), kept for `track sync`."""
+        from llama_train.tracking_datasets import log_dataset_records
+
+        self._state["datasets"] = list(records)
+        self._save_state()
+        client, run_id = self._client, self.run_id
+        self._submit(lambda: log_dataset_records(client, run_id, records), "log of datasets")
+
+    def log_table(self, table: dict, artifact_file: str) -> None:
+        """A table (columns + data rows) as a run artifact the UI shows as a table (what
+        `MlflowClient.log_table` writes), written to output_dir first."""
+        path = self.output_dir / artifact_file
+        try:
+            _write_json(path, table)
+        except OSError as exc:
+            _warn(f"cannot write {path}: {exc}")
+            return
+        tags = self._state.setdefault("tags", {})
+        logged = json.loads(tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        if {"path": artifact_file, "type": "table"} not in logged:
+            logged.append({"path": artifact_file, "type": "table"})
+        tags[LOGGED_ARTIFACTS_TAG] = json.dumps(logged)
+        self.log_artifact(path)
+        client, run_id, value = self._client, self.run_id, tags[LOGGED_ARTIFACTS_TAG]
+        self._submit(lambda: client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, value), "tag of table")
+
     def _submit(self, fn: Callable[[], Any], what: str) -> None:
         if self._uploader is not None:
             self._uploader.submit(fn, what)
@@ -553,7 +675,7 @@ class MlflowTracker:
                 for m in self._client.get_metric_history(run.info.run_id, key)
             ]
         for m in objs:
-            if not m.key.startswith("system/") and m.step > self.last_steps.get(m.key, -1):
+            if m.step > self.last_steps.get(m.key, -1):
                 self.last_steps[m.key] = m.step
 
     def _plot_loss_curve(self) -> Path | None:
@@ -609,19 +731,20 @@ def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:
     """MlflowTracker on the global rank 0 with tracking enabled; a do-nothing tracker otherwise."""
     if rank != 0 or not recipe.tracking.enabled:
         return NullTracker()
-    from llama_train.config import dump_recipe, flatten
+    from llama_train.config import dump_recipe
+    from llama_train.tracking_params import base_model_label, source_tags, training_params
 
-    base_model = recipe.model.path or f"tiny(seed={recipe.model.tiny_seed})"
     return MlflowTracker(
         uri=resolve_uri(recipe),
         experiment=resolve_experiment(recipe),
         output_dir=recipe.output_dir,
         run_name=recipe.tracking.run_name,
         recipe_yaml=dump_recipe(recipe),
-        default_params=flatten(recipe.model_dump(mode="json")),
+        default_params=training_params(recipe),
         default_tags={
+            **source_tags(),
             "llama_train.recipe_sha256": recipe.sha256(),
-            "llama_train.base_model": base_model,
+            "llama_train.base_model": base_model_label(recipe, recipe.model.path or ""),
         },
         log_system_metrics=recipe.tracking.log_system_metrics,
     )
@@ -660,6 +783,7 @@ def sync_run(
             experiment=state["experiment"],
             run_name=state.get("run_name") or output_dir.name,
             tags=state.get("tags", {}),
+            start_time_ms=state.get("start_time_ms"),  # when it ran, not now
         )
         state["run_id"] = run_id
         _write_json(output_dir / STATE_FILE, state)
@@ -668,6 +792,10 @@ def sync_run(
         client.set_tag(run_id, key, value)
     if state.get("recipe_yaml"):
         client.log_text(run_id, state["recipe_yaml"], "recipe.yaml")
+    if state.get("datasets"):
+        from llama_train.tracking_datasets import log_dataset_records
+
+        log_dataset_records(client, run_id, state["datasets"])
 
     local: dict[str, dict[int, tuple[float, int]]] = {}
     for row in read_metrics_file(output_dir):
@@ -693,8 +821,8 @@ def sync_run(
     if (
         state.get("status") in ("FINISHED", "FAILED", "KILLED")
         and client.get_run(run_id).info.status == "RUNNING"
-    ):
-        client.set_terminated(run_id, state["status"])
+    ):  # the recorded end time: a 5-minute run synced an hour later still lasted 5 minutes
+        client.set_terminated(run_id, state["status"], end_time=state.get("end_time_ms"))
     _write_json(output_dir / STATE_FILE, state)
     summary = {"run_id": run_id, "num_metrics_uploaded": len(rows), "artifacts_uploaded": uploaded}
     if not quiet:

@@ -57,6 +57,16 @@ from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
 from llama_train.progress import Progress
 from llama_train.tracking import METRICS_FILE, make_tracker, register_adapter
+from llama_train.tracking_datasets import dataset_records, examples_table
+from llama_train.tracking_params import (
+    base_model_label,
+    derived_params,
+    eval_metrics,
+    served_base_name,
+    summary_metrics,
+    version_description,
+    version_tags,
+)
 
 
 def lr_lambda(recipe: Recipe, total_steps: int):
@@ -346,6 +356,8 @@ def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> di
         if run.state["eval_before"] is None and run.data.eval:
             run.state["eval_before"] = _evaluate(run)
             _log(ctx, f"eval before training: {_fmt_eval(run.state['eval_before'])}")
+            # step 0 of the same eval/* charts as the evals during and after training
+            run.tracker.log_metrics(eval_metrics(run.state["eval_before"]), step=0)
         status, losses = _loop(run)
         if (status == "preempted" or recipe.checkpoint.save_final) and run.saved_step != run.state["step"]:
             run.save_checkpoint()
@@ -382,6 +394,8 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     tokenizer = load_tokenizer(recipe, base_path)
     data = load_data(recipe, tokenizer)
     model = apply_finetuning(load_base_model(recipe, base_path), recipe)
+    if recipe.lora.enabled:  # the base as the adapter names it where it is served (hub id, not a cache path)
+        model.peft_config["default"].base_model_name_or_path = served_base_name(recipe, base_path)
     num_trainable, num_frozen = count_params(model)
     matmul_trainable, matmul_frozen = matmul_param_counts(model)
     step_flops = flops_per_token(model.config, num_trainable=matmul_trainable, num_frozen=matmul_frozen,
@@ -411,7 +425,12 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     run.tracker = make_tracker(recipe, rank=ctx.rank)
     tags = {"llama_train.dataset_fingerprint": state["dataset_fingerprint"],
             "llama_train.world_size": str(ctx.world_size), "llama_train.strategy": recipe.parallel.strategy}
-    state["tracking_run_id"] = run.tracker.start(params={}, tags=tags, resume_run_id=state["tracking_run_id"])
+    derived = derived_params(global_batch_size=loader.global_batch, world_size=ctx.world_size,
+                             num_trainable=num_trainable, num_total=num_trainable + num_frozen, total_steps=steps,
+                             num_train_rows=len(data.train), num_eval_rows=len(data.eval))
+    state["tracking_run_id"] = run.tracker.start(params=derived, tags=tags, resume_run_id=state["tracking_run_id"])
+    run.tracker.log_datasets(dataset_records(recipe, fingerprint=state["dataset_fingerprint"],
+                                             num_train_rows=len(data.train), num_eval_rows=len(data.eval)))
     if ctx.is_main:
         (out / "recipe.yaml").write_text(run.recipe_yaml)
     _log(ctx, f"model {base_path}: {num_trainable:,} trainable / {num_frozen:,} frozen params; "
@@ -573,7 +592,8 @@ def _loop(run: Run) -> tuple[str, list[float]]:
                 with _eager(run):
                     ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
                                    batch_size=max(t.micro_batch_size, 16), device=ctx.device)
-                run.tracker.log_metrics({"eval/loss": ev}, step=state["step"])
+                run.tracker.log_metrics({"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))},
+                                        step=state["step"])
             if every and state["step"] % every == 0 and state["step"] < run.steps:
                 run.save_checkpoint()
     return "completed", losses
@@ -637,7 +657,9 @@ def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Prog
             "train/loss": res.loss, "train/lr": lr, "train/grad_norm": res.grad_norm,
             "train/tokens_per_s": res.tokens / dt, "train/supervised_tokens": res.supervised,
             "train/supervised_tokens_per_s": res.supervised / dt, "train/consumed_samples": state["consumed_samples"],
-            "train/tflops_per_device": flops_per_s / 1e12, **_memory_metrics(run.ctx.device)}
+            "train/tflops_per_device": flops_per_s / 1e12, **_memory_metrics(run.ctx.device),
+            # passes over the training rows (fractional): the x axis people think in
+            "train/epoch": state["consumed_samples"] / max(len(run.data.train), 1)}
         if run.peak_flops:
             metrics["train/mfu"] = flops_per_s / run.peak_flops
         if run.scaler:
@@ -699,17 +721,27 @@ def _finish(run: Run, losses: list[float]) -> dict:
     if not ctx.is_main:
         return summary
     summary.update(_write_outputs(out, run.strategy.module, weights, run.tokenizer, recipe))
-    if eval_after:
-        run.tracker.log_metrics({f"eval/{k}": v for k, v in eval_after.items() if isinstance(v, (int, float))},
-                                step=state["step"])
-        _log(ctx, f"eval after training: {_fmt_eval(eval_after)}")
     tracker = run.tracker
+    if eval_after:
+        tracker.log_metrics(eval_metrics(eval_after), step=state["step"])
+        _log(ctx, f"eval after training: {_fmt_eval(eval_after)}")
+    tracker.log_metrics(summary_metrics(summary), step=state["step"])
+    table = examples_table(state["eval_before"], eval_after, step=state["step"])
+    if table:
+        tracker.log_table(table, "eval_examples.json")
     if summary.get("adapter_dir"):
         tracker.log_artifact(summary["adapter_dir"], artifact_path="adapter")
         if recipe.tracking.registered_model_name:
-            metrics = {f"eval_{k}": v for k, v in (eval_after or {}).items() if isinstance(v, (int, float))}
+            base = base_model_label(recipe, run.base_path)
             summary["registered_version"] = register_adapter(
-                tracker, summary["adapter_dir"], name=recipe.tracking.registered_model_name, tags=metrics)
+                tracker, summary["adapter_dir"], name=recipe.tracking.registered_model_name,
+                tags=version_tags(base_model=base, recipe_sha256=summary["recipe_sha256"],
+                                  dataset_fingerprint=state["dataset_fingerprint"],
+                                  eval_before=state["eval_before"], eval_after=eval_after),
+                description=version_description(
+                    base_model=base, recipe_sha256=summary["recipe_sha256"], run_name=summary["run_name"],
+                    eval_before=state["eval_before"], eval_after=eval_after, metric=recipe.gate.metric,
+                    global_step=state["step"]))
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracker.log_artifact(out / "run.json")
     tracker.log_artifact(out / "recipe.yaml")

@@ -194,8 +194,9 @@ def test_only_rank0_writes_and_tracks(runs):
     out = launch.out
     top = sorted(p.name for p in out.iterdir())
     # ledger/ is the per-rank test hook; the rest is rank 0's (tracking.py's local metric mirror too)
-    assert top == ["adapter", "checkpoints", "ledger", "loss_curve.png", "metrics.jsonl", "recipe.yaml",
-                   "run.json", "tracking.json"], top
+    # eval_examples.json: the MLflow table of eval examples, kept for `track sync` (issue 24)
+    assert top == ["adapter", "checkpoints", "eval_examples.json", "ledger", "loss_curve.png", "metrics.jsonl",
+                   "recipe.yaml", "run.json", "tracking.json"], top
     train_steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
                    if "train/loss" in x]
     assert train_steps == list(range(1, MAX_STEPS + 1))  # one writer: no step logged twice
