@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_train.serve.engine import Engine, GenRequest, SamplingParams
+from llama_train.serve.engine import Engine, GenRequest, SamplingParams, ShuttingDown
 from llama_train.serve.observe import GatewayMiddleware, Metrics
 from llama_train.serve.schemas import (
     CHAT_UNSUPPORTED,
@@ -73,8 +73,8 @@ def create_app(
         try:
             yield
         finally:
-            if engine is not None:
-                engine.stop()
+            if engine is not None:  # uvicorn has drained the requests by now
+                await asyncio.to_thread(engine.stop)
             await app.state.http.aclose()
 
     app = FastAPI(title="llama_train server", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -283,6 +283,9 @@ class _Handlers:
             gen.cancel()
             raise APIError(504, f"request timed out after {self.timeout_s:g} s "
                            "(server --request-timeout-s)", type="server_error", code="timeout") from None
+        if isinstance(event.error, ShuttingDown):
+            raise APIError(503, "the server is shutting down; retry on another replica",
+                           type="server_error", code="shutting_down")
         if event.error is not None:
             gen.cancel()
             raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}",

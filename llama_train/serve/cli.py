@@ -100,6 +100,9 @@ def serve_command(
     default_max_tokens: Annotated[int, typer.Option(
         help="max_tokens when a chat request sends none.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
+    drain_timeout_s: Annotated[float, typer.Option(
+        help="On SIGTERM, how long in-flight requests may take to finish before they are cut, in seconds "
+        "(keep it below the pod's terminationGracePeriodSeconds, 30 s by default).")] = 20.0,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
@@ -136,5 +139,28 @@ def serve_command(
                          request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes)
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
-    uvicorn.run(app, host=host, port=port, log_config=cfg, access_log=False,
-                timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,
+                            timeout_graceful_shutdown=drain_timeout_s)
+    _draining_server_class()(config).run()
+
+
+def _draining_server_class():
+    import contextlib
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM / SIGINT: stop accepting, let in-flight requests finish (up to
+        --drain-timeout-s), stop the engine, exit 0. uvicorn >= 0.29 re-raises the signal after
+        its graceful shutdown, so the process would die of SIGTERM (exit -15 / 143): a crash in
+        every Kubernetes rollout. A drained shutdown is a clean exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # runs before uvicorn's re-raise of the captured signals
+                    self._captured_signals.clear()
+
+    return DrainingServer

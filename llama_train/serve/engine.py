@@ -67,6 +67,10 @@ class SamplingParams:
                     or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
 
 
+class ShuttingDown(RuntimeError):
+    """Posted to requests still queued or running when the engine stops."""
+
+
 @dataclass
 class Event:
     """What the worker reports: text deltas per choice, a finish reason, or an error."""
@@ -100,7 +104,10 @@ class GenRequest:
 
     def post(self, event: Event) -> None:
         if not self.cancelled:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # its event loop is closed: nobody is waiting any more
+                self.cancelled = True
 
 
 class Engine:
@@ -134,6 +141,7 @@ class Engine:
         self._pending: queue.Queue[GenRequest | None] = queue.Queue()
         self._overflow: list[GenRequest] = []
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -141,8 +149,23 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llama-train-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Stop the worker and join it. Requests still queued or running get a ShuttingDown
+        error (the HTTP server drains its requests before it calls this). Joining matters: a
+        thread still inside torch when the interpreter exits aborts the process
+        (`terminate called without an active exception`, exit -6). The worker checks for stop
+        between steps, so the wait is one forward pass (or a model load in progress)."""
+        self._stopping.set()
         self._pending.put(None)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.error("the engine worker did not stop", extra={"timeout_s": timeout_s})
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def load(self) -> None:
         import torch
@@ -191,7 +214,29 @@ class Engine:
             return
         self.ready.set()
         groups: dict[str | None, _Group] = {}
+        try:
+            self._loop(groups)
+        finally:
+            self._fail_all(groups, ShuttingDown("the server is shutting down"))
+
+    def _fail_all(self, groups: dict, exc: BaseException) -> None:
+        """Post `exc` to every request still running or queued (at stop)."""
+        reqs = {id(r.req): r.req for g in groups.values() for r in g.rows}
+        reqs.update({id(q): q for q in self._overflow})
+        self._overflow.clear()
         while True:
+            try:
+                q = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if q is not None:
+                reqs[id(q)] = q
+        for req in reqs.values():
+            req.post(Event([], error=exc))
+        groups.clear()
+
+    def _loop(self, groups: dict) -> None:
+        while not self._stopping.is_set():
             new = self._admit(sum(len(g.rows) for g in groups.values()), block=not groups)
             if new is None:
                 return
