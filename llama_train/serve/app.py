@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_train.serve.engine import Engine, GenRequest, SamplingParams, ShuttingDown
+from llama_train.serve.engine import Engine, GenRequest, SamplingFailed, SamplingParams, ShuttingDown
 from llama_train.serve.observe import GatewayMiddleware, Metrics
 from llama_train.serve.schemas import (
     CHAT_UNSUPPORTED,
@@ -34,6 +34,7 @@ from llama_train.serve.schemas import (
     CompletionRequest,
     check_token_ids,
     error_body,
+    find_unencodable,
     from_validation_error,
 )
 from llama_train.serve.upstream import Upstream, proxy
@@ -137,6 +138,14 @@ def create_app(
     return app
 
 
+def _sampling_summary(p: SamplingParams) -> str:
+    """The sampling parameters a request set away from their defaults, for error messages."""
+    defaults = SamplingParams(max_tokens=p.max_tokens)
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+             "presence_penalty", "logit_bias", "min_tokens", "allowed_token_ids")
+    return ", ".join(f"{n}={getattr(p, n)!r}" for n in names if getattr(p, n) != getattr(defaults, n))
+
+
 def _sse(doc: dict | str) -> bytes:
     return f"data: {doc if isinstance(doc, str) else json.dumps(doc)}\n\n".encode()
 
@@ -171,8 +180,15 @@ class _Handlers:
             body = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "request body nests JSON arrays/objects too deeply",
+                           code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        bad = find_unencodable(body)
+        if bad is not None:
+            raise APIError(400, f"{bad}: contains a lone UTF-16 surrogate (not valid Unicode text)",
+                           param=bad, code="invalid_value")
         model = body.get("model")
         if isinstance(model, str) and model in self.upstreams:
             route = "/chat/completions" if kind == "chat" else "/completions"
@@ -259,6 +275,14 @@ class _Handlers:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens and the prompt "
                            f"has {prompt_len}; shorten it.", param="messages",
                            code="context_length_exceeded")
+        allowed = req.token_ids("allowed_token_ids", self.engine.vocab_size)
+        stop_ids = req.token_ids("stop_token_ids", self.engine.vocab_size) or []
+        if allowed is not None and req.min_tokens > 0:
+            stops = set(stop_ids) | (set() if req.ignore_eos else self.engine.eos_ids)
+            if set(allowed) <= stops:
+                raise APIError(400, f"allowed_token_ids {sorted(set(allowed))[:5]} are all stop tokens, so "
+                               f"min_tokens {req.min_tokens} leaves no token to generate",
+                               param="allowed_token_ids", code="invalid_value")
         return SamplingParams(max_tokens=asked if asked is not None else min(self.engine.default_max_tokens, room),
                               temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
                               seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
@@ -269,8 +293,7 @@ class _Handlers:
                               presence_penalty=req.presence_penalty,
                               logit_bias=req.token_biases(self.engine.vocab_size),
                               min_tokens=req.min_tokens,
-                              stop_token_ids=req.token_ids("stop_token_ids", self.engine.vocab_size) or [],
-                              allowed_token_ids=req.token_ids("allowed_token_ids", self.engine.vocab_size),
+                              stop_token_ids=stop_ids, allowed_token_ids=allowed,
                               include_stop_str_in_output=req.include_stop_str_in_output,
                               report_stop_token=isinstance(req, CompletionRequest),
                               tokens_as_ids=req.return_tokens_as_token_ids)
@@ -286,6 +309,9 @@ class _Handlers:
         if isinstance(event.error, ShuttingDown):
             raise APIError(503, "the server is shutting down; retry on another replica",
                            type="server_error", code="shutting_down")
+        if isinstance(event.error, SamplingFailed):
+            raise APIError(400, f"sampling failed with this request's parameters ({_sampling_summary(gen.params)}): "
+                           f"{event.error}", code="invalid_sampling")
         if event.error is not None:
             gen.cancel()
             raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}",

@@ -62,9 +62,21 @@ class SamplingParams:
     prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
 
     @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
     def processes_logits(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
                     or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
+
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM): dividing by them overflows
+
+
+class SamplingFailed(ValueError):
+    """Sampling one request's row raised (its parameters make the distribution inf / NaN):
+    that request fails, the rows of other requests in the batch go on."""
 
 
 class ShuttingDown(RuntimeError):
@@ -395,8 +407,8 @@ class _Row:
         self.scanned = 0  # characters of the decoded text already searched for stop strings
         self.done = False
         self.generator = None
-        if p.temperature > 0:
-            seed = (p.seed + index) if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        if not p.greedy:
+            seed = (p.seed + index) % 2**64 if p.seed is not None else int.from_bytes(os.urandom(8), "little")
             self.generator = torch.Generator().manual_seed(seed)
 
 
@@ -421,6 +433,10 @@ class _Group:
         """Prefill new requests and merge them into the running batch. A request that wants its
         prompt's logprobs is prefilled alone (only it computes logits at every position); a
         prefill that fails fails its own requests, not the running ones."""
+        for q in reqs:  # max_tokens 0 (echo without logprobs): nothing to compute
+            if q.params.max_tokens == 0 and not q.params.prompt_logprobs:
+                q.post(Event([(i, "", "length", []) for i in range(q.params.n)]))
+        reqs = [q for q in reqs if q.params.max_tokens > 0 or q.params.prompt_logprobs]
         plain = [q for q in reqs if not q.params.prompt_logprobs]
         batches = ([plain] if plain else []) + [[q] for q in reqs if q.params.prompt_logprobs]
         for batch in batches:
@@ -495,30 +511,44 @@ class _Group:
         self.cache, self.logits = _cache_of(out), out.logits[:, -1, :].float()
 
     def _pick(self, logits):
-        import torch
-
+        """Each row's next token. A row whose sampling raises fails its own request only."""
         nxt = logits.argmax(-1).cpu()
         for i, r in enumerate(self.rows):
             p = r.req.params
-            if r.done or (p.temperature <= 0 and not p.processes_logits):
+            if r.done or (p.greedy and not p.processes_logits):
                 continue
-            row = self._process(logits[i], r) if p.processes_logits else logits[i]
-            if p.temperature <= 0:
-                nxt[i] = row.argmax()
-                continue
-            row = row / p.temperature
-            if 0 < p.top_k < row.shape[-1]:
-                row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
-            probs = torch.softmax(row, -1)
-            if p.min_p > 0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-                probs = probs / probs.sum()  # top_p sees the renormalized distribution
-            if p.top_p < 1.0:
-                sp, si = probs.sort(descending=True)
-                keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
-                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            nxt[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator)[0]
+            try:
+                nxt[i] = self._sample(logits[i], r)
+            except Exception as exc:  # noqa: BLE001  (inf/NaN probabilities from this request's parameters)
+                self._fail_request(r.req, SamplingFailed(f"{type(exc).__name__}: {exc}"))
         return nxt
+
+    def _fail_request(self, req: GenRequest, exc: BaseException) -> None:
+        for r in self.rows:
+            if r.req is req:
+                r.done = True
+        req.post(Event([], error=exc))
+        req.cancel()  # no later event for it (other rows of the step may still emit)
+
+    def _sample(self, logits, r: _Row) -> int:
+        import torch
+
+        p = r.req.params
+        row = self._process(logits, r) if p.processes_logits else logits
+        if p.greedy:
+            return int(row.argmax())
+        row = row / p.temperature
+        if 0 < p.top_k < row.shape[-1]:
+            row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
+        probs = torch.softmax(row, -1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            probs = probs / probs.sum()  # top_p sees the renormalized distribution
+        if p.top_p < 1.0:
+            sp, si = probs.sort(descending=True)
+            keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=r.generator)[0])
 
     def _logprobs(self, tokens) -> list[dict | None]:
         """The logprob entry of each row's new token (None for rows that did not ask)."""

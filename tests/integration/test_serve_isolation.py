@@ -1,0 +1,155 @@
+"""One tenant can never hurt another (issue 20): bad sampling parameters, malformed bodies,
+stalled bodies and disconnects end only the request that caused them, each with a clear answer,
+while other clients' requests are served. Real uvicorn process, real `openai` client and raw
+sockets for what a client library would not send."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import BASE_NAME, start_server
+
+pytestmark = pytest.mark.slow
+
+MSGS = [{"role": "user", "content": "Reverse the word banana"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
+                        "--max-concurrency", "4", "--batch-wait-ms", "20"],
+                       tmp_path_factory.mktemp("isolation_logs"))
+    yield srv
+    srv.stop()
+
+
+def post(server, route: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server.v1}{route}", content=content, timeout=kw.pop("timeout", 120),
+                      headers={"authorization": f"Bearer {server.api_key}",
+                               "content-type": "application/json"}, **kw)
+
+
+def assert_400(r: httpx.Response, param: str | None) -> dict:
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+    return err
+
+
+def test_a_failing_sampler_ends_only_its_own_request(server):
+    """Defect 1: a row whose sampling raises (here: repetition_penalty 1e-45 turns logits into inf,
+    softmax into NaN) used to post its error to every row of the batch."""
+    c = server.client()
+    greedy = {"model": BASE_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 40,
+              "extra_body": {"ignore_eos": True}}
+    want = c.chat.completions.create(**greedy).choices[0].message.content
+    out: dict[str, object] = {}
+    go = threading.Barrier(3)
+
+    def innocent_stream():
+        go.wait()
+        chunks = list(server.client().chat.completions.create(**greedy, stream=True))
+        out["stream"] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    def innocent():
+        go.wait()
+        out["plain"] = server.client().chat.completions.create(**greedy).choices[0].message.content
+
+    threads = [threading.Thread(target=f) for f in (innocent_stream, innocent)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(0.3)  # the innocent requests are decoding: the bad one joins their batch
+    bad = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "temperature": 1.0,
+                                             "repetition_penalty": 1e-45, "max_tokens": 40})
+    for t in threads:
+        t.join(120)
+    assert out == {"stream": want, "plain": want}
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["code"] == "invalid_sampling" and "repetition_penalty" in bad.json()["error"]["message"]
+
+
+def test_tiny_temperatures_are_greedy(server):
+    """Defect 1: temperature 1e-45 (accepted by the schema) divided the logits into inf."""
+    c = server.client()
+    kw = {"model": BASE_NAME, "messages": MSGS, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    greedy = c.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    for t in (1e-45, 1e-8, 9e-6):
+        assert c.chat.completions.create(temperature=t, **kw).choices[0].message.content == greedy
+
+
+def test_impossible_constraints_are_400(server, tiny_model_dir):
+    """Defect 1: allowed_token_ids = [eos] with min_tokens > 0 leaves no token to sample."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    for temperature in (0, 1.0):
+        r = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "max_tokens": 5,
+                                               "temperature": temperature, "min_tokens": 2,
+                                               "allowed_token_ids": [eos]})
+        assert "min_tokens" in assert_400(r, "allowed_token_ids")["message"]
+    r = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "max_tokens": 5,
+                                           "min_tokens": 2, "allowed_token_ids": [eos, 7],
+                                           "stop_token_ids": [7]})
+    assert_400(r, "allowed_token_ids")
+
+
+def test_client_errors_are_400_naming_the_field_and_keep_the_connection(server):
+    """Defect 5: these were 500 (and uvicorn dropped the keep-alive connection) or a misleading 422."""
+    headers = {"authorization": f"Bearer {server.api_key}", "content-type": "application/json"}
+    with httpx.Client(base_url=server.v1, headers=headers, timeout=60) as client:
+        cases = [
+            ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": 2 ** 64}, "/completions", "seed"),
+            ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": -2 ** 63 - 1}, "/completions", "seed"),
+            ('{"model": "%s", "prompt": "\\ud800 lone", "max_tokens": 2}' % BASE_NAME, "/completions", "prompt"),
+            ('{"model": "%s", "prompt": ["ok", "\\udfff"], "max_tokens": 2}' % BASE_NAME, "/completions",
+             "prompt.1"),
+            ('{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}' % BASE_NAME,
+             "/chat/completions", "messages.0.content"),
+            ('{"model": "%s", "stop": ["\\ud800"], "prompt": "x"}' % BASE_NAME, "/completions", "stop.0"),
+            ("[" * 100_000 + "]" * 100_000, "/completions", None),
+            ('{"model": "%s", "prompt": "x", "user": %s}' % (BASE_NAME, "[" * 5000 + "]" * 5000),
+             "/completions", None),
+        ]
+        for body, route, param in cases:
+            r = client.post(route, content=body if isinstance(body, str) else json.dumps(body))
+            assert_400(r, param)
+        ok = client.post("/completions", json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 2,
+                                               "seed": 2 ** 63 - 1, "n": 2, "temperature": 1})
+        assert ok.status_code == 200, ok.text
+        assert ok.extensions["network_stream"] is not None  # the same kept-alive connection served all
+    assert "Traceback" not in server.log()
+
+
+def test_max_tokens_0_with_echo_only_echoes(server):
+    """Defect 6: echo + max_tokens 0 without logprobs generated a token."""
+    r = server.client().completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=0,
+                                           echo=True, temperature=0)
+    assert r.choices[0].text == "The quick brown"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 0
+
+
+def test_dependent_parameters_without_their_parent_are_400(server):
+    """Defect 7: tool_choice without tools, stream_options without stream were silently ignored."""
+    c = server.client()
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, tool_choice="auto")
+    assert exc.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2,
+                                  stream_options={"include_usage": True})
+    assert exc.value.body["param"] == "stream_options"
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.completions.create(model=BASE_NAME, prompt="x", max_tokens=2, stream_options={"include_usage": True})
+    assert exc.value.body["param"] == "stream_options"
+    ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, tool_choice="none")
+    assert ok.choices[0].finish_reason in ("stop", "length")
