@@ -51,6 +51,7 @@ def create_app(
     max_concurrency: int = 32,
     request_timeout_s: float = 120.0,
     max_body_bytes: int = 4 << 20,
+    body_timeout_s: float = 30.0,
 ) -> FastAPI:
     """Build the app. `api_key` defaults to $LLAMA_TRAIN_API_KEY; None/empty = no auth.
     `engine` None serves upstream routes only. The engine's worker starts with the app."""
@@ -80,7 +81,8 @@ def create_app(
 
     app = FastAPI(title="llama_train server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(GatewayMiddleware, metrics=metrics, api_key=api_key,
-                       max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
+                       max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
+                       body_timeout_s=body_timeout_s)
     state = _Handlers(engine, upstreams, metrics, request_timeout_s, created)
 
     @app.exception_handler(APIError)
@@ -144,6 +146,13 @@ def _sampling_summary(p: SamplingParams) -> str:
     names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
              "presence_penalty", "logit_bias", "min_tokens", "allowed_token_ids")
     return ", ".join(f"{n}={getattr(p, n)!r}" for n in names if getattr(p, n) != getattr(defaults, n))
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone. The body was read (and replayed) by the middleware, so
+    the next ASGI message is http.disconnect: on the client closing, or when the response is done."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(doc: dict | str) -> bytes:
@@ -225,9 +234,13 @@ class _Handlers:
             engine.submit(gen)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": req.model}
-        if req.stream:
-            return await self._stream(gens[0], req, out, meta, deadline)
-        return await self._complete(gens, req, out, meta, deadline)
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            if req.stream:
+                return await self._stream(gens[0], req, out, meta, deadline, gone)
+            return await self._complete(gens, req, out, meta, deadline, gone)
+        finally:
+            gone.cancel()  # a stream's body watches for disconnects itself
 
     def _prompts(self, req, kind: str) -> list[list[int]]:
         engine = self.engine
@@ -298,12 +311,20 @@ class _Handlers:
                               report_stop_token=isinstance(req, CompletionRequest),
                               tokens_as_ids=req.return_tokens_as_token_ids)
 
-    async def _next_event(self, gen: GenRequest, deadline: float):
+    async def _next_event(self, gen: GenRequest, deadline: float, gone: asyncio.Future | None = None):
+        """The request's next event; 504 at its deadline, 499 when the client has gone (the
+        engine stops generating for it either way)."""
         left = deadline - asyncio.get_running_loop().time()
-        try:
-            event = await asyncio.wait_for(gen.events.get(), timeout=max(left, 0.001))
-        except asyncio.TimeoutError:
+        get = asyncio.ensure_future(gen.events.get())
+        waiting = {get} if gone is None else {get, gone}
+        done, _ = await asyncio.wait(waiting, timeout=max(left, 0.001), return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            event = get.result()
+        else:
+            get.cancel()
             gen.cancel()
+            if gone is not None and gone in done:
+                raise APIError(499, "the client closed the connection", code="client_closed_request")
             raise APIError(504, f"request timed out after {self.timeout_s:g} s "
                            "(server --request-timeout-s)", type="server_error", code="timeout") from None
         if isinstance(event.error, ShuttingDown):
@@ -323,14 +344,14 @@ class _Handlers:
         c = sum(g.completion_tokens for g in gens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def _complete(self, gens, req, out: _Output, meta, deadline) -> dict:
+    async def _complete(self, gens, req, out: _Output, meta, deadline, gone) -> dict:
         choices = []
         try:
             for gi, gen in enumerate(gens):
                 texts, finish = [""] * req.n, [None] * req.n
                 entries: list[list[dict]] = [[] for _ in range(req.n)]
                 while any(f is None for f in finish):
-                    for idx, text, fin, lps in (await self._next_event(gen, deadline)).deltas:
+                    for idx, text, fin, lps in (await self._next_event(gen, deadline, gone)).deltas:
                         texts[idx] += text
                         entries[idx] += lps
                         finish[idx] = fin or finish[idx]
@@ -344,9 +365,9 @@ class _Handlers:
         obj = "chat.completion" if out.kind == "chat" else "text_completion"
         return {**meta, "object": obj, "choices": choices, "usage": self._usage(gens)}
 
-    async def _stream(self, gen, req, out: _Output, meta, deadline) -> StreamingResponse:
+    async def _stream(self, gen, req, out: _Output, meta, deadline, gone) -> StreamingResponse:
         try:  # wait for the first tokens, so errors before them get a real status code
-            first = await self._next_event(gen, deadline)
+            first = await self._next_event(gen, deadline, gone)
         except BaseException:
             self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
             raise

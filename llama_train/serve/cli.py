@@ -100,6 +100,9 @@ def serve_command(
     default_max_tokens: Annotated[int, typer.Option(
         help="max_tokens when a chat request sends none.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
+    body_timeout_s: Annotated[float, typer.Option(
+        help="A request body must arrive within this many seconds, else 408 (read before a "
+        "concurrency slot is taken).")] = 30.0,
     drain_timeout_s: Annotated[float, typer.Option(
         help="On SIGTERM, how long in-flight requests may take to finish before they are cut, in seconds "
         "(keep it below the pod's terminationGracePeriodSeconds, 30 s by default).")] = 20.0,
@@ -136,7 +139,8 @@ def serve_command(
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         default_max_tokens=default_max_tokens)
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
-                         request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes)
+                         request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,
+                         body_timeout_s=body_timeout_s)
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
     config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,

@@ -9,6 +9,7 @@ Prometheus names (a contract with dashboards and the HPA):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -99,8 +100,9 @@ class GatewayMiddleware:
     and the in-flight slot is held until the stream ends or the client goes away."""
 
     def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_concurrency: int,
-                 max_body_bytes: int):
+                 max_body_bytes: int, body_timeout_s: float = 30.0):
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
         self.api_key = api_key
         self.max_concurrency = max_concurrency
@@ -128,6 +130,18 @@ class GatewayMiddleware:
 
         try:
             rejection = self._check(path, headers)
+            # The whole body is read (within body_timeout_s) before a concurrency slot is taken:
+            # a slow or stalled sender must not hold a slot that a complete request could use.
+            if rejection is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                try:
+                    receive = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    rejection = (408, error_body(
+                        f"the request body did not arrive within {self.body_timeout_s:g} s "
+                        "(server --body-timeout-s)", code="request_timeout"), [(b"connection", b"close")])
+                else:
+                    if receive is None:
+                        rejection = (413, self._too_large(), [])
             if rejection is None and route in GENERATION_ROUTES:
                 if self.inflight >= self.max_concurrency:
                     rejection = (429, error_body(
@@ -142,11 +156,6 @@ class GatewayMiddleware:
                 code, body, extra = rejection
                 await _send_json(send_wrapper, code, body, extra)
                 return
-            if scope.get("method") in ("POST", "PUT", "PATCH"):
-                receive = await self._read_body(receive)
-                if receive is None:
-                    await _send_json(send_wrapper, 413, self._too_large())
-                    return
             await self.app(scope, receive, send_wrapper)
         finally:
             if holds_slot:

@@ -24,10 +24,34 @@ MSGS = [{"role": "user", "content": "Reverse the word banana"}]
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     srv = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                        "--max-concurrency", "4", "--batch-wait-ms", "20"],
+                        "--max-concurrency", "4", "--batch-wait-ms", "20", "--body-timeout-s", "3"],
                        tmp_path_factory.mktemp("isolation_logs"))
     yield srv
     srv.stop()
+
+
+def metric(server, name: str, **labels) -> float:
+    from tests.integration.test_serve import counter
+
+    return counter(server.metrics(), name, **labels)
+
+
+def wait_idle(server, within_s: float) -> float:
+    """Seconds until no generation request holds a slot (fails after within_s)."""
+    t0 = time.monotonic()
+    while metric(server, "llama_train_inflight_requests") > 0:
+        assert time.monotonic() - t0 < within_s, "generation slots are still held"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def stalled_socket(server, sent: bytes = b'{"mo', length: int = 100) -> socket.socket:
+    """A client that announced `length` body bytes and sent only `sent`."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer " + server.api_key.encode() + b"\r\n"
+              b"Content-Length: " + str(length).encode() + b"\r\n\r\n" + sent)
+    return s
 
 
 def post(server, route: str, body, **kw) -> httpx.Response:
@@ -153,3 +177,54 @@ def test_dependent_parameters_without_their_parent_are_400(server):
     assert exc.value.body["param"] == "stream_options"
     ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, tool_choice="none")
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stalled_bodies_hold_no_slot_and_get_408(server):
+    """Defect 2: the slot was taken before the body was read, and the read had no deadline: four
+    stalled senders (= --max-concurrency) made every real request 429."""
+    socks = [stalled_socket(server) for _ in range(4)]
+    stop = threading.Event()
+
+    def trickle(s):  # one byte every 0.5 s on two of them: progress, but never done in time
+        while not stop.wait(0.5):
+            try:
+                s.sendall(b" ")
+            except OSError:
+                return
+
+    tricklers = [threading.Thread(target=trickle, args=(s,), daemon=True) for s in socks[:2]]
+    try:
+        for t in tricklers:
+            t.start()
+        time.sleep(0.5)
+        r = server.client().completions.create(model=BASE_NAME, prompt="hi", max_tokens=2)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        t0 = time.monotonic()
+        for s in socks:
+            s.settimeout(20)
+            answer = b""
+            while chunk := s.recv(65536):  # "connection: close": read to the end
+                answer += chunk
+            head = answer.decode(errors="replace")
+            assert head.startswith("HTTP/1.1 408"), head[:200]
+            assert "body-timeout-s" in head, head
+        assert time.monotonic() - t0 < 15
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+    assert metric(server, "llama_train_inflight_requests") == 0
+
+
+def test_non_stream_request_is_aborted_when_the_client_disconnects(server):
+    """Defect 3: the slot stayed held and every token was generated after the client left."""
+    wait_idle(server, 60)
+    before = metric(server, "llama_train_tokens_total", kind="completion")
+    body = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 1000, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/completions", body, timeout=httpx.Timeout(60, read=2))
+    wait_idle(server, 30)
+    generated = metric(server, "llama_train_tokens_total", kind="completion") - before
+    assert 0 < generated < 1000  # stopped when the client left, not after all 1000 tokens
+    assert metric(server, "llama_train_requests_total", route="/v1/completions", status="499") >= 1
