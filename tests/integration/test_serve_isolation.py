@@ -228,3 +228,90 @@ def test_non_stream_request_is_aborted_when_the_client_disconnects(server):
     generated = metric(server, "llama_train_tokens_total", kind="completion") - before
     assert 0 < generated < 1000  # stopped when the client left, not after all 1000 tokens
     assert metric(server, "llama_train_requests_total", route="/v1/completions", status="499") >= 1
+
+
+def test_misbehaving_client_beside_well_behaved_ones(server):
+    """One client sends bad sampling parameters, malformed bodies, stalled bodies and disconnects
+    while two well-behaved clients run: every well-behaved request succeeds, with the greedy
+    text it gets alone, within its deadline (generous: the point is that none fails or waits
+    for the misbehaver)."""
+    deadline_s = 60.0
+    greedy = {"model": BASE_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 24,
+              "extra_body": {"ignore_eos": True}}
+    want = server.client().chat.completions.create(**greedy).choices[0].message.content
+    stop = threading.Event()  # the misbehaver is done
+    failures: list[str] = []
+    served: list[float] = []
+    misbehaved: dict[str, int] = {}
+
+    def well_behaved(k: int):
+        client = server.client(timeout=deadline_s)
+        i = 0
+        while i < 3 or not stop.is_set():  # for as long as the misbehaver runs
+            i += 1
+            t0 = time.monotonic()
+            try:
+                if (i + k) % 2:
+                    chunks = list(client.chat.completions.create(**greedy, stream=True))
+                    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                else:
+                    text = client.chat.completions.create(**greedy).choices[0].message.content
+            except Exception as exc:  # noqa: BLE001  (reported below)
+                failures.append(f"client {k} request {i}: {type(exc).__name__}: {exc}")
+                continue
+            took = time.monotonic() - t0
+            if text != want or took > deadline_s:
+                failures.append(f"client {k} request {i}: {text!r} after {took:.1f} s")
+            served.append(took)
+
+    def bad(kind: str, fn):
+        try:
+            fn()
+        except (httpx.HTTPError, OSError):
+            pass
+        misbehaved[kind] = misbehaved.get(kind, 0) + 1
+
+    def stream_and_leave():
+        with httpx.stream("POST", f"{server.v1}/completions", timeout=30,
+                          headers={"authorization": f"Bearer {server.api_key}"},
+                          json={"model": BASE_NAME, "prompt": "x", "max_tokens": 500, "stream": True,
+                                "ignore_eos": True}) as r:
+            next(r.iter_lines())  # the first chunk, then the connection is closed
+
+    def misbehaver():
+        stalled = []
+        actions = [
+            ("bad sampling", lambda: post(server, "/chat/completions", {
+                "model": BASE_NAME, "messages": MSGS, "temperature": 1.0, "repetition_penalty": 1e-45,
+                "max_tokens": 24})),
+            ("tiny temperature", lambda: post(server, "/chat/completions", {
+                "model": BASE_NAME, "messages": MSGS, "temperature": 1e-45, "max_tokens": 24})),
+            ("stalled body", lambda: stalled.append(stalled_socket(server))),
+            ("malformed", lambda: post(server, "/completions", '{"model": "%s", "prompt": "\\ud800", "seed": %d}'
+                                       % (BASE_NAME, 2 ** 64))),
+            ("deep json", lambda: post(server, "/completions", "[" * 50_000)),
+            ("non-stream disconnect", lambda: post(server, "/completions", {
+                "model": BASE_NAME, "prompt": "x", "max_tokens": 500, "ignore_eos": True},
+                timeout=httpx.Timeout(30, read=0.3))),
+            ("stream disconnect", stream_and_leave),
+        ]
+        for _ in range(2):
+            for action in actions:
+                bad(*action)
+                time.sleep(0.05)
+        stop.set()
+        for s in stalled:
+            s.close()
+
+    good = [threading.Thread(target=well_behaved, args=(k,)) for k in range(2)]
+    rogue = threading.Thread(target=misbehaver)
+    rogue.start()
+    for t in good:
+        t.start()
+    rogue.join(300)
+    for t in good:
+        t.join(300)
+    assert not failures, failures
+    assert len(served) >= 6
+    assert misbehaved == {kind: 2 for kind in misbehaved} and len(misbehaved) == 7, misbehaved
+    wait_idle(server, 30)  # nothing the misbehaver did still holds a slot
