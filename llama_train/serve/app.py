@@ -64,7 +64,9 @@ def create_app(
         clash = set(upstreams) & ({engine.base_id} | set(engine.adapters))
         if clash:
             raise ValueError(f"--upstream name(s) {sorted(clash)} collide with local model names")
-    metrics = Metrics()
+    metrics = Metrics([engine.base_id, *engine.adapters] if engine is not None else [])
+    if engine is not None:
+        engine.metrics = metrics
     created = int(time.time())
 
     @asynccontextmanager
@@ -146,6 +148,13 @@ def _sampling_summary(p: SamplingParams) -> str:
     names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
              "presence_penalty", "logit_bias", "min_tokens", "allowed_token_ids")
     return ", ".join(f"{n}={getattr(p, n)!r}" for n in names if getattr(p, n) != getattr(defaults, n))
+
+
+def _cut_reason(exc: BaseException) -> str:
+    """finish_reason of choices a failure cut short: abort (client gone, deadline, shutdown) or error."""
+    if isinstance(exc, APIError) and exc.status in (499, 503, 504):
+        return "abort"
+    return "abort" if isinstance(exc, asyncio.CancelledError) else "error"
 
 
 async def _disconnected(receive) -> None:
@@ -346,9 +355,11 @@ class _Handlers:
 
     async def _complete(self, gens, req, out: _Output, meta, deadline, gone) -> dict:
         choices = []
+        finishes = [[None] * req.n for _ in gens]
+        cut = None
         try:
             for gi, gen in enumerate(gens):
-                texts, finish = [""] * req.n, [None] * req.n
+                texts, finish = [""] * req.n, finishes[gi]
                 entries: list[list[dict]] = [[] for _ in range(req.n)]
                 while any(f is None for f in finish):
                     for idx, text, fin, lps in (await self._next_event(gen, deadline, gone)).deltas:
@@ -358,18 +369,24 @@ class _Handlers:
                 for i in range(req.n):
                     choices.append(out.choice(gi * req.n + i, gi, gen, texts[i], entries[i],
                                               finish[i]))
+        except BaseException as exc:
+            cut = _cut_reason(exc)
+            raise
         finally:
             for gen in gens:
                 gen.cancel()
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+            self.metrics.request_done(req.model, [f or cut for fs in finishes for f in fs],
+                                      gens[0].enqueued_at)
         obj = "chat.completion" if out.kind == "chat" else "text_completion"
         return {**meta, "object": obj, "choices": choices, "usage": self._usage(gens)}
 
     async def _stream(self, gen, req, out: _Output, meta, deadline, gone) -> StreamingResponse:
         try:  # wait for the first tokens, so errors before them get a real status code
             first = await self._next_event(gen, deadline, gone)
-        except BaseException:
+        except BaseException as exc:
             self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+            self.metrics.request_done(req.model, [_cut_reason(exc)] * req.n, gen.enqueued_at)
             raise
         obj = "chat.completion.chunk" if out.kind == "chat" else "text_completion"
 
@@ -377,6 +394,8 @@ class _Handlers:
                   role: bool = False) -> bytes:
             choice = out.chunk_choice(index, text, finish, lps, role)
             return _sse({**meta, "object": obj, "choices": [choice]})
+
+        reasons: list[str | None] = [None] * req.n  # None at the end: the client went away
 
         async def body():
             try:
@@ -392,12 +411,14 @@ class _Handlers:
                             yield chunk(idx, text, None, lps)
                         if fin:
                             done += 1
+                            reasons[idx] = fin
                             yield chunk(idx, None, fin, None if text else lps)
                     if done >= req.n:
                         break
                     try:
                         event = await self._next_event(gen, deadline)
                     except APIError as exc:  # headers are sent: report in-band, like OpenAI
+                        reasons[:] = [r or _cut_reason(exc) for r in reasons]
                         yield _sse(exc.body())
                         break
                 if req.include_usage:
@@ -406,6 +427,7 @@ class _Handlers:
             finally:  # also runs when the client disconnects: stop generating for it
                 gen.cancel()
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+                self.metrics.request_done(req.model, reasons, gen.enqueued_at)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -107,6 +107,7 @@ class GenRequest:
         self.cancelled = False
         self.completion_tokens = 0
         self.enqueued_at = time.monotonic()
+        self.first_token_at: float | None = None
         # params.prompt_logprobs: one entry per prompt token (the first has logprob None), set by
         # the worker at prefill, before the request's first event
         self.prompt_logprobs: list[dict] | None = None
@@ -154,6 +155,7 @@ class Engine:
         self._overflow: list[GenRequest] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.metrics: Any = None  # observe.Metrics, set by the app: updated from the worker thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -249,6 +251,7 @@ class Engine:
 
     def _loop(self, groups: dict) -> None:
         while not self._stopping.is_set():
+            self._update_gauges(groups)
             new = self._admit(sum(len(g.rows) for g in groups.values()), block=not groups)
             if new is None:
                 return
@@ -263,6 +266,19 @@ class Engine:
                     self._guarded(group, group.step)
                 if not group.rows:
                     del groups[adapter]
+
+    def _update_gauges(self, groups: dict) -> None:
+        """Running and waiting requests per model, once per engine iteration."""
+        m = self.metrics
+        if m is None:
+            return
+        running = {id(r.req): r.req.model for g in groups.values() for r in g.rows if not r.done}
+        with self._pending.mutex:
+            queued = [q for q in self._pending.queue if q is not None]
+        waiting = {id(q): q.model for q in queued + self._overflow if not q.cancelled}
+        for model in m.models:
+            m.running.labels(model).set(sum(1 for v in running.values() if v == model))
+            m.waiting.labels(model).set(sum(1 for v in waiting.values() if v == model))
 
     def _guarded(self, group: _Group, fn, *args) -> None:
         """Run one prefill or decode step; an exception fails that group's requests only."""
@@ -319,6 +335,8 @@ class Engine:
         return contextlib.nullcontext()
 
     def submit(self, req: GenRequest) -> None:
+        if self.metrics is not None:
+            self.metrics.waiting.labels(req.model).inc()  # until the next iteration recounts
         self._pending.put(req)
 
     # ------------------------------------------------------------------ tokenization
@@ -406,6 +424,7 @@ class _Row:
         self.bias = self.seen = None  # logit processing tensors, built on first use
         self.scanned = 0  # characters of the decoded text already searched for stop strings
         self.done = False
+        self.last_token_at: float | None = None
         self.generator = None
         if not p.greedy:
             seed = (p.seed + index) % 2**64 if p.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -449,6 +468,13 @@ class _Group:
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
         import torch
+
+        m = self.engine.metrics
+        if m is not None:
+            now = time.monotonic()
+            for req in reqs:
+                m.queue_time.labels(req.model).observe(now - req.enqueued_at)
+                m.prompt_tokens.labels(req.model).inc(len(req.prompt_ids))
 
         rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
         dev = self.engine.device
@@ -595,6 +621,9 @@ class _Group:
 
     def _emit(self, tokens: list[int], logprobs: list[dict | None]) -> None:
         per_req: dict[int, tuple[GenRequest, list]] = {}
+        m = self.engine.metrics
+        now = time.monotonic()
+        generated = 0
         for r, t, lp in zip(self.rows, tokens, logprobs):
             if r.done:
                 continue
@@ -604,6 +633,15 @@ class _Group:
             p = r.req.params
             r.ids.append(t)
             r.req.completion_tokens += 1
+            generated += 1
+            if m is not None:
+                if r.last_token_at is not None:
+                    m.itl.labels(r.req.model).observe(now - r.last_token_at)
+                if r.req.first_token_at is None:
+                    m.ttft.labels(r.req.model).observe(now - r.req.enqueued_at)
+            r.last_token_at = now
+            if r.req.first_token_at is None:
+                r.req.first_token_at = now
             finish = None
             if (t in self.engine.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 r.ids.pop()
@@ -632,6 +670,8 @@ class _Group:
                 per_req.setdefault(id(r.req), (r.req, []))[1].append(
                     (r.index, delta, finish, r.lp_pending))
                 r.lp_pending = []
+        if m is not None and generated and self.rows:
+            m.generation_tokens.labels(self.rows[0].req.model).inc(generated)  # one model per group
         for req, deltas in per_req.values():
             req.post(Event(deltas))
 
