@@ -97,6 +97,9 @@ def serve_command(
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(
         help="How long the worker gathers requests into a batch, in milliseconds.")] = 5.0,
+    prefill_chunk_tokens: Annotated[int, typer.Option(
+        help="Longer prompts are prefilled this many tokens at a time between decode steps, so "
+        "one long prompt does not stall other requests (0: whole prompts at once).")] = 256,
     default_max_tokens: Annotated[int, typer.Option(
         help="max_tokens when a chat request sends none.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
@@ -122,6 +125,8 @@ def serve_command(
     from llama_train.serve.upstream import Upstream
 
     check_flags(base=base, host=host, port=port, dtype=dtype, device=device, log_level=log_level)
+    if prefill_chunk_tokens < 0:
+        raise UsageError(f"--prefill-chunk-tokens {prefill_chunk_tokens}: give a token count, or 0 for whole prompts")
     try:
         adapters = parse_named(adapter, "adapter")
         upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
@@ -137,6 +142,7 @@ def serve_command(
     try:
         engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                        prefill_chunk_tokens=prefill_chunk_tokens,
                         default_max_tokens=default_max_tokens)
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
                          request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,

@@ -129,8 +129,12 @@ class Engine:
     def __init__(self, base: str, adapters: dict[str, str] | None = None, *,
                  served_model_name: str | None = None, dtype: str = "auto",
                  device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256):
         self.base = base
+        # Prompts longer than this are prefilled this many tokens per engine iteration, between
+        # decode steps (as vLLM's chunked prefill), so a long prompt does not stall other
+        # requests' tokens; 0 = whole prompts at once.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.base_id = served_model_name or base
         self.adapters = dict(adapters or {})
         if self.base_id in self.adapters:
@@ -236,6 +240,7 @@ class Engine:
     def _fail_all(self, groups: dict, exc: BaseException) -> None:
         """Post `exc` to every request still running or queued (at stop)."""
         reqs = {id(r.req): r.req for g in groups.values() for r in g.rows}
+        reqs.update({id(c.req): c.req for g in groups.values() for c in g.prefilling})
         reqs.update({id(q): q for q in self._overflow})
         self._overflow.clear()
         while True:
@@ -252,7 +257,7 @@ class Engine:
     def _loop(self, groups: dict) -> None:
         while not self._stopping.is_set():
             self._update_gauges(groups)
-            new = self._admit(sum(len(g.rows) for g in groups.values()), block=not groups)
+            new = self._admit(sum(g.num_rows for g in groups.values()), block=not groups)
             if new is None:
                 return
             by_adapter: dict[str | None, list[GenRequest]] = {}
@@ -262,9 +267,9 @@ class Engine:
                 group = groups.setdefault(adapter, _Group(self, adapter))
                 self._guarded(group, group.admit, reqs)
             for adapter, group in list(groups.items()):
-                if group.rows:
+                if group.rows or group.prefilling:
                     self._guarded(group, group.step)
-                if not group.rows:
+                if not group.rows and not group.prefilling:
                     del groups[adapter]
 
     def _update_gauges(self, groups: dict) -> None:
@@ -273,6 +278,7 @@ class Engine:
         if m is None:
             return
         running = {id(r.req): r.req.model for g in groups.values() for r in g.rows if not r.done}
+        running.update({id(c.req): c.req.model for g in groups.values() for c in g.prefilling})
         with self._pending.mutex:
             queued = [q for q in self._pending.queue if q is not None]
         waiting = {id(q): q.model for q in queued + self._overflow if not q.cancelled}
@@ -288,6 +294,7 @@ class Engine:
         except BaseException as exc:
             log.exception("generation failed")
             failed = {id(r.req): r.req for r in group.rows}
+            failed.update({id(c.req): c.req for c in group.prefilling})
             failed.update({id(r): r for r in (args[0] if args else [])})
             for req in failed.values():
                 req.post(Event([], error=exc))
@@ -431,6 +438,13 @@ class _Row:
             self.generator = torch.Generator().manual_seed(seed)
 
 
+class _Chunked:
+    """A long prompt being prefilled in chunks: its own cache until the last chunk."""
+
+    def __init__(self, req: GenRequest):
+        self.req, self.done, self.cache = req, 0, None
+
+
 class _Group:
     """The running batch of one model (base or one adapter): rows, KV cache, attention mask.
 
@@ -446,7 +460,12 @@ class _Group:
 
     def reset(self) -> None:
         self.rows: list[_Row] = []
+        self.prefilling: list[_Chunked] = []  # long prompts being prefilled a chunk per step
         self.cache = self.mask = self.pos = self.logits = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows) + sum(c.req.params.n for c in self.prefilling)
 
     def admit(self, reqs: list[GenRequest]) -> None:
         """Prefill new requests and merge them into the running batch. A request that wants its
@@ -456,6 +475,10 @@ class _Group:
             if q.params.max_tokens == 0 and not q.params.prompt_logprobs:
                 q.post(Event([(i, "", "length", []) for i in range(q.params.n)]))
         reqs = [q for q in reqs if q.params.max_tokens > 0 or q.params.prompt_logprobs]
+        chunk = self.engine.prefill_chunk_tokens
+        long = [q for q in reqs if chunk and not q.params.prompt_logprobs and len(q.prompt_ids) > chunk]
+        self.prefilling += [_Chunked(q) for q in long]
+        reqs = [q for q in reqs if not any(q is c for c in long)]
         plain = [q for q in reqs if not q.params.prompt_logprobs]
         batches = ([plain] if plain else []) + [[q] for q in reqs if q.params.prompt_logprobs]
         for batch in batches:
@@ -469,13 +492,7 @@ class _Group:
     def _prefill(self, reqs: list[GenRequest]) -> None:
         import torch
 
-        m = self.engine.metrics
-        if m is not None:
-            now = time.monotonic()
-            for req in reqs:
-                m.queue_time.labels(req.model).observe(now - req.enqueued_at)
-                m.prompt_tokens.labels(req.model).inc(len(req.prompt_ids))
-
+        self._started(reqs)
         rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
         dev = self.engine.device
         width = max(len(r.req.prompt_ids) for r in rows)
@@ -498,26 +515,82 @@ class _Group:
                 if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
                     echo.post(Event([(r.index, "", "length", []) for r in rows]))
                     return
-        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+        self._merge(rows, _cache_of(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
+
+    def _started(self, reqs: list[GenRequest]) -> None:
+        m = self.engine.metrics
+        if m is not None:
+            now = time.monotonic()
+            for req in reqs:
+                m.queue_time.labels(req.model).observe(now - req.enqueued_at)
+                m.prompt_tokens.labels(req.model).inc(len(req.prompt_ids))
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest long prompt (n rows of it); merged into the batch when done.
+        A prefill that fails fails its own request, not the running ones."""
+        import torch
+
+        c = self.prefilling[0]
+        req, size = c.req, self.engine.prefill_chunk_tokens
+        if req.cancelled:
+            self.prefilling.pop(0)
+            return
+        if c.done == 0:
+            self._started([req])
+        n, dev = req.params.n, self.engine.device
+        ids = torch.tensor(req.prompt_ids[c.done:c.done + size], device=dev)[None].expand(n, -1)
+        end = c.done + ids.shape[1]
+        mask = torch.ones((n, end), dtype=torch.long, device=dev)
+        pos = torch.arange(c.done, end, device=dev)[None].expand(n, -1)
+        try:
+            with torch.inference_mode():
+                out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                        use_cache=True, logits_to_keep=1,
+                                        **({self.engine.cache_kw: c.cache} if c.cache is not None else {}))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("prefill failed")
+            self.prefilling.pop(0)
+            req.post(Event([], error=exc))
+            return
+        c.cache, c.done = _cache_of(out), end
+        if end == len(req.prompt_ids):
+            self.prefilling.pop(0)
+            self._merge([_Row(req, i) for i in range(n)], c.cache, mask, pos[:, -1:],
+                        out.logits[:, -1, :].float())
+
+    def _merge(self, rows: list[_Row], cache, mask, last_pos, logits) -> None:
+        """Append prefilled rows (their cache, 2D mask, last position, next-token logits) to the
+        running batch, left-padding the shorter side to a common cache length."""
+        import torch
+
+        pos = last_pos
         if self.cache is None:
-            self.cache, self.mask, self.pos, self.logits = cache, mask, pos[:, -1:], logits
+            self.cache, self.mask, self.pos, self.logits = cache, mask, pos, logits
         else:
             t = max(self.mask.shape[1], mask.shape[1])
             _merge_caches(self.cache, cache, t - self.mask.shape[1], t - mask.shape[1])
             self.mask = torch.cat([_left_pad(self.mask, t - self.mask.shape[1], 1),
                                    _left_pad(mask, t - mask.shape[1], 1)], dim=0)
-            self.pos = torch.cat([self.pos, pos[:, -1:]], dim=0)
+            self.pos = torch.cat([self.pos, pos], dim=0)
             self.logits = torch.cat([self.logits, logits], dim=0)
         self.rows += rows
 
     def step(self) -> None:
+        """One chunk of a long prompt's prefill (if any), then one decode step for every row."""
         import torch
+
+        if self.prefilling:
+            self._prefill_chunk()
+        if not self.rows:
+            return
 
         nxt = self._pick(self.logits)
         self._emit(nxt.tolist(), self._logprobs(nxt))
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if not keep:
+            prefilling = self.prefilling
             self.reset()
+            self.prefilling = prefilling  # long prompts still on their way in
             return
         if len(keep) < len(self.rows):
             idx = torch.tensor(keep, device=self.mask.device)
