@@ -240,6 +240,7 @@ class _Handlers:
                       engine.special_tokens)
         for gen in gens:
             self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
+            gen.deadline = time.monotonic() + (deadline - loop.time())
             engine.submit(gen)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": req.model}
