@@ -24,7 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_train.serve.engine import Engine, GenRequest, SamplingFailed, SamplingParams, ShuttingDown
+from llama_train.serve.engine import (
+    Engine,
+    GenRequest,
+    SamplingFailed,
+    SamplingParams,
+    ShuttingDown,
+)
 from llama_train.serve.observe import GatewayMiddleware, Metrics
 from llama_train.serve.schemas import (
     CHAT_UNSUPPORTED,
@@ -240,7 +246,6 @@ class _Handlers:
                       engine.special_tokens)
         for gen in gens:
             self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
-            gen.deadline = time.monotonic() + (deadline - loop.time())
             engine.submit(gen)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": req.model}

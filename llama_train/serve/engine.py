@@ -108,7 +108,6 @@ class GenRequest:
         self.completion_tokens = 0
         self.enqueued_at = time.monotonic()
         self.first_token_at: float | None = None
-        self.deadline: float | None = None  # time.monotonic() by which it must be answered
         # params.prompt_logprobs: one entry per prompt token (the first has logprob None), set by
         # the worker at prefill, before the request's first event
         self.prompt_logprobs: list[dict] | None = None
@@ -161,9 +160,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.metrics: Any = None  # observe.Metrics, set by the app: updated from the worker thread
-        # measured costs (moving averages) behind deadline-aware admission (see _in_time)
-        self._step_s_per_row: float | None = None
-        self._prefill_s_per_token = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -306,11 +302,7 @@ class Engine:
 
     def _admit(self, groups: dict, *, block: bool) -> list[GenRequest] | None:
         """New requests that fit in the batch. When idle, block for one and then gather more
-        for batch_wait_s; while decoding, take only what is already queued (no waiting).
-        A request fits when the batch has room and, by the measured step time, it and every
-        request already admitted still finish before their deadlines at the larger batch size
-        (rows decode together, so an overfull batch would make all of them late); one that does
-        not fit waits, in order, for rows to finish."""
+        for batch_wait_s; while decoding, take only what is already queued (no waiting)."""
         batch: list[GenRequest] = []
         rows = sum(g.num_rows for g in groups.values())
         deadline = time.monotonic() + self.batch_wait_s
@@ -332,38 +324,12 @@ class Engine:
                 return None
             if req.cancelled:
                 continue
-            if rows > 0 and (rows + req.params.n > self.max_batch_size
-                             or not self._in_time(req, groups, batch, rows + req.params.n)):
+            if rows + req.params.n > self.max_batch_size and rows > 0:
                 self._overflow.insert(0, req)  # next iteration, when rows have finished
                 break
             batch.append(req)
             rows += req.params.n
         return batch
-
-    def _in_time(self, req: GenRequest, groups: dict, batch: list[GenRequest], rows: int) -> bool:
-        """Whether `req` and every request running or admitted with it would still meet its
-        deadline if all decode at `rows` rows (worst case: each runs to max_tokens)."""
-        if self._step_s_per_row is None:
-            return True
-        now = time.monotonic()
-        step = self._step_s_per_row * rows
-        prefill = self._prefill_s_per_token * len(req.prompt_ids)
-        left = [(q, q.params.max_tokens) for q in [*batch, req]]
-        left += [(r.req, r.req.params.max_tokens - len(r.ids))
-                 for g in groups.values() for r in g.rows if not r.done]
-        left += [(c.req, c.req.params.max_tokens) for g in groups.values() for c in g.prefilling]
-        return all(q.deadline is None or now + prefill + tokens * step <= q.deadline
-                   for q, tokens in left)
-
-    def observe_step(self, rows: int, seconds: float) -> None:
-        """A decode step of `rows` rows took `seconds` (moving average, for admission)."""
-        per_row = seconds / max(rows, 1)
-        old = self._step_s_per_row
-        self._step_s_per_row = per_row if old is None else 0.7 * old + 0.3 * per_row
-
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        per_token = seconds / max(tokens, 1)
-        self._prefill_s_per_token = 0.7 * self._prefill_s_per_token + 0.3 * per_token
 
     def _adapter_context(self, adapter: str | None):
         import contextlib
@@ -518,7 +484,7 @@ class _Group:
         for batch in batches:
             try:
                 self._prefill(batch)
-            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the running batch is intact)
+            except Exception as exc:  # e.g. out of memory: the running batch is intact
                 log.exception("prefill failed")
                 for req in batch:
                     req.post(Event([], error=exc))
@@ -539,7 +505,6 @@ class _Group:
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
         echo = reqs[0] if reqs[0].params.prompt_logprobs else None  # then alone (see admit)
-        t0 = time.monotonic()
         with torch.inference_mode():
             out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                     use_cache=True, logits_to_keep=0 if echo else 1)
@@ -550,7 +515,6 @@ class _Group:
                 if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
                     echo.post(Event([(r.index, "", "length", []) for r in rows]))
                     return
-        self.engine.observe_prefill(int(mask.sum()), time.monotonic() - t0)
         self._merge(rows, _cache_of(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
 
     def _started(self, reqs: list[GenRequest]) -> None:
@@ -583,7 +547,7 @@ class _Group:
                 out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                         use_cache=True, logits_to_keep=1,
                                         **({self.engine.cache_kw: c.cache} if c.cache is not None else {}))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # as in admit: this request fails, the running batch is intact
             log.exception("prefill failed")
             self.prefilling.pop(0)
             req.post(Event([], error=exc))
@@ -616,12 +580,9 @@ class _Group:
         import torch
 
         if self.prefilling:
-            t0 = time.monotonic()
             self._prefill_chunk()
-            self.engine.observe_prefill(self.engine.prefill_chunk_tokens, time.monotonic() - t0)
         if not self.rows:
             return
-        t0 = time.monotonic()  # the whole step: sampling, detokenizing, forward (all grow with rows)
 
         nxt = self._pick(self.logits)
         self._emit(nxt.tolist(), self._logprobs(nxt))
@@ -647,7 +608,6 @@ class _Group:
                                     attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                                     **{self.engine.cache_kw: self.cache})
         self.cache, self.logits = _cache_of(out), out.logits[:, -1, :].float()
-        self.engine.observe_step(len(self.rows), time.monotonic() - t0)
 
     def _pick(self, logits):
         """Each row's next token. A row whose sampling raises fails its own request only."""

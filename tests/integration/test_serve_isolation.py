@@ -61,6 +61,11 @@ def post(server, route: str, body, **kw) -> httpx.Response:
                                "content-type": "application/json"}, **kw)
 
 
+def raw(**fields) -> str:
+    """A JSON body with escapes kept as written ("\\ud800" stays an escape, as a client sends it)."""
+    return json.dumps({"model": BASE_NAME, **fields}).replace("\\\\u", "\\u")
+
+
 def assert_400(r: httpx.Response, param: str | None) -> dict:
     assert r.status_code == 400, (r.status_code, r.text)
     err = r.json()["error"]
@@ -134,15 +139,13 @@ def test_client_errors_are_400_naming_the_field_and_keep_the_connection(server):
         cases = [
             ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": 2 ** 64}, "/completions", "seed"),
             ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": -2 ** 63 - 1}, "/completions", "seed"),
-            ('{"model": "%s", "prompt": "\\ud800 lone", "max_tokens": 2}' % BASE_NAME, "/completions", "prompt"),
-            ('{"model": "%s", "prompt": ["ok", "\\udfff"], "max_tokens": 2}' % BASE_NAME, "/completions",
-             "prompt.1"),
-            ('{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}' % BASE_NAME,
-             "/chat/completions", "messages.0.content"),
-            ('{"model": "%s", "stop": ["\\ud800"], "prompt": "x"}' % BASE_NAME, "/completions", "stop.0"),
+            (raw(prompt="\\ud800 lone", max_tokens=2), "/completions", "prompt"),
+            (raw(prompt=["ok", "\\udfff"], max_tokens=2), "/completions", "prompt.1"),
+            (raw(messages=[{"role": "user", "content": "\\ud800"}], max_tokens=2), "/chat/completions",
+             "messages.0.content"),
+            (raw(stop=["\\ud800"], prompt="x"), "/completions", "stop.0"),
             ("[" * 100_000 + "]" * 100_000, "/completions", None),
-            ('{"model": "%s", "prompt": "x", "user": %s}' % (BASE_NAME, "[" * 5000 + "]" * 5000),
-             "/completions", None),
+            (raw(prompt="x")[:-1] + ', "user": ' + "[" * 5000 + "]" * 5000 + "}", "/completions", None),
         ]
         for body, route, param in cases:
             r = client.post(route, content=body if isinstance(body, str) else json.dumps(body))
@@ -199,6 +202,7 @@ def test_stalled_bodies_hold_no_slot_and_get_408(server):
         time.sleep(0.5)
         r = server.client().completions.create(model=BASE_NAME, prompt="hi", max_tokens=2)
         assert r.choices[0].finish_reason in ("stop", "length")
+        stop.set()  # stalled from here on (bytes arriving after the 408 would make the close a reset)
         t0 = time.monotonic()
         for s in socks:
             s.settimeout(20)
@@ -287,8 +291,7 @@ def test_misbehaving_client_beside_well_behaved_ones(server):
             ("tiny temperature", lambda: post(server, "/chat/completions", {
                 "model": BASE_NAME, "messages": MSGS, "temperature": 1e-45, "max_tokens": 24})),
             ("stalled body", lambda: stalled.append(stalled_socket(server))),
-            ("malformed", lambda: post(server, "/completions", '{"model": "%s", "prompt": "\\ud800", "seed": %d}'
-                                       % (BASE_NAME, 2 ** 64))),
+            ("malformed", lambda: post(server, "/completions", raw(prompt="\\ud800", seed=2 ** 64))),
             ("deep json", lambda: post(server, "/completions", "[" * 50_000)),
             ("non-stream disconnect", lambda: post(server, "/completions", {
                 "model": BASE_NAME, "prompt": "x", "max_tokens": 500, "ignore_eos": True},
@@ -316,55 +319,3 @@ def test_misbehaving_client_beside_well_behaved_ones(server):
     assert misbehaved == {kind: 2 for kind in misbehaved} and len(misbehaved) == 7, misbehaved
     wait_idle(server, 30)  # nothing the misbehaver did still holds a slot
 
-
-def burst(server, body: dict, n: int) -> tuple[float, list[tuple[int, float]]]:
-    """n concurrent requests; (seconds until all answered, [(status, seconds)])."""
-    out: list[tuple[int, float]] = []
-
-    def one():
-        t = time.monotonic()
-        r = post(server, "/completions", body, timeout=300)
-        out.append((r.status_code, time.monotonic() - t))
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    return time.monotonic() - t0, out
-
-
-def test_a_burst_beyond_the_deadline_still_has_goodput(tiny_model_dir, tmp_path):
-    """Defect 4: rows of a batch advance together, so a burst too big to finish within
-    --request-timeout-s used to be admitted whole and time out whole (24/24 504). Admission now
-    uses the measured step time: the requests that can finish in time are answered (200), the
-    others wait and get 504 at their deadline. Calibrated here: one request alone (L1) and the
-    whole burst (L_all) with no deadline pressure; then the deadline is set between them."""
-    body = {"model": BASE_NAME, "prompt": "hello there", "max_tokens": 96, "ignore_eos": True,
-            "temperature": 0}
-    n = 24
-    calib = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                          "--max-concurrency", str(n)], tmp_path)
-    try:
-        post(calib, "/completions", body)  # warm-up
-        l1 = min(burst(calib, body, 1)[0] for _ in range(3))  # the least disturbed by other load
-        l_all, _ = burst(calib, body, n)
-    finally:
-        calib.stop()
-    timeout = max(l_all / 2, 3 * l1)
-    if timeout > 0.8 * l_all:
-        pytest.skip(f"batching is too cheap here to reproduce (one request {l1:.2f} s, {n} together "
-                    f"{l_all:.2f} s)")
-    server = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                           "--max-concurrency", str(n), "--request-timeout-s", f"{timeout:.2f}"], tmp_path)
-    try:
-        post(server, "/completions", body)  # the step time is measured from here on
-        _, results = burst(server, body, n)
-    finally:
-        server.stop()
-    statuses = sorted(s for s, _ in results)
-    assert set(statuses) <= {200, 504}, statuses
-    ok = [t for s, t in results if s == 200]
-    assert len(ok) >= 2, (statuses, l1, l_all, timeout)  # goodput: the old code answered 0
-    assert all(t <= timeout + 5 for t in ok)  # answered by their deadline (+ HTTP slack)
