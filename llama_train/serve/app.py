@@ -24,7 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_train.serve.engine import Engine, GenRequest, SamplingParams
+from llama_train.serve.engine import (
+    Engine,
+    GenRequest,
+    SamplingFailed,
+    SamplingParams,
+    ShuttingDown,
+)
 from llama_train.serve.observe import GatewayMiddleware, Metrics
 from llama_train.serve.schemas import (
     CHAT_UNSUPPORTED,
@@ -34,6 +40,7 @@ from llama_train.serve.schemas import (
     CompletionRequest,
     check_token_ids,
     error_body,
+    find_unencodable,
     from_validation_error,
 )
 from llama_train.serve.upstream import Upstream, proxy
@@ -50,6 +57,7 @@ def create_app(
     max_concurrency: int = 32,
     request_timeout_s: float = 120.0,
     max_body_bytes: int = 4 << 20,
+    body_timeout_s: float = 30.0,
 ) -> FastAPI:
     """Build the app. `api_key` defaults to $LLAMA_TRAIN_API_KEY; None/empty = no auth.
     `engine` None serves upstream routes only. The engine's worker starts with the app."""
@@ -62,7 +70,9 @@ def create_app(
         clash = set(upstreams) & ({engine.base_id} | set(engine.adapters))
         if clash:
             raise ValueError(f"--upstream name(s) {sorted(clash)} collide with local model names")
-    metrics = Metrics()
+    metrics = Metrics([engine.base_id, *engine.adapters] if engine is not None else [])
+    if engine is not None:
+        engine.metrics = metrics
     created = int(time.time())
 
     @asynccontextmanager
@@ -73,13 +83,14 @@ def create_app(
         try:
             yield
         finally:
-            if engine is not None:
-                engine.stop()
+            if engine is not None:  # uvicorn has drained the requests by now
+                await asyncio.to_thread(engine.stop)
             await app.state.http.aclose()
 
     app = FastAPI(title="llama_train server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(GatewayMiddleware, metrics=metrics, api_key=api_key,
-                       max_concurrency=max_concurrency, max_body_bytes=max_body_bytes)
+                       max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
+                       body_timeout_s=body_timeout_s)
     state = _Handlers(engine, upstreams, metrics, request_timeout_s, created)
 
     @app.exception_handler(APIError)
@@ -137,6 +148,28 @@ def create_app(
     return app
 
 
+def _sampling_summary(p: SamplingParams) -> str:
+    """The sampling parameters a request set away from their defaults, for error messages."""
+    defaults = SamplingParams(max_tokens=p.max_tokens)
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+             "presence_penalty", "logit_bias", "min_tokens", "allowed_token_ids")
+    return ", ".join(f"{n}={getattr(p, n)!r}" for n in names if getattr(p, n) != getattr(defaults, n))
+
+
+def _cut_reason(exc: BaseException) -> str:
+    """finish_reason of choices a failure cut short: abort (client gone, deadline, shutdown) or error."""
+    if isinstance(exc, APIError) and exc.status in (499, 503, 504):
+        return "abort"
+    return "abort" if isinstance(exc, asyncio.CancelledError) else "error"
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone. The body was read (and replayed) by the middleware, so
+    the next ASGI message is http.disconnect: on the client closing, or when the response is done."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _sse(doc: dict | str) -> bytes:
     return f"data: {doc if isinstance(doc, str) else json.dumps(doc)}\n\n".encode()
 
@@ -171,8 +204,15 @@ class _Handlers:
             body = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "request body nests JSON arrays/objects too deeply",
+                           code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        bad = find_unencodable(body)
+        if bad is not None:
+            raise APIError(400, f"{bad}: contains a lone UTF-16 surrogate (not valid Unicode text)",
+                           param=bad, code="invalid_value")
         model = body.get("model")
         if isinstance(model, str) and model in self.upstreams:
             route = "/chat/completions" if kind == "chat" else "/completions"
@@ -209,9 +249,13 @@ class _Handlers:
             engine.submit(gen)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": req.model}
-        if req.stream:
-            return await self._stream(gens[0], req, out, meta, deadline)
-        return await self._complete(gens, req, out, meta, deadline)
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            if req.stream:
+                return await self._stream(gens[0], req, out, meta, deadline, gone)
+            return await self._complete(gens, req, out, meta, deadline, gone)
+        finally:
+            gone.cancel()  # a stream's body watches for disconnects itself
 
     def _prompts(self, req, kind: str) -> list[list[int]]:
         engine = self.engine
@@ -259,6 +303,14 @@ class _Handlers:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens and the prompt "
                            f"has {prompt_len}; shorten it.", param="messages",
                            code="context_length_exceeded")
+        allowed = req.token_ids("allowed_token_ids", self.engine.vocab_size)
+        stop_ids = req.token_ids("stop_token_ids", self.engine.vocab_size) or []
+        if allowed is not None and req.min_tokens > 0:
+            stops = set(stop_ids) | (set() if req.ignore_eos else self.engine.eos_ids)
+            if set(allowed) <= stops:
+                raise APIError(400, f"allowed_token_ids {sorted(set(allowed))[:5]} are all stop tokens, so "
+                               f"min_tokens {req.min_tokens} leaves no token to generate",
+                               param="allowed_token_ids", code="invalid_value")
         return SamplingParams(max_tokens=asked if asked is not None else min(self.engine.default_max_tokens, room),
                               temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
                               seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
@@ -269,20 +321,33 @@ class _Handlers:
                               presence_penalty=req.presence_penalty,
                               logit_bias=req.token_biases(self.engine.vocab_size),
                               min_tokens=req.min_tokens,
-                              stop_token_ids=req.token_ids("stop_token_ids", self.engine.vocab_size) or [],
-                              allowed_token_ids=req.token_ids("allowed_token_ids", self.engine.vocab_size),
+                              stop_token_ids=stop_ids, allowed_token_ids=allowed,
                               include_stop_str_in_output=req.include_stop_str_in_output,
                               report_stop_token=isinstance(req, CompletionRequest),
                               tokens_as_ids=req.return_tokens_as_token_ids)
 
-    async def _next_event(self, gen: GenRequest, deadline: float):
+    async def _next_event(self, gen: GenRequest, deadline: float, gone: asyncio.Future | None = None):
+        """The request's next event; 504 at its deadline, 499 when the client has gone (the
+        engine stops generating for it either way)."""
         left = deadline - asyncio.get_running_loop().time()
-        try:
-            event = await asyncio.wait_for(gen.events.get(), timeout=max(left, 0.001))
-        except asyncio.TimeoutError:
+        get = asyncio.ensure_future(gen.events.get())
+        waiting = {get} if gone is None else {get, gone}
+        done, _ = await asyncio.wait(waiting, timeout=max(left, 0.001), return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            event = get.result()
+        else:
+            get.cancel()
             gen.cancel()
+            if gone is not None and gone in done:
+                raise APIError(499, "the client closed the connection", code="client_closed_request")
             raise APIError(504, f"request timed out after {self.timeout_s:g} s "
                            "(server --request-timeout-s)", type="server_error", code="timeout") from None
+        if isinstance(event.error, ShuttingDown):
+            raise APIError(503, "the server is shutting down; retry on another replica",
+                           type="server_error", code="shutting_down")
+        if isinstance(event.error, SamplingFailed):
+            raise APIError(400, f"sampling failed with this request's parameters ({_sampling_summary(gen.params)}): "
+                           f"{event.error}", code="invalid_sampling")
         if event.error is not None:
             gen.cancel()
             raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}",
@@ -294,32 +359,40 @@ class _Handlers:
         c = sum(g.completion_tokens for g in gens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def _complete(self, gens, req, out: _Output, meta, deadline) -> dict:
+    async def _complete(self, gens, req, out: _Output, meta, deadline, gone) -> dict:
         choices = []
+        finishes = [[None] * req.n for _ in gens]
+        cut = None
         try:
             for gi, gen in enumerate(gens):
-                texts, finish = [""] * req.n, [None] * req.n
+                texts, finish = [""] * req.n, finishes[gi]
                 entries: list[list[dict]] = [[] for _ in range(req.n)]
                 while any(f is None for f in finish):
-                    for idx, text, fin, lps in (await self._next_event(gen, deadline)).deltas:
+                    for idx, text, fin, lps in (await self._next_event(gen, deadline, gone)).deltas:
                         texts[idx] += text
                         entries[idx] += lps
                         finish[idx] = fin or finish[idx]
                 for i in range(req.n):
                     choices.append(out.choice(gi * req.n + i, gi, gen, texts[i], entries[i],
                                               finish[i]))
+        except BaseException as exc:
+            cut = _cut_reason(exc)
+            raise
         finally:
             for gen in gens:
                 gen.cancel()
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+            self.metrics.request_done(req.model, [f or cut for fs in finishes for f in fs],
+                                      gens[0].enqueued_at)
         obj = "chat.completion" if out.kind == "chat" else "text_completion"
         return {**meta, "object": obj, "choices": choices, "usage": self._usage(gens)}
 
-    async def _stream(self, gen, req, out: _Output, meta, deadline) -> StreamingResponse:
+    async def _stream(self, gen, req, out: _Output, meta, deadline, gone) -> StreamingResponse:
         try:  # wait for the first tokens, so errors before them get a real status code
-            first = await self._next_event(gen, deadline)
-        except BaseException:
+            first = await self._next_event(gen, deadline, gone)
+        except BaseException as exc:
             self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+            self.metrics.request_done(req.model, [_cut_reason(exc)] * req.n, gen.enqueued_at)
             raise
         obj = "chat.completion.chunk" if out.kind == "chat" else "text_completion"
 
@@ -327,6 +400,8 @@ class _Handlers:
                   role: bool = False) -> bytes:
             choice = out.chunk_choice(index, text, finish, lps, role)
             return _sse({**meta, "object": obj, "choices": [choice]})
+
+        reasons: list[str | None] = [None] * req.n  # None at the end: the client went away
 
         async def body():
             try:
@@ -342,12 +417,14 @@ class _Handlers:
                             yield chunk(idx, text, None, lps)
                         if fin:
                             done += 1
+                            reasons[idx] = fin
                             yield chunk(idx, None, fin, None if text else lps)
                     if done >= req.n:
                         break
                     try:
                         event = await self._next_event(gen, deadline)
                     except APIError as exc:  # headers are sent: report in-band, like OpenAI
+                        reasons[:] = [r or _cut_reason(exc) for r in reasons]
                         yield _sse(exc.body())
                         break
                 if req.include_usage:
@@ -356,6 +433,7 @@ class _Handlers:
             finally:  # also runs when the client disconnects: stop generating for it
                 gen.cancel()
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
+                self.metrics.request_done(req.model, reasons, gen.enqueued_at)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -97,9 +97,18 @@ def serve_command(
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(
         help="How long the worker gathers requests into a batch, in milliseconds.")] = 5.0,
+    prefill_chunk_tokens: Annotated[int, typer.Option(
+        help="Longer prompts are prefilled this many tokens at a time between decode steps, so "
+        "one long prompt does not stall other requests (0: whole prompts at once).")] = 256,
     default_max_tokens: Annotated[int, typer.Option(
         help="max_tokens when a chat request sends none.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
+    body_timeout_s: Annotated[float, typer.Option(
+        help="A request body must arrive within this many seconds, else 408 (read before a "
+        "concurrency slot is taken).")] = 30.0,
+    drain_timeout_s: Annotated[float, typer.Option(
+        help="On SIGTERM, how long in-flight requests may take to finish before they are cut, in seconds "
+        "(keep it below the pod's terminationGracePeriodSeconds, 30 s by default).")] = 20.0,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
@@ -116,6 +125,8 @@ def serve_command(
     from llama_train.serve.upstream import Upstream
 
     check_flags(base=base, host=host, port=port, dtype=dtype, device=device, log_level=log_level)
+    if prefill_chunk_tokens < 0:
+        raise UsageError(f"--prefill-chunk-tokens {prefill_chunk_tokens}: give a token count, or 0 for whole prompts")
     try:
         adapters = parse_named(adapter, "adapter")
         upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
@@ -131,10 +142,35 @@ def serve_command(
     try:
         engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                        prefill_chunk_tokens=prefill_chunk_tokens,
                         default_max_tokens=default_max_tokens)
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
-                         request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes)
+                         request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,
+                         body_timeout_s=body_timeout_s)
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
-    uvicorn.run(app, host=host, port=port, log_config=cfg, access_log=False,
-                timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,
+                            timeout_graceful_shutdown=drain_timeout_s)
+    _draining_server_class()(config).run()
+
+
+def _draining_server_class():
+    import contextlib
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM / SIGINT: stop accepting, let in-flight requests finish (up to
+        --drain-timeout-s), stop the engine, exit 0. uvicorn >= 0.29 re-raises the signal after
+        its graceful shutdown, so the process would die of SIGTERM (exit -15 / 143): a crash in
+        every Kubernetes rollout. A drained shutdown is a clean exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # runs before uvicorn's re-raise of the captured signals
+                    self._captured_signals.clear()
+
+    return DrainingServer

@@ -62,9 +62,25 @@ class SamplingParams:
     prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
 
     @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
     def processes_logits(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
                     or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
+
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM): dividing by them overflows
+
+
+class SamplingFailed(ValueError):
+    """Sampling one request's row raised (its parameters make the distribution inf / NaN):
+    that request fails, the rows of other requests in the batch go on."""
+
+
+class ShuttingDown(RuntimeError):
+    """Posted to requests still queued or running when the engine stops."""
 
 
 @dataclass
@@ -91,6 +107,7 @@ class GenRequest:
         self.cancelled = False
         self.completion_tokens = 0
         self.enqueued_at = time.monotonic()
+        self.first_token_at: float | None = None
         # params.prompt_logprobs: one entry per prompt token (the first has logprob None), set by
         # the worker at prefill, before the request's first event
         self.prompt_logprobs: list[dict] | None = None
@@ -100,7 +117,10 @@ class GenRequest:
 
     def post(self, event: Event) -> None:
         if not self.cancelled:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # its event loop is closed: nobody is waiting any more
+                self.cancelled = True
 
 
 class Engine:
@@ -109,8 +129,12 @@ class Engine:
     def __init__(self, base: str, adapters: dict[str, str] | None = None, *,
                  served_model_name: str | None = None, dtype: str = "auto",
                  device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256):
         self.base = base
+        # Prompts longer than this are prefilled this many tokens per engine iteration, between
+        # decode steps (as vLLM's chunked prefill), so a long prompt does not stall other
+        # requests' tokens; 0 = whole prompts at once.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.base_id = served_model_name or base
         self.adapters = dict(adapters or {})
         if self.base_id in self.adapters:
@@ -134,6 +158,8 @@ class Engine:
         self._pending: queue.Queue[GenRequest | None] = queue.Queue()
         self._overflow: list[GenRequest] = []
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.metrics: Any = None  # observe.Metrics, set by the app: updated from the worker thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -141,8 +167,23 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llama-train-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Stop the worker and join it. Requests still queued or running get a ShuttingDown
+        error (the HTTP server drains its requests before it calls this). Joining matters: a
+        thread still inside torch when the interpreter exits aborts the process
+        (`terminate called without an active exception`, exit -6). The worker checks for stop
+        between steps, so the wait is one forward pass (or a model load in progress)."""
+        self._stopping.set()
         self._pending.put(None)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.error("the engine worker did not stop", extra={"timeout_s": timeout_s})
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def load(self) -> None:
         import torch
@@ -191,8 +232,32 @@ class Engine:
             return
         self.ready.set()
         groups: dict[str | None, _Group] = {}
+        try:
+            self._loop(groups)
+        finally:
+            self._fail_all(groups, ShuttingDown("the server is shutting down"))
+
+    def _fail_all(self, groups: dict, exc: BaseException) -> None:
+        """Post `exc` to every request still running or queued (at stop)."""
+        reqs = {id(r.req): r.req for g in groups.values() for r in g.rows}
+        reqs.update({id(c.req): c.req for g in groups.values() for c in g.prefilling})
+        reqs.update({id(q): q for q in self._overflow})
+        self._overflow.clear()
         while True:
-            new = self._admit(sum(len(g.rows) for g in groups.values()), block=not groups)
+            try:
+                q = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if q is not None:
+                reqs[id(q)] = q
+        for req in reqs.values():
+            req.post(Event([], error=exc))
+        groups.clear()
+
+    def _loop(self, groups: dict) -> None:
+        while not self._stopping.is_set():
+            self._update_gauges(groups)
+            new = self._admit(groups, block=not groups)
             if new is None:
                 return
             by_adapter: dict[str | None, list[GenRequest]] = {}
@@ -202,10 +267,24 @@ class Engine:
                 group = groups.setdefault(adapter, _Group(self, adapter))
                 self._guarded(group, group.admit, reqs)
             for adapter, group in list(groups.items()):
-                if group.rows:
+                if group.rows or group.prefilling:
                     self._guarded(group, group.step)
-                if not group.rows:
+                if not group.rows and not group.prefilling:
                     del groups[adapter]
+
+    def _update_gauges(self, groups: dict) -> None:
+        """Running and waiting requests per model, once per engine iteration."""
+        m = self.metrics
+        if m is None:
+            return
+        running = {id(r.req): r.req.model for g in groups.values() for r in g.rows if not r.done}
+        running.update({id(c.req): c.req.model for g in groups.values() for c in g.prefilling})
+        with self._pending.mutex:
+            queued = [q for q in self._pending.queue if q is not None]
+        waiting = {id(q): q.model for q in queued + self._overflow if not q.cancelled}
+        for model in m.models:
+            m.running.labels(model).set(sum(1 for v in running.values() if v == model))
+            m.waiting.labels(model).set(sum(1 for v in waiting.values() if v == model))
 
     def _guarded(self, group: _Group, fn, *args) -> None:
         """Run one prefill or decode step; an exception fails that group's requests only."""
@@ -215,16 +294,17 @@ class Engine:
         except BaseException as exc:
             log.exception("generation failed")
             failed = {id(r.req): r.req for r in group.rows}
+            failed.update({id(c.req): c.req for c in group.prefilling})
             failed.update({id(r): r for r in (args[0] if args else [])})
             for req in failed.values():
                 req.post(Event([], error=exc))
             group.reset()
 
-    def _admit(self, active_rows: int, *, block: bool) -> list[GenRequest] | None:
+    def _admit(self, groups: dict, *, block: bool) -> list[GenRequest] | None:
         """New requests that fit in the batch. When idle, block for one and then gather more
         for batch_wait_s; while decoding, take only what is already queued (no waiting)."""
         batch: list[GenRequest] = []
-        rows = active_rows
+        rows = sum(g.num_rows for g in groups.values())
         deadline = time.monotonic() + self.batch_wait_s
         while True:
             if self._overflow:
@@ -262,6 +342,8 @@ class Engine:
         return contextlib.nullcontext()
 
     def submit(self, req: GenRequest) -> None:
+        if self.metrics is not None:
+            self.metrics.waiting.labels(req.model).inc()  # until the next iteration recounts
         self._pending.put(req)
 
     # ------------------------------------------------------------------ tokenization
@@ -349,10 +431,18 @@ class _Row:
         self.bias = self.seen = None  # logit processing tensors, built on first use
         self.scanned = 0  # characters of the decoded text already searched for stop strings
         self.done = False
+        self.last_token_at: float | None = None
         self.generator = None
-        if p.temperature > 0:
-            seed = (p.seed + index) if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        if not p.greedy:
+            seed = (p.seed + index) % 2**64 if p.seed is not None else int.from_bytes(os.urandom(8), "little")
             self.generator = torch.Generator().manual_seed(seed)
+
+
+class _Chunked:
+    """A long prompt being prefilled in chunks: its own cache until the last chunk."""
+
+    def __init__(self, req: GenRequest):
+        self.req, self.done, self.cache = req, 0, None
 
 
 class _Group:
@@ -370,18 +460,31 @@ class _Group:
 
     def reset(self) -> None:
         self.rows: list[_Row] = []
+        self.prefilling: list[_Chunked] = []  # long prompts being prefilled a chunk per step
         self.cache = self.mask = self.pos = self.logits = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows) + sum(c.req.params.n for c in self.prefilling)
 
     def admit(self, reqs: list[GenRequest]) -> None:
         """Prefill new requests and merge them into the running batch. A request that wants its
         prompt's logprobs is prefilled alone (only it computes logits at every position); a
         prefill that fails fails its own requests, not the running ones."""
+        for q in reqs:  # max_tokens 0 (echo without logprobs): nothing to compute
+            if q.params.max_tokens == 0 and not q.params.prompt_logprobs:
+                q.post(Event([(i, "", "length", []) for i in range(q.params.n)]))
+        reqs = [q for q in reqs if q.params.max_tokens > 0 or q.params.prompt_logprobs]
+        chunk = self.engine.prefill_chunk_tokens
+        long = [q for q in reqs if chunk and not q.params.prompt_logprobs and len(q.prompt_ids) > chunk]
+        self.prefilling += [_Chunked(q) for q in long]
+        reqs = [q for q in reqs if not any(q is c for c in long)]
         plain = [q for q in reqs if not q.params.prompt_logprobs]
         batches = ([plain] if plain else []) + [[q] for q in reqs if q.params.prompt_logprobs]
         for batch in batches:
             try:
                 self._prefill(batch)
-            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the running batch is intact)
+            except Exception as exc:  # e.g. out of memory: the running batch is intact
                 log.exception("prefill failed")
                 for req in batch:
                     req.post(Event([], error=exc))
@@ -389,6 +492,7 @@ class _Group:
     def _prefill(self, reqs: list[GenRequest]) -> None:
         import torch
 
+        self._started(reqs)
         rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
         dev = self.engine.device
         width = max(len(r.req.prompt_ids) for r in rows)
@@ -411,26 +515,82 @@ class _Group:
                 if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
                     echo.post(Event([(r.index, "", "length", []) for r in rows]))
                     return
-        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+        self._merge(rows, _cache_of(out), mask, pos[:, -1:], out.logits[:, -1, :].float())
+
+    def _started(self, reqs: list[GenRequest]) -> None:
+        m = self.engine.metrics
+        if m is not None:
+            now = time.monotonic()
+            for req in reqs:
+                m.queue_time.labels(req.model).observe(now - req.enqueued_at)
+                m.prompt_tokens.labels(req.model).inc(len(req.prompt_ids))
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest long prompt (n rows of it); merged into the batch when done.
+        A prefill that fails fails its own request, not the running ones."""
+        import torch
+
+        c = self.prefilling[0]
+        req, size = c.req, self.engine.prefill_chunk_tokens
+        if req.cancelled:
+            self.prefilling.pop(0)
+            return
+        if c.done == 0:
+            self._started([req])
+        n, dev = req.params.n, self.engine.device
+        ids = torch.tensor(req.prompt_ids[c.done:c.done + size], device=dev)[None].expand(n, -1)
+        end = c.done + ids.shape[1]
+        mask = torch.ones((n, end), dtype=torch.long, device=dev)
+        pos = torch.arange(c.done, end, device=dev)[None].expand(n, -1)
+        try:
+            with torch.inference_mode():
+                out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                        use_cache=True, logits_to_keep=1,
+                                        **({self.engine.cache_kw: c.cache} if c.cache is not None else {}))
+        except Exception as exc:  # as in admit: this request fails, the running batch is intact
+            log.exception("prefill failed")
+            self.prefilling.pop(0)
+            req.post(Event([], error=exc))
+            return
+        c.cache, c.done = _cache_of(out), end
+        if end == len(req.prompt_ids):
+            self.prefilling.pop(0)
+            self._merge([_Row(req, i) for i in range(n)], c.cache, mask, pos[:, -1:],
+                        out.logits[:, -1, :].float())
+
+    def _merge(self, rows: list[_Row], cache, mask, last_pos, logits) -> None:
+        """Append prefilled rows (their cache, 2D mask, last position, next-token logits) to the
+        running batch, left-padding the shorter side to a common cache length."""
+        import torch
+
+        pos = last_pos
         if self.cache is None:
-            self.cache, self.mask, self.pos, self.logits = cache, mask, pos[:, -1:], logits
+            self.cache, self.mask, self.pos, self.logits = cache, mask, pos, logits
         else:
             t = max(self.mask.shape[1], mask.shape[1])
             _merge_caches(self.cache, cache, t - self.mask.shape[1], t - mask.shape[1])
             self.mask = torch.cat([_left_pad(self.mask, t - self.mask.shape[1], 1),
                                    _left_pad(mask, t - mask.shape[1], 1)], dim=0)
-            self.pos = torch.cat([self.pos, pos[:, -1:]], dim=0)
+            self.pos = torch.cat([self.pos, pos], dim=0)
             self.logits = torch.cat([self.logits, logits], dim=0)
         self.rows += rows
 
     def step(self) -> None:
+        """One chunk of a long prompt's prefill (if any), then one decode step for every row."""
         import torch
+
+        if self.prefilling:
+            self._prefill_chunk()
+        if not self.rows:
+            return
 
         nxt = self._pick(self.logits)
         self._emit(nxt.tolist(), self._logprobs(nxt))
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if not keep:
+            prefilling = self.prefilling
             self.reset()
+            self.prefilling = prefilling  # long prompts still on their way in
             return
         if len(keep) < len(self.rows):
             idx = torch.tensor(keep, device=self.mask.device)
@@ -450,30 +610,44 @@ class _Group:
         self.cache, self.logits = _cache_of(out), out.logits[:, -1, :].float()
 
     def _pick(self, logits):
-        import torch
-
+        """Each row's next token. A row whose sampling raises fails its own request only."""
         nxt = logits.argmax(-1).cpu()
         for i, r in enumerate(self.rows):
             p = r.req.params
-            if r.done or (p.temperature <= 0 and not p.processes_logits):
+            if r.done or (p.greedy and not p.processes_logits):
                 continue
-            row = self._process(logits[i], r) if p.processes_logits else logits[i]
-            if p.temperature <= 0:
-                nxt[i] = row.argmax()
-                continue
-            row = row / p.temperature
-            if 0 < p.top_k < row.shape[-1]:
-                row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
-            probs = torch.softmax(row, -1)
-            if p.min_p > 0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-                probs = probs / probs.sum()  # top_p sees the renormalized distribution
-            if p.top_p < 1.0:
-                sp, si = probs.sort(descending=True)
-                keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
-                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            nxt[i] = torch.multinomial(probs.cpu(), 1, generator=r.generator)[0]
+            try:
+                nxt[i] = self._sample(logits[i], r)
+            except Exception as exc:  # noqa: BLE001  (inf/NaN probabilities from this request's parameters)
+                self._fail_request(r.req, SamplingFailed(f"{type(exc).__name__}: {exc}"))
         return nxt
+
+    def _fail_request(self, req: GenRequest, exc: BaseException) -> None:
+        for r in self.rows:
+            if r.req is req:
+                r.done = True
+        req.post(Event([], error=exc))
+        req.cancel()  # no later event for it (other rows of the step may still emit)
+
+    def _sample(self, logits, r: _Row) -> int:
+        import torch
+
+        p = r.req.params
+        row = self._process(logits, r) if p.processes_logits else logits
+        if p.greedy:
+            return int(row.argmax())
+        row = row / p.temperature
+        if 0 < p.top_k < row.shape[-1]:
+            row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
+        probs = torch.softmax(row, -1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            probs = probs / probs.sum()  # top_p sees the renormalized distribution
+        if p.top_p < 1.0:
+            sp, si = probs.sort(descending=True)
+            keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=r.generator)[0])
 
     def _logprobs(self, tokens) -> list[dict | None]:
         """The logprob entry of each row's new token (None for rows that did not ask)."""
@@ -520,6 +694,9 @@ class _Group:
 
     def _emit(self, tokens: list[int], logprobs: list[dict | None]) -> None:
         per_req: dict[int, tuple[GenRequest, list]] = {}
+        m = self.engine.metrics
+        now = time.monotonic()
+        generated = 0
         for r, t, lp in zip(self.rows, tokens, logprobs):
             if r.done:
                 continue
@@ -529,6 +706,15 @@ class _Group:
             p = r.req.params
             r.ids.append(t)
             r.req.completion_tokens += 1
+            generated += 1
+            if m is not None:
+                if r.last_token_at is not None:
+                    m.itl.labels(r.req.model).observe(now - r.last_token_at)
+                if r.req.first_token_at is None:
+                    m.ttft.labels(r.req.model).observe(now - r.req.enqueued_at)
+            r.last_token_at = now
+            if r.req.first_token_at is None:
+                r.req.first_token_at = now
             finish = None
             if (t in self.engine.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 r.ids.pop()
@@ -557,6 +743,8 @@ class _Group:
                 per_req.setdefault(id(r.req), (r.req, []))[1].append(
                     (r.index, delta, finish, r.lp_pending))
                 r.lp_pending = []
+        if m is not None and generated and self.rows:
+            m.generation_tokens.labels(self.rows[0].req.model).inc(generated)  # one model per group
         for req, deltas in per_req.values():
             req.post(Event(deltas))
 

@@ -1,14 +1,30 @@
 """Metrics, access logging, API-key auth, body-size and concurrency limits (one ASGI middleware).
 
-Prometheus names (a contract with dashboards and the HPA):
-  llama_train_requests_total{route,status}     counter
-  llama_train_request_latency_seconds{route}   histogram, request start to last byte sent
-  llama_train_tokens_total{kind}               counter, kind = prompt | completion
-  llama_train_inflight_requests                gauge, generation requests being served
+Prometheus names (a contract with dashboards, alerts and the HPA; vLLM's `vllm:*` equivalents in
+brackets). HTTP, per route (/v1/* only: /metrics, /health and /ready are not counted):
+  llama_train_requests_total{route,status}            counter; every status series is created at 0
+                                                      at start, so rate() sees a first burst of errors
+  llama_train_request_latency_seconds{route}          histogram, first byte received to last byte sent
+  llama_train_inflight_requests                       gauge, generation requests holding a slot
+  llama_train_tokens_total{kind}                      counter, kind = prompt | completion, at request end
+Engine, per served model (`model` = the base's name or an adapter's):
+  llama_train_num_requests_running{model}             gauge, requests being decoded  [num_requests_running]
+  llama_train_num_requests_waiting{model}             gauge, requests queued for the engine  [num_requests_waiting]
+  llama_train_prompt_tokens_total{model}              counter, at prefill  [prompt_tokens_total]
+  llama_train_generation_tokens_total{model}          counter, every decode step  [generation_tokens_total]
+  llama_train_time_to_first_token_seconds{model}      histogram, queued to first token  [time_to_first_token_seconds]
+  llama_train_inter_token_latency_seconds{model}      histogram, between a sequence's tokens  [inter_token_latency_seconds]
+  llama_train_request_queue_time_seconds{model}       histogram, queued to prefill start  [request_queue_time_seconds]
+  llama_train_e2e_request_latency_seconds{model}      histogram, accepted to answered  [e2e_request_latency_seconds]
+  llama_train_requests_finished_total{model,finish_reason}  counter per choice: stop | length | abort
+                                                      (client gone, deadline) | error  [request_success_total]
+Process: process_* (CPU, memory, open fds, start time), python_info, python_gc_*, and
+  llama_train_build_info{version,python,torch,transformers} = 1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -16,7 +32,15 @@ import time
 import uuid
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from llama_train.serve.schemas import error_body
 
@@ -24,25 +48,101 @@ log = logging.getLogger("llama_train.serve")
 
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/ready", "/metrics")
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+UNCOUNTED_ROUTES = ("/health", "/ready", "/metrics")  # probes and scrapes: not traffic
+COUNTED_ROUTES = ("/v1/models", *GENERATION_ROUTES)
+# Every status this server answers (499: the client went away first), created at 0 per route.
+STATUSES = ("200", "400", "401", "404", "408", "413", "422", "429", "499", "500", "502", "503", "504")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, models: list[str] | tuple[str, ...] = ()) -> None:
         prometheus_client.disable_created_metrics()  # keep exactly the documented series
-        self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter("llama_train_requests_total", "HTTP requests by route and status.",
-                                ["route", "status"], registry=self.registry)
+                                ["route", "status"], registry=r)
         self.latency = Histogram("llama_train_request_latency_seconds",
                                  "Request latency, first byte received to last byte sent.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tokens = Counter("llama_train_tokens_total", "Tokens processed.", ["kind"],
-                              registry=self.registry)
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("llama_train_tokens_total", "Tokens of finished requests.", ["kind"],
+                              registry=r)
         self.inflight = Gauge("llama_train_inflight_requests", "Generation requests in flight.",
-                              registry=self.registry)
+                              registry=r)
+        self.running = Gauge("llama_train_num_requests_running", "Requests being decoded.", ["model"],
+                             registry=r)
+        self.waiting = Gauge("llama_train_num_requests_waiting", "Requests queued for the engine.",
+                             ["model"], registry=r)
+        self.prompt_tokens = Counter("llama_train_prompt_tokens", "Prompt tokens prefilled.", ["model"],
+                                     registry=r)
+        self.generation_tokens = Counter("llama_train_generation_tokens",
+                                         "Tokens generated, counted every decode step.", ["model"],
+                                         registry=r)
+        self.ttft = Histogram("llama_train_time_to_first_token_seconds",
+                              "Time from queueing to the first generated token.", ["model"],
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("llama_train_inter_token_latency_seconds",
+                             "Time between two tokens of one sequence.", ["model"], buckets=ITL_BUCKETS,
+                             registry=r)
+        self.queue_time = Histogram("llama_train_request_queue_time_seconds",
+                                    "Time from queueing to the start of prefill.", ["model"],
+                                    buckets=TTFT_BUCKETS, registry=r)
+        self.e2e = Histogram("llama_train_e2e_request_latency_seconds",
+                             "Time from accepting a generation request to its last token.", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.finished = Counter("llama_train_requests_finished", "Finished choices by finish reason.",
+                                ["model", "finish_reason"], registry=r)
+        self.build_info = Gauge("llama_train_build_info", "Versions of this server (value 1).",
+                                ["version", "python", "torch", "transformers"], registry=r)
+        self.build_info.labels(**_versions()).set(1)
+        for route in COUNTED_ROUTES:
+            self.latency.labels(route)
+            for status in STATUSES:
+                self.requests.labels(route, status)
+        for kind in ("prompt", "completion"):
+            self.tokens.labels(kind)
+        self.models: list[str] = []
+        self.add_models(models)
+
+    def add_models(self, models) -> None:
+        """Create every per-model series at 0 (gauges 0, counters 0, empty histograms)."""
+        for m in models:
+            if m in self.models:
+                continue
+            self.models.append(m)
+            for metric in (self.running, self.waiting, self.prompt_tokens, self.generation_tokens,
+                           self.ttft, self.itl, self.queue_time, self.e2e):
+                metric.labels(m)
+            for reason in FINISH_REASONS:
+                self.finished.labels(m, reason)
+
+    def request_done(self, model: str, reasons: list[str | None], started: float) -> None:
+        """One generation request answered: its choices' finish reasons (None = cut short)."""
+        self.e2e.labels(model).observe(time.monotonic() - started)
+        for reason in reasons:
+            self.finished.labels(model, reason or "abort").inc()
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {"version": v("llama-train"), "python": platform.python_version(), "torch": v("torch"),
+            "transformers": v("transformers")}
 
 
 class JsonFormatter(logging.Formatter):
@@ -99,8 +199,9 @@ class GatewayMiddleware:
     and the in-flight slot is held until the stream ends or the client goes away."""
 
     def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_concurrency: int,
-                 max_body_bytes: int):
+                 max_body_bytes: int, body_timeout_s: float = 30.0):
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.metrics = metrics
         self.api_key = api_key
         self.max_concurrency = max_concurrency
@@ -128,6 +229,18 @@ class GatewayMiddleware:
 
         try:
             rejection = self._check(path, headers)
+            # The whole body is read (within body_timeout_s) before a concurrency slot is taken:
+            # a slow or stalled sender must not hold a slot that a complete request could use.
+            if rejection is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                try:
+                    receive = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    rejection = (408, error_body(
+                        f"the request body did not arrive within {self.body_timeout_s:g} s "
+                        "(server --body-timeout-s)", code="request_timeout"), [(b"connection", b"close")])
+                else:
+                    if receive is None:
+                        rejection = (413, self._too_large(), [])
             if rejection is None and route in GENERATION_ROUTES:
                 if self.inflight >= self.max_concurrency:
                     rejection = (429, error_body(
@@ -142,20 +255,16 @@ class GatewayMiddleware:
                 code, body, extra = rejection
                 await _send_json(send_wrapper, code, body, extra)
                 return
-            if scope.get("method") in ("POST", "PUT", "PATCH"):
-                receive = await self._read_body(receive)
-                if receive is None:
-                    await _send_json(send_wrapper, 413, self._too_large())
-                    return
             await self.app(scope, receive, send_wrapper)
         finally:
             if holds_slot:
                 self.inflight -= 1
                 self.metrics.inflight.set(self.inflight)
             elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(route, str(status["code"])).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            level = logging.DEBUG if route in ("/metrics", "/health", "/ready") else logging.INFO
+            if route not in UNCOUNTED_ROUTES:
+                self.metrics.requests.labels(route, str(status["code"])).inc()
+                self.metrics.latency.labels(route).observe(elapsed)
+            level = logging.DEBUG if route in UNCOUNTED_ROUTES else logging.INFO
             if log.isEnabledFor(level):
                 log.log(level, "request", extra={
                     "request_id": request_id, "method": scope.get("method"), "path": path,

@@ -48,7 +48,7 @@ class _Body(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -97,6 +97,9 @@ class _Body(BaseModel):
             if value not in (None, False, [], 0, {}):
                 raise APIError(400, f"{name} is not supported by this server", param=name,
                                code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options", code="invalid_value")
         most = self.effective_max_tokens()
         if self.min_tokens and most is not None and self.min_tokens > most:
             raise APIError(400, f"min_tokens ({self.min_tokens}) is larger than max_tokens ({most})",
@@ -120,6 +123,34 @@ class _Body(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+
+def find_unencodable(doc) -> str | None:
+    """Path ("messages.0.content") of the first string (or key) holding a lone UTF-16 surrogate
+    (JSON allows "\\ud800"; UTF-8 and the tokenizer do not). Iterative: bodies may nest deeply."""
+    stack: list[tuple[str, object]] = [("", doc)]
+    while stack:
+        path, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or None
+        for key, value in reversed(list(items)):
+            sub = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _encodable(key):
+                return sub
+            stack.append((sub, value))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_token_ids(ids, vocab: int, param: str) -> None:
@@ -155,6 +186,14 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def reject_unsupported(self, names: tuple[str, ...]) -> None:
+        extra = self.model_extra or {}
+        # "none" asks for no tool call, which is what happens without tools (vLLM accepts it too)
+        if extra.get("tool_choice") not in (None, "none") and not extra.get("tools"):
+            raise APIError(400, "tool_choice is only allowed when tools are specified",
+                           param="tool_choice", code="invalid_value")
+        super().reject_unsupported(names)
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

