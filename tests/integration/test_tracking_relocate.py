@@ -99,3 +99,36 @@ def test_relocate_names_the_directory_when_no_store_is_there(tmp_path):
 
     with pytest.raises(UsageError, match="mlruns.db and mlartifacts/"):
         relocate(tmp_path)
+
+
+def test_a_new_run_in_a_moved_store_writes_beside_it(tmp_path, monkeypatch):
+    """Training into a moved store relocates it first: the new run's artifacts go to the new
+    mlartifacts/, never to the old path (which may not exist on this machine)."""
+    from mlflow import MlflowClient
+
+    from llama_train.config import recipe_from_dict
+    from llama_train.tracking import make_tracker, resolve_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def one_run(outputs: Path) -> str:
+        recipe = recipe_from_dict({"output_dir": str(outputs / "run"), "train": {"max_steps": 1},
+                                   "tracking": {"log_system_metrics": False}})
+        tracker = make_tracker(recipe, rank=0)
+        run_id = tracker.start(params={}, tags={})
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.finish()
+        return run_id
+
+    first = one_run(tmp_path / "a" / "outputs")
+    shutil.move(tmp_path / "a" / "outputs", tmp_path / "b")
+    with pytest.warns(RuntimeWarning, match="was moved"):
+        second = one_run(tmp_path / "b")
+    assert not (tmp_path / "a" / "outputs").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'b' / 'mlruns.db'}")
+    new_root = (tmp_path / "b" / "mlartifacts").resolve().as_uri()
+    for run_id in (first, second):
+        assert client.get_run(run_id).info.artifact_uri.startswith(new_root + "/")
+        assert Path(client.download_artifacts(run_id, "recipe.yaml", str(tmp_path / run_id))).is_file()
+    moved = recipe_from_dict({"output_dir": str(tmp_path / "b" / "run"), "train": {"max_steps": 1}})
+    assert resolve_uri(moved).endswith("/b/mlruns.db")
