@@ -118,7 +118,9 @@ def ui_command(
     mlflow = shutil.which("mlflow")
     if mlflow is None:
         raise UsageError("the mlflow CLI is not on PATH: pip install mlflow")
+    # --artifacts-destination: what the UI server itself stores goes beside the db too (its default
+    # is ./mlartifacts of whatever directory this runs in)
     argv = [mlflow, "ui", "--backend-store-uri", f"sqlite:///{result['db']}",
-            "--host", host, "--port", str(port)]
+            "--artifacts-destination", result["artifacts"], "--host", host, "--port", str(port)]
     print(" ".join(argv), flush=True)
     os.execv(mlflow, argv)  # the UI in this process: Ctrl-C and signals reach it directly
