@@ -5,7 +5,8 @@ A real PostgreSQL 15 (password authentication over TCP), then the Deployment's o
 port, password and paths substituted, then a 2-rank torchrun run of the tiny model that tracks to
 that server and registers its adapter. Checked through the server: params, metrics, the run's
 status, the registered version and its alias, the artifacts (downloaded through the server's
---serve-artifacts proxy, byte for byte), and in PostgreSQL itself: the rows are there.
+--serve-artifacts proxy, byte for byte), in PostgreSQL itself: the rows are there, and a second
+replica of the same command serves the same run (what the RollingUpdate Deployment relies on).
 """
 
 from __future__ import annotations
@@ -182,3 +183,17 @@ def test_two_rank_run_tracks_and_registers_through_mlflow_on_postgres(pg_mlflow,
     assert list((pg_mlflow.root / "artifacts").rglob("adapter_model.safetensors"))
     assert postgres.query("SELECT run_uuid, status FROM runs") == [(run.info.run_id, "FINISHED")]
     assert postgres.query("SELECT name FROM registered_models") == [(MODEL_NAME,)]
+
+    # a second replica (same database, same artifact volume) serves the same run and adapter
+    port = free_port()
+    _, command, env = manifest_commands(postgres, artifacts=pg_mlflow.root / "artifacts", port=port)
+    replica = MlflowServer(tmp_path / "replica2", command=command, env=env, port=port)
+    replica.root.mkdir()
+    replica.start()
+    try:
+        client2 = MlflowClient(tracking_uri=replica.uri, registry_uri=replica.uri)
+        assert client2.get_run(run.info.run_id).info.status == "FINISHED"
+        adapter2 = Path(download_adapter(f"models:/{MODEL_NAME}@candidate", uri=replica.uri))
+        assert (adapter2 / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    finally:
+        replica.stop()
