@@ -30,6 +30,7 @@ LOCATION_COLUMNS = [
     ("model_versions", "source"),
     ("model_versions", "storage_location"),
     ("logged_models", "artifact_location"),
+    ("trace_tags", "value"),  # tag mlflow.artifactLocation of each trace
 ]
 
 
