@@ -162,9 +162,12 @@ def _mount_optional() -> None:
         pass
     try:
         from llama_train.tracking import sync_command
+        from llama_train.tracking_store import relocate_command, ui_command
 
         track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking utilities.")
         track_app.command("sync")(sync_command)
+        track_app.command("relocate")(relocate_command)
+        track_app.command("ui")(ui_command)
         app.add_typer(track_app, name="track")
     except ImportError:
         pass

@@ -271,7 +271,7 @@ class TrackingConfig(Section):
     uri: str | None = Field(
         None,
         description="MLflow tracking URI; else $MLFLOW_TRACKING_URI; else "
-        "sqlite:///<output_dir>/../mlruns.db (open it with `mlflow ui --backend-store-uri ...`).",
+        "sqlite:///<output_dir>/../mlruns.db (open it with `llama-train track ui <output_dir>/..`).",
     )
     experiment: str | None = Field(
         None, description="Experiment name; else $MLFLOW_EXPERIMENT_NAME; else `llama-train`."

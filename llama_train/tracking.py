@@ -224,9 +224,29 @@ def ensure_experiment(client: MlflowClient, name: str, *, uri: str | None = None
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
+    if uri:
+        exp = _follow_moved_store(client, exp, uri)
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def _follow_moved_store(client: MlflowClient, exp, uri: str):
+    """A local store moved or copied with its mlartifacts/ still records the old absolute paths:
+    relocate it first, so new runs write beside the database, not under the old path."""
+    local = _artifact_location(uri)
+    here = exp.artifact_location.rstrip("/")
+    if local is None or here == local or not here.endswith("/mlartifacts"):
+        return exp
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not (db.parent / "mlartifacts").is_dir():
+        return exp
+    from llama_train.tracking_store import relocate
+
+    moved = relocate(db)
+    _warn(f"{db} was moved: artifact locations now point at {moved['artifacts']} "
+          f"(were {', '.join(moved['from'])})")
+    return client.get_experiment(exp.experiment_id)
 
 
 def _create_run(

