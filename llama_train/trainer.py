@@ -346,6 +346,9 @@ def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> di
         if run.state["eval_before"] is None and run.data.eval:
             run.state["eval_before"] = _evaluate(run)
             _log(ctx, f"eval before training: {_fmt_eval(run.state['eval_before'])}")
+            if ctx.is_main:  # step 0 of the eval/* curves: the base model (the final step: the adapter)
+                run.tracker.log_metrics({f"eval/{k}": v for k, v in run.state["eval_before"].items()
+                                         if isinstance(v, (int, float))}, step=0)
         status, losses = _loop(run)
         if (status == "preempted" or recipe.checkpoint.save_final) and run.saved_step != run.state["step"]:
             run.save_checkpoint()
