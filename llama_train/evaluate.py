@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from llama_train.data.chat import end_of_turn_ids, prompt_ids
+from llama_train.data.chat import end_of_turn_ids, prompt_ids, token_id
 from llama_train.data.loader import MODEL_INPUTS, collate
 
 
@@ -27,9 +27,7 @@ def eval_loss(model, rows: list[dict], *, pad_id: int, batch_size: int, device) 
 
 def stop_token_ids(tokenizer) -> list[int]:
     """eos, the end-of-turn tokens of the chat templates we support, and Llama 3's end of text."""
-    vocab = tokenizer.get_vocab()
-    ids = end_of_turn_ids(tokenizer) | ({vocab["<|end_of_text|>"]} if "<|end_of_text|>" in vocab else set())
-    return sorted(ids)
+    return sorted((end_of_turn_ids(tokenizer) | {token_id(tokenizer, "<|end_of_text|>")}) - {None})
 
 
 @torch.no_grad()

@@ -22,9 +22,15 @@ END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>")
 def end_of_turn_ids(tokenizer) -> set[int]:
     """Ids of the tokenizer's end-of-turn tokens: eos and those of END_OF_TURN_TOKENS it has."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return ids
+    ids.update(token_id(tokenizer, t) for t in END_OF_TURN_TOKENS)
+    return ids - {None}
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` if the vocabulary has it (not the unknown token's id), else None.
+    (Not get_vocab(): that builds a dict of the whole vocabulary on every call.)"""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == token else None
 
 
 def render_ids(tokenizer, messages, *, add_generation_prompt=False, chat_template=None) -> list[int]:
