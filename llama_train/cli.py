@@ -15,6 +15,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Fine-tune Llama models from one YAML recipe: train, track, export, gate, serve.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Validate, show and list recipes.")
 app.add_typer(recipe_app, name="recipe")
+model_app = typer.Typer(no_args_is_help=True, help="Base models: the catalogue, GGUF conversion.")
+app.add_typer(model_app, name="model")
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 OverridesArg = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 lora.r=32", show_default=False)
@@ -99,6 +101,31 @@ def recipe_list(root: Path = typer.Option(Path("recipes"), "--root", help="Direc
         first = path.read_text().splitlines()[:1]
         cmd = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
         typer.echo(f"{path}\t{cmd}")
+
+
+@model_app.command("list")
+def model_list():
+    """Catalogue models (`llama-train model pull NAME`; recipes: model.source catalogue)."""
+    from llama_train.models.catalogue import CATALOGUE, is_pulled
+
+    for e in CATALOGUE.values():
+        typer.echo(f"{e.name}\t{'pulled' if is_pulled(e.name) else 'not pulled'}\t{e.license}\t{e.description}")
+
+
+@model_app.command("pull")
+def model_pull(name: str = typer.Argument(..., help="Catalogue name, e.g. smollm2-135m-instruct.")):
+    """Fetch a catalogue model once (sha256 checked) and convert it; print its model directory."""
+    from llama_train.models.catalogue import pull
+
+    typer.echo(str(pull(name, log=lambda msg: typer.echo(msg, err=True))))
+
+
+@model_app.command("convert")
+def model_convert(gguf: Path = typer.Argument(..., help="A Llama .gguf file.")):
+    """Convert a GGUF file to a safetensors model directory in the cache; print the directory."""
+    from llama_train.models.gguf import converted_dir
+
+    typer.echo(str(converted_dir(gguf, key="GGUF")))
 
 
 @app.command("init-tiny")

@@ -29,16 +29,18 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    source: Literal["tiny", "hf"] = Field(
+    source: Literal["tiny", "hf", "gguf", "catalogue"] = Field(
         "tiny",
         description="`tiny`: build a small random Llama locally (CPU quickstart, tests); "
-        "`hf`: load `model.path` (a local directory or a Hugging Face hub id).",
+        "`hf`: load `model.path` (a local directory or a Hugging Face hub id); `gguf`: a local "
+        "Llama .gguf file (llama.cpp/Ollama), converted once to safetensors in the llama_train cache; "
+        "`catalogue`: a model of `llama-train model list`, fetched on first use.",
     )
     path: str | None = Field(
         None,
-        description="Local model directory or hub id (e.g. meta-llama/Llama-3.1-8B-Instruct). "
-        "Required for source `hf`; for `tiny`, where the tiny model is written (default "
-        "`<output_dir>/base_model`).",
+        description="Local model directory or hub id (e.g. meta-llama/Llama-3.1-8B-Instruct) for `hf`; "
+        "the .gguf file for `gguf`; the catalogue name (e.g. smollm2-135m-instruct) for `catalogue`; "
+        "for `tiny`, where the tiny model is written (default `<output_dir>/base_model`).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     tiny_seed: int = Field(0, description="Seed of the tiny model's weights and tokenizer.")
@@ -117,8 +119,10 @@ class BuiltinDataConfig(Section):
     num_train: int = Field(3000, ge=1, description="Train rows generated for `builtin:tasks`.")
     num_eval: int = Field(96, ge=1, description="Held-out eval rows generated for `builtin:tasks`.")
     seed: int = Field(0, description="Seed of the generated rows.")
-    tasks: list[Literal["reverse", "sort", "add"]] = Field(
-        default_factory=lambda: ["reverse", "sort", "add"], description="Built-in tasks to mix."
+    tasks: list[Literal["reverse", "sort", "add", "date"]] = Field(
+        default_factory=lambda: ["reverse", "sort", "add"],
+        description="Built-in tasks to mix: `reverse` letters, `sort` digits, `add` numbers (for the tiny "
+        "model), `date` (rewrite `July 2, 1999` as `1999-07-02`; for a real pretrained model).",
     )
 
 
@@ -331,6 +335,14 @@ class Recipe(Section):
         if self.model.source == "hf" and not self.model.path:
             raise ValueError("model.source is `hf` but model.path is empty; set model.path to a "
                              "local directory or a hub id")
+        if self.model.source == "gguf" and not self.model.path:
+            raise ValueError("model.source is `gguf` but model.path is empty; set model.path to a .gguf file")
+        if self.model.source == "catalogue":
+            from llama_train.models.catalogue import CATALOGUE
+
+            if self.model.path not in CATALOGUE:
+                raise ValueError(f"model.source is `catalogue` but model.path is {self.model.path!r}; set it "
+                                 f"to one of: {', '.join(sorted(CATALOGUE))}")
         if self.model.quantization != "none" and not self.lora.enabled:
             raise ValueError("model.quantization (QLoRA) needs lora.enabled: true; a quantized base "
                              "cannot be fully fine-tuned")

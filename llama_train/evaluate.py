@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from llama_train.data.chat import prompt_ids
+from llama_train.data.chat import end_of_turn_ids, prompt_ids, token_id
 from llama_train.data.loader import MODEL_INPUTS, collate
 
 
@@ -26,12 +26,8 @@ def eval_loss(model, rows: list[dict], *, pad_id: int, batch_size: int, device) 
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for t in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
+    """eos, the end-of-turn tokens of the chat templates we support, and Llama 3's end of text."""
+    return sorted((end_of_turn_ids(tokenizer) | {token_id(tokenizer, "<|end_of_text|>")}) - {None})
 
 
 @torch.no_grad()

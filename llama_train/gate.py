@@ -292,7 +292,8 @@ def check_quality(loaded: Loaded, recipe: Recipe, champion_dir: Path | None) -> 
 
 
 def check_behaviour(loaded: Loaded, recipe: Recipe, *, num_prompts: int = 8) -> Check:
-    """Greedy generations through the chat template must be non-empty and stop at end-of-turn."""
+    """Greedy generations through the chat template must be non-empty and stop at end-of-turn.
+    One left-padded batch with a KV cache (a finished row is padded after its stop token)."""
     import torch
 
     from llama_train.data.chat import prompt_ids
@@ -305,16 +306,22 @@ def check_behaviour(loaded: Loaded, recipe: Recipe, *, num_prompts: int = 8) -> 
     stops = set(stop_token_ids(tok))
     loaded.model.set_adapter("candidate")
     empty, unstopped = 0, 0
-    for conv in convs:
-        ids = prompt_ids(conv, tok, chat_template=recipe.data.chat_template)
+    prompts = [prompt_ids(conv, tok, chat_template=recipe.data.chat_template) for conv in convs]
+    if prompts:
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
         with torch.no_grad():
-            out = loaded.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = loaded.model.generate(input_ids=ids, attention_mask=mask,
                                         max_new_tokens=recipe.gate.max_new_tokens, do_sample=False,
                                         pad_token_id=tok.pad_token_id, eos_token_id=sorted(stops))
-        new = out[0, len(ids):].tolist()
-        text = tok.decode(new, skip_special_tokens=True).strip()
-        empty += not text
-        unstopped += not any(t in stops for t in new)
+        for row in out[:, width:].tolist():
+            text = tok.decode(row, skip_special_tokens=True).strip()
+            empty += not text
+            unstopped += not any(t in stops for t in row)
     figures = {"prompts": len(convs), "empty": empty, "no_end_of_turn": unstopped}
     if not convs:
         return Check("behaviour", "failed", "no chat eval rows to generate from", figures)

@@ -15,11 +15,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_base_path(recipe: Recipe) -> str:
-    """Local directory or hub id of the base model. For `tiny`, build it on first use."""
+    """Local directory or hub id of the base model. `tiny`, `gguf` and `catalogue` models are
+    built, converted or fetched on first use."""
     m = recipe.model
     if m.source == "hf":
         assert m.path
         return m.path
+    if m.source == "gguf":
+        from llama_train.models.gguf import converted_dir
+
+        return str(converted_dir(m.path))
+    if m.source == "catalogue":
+        from llama_train.models.catalogue import pull
+
+        return str(pull(m.path, key="model.path"))
     from llama_train.tiny import build_tiny
 
     path = Path(m.path or Path(recipe.output_dir) / "base_model").resolve()

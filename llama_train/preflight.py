@@ -59,7 +59,18 @@ def _model_shape(recipe: Recipe) -> dict | None:
         from llama_train.tiny import TINY_DEFAULTS
 
         return dict(TINY_DEFAULTS)
-    cfg = Path(recipe.model.path or "") / "config.json"
+    m = recipe.model
+    if m.source == "catalogue":  # converted already? (preflight never downloads)
+        from llama_train.models.cache import cache_root
+        from llama_train.models.catalogue import entry
+
+        cfg = cache_root() / "gguf" / entry(m.path, key="model.path").gguf_sha256 / "config.json"
+    elif m.source == "gguf":
+        from llama_train.models.gguf import converted_dir
+
+        cfg = converted_dir(m.path) / "config.json"  # converts once, as training would
+    else:
+        cfg = Path(m.path or "") / "config.json"
     return json.loads(cfg.read_text()) if cfg.is_file() else None
 
 

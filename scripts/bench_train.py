@@ -2,6 +2,11 @@
 
     python scripts/bench_train.py --out bench_train.json        # ~3 min on 2 idle cores
     python scripts/bench_train.py --rows 600 --repeats 3 --out bench_train.json   # the BENCHMARKS.md run
+    python scripts/bench_train.py --model smollm2-135m-instruct --rows 64 --repeats 2   # the real model
+
+`--model` is `tiny` (default) or a catalogue name (`llama-train model list`), fetched on first use.
+With SmolLM2 (ChatML), TRL's completion mask also trains the "\n" after each <|im_end|> (one token
+per row more than llama-train and hf, which stop at <|im_end|>): its count is reported, not matched.
 
 `--repeats R` runs R rounds of every framework, rotating the order per round (no framework always
 first or last); the table shows each framework's median round and a second table the per-round
@@ -153,6 +158,11 @@ def step_timer(clock: StepClock):
     return StepTimes()
 
 
+def model_dir(work: Path) -> Path:
+    """The base model every framework trains (written by the parent: the tiny model or a catalogue model)."""
+    return Path((work / "model_dir.txt").read_text().strip())
+
+
 def lora_model(model_dir: Path):
     import peft
     import torch
@@ -199,7 +209,8 @@ def child_llama_train(work: Path, args, *, variant: str = "") -> dict:
     out = run_dir(work, args, name)
     recipe = {
         "output_dir": str(out),
-        "model": {"source": "tiny", "path": str(work / "tiny"), "attn_implementation": "doc_sdpa"},
+        "model": {"source": "tiny" if model_dir(work) == work / "tiny" else "hf", "path": str(model_dir(work)),
+                  "attn_implementation": "doc_sdpa"},
         "data": {"sources": [{"path": str(work / "chat.jsonl"), "format": "messages"}], "packing": packed,
                  "group_by_length": variant == "grouped",
                  "seq_len": SEQ_LEN, "cache_dir": str(work / "llama_train_cache")},
@@ -254,14 +265,20 @@ def child_llama_train(work: Path, args, *, variant: str = "") -> dict:
 
 
 def _tokenize_hf(tokenizer, conversations):
-    """input_ids + labels (-100 except the assistant answer and its end-of-turn token)."""
+    """input_ids + labels (-100 except the assistant answer and its end-of-turn token; ChatML's "\n"
+    after <|im_end|> is -100, as in llama-train)."""
+    from llama_train.data.chat import end_of_turn_ids
+
+    eot = end_of_turn_ids(tokenizer)
     rows = []
     for msgs in conversations:
         full = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
         prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
                                                return_dict=True)["input_ids"]
         assert full[: len(prompt)] == prompt
-        rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]})
+        end = max(j for j in range(len(full)) if full[j] in eot) + 1
+        labels = [-100] * len(prompt) + full[len(prompt):end] + [-100] * (len(full) - end)
+        rows.append({"input_ids": full, "labels": labels})
     return rows
 
 
@@ -274,9 +291,9 @@ def child_hf(work: Path, args) -> dict:
         TrainingArguments,
     )
 
-    tok = AutoTokenizer.from_pretrained(work / "tiny")
+    tok = AutoTokenizer.from_pretrained(model_dir(work))
     ds = datasets.Dataset.from_list(_tokenize_hf(tok, read_conversations(work / "chat.jsonl")))
-    model = lora_model(work / "tiny")
+    model = lora_model(model_dir(work))
     clock = StepClock()
     timer = step_timer(clock)
     targs = hf_training_args(TrainingArguments, run_dir(work, args, "hf"), batch=args.hf_batch, accum=1)
@@ -295,10 +312,10 @@ def child_trl(work: Path, args) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(work / "tiny")
+    tok = AutoTokenizer.from_pretrained(model_dir(work))
     convs = read_conversations(work / "chat.jsonl")
     ds = datasets.Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in convs])
-    model = lora_model(work / "tiny")
+    model = lora_model(model_dir(work))
     clock = StepClock()
     timer = step_timer(clock)
     targs = hf_training_args(SFTConfig, run_dir(work, args, "trl"), batch=args.packed_rows, accum=1,
@@ -401,6 +418,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1000, help="conversations in the synthetic data set")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--model", default="tiny", help="`tiny` or a catalogue name, e.g. smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every framework")
     # One packed row (~4.4 conversations) per step, matching hf's 4 samples. With k > 1 the last
     # step of the epoch is topped up with filler rows (no labels), so the supervised tokens match.
@@ -432,13 +450,19 @@ def main(argv=None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    build_tiny(work / "tiny", seed=0)
-    data = make_data(work / "chat.jsonl", AutoTokenizer.from_pretrained(work / "tiny"), num_rows=args.rows,
+    if args.model == "tiny":
+        base = build_tiny(work / "tiny", seed=0)
+    else:
+        from llama_train.models.catalogue import pull
+
+        base = pull(args.model)
+    (work / "model_dir.txt").write_text(str(base))
+    data = make_data(work / "chat.jsonl", AutoTokenizer.from_pretrained(base), num_rows=args.rows,
                      seed=args.data_seed)
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "trl": trl.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
            "threads": args.threads, "packed_rows_per_step": args.packed_rows, "hf_samples_per_step": args.hf_batch,
-           "data": data, "argv": sys.argv[1:], "work": str(work)}
+           "data": data, "model": args.model, "argv": sys.argv[1:], "work": str(work)}
     print(json.dumps({"env": env}), flush=True)
     names = args.frameworks.split(",")
     rounds = []
@@ -450,7 +474,8 @@ def main(argv=None) -> int:
         for name in order:
             print(json.dumps({"round": k, **rounds[-1][name]}), flush=True)
     results = [median_result([r[name] for r in rounds]) for name in names]
-    counts = {r["supervised_tokens"] for rnd in rounds for r in rnd.values() if "error" not in r}
+    counts = {r["supervised_tokens"] for rnd in rounds for name, r in rnd.items() if "error" not in r
+              and (args.model == "tiny" or name != "trl")}  # TRL trains ChatML's "\n" after <|im_end|>
     status = 0
     if len(counts) > 1:
         print(f"ERROR: supervised token counts differ between frameworks or rounds: {counts}", file=sys.stderr)

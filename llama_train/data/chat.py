@@ -3,8 +3,11 @@
 Supervised spans are found by rendering the template on growing prefixes of the conversation:
 the tokens between `template(messages[:i], add_generation_prompt=True)` and
 `template(messages[:i+1])` are assistant turn i, including its end-of-turn token (the model must
-learn to stop). This works for any template whose rendering of a prefix is a prefix of the whole
-(true for Llama 3.x, where special tokens delimit turns); a template that is not is reported.
+learn to stop). The span ends at that end-of-turn token: ChatML renders an assistant turn as
+`content<|im_end|>\n`, and the `\n` after `<|im_end|>` is template layout the model never has to
+generate (generation stops at `<|im_end|>`), so it carries no loss. This works for any template
+whose rendering of a prefix is a prefix of the whole (true for Llama 3.x and ChatML, where special
+tokens delimit turns); a template that is not is reported.
 """
 
 from __future__ import annotations
@@ -12,6 +15,22 @@ from __future__ import annotations
 from llama_train.errors import DataError
 
 IGNORE_INDEX = -100
+# Tokens that end a turn in the templates we support (Llama 3, ChatML, Phi-style), besides eos.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>")
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's end-of-turn tokens: eos and those of END_OF_TURN_TOKENS it has."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids.update(token_id(tokenizer, t) for t in END_OF_TURN_TOKENS)
+    return ids - {None}
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` if the vocabulary has it (not the unknown token's id), else None.
+    (Not get_vocab(): that builds a dict of the whole vocabulary on every call.)"""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == token else None
 
 
 def render_ids(tokenizer, messages, *, add_generation_prompt=False, chat_template=None) -> list[int]:
@@ -50,6 +69,7 @@ def tokenize_messages(
     if train_on == "all":
         return {"input_ids": ids, "labels": list(ids)}
     labels = [IGNORE_INDEX] * len(ids)
+    eot = end_of_turn_ids(tokenizer)
     for k in range(len(turns)):
         prefix, upto = encoded[1 + 2 * k], encoded[2 + 2 * k]
         start = len(prefix)
@@ -59,7 +79,11 @@ def tokenize_messages(
                 "conversation, so assistant turns cannot be located; set data.chat_template to a "
                 "template whose turns are delimited by special tokens (Llama 3 style)"
             )
-        labels[start : len(upto)] = ids[start : len(upto)]
+        end = len(upto)
+        last_eot = max((j for j in range(start, end) if ids[j] in eot), default=None)
+        if last_eot is not None:  # no loss on the layout after the end-of-turn token (ChatML's "\n")
+            end = last_eot + 1
+        labels[start:end] = ids[start:end]
     return {"input_ids": ids, "labels": labels}
 
 

@@ -67,3 +67,46 @@ def test_non_prefix_stable_template_is_reported(tiny_tokenizer):
            "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(DataError, match="chat template"):
         tokenize_messages(CONV[1:3], tiny_tokenizer, chat_template=tpl)
+
+
+# ChatML (SmolLM2-135M-Instruct, a real tokenizer from the model catalogue): an assistant turn
+# renders as `<|im_start|>assistant\ncontent<|im_end|>\n`; the content and <|im_end|> are trained,
+# the "\n" after it is layout and is not.
+def test_chatml_labels_spelled_out(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    conv = [{"role": "user", "content": "Sort: 21"}, {"role": "assistant", "content": "12"},
+            {"role": "user", "content": "Add: 1 + 1"}, {"role": "assistant", "content": "2"}]
+    out = tokenize_messages(conv, tok)
+    masked = [(p, "-100" if l == IGNORE_INDEX else tok.decode([l]))
+              for p, l in zip(_pieces(tok, out["input_ids"]), out["labels"])]
+    x = "-100"
+    # No system message: SmolLM2's template adds its default system prompt.
+    system = ["<|im_start|>", "system", "\n", "You", " are", " a", " helpful", " AI", " assistant", " named",
+              " Sm", "ol", "LM", ",", " trained", " by", " H", "ugging", " Face", "<|im_end|>", "\n"]
+    header = ["<|im_start|>", "ass", "istant", "\n"]
+    assert masked == [
+        *[(p, x) for p in system],
+        *[(p, x) for p in ["<|im_start|>", "user", "\n", "Sort", ":", " ", "2", "1", "<|im_end|>", "\n"]],
+        *[(p, x) for p in header],
+        ("1", "1"), ("2", "2"), ("<|im_end|>", "<|im_end|>"), ("\n", x),  # the "\n" after <|im_end|>: no loss
+        *[(p, x) for p in ["<|im_start|>", "user", "\n", "Add", ":", " ", "1", " +", " ", "1", "<|im_end|>", "\n"]],
+        *[(p, x) for p in header],
+        ("2", "2"), ("<|im_end|>", "<|im_end|>"), ("\n", x),
+    ]
+
+
+def test_chatml_last_assistant_ends_at_im_end(smollm2_tokenizer):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there"}]
+    out = tokenize_messages(conv, smollm2_tokenizer, train_on="last_assistant")
+    trained = [smollm2_tokenizer.decode([i]) for i, l in zip(out["input_ids"], out["labels"]) if l != IGNORE_INDEX]
+    assert "".join(trained) == "Hello there<|im_end|>"
+    assert smollm2_tokenizer.decode(out["input_ids"][-1:]) == "\n"  # rendered, not trained
+
+
+def test_llama3_turn_ends_at_eot_with_nothing_after(tiny_tokenizer):
+    # The tiny tokenizer carries the Llama 3 template: nothing follows <|eot_id|> in a turn, so the
+    # last token of the conversation is the last supervised one.
+    out = tokenize_messages(CONV, tiny_tokenizer)
+    assert tiny_tokenizer.decode(out["input_ids"][-1:]) == "<|eot_id|>"
+    assert out["labels"][-1] == out["input_ids"][-1]
