@@ -171,16 +171,20 @@ def apply_finetuning(model, recipe: Recipe):
 
 
 def isolate_inductor_cache() -> None:
-    """Give each forced CPU kernel family (ATEN_CPU_CAPABILITY) its own inductor cache directory.
+    """Give each CPU kernel family its own inductor cache directory (a subdirectory of the default).
 
-    Inductor's cache key leaves ATEN_CPU_CAPABILITY out (torch 2.13): a kernel generated for
-    avx512 and reused in a process forced to avx2 computes wrong numbers, and one reused under
-    `default` does not compile. An explicit TORCHINDUCTOR_CACHE_DIR is left as the user set it."""
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    Inductor's cache key leaves the kernel family out (torch 2.13): a kernel generated for avx512
+    and reused in a process forced to avx2 (ATEN_CPU_CAPABILITY) computes wrong numbers, avx2
+    kernels reused under `default` do not compile, and avx2 kernels reused on the host's own avx512
+    abort the process. Any program that once forced a family leaves such kernels in the shared
+    default directory, so the host's own family gets a subdirectory too. An explicit
+    TORCHINDUCTOR_CACHE_DIR is left as the user set it."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten_cpu_{capability}")
+    family = (os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()).lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten_cpu_{family}")
 
 
 def compile_decoder_layers(model) -> int:

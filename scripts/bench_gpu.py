@@ -43,6 +43,7 @@ import torch._dynamo
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from llama_train import attention
 from llama_train.loss import causal_lm_loss  # noqa: E402
+from llama_train.model import isolate_inductor_cache  # noqa: E402
 from llama_train.perf import flops_per_token, matmul_param_counts, mfu, peak_flops  # noqa: E402
 
 IGNORE = -100
@@ -181,6 +182,7 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
         # so one graph serves every layer instead of two.
         hook = model.get_base_model().get_input_embeddings().register_forward_hook(
             lambda mod, inp, out: out.requires_grad_(True))
+        isolate_inductor_cache()
         for layer in model.get_base_model().model.layers:
             layer.compile()
             compiled.append(layer)

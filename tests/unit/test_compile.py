@@ -57,9 +57,11 @@ def test_compile_refused_with_deepspeed(tmp_path, tiny_dir):
 
 
 _KERNEL_SCRIPT = """
+import sys
 import torch
 from llama_train.model import isolate_inductor_cache
-isolate_inductor_cache()
+if sys.argv[1] == "isolate":
+    isolate_inductor_cache()
 def rms(x, w):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 x, w = torch.randn(4, 64, 128), torch.randn(128)
@@ -69,10 +71,11 @@ print("kernel ok")
 
 
 @needs_cxx
-def test_forced_cpu_capabilities_do_not_share_inductor_kernels(tmp_path):
-    """Inductor's cache key omits ATEN_CPU_CAPABILITY: without a directory per forced capability, a
-    kernel vectorized for avx2 is reused under `default` and fails to compile (and avx512 kernels
-    reused under avx2 compute wrong numbers). Two processes share one temp dir, as on a CI host."""
+def test_cpu_kernel_families_do_not_share_inductor_kernels(tmp_path):
+    """Inductor's cache key omits the CPU kernel family: kernels that another program generated under
+    a forced ATEN_CPU_CAPABILITY=avx2 in the shared default directory fail to compile under `default`
+    and abort the process on an avx512 host. Our compilation uses a directory per family, so a forced
+    family and then the host's own one both work after such a program (all on one temp dir)."""
     import subprocess
     import sys
 
@@ -80,10 +83,12 @@ def test_forced_cpu_capabilities_do_not_share_inductor_kernels(tmp_path):
 
     if not any("avx2" in str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()):
         pytest.skip("needs an x86 CPU with AVX2 to force two kernel families")
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
     env["TMPDIR"] = str(tmp_path)  # inductor's default cache lives under the temp dir
-    for capability in ("avx2", "default"):
-        proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], capture_output=True, text=True,
-                              env={**env, "ATEN_CPU_CAPABILITY": capability}, timeout=600)
-        assert proc.returncode == 0 and "kernel ok" in proc.stdout, (capability, proc.stderr[-2000:])
-    assert {p.name for p in tmp_path.glob("torchinductor_*/aten_cpu_*")} == {"aten_cpu_avx2", "aten_cpu_default"}
+    for mode, capability in (("plain", "avx2"), ("isolate", "default"), ("isolate", None)):
+        run_env = {**env, "ATEN_CPU_CAPABILITY": capability} if capability else env
+        proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT, mode], capture_output=True, text=True,
+                              env=run_env, timeout=600)
+        assert proc.returncode == 0 and "kernel ok" in proc.stdout, (mode, capability, proc.stderr[-2000:])
+    host = torch.backends.cpu.get_cpu_capability().lower()
+    assert {p.name for p in tmp_path.glob("torchinductor_*/aten_cpu_*")} == {"aten_cpu_default", f"aten_cpu_{host}"}
