@@ -479,11 +479,10 @@ def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str)
     """An export directory becomes a model version (through a gate run holding its files)."""
     from mlflow import MlflowClient
 
-    from llama_train.tracking import ensure_experiment
+    from llama_train.tracking import ensure_experiment, resolve_experiment
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    exp_name = recipe.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "llama-train"
-    exp_id = ensure_experiment(client, exp_name)
+    exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
     run = client.create_run(exp_id, run_name=f"gate-{c.adapter_dir.name}", tags={"llama_train.gate": "register"})
     client.log_artifacts(run.info.run_id, str(c.adapter_dir), artifact_path="adapter")
     client.set_terminated(run.info.run_id)
@@ -511,11 +510,10 @@ def _log_report(report: GateReport, c: Candidate, recipe: Recipe, tracking_uri: 
     try:
         from mlflow import MlflowClient
 
-        from llama_train.tracking import ensure_experiment
+        from llama_train.tracking import ensure_experiment, resolve_experiment
 
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        exp_name = recipe.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "llama-train"
-        exp_id = ensure_experiment(client, exp_name)
+        exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
         run = client.create_run(exp_id, run_name="gate", tags={"llama_train.gate.candidate": report.candidate,
                                                                "llama_train.gate.passed": str(report.passed)})
         for who, figs in report.figures.items():

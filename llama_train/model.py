@@ -178,11 +178,13 @@ def isolate_inductor_cache() -> None:
     kernels reused under `default` do not compile, and avx2 kernels reused on the host's own avx512
     abort the process. Any program that once forced a family leaves such kernels in the shared
     default directory, so the host's own family gets a subdirectory too. An explicit
-    TORCHINDUCTOR_CACHE_DIR is left as the user set it."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return
+    TORCHINDUCTOR_CACHE_DIR is left as the user set it (inductor itself sets it to the default
+    directory once it has been used in this process: that one is replaced)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given and os.path.abspath(given) != os.path.abspath(default_cache_dir()):
+        return
     family = (os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()).lower()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten_cpu_{family}")
 

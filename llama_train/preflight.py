@@ -65,10 +65,10 @@ def _model_shape(recipe: Recipe) -> dict | None:
         from llama_train.models.catalogue import entry
 
         cfg = cache_root() / "gguf" / entry(m.path, key="model.path").gguf_sha256 / "config.json"
-    elif m.source == "gguf":
-        from llama_train.models.gguf import converted_dir
+    elif m.source == "gguf":  # converted already? (every rank runs preflight: it never converts)
+        from llama_train.models.gguf import cached_dir
 
-        cfg = converted_dir(m.path) / "config.json"  # converts once, as training would
+        cfg = (cached_dir(m.path) or Path("/nonexistent")) / "config.json"
     else:
         cfg = Path(m.path or "") / "config.json"
     return json.loads(cfg.read_text()) if cfg.is_file() else None

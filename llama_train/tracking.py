@@ -522,8 +522,9 @@ class MlflowTracker:
                 self._file.close()
                 self._file = None
         curve = self._plot_loss_curve()
-        self._state["status"] = status
-        end_ms = self._state["end_time_ms"] = int(time.time() * 1000)  # kept by `track sync`
+        with self._state_lock:  # the uploader thread serializes _state meanwhile
+            self._state["status"] = status
+            end_ms = self._state["end_time_ms"] = int(time.time() * 1000)  # kept by `track sync`
         if curve is not None:
             self.log_artifact(curve)
         self._save_state()
@@ -642,7 +643,8 @@ class MlflowTracker:
         """Dataset lineage (see llama_train.tracking_datasets), kept for `track sync`."""
         from llama_train.tracking_datasets import log_dataset_records
 
-        self._state["datasets"] = list(records)
+        with self._state_lock:
+            self._state["datasets"] = list(records)
         self._save_state()
         client, run_id = self._client, self.run_id
         self._submit(lambda: log_dataset_records(client, run_id, records), "log of datasets")
@@ -656,11 +658,12 @@ class MlflowTracker:
         except OSError as exc:
             _warn(f"cannot write {path}: {exc}")
             return
-        tags = self._state.setdefault("tags", {})
-        logged = json.loads(tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
-        if {"path": artifact_file, "type": "table"} not in logged:
-            logged.append({"path": artifact_file, "type": "table"})
-        tags[LOGGED_ARTIFACTS_TAG] = json.dumps(logged)
+        with self._state_lock:
+            tags = self._state.setdefault("tags", {})
+            logged = json.loads(tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+            if {"path": artifact_file, "type": "table"} not in logged:
+                logged.append({"path": artifact_file, "type": "table"})
+            tags[LOGGED_ARTIFACTS_TAG] = json.dumps(logged)
         self.log_artifact(path)
         client, run_id, value = self._client, self.run_id, tags[LOGGED_ARTIFACTS_TAG]
         self._submit(lambda: client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, value), "tag of table")

@@ -14,6 +14,7 @@ import getpass
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 from importlib import metadata
@@ -114,6 +115,20 @@ def derived_params(*, global_batch_size: int, world_size: int, num_trainable: in
     return {k: param_value(v) for k, v in params.items()}
 
 
+_SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|credential)", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def redact_arg(arg: str) -> str:
+    """An argument as it may be shown to everyone who can read the MLflow UI: URL credentials
+    (`https://user:token@host`) and the values of secret-looking `key=value` overrides masked."""
+    arg = _URL_USERINFO.sub(r"\g<scheme>***@", arg)
+    key, sep, _ = arg.partition("=")
+    if sep and _SECRET_KEY.search(key.lstrip("-")):
+        return f"{key}=***"
+    return arg
+
+
 def _command_line() -> str:
     argv = list(sys.argv)
     head = Path(argv[0]).name if argv else "python"
@@ -121,7 +136,7 @@ def _command_line() -> str:
         head = "llama-train"
     elif head == "train.py":
         head = "python -m llama_train.train"
-    return shlex.join([head, *argv[1:]]) if argv else head
+    return shlex.join([head, *(redact_arg(a) for a in argv[1:])]) if argv else head
 
 
 def _recipe_arg() -> str | None:

@@ -23,14 +23,14 @@ from llama_train.errors import UsageError
 
 DB_NAME = "mlruns.db"
 ARTIFACTS_DIR = "mlartifacts"
-# (table, column) pairs that hold artifact locations in MLflow 3's SQL schema
+# (table, column, extra condition) that hold artifact locations in MLflow 3's SQL schema
 LOCATION_COLUMNS = [
-    ("experiments", "artifact_location"),
-    ("runs", "artifact_uri"),
-    ("model_versions", "source"),
-    ("model_versions", "storage_location"),
-    ("logged_models", "artifact_location"),
-    ("trace_tags", "value"),  # tag mlflow.artifactLocation of each trace
+    ("experiments", "artifact_location", ""),
+    ("runs", "artifact_uri", ""),
+    ("model_versions", "source", ""),
+    ("model_versions", "storage_location", ""),
+    ("logged_models", "artifact_location", ""),
+    ("trace_tags", "value", " AND key = 'mlflow.artifactLocation'"),
 ]
 
 
@@ -45,13 +45,19 @@ def _store_paths(directory: Path) -> tuple[Path, Path]:
     return db, db.parent / ARTIFACTS_DIR
 
 
-def _old_roots(conn: sqlite3.Connection, new_root: str) -> set[str]:
-    """`file://…/mlartifacts` locations of experiments that are not the one beside the db."""
+def _old_roots(conn: sqlite3.Connection, new_root: str, artifacts: Path) -> set[str]:
+    """`file://…/mlartifacts` locations of experiments that are not the one beside the db and whose
+    runs' directories were moved here (an experiment deliberately pointed at another store's
+    `mlartifacts/` keeps its location)."""
     roots = set()
     for (location,) in conn.execute("SELECT artifact_location FROM experiments"):
         if location and location.startswith("file:") and location.rstrip("/").endswith("/" + ARTIFACTS_DIR):
             root = location.rstrip("/")
-            if root != new_root:
+            if root == new_root:
+                continue
+            runs = [r for (r,) in conn.execute("SELECT run_uuid FROM runs WHERE substr(artifact_uri, 1, ?) = ?",
+                                               (len(root) + 1, root + "/"))]
+            if not runs or any((artifacts / run).is_dir() for run in runs):
                 roots.add(root)
     return roots
 
@@ -68,16 +74,16 @@ def relocate(directory: Path) -> dict:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "experiments" not in tables:
             raise UsageError(f"{db} is not an MLflow store (no experiments table)")
-        old_roots = _old_roots(conn, new_root)
+        old_roots = _old_roots(conn, new_root, artifacts)
         updated = 0
         with conn:  # one transaction: all locations move, or none
             for old in sorted(old_roots):
-                for table, column in LOCATION_COLUMNS:
+                for table, column, only in LOCATION_COLUMNS:
                     if table not in tables:
                         continue
                     cur = conn.execute(
                         f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                        f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                        f"WHERE ({column} = ? OR substr({column}, 1, ?) = ?){only}",
                         (new_root, len(old) + 1, old, len(old) + 1, old + "/"),
                     )
                     updated += cur.rowcount

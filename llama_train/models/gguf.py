@@ -9,6 +9,7 @@ server then use that directory like any other local base model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -40,12 +41,33 @@ def gguf_architecture(path: Path, *, key: str = "model.path") -> str:
     return str(field.contents())
 
 
+@functools.lru_cache(maxsize=16)
+def _digest(src: Path, size: int, mtime_ns: int) -> str:
+    return sha256_file(src)
+
+
+def file_digest(src: Path) -> str:
+    """sha256 of a GGUF file, hashed once per process while its size and mtime stay the same
+    (preflight, setup and loading all ask; a multi-GB file takes seconds per hash)."""
+    st = src.stat()
+    return _digest(src, st.st_size, st.st_mtime_ns)
+
+
+def cached_dir(path: str | os.PathLike) -> Path | None:
+    """The converted directory of a GGUF file if it exists already; never converts (preflight)."""
+    src = Path(path).expanduser().resolve()
+    if not src.is_file():
+        return None
+    out = cache_root() / "gguf" / file_digest(src)
+    return out if (out / MARKER).exists() else None
+
+
 def converted_dir(path: str | os.PathLike, *, key: str = "model.path") -> Path:
     """The safetensors directory of a GGUF file, converting it on first use (keyed by sha256)."""
     src = Path(path).expanduser().resolve()
     if not src.is_file():
         raise RecipeError(f"{key} {src}: no such GGUF file")
-    digest = sha256_file(src)
+    digest = file_digest(src)
     out = cache_root() / "gguf" / digest
     if (out / MARKER).exists():
         return out

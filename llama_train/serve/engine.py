@@ -320,7 +320,8 @@ class Engine:
                         req = self._pending.get_nowait()
                 except queue.Empty:
                     break
-            if req is None:
+            if req is None:  # stop: what this call gathered is told it is shutting down, like the queue
+                self._overflow[:0] = batch
                 return None
             if req.cancelled:
                 continue

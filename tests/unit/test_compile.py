@@ -60,7 +60,9 @@ _KERNEL_SCRIPT = """
 import sys
 import torch
 from llama_train.model import isolate_inductor_cache
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 if sys.argv[1] == "isolate":
+    cache_dir()  # inductor used earlier in the process (it then sets TORCHINDUCTOR_CACHE_DIR itself)
     isolate_inductor_cache()
 def rms(x, w):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w

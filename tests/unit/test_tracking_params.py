@@ -55,3 +55,19 @@ def test_description_and_summary_metrics():
     m = summary_metrics(summary)
     assert m["summary/total_tokens"] == 100 and "summary/train_loss" not in m
     assert m["summary/eval_exact_match_change"] == 0.5
+
+
+def test_command_line_tag_masks_credentials(monkeypatch):
+    """The command line is a tag everyone with UI access reads: URL credentials and secret-looking
+    override values are masked, the rest is kept as typed."""
+    from llama_train.tracking_params import source_tags
+
+    monkeypatch.setattr("sys.argv", ["/usr/bin/llama-train", "run", "r.yaml", "train.lr=1e-4",
+                                     "tracking.uri=https://alice:s3cr3t@mlflow.example:5000",
+                                     "--hf-token=hf_abc", "export.api_key=xyz"])
+    tags = source_tags()
+    command = tags["llama_train.command"]
+    assert "s3cr3t" not in command and "hf_abc" not in command and "xyz" not in command
+    assert "tracking.uri=https://***@mlflow.example:5000" in command
+    assert "--hf-token=***" in command and "export.api_key=***" in command and "train.lr=1e-4" in command
+    assert "s3cr3t" not in tags["mlflow.source.name"]
