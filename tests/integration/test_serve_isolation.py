@@ -78,7 +78,7 @@ def test_a_failing_sampler_ends_only_its_own_request(server):
     """Defect 1: a row whose sampling raises (here: repetition_penalty 1e-45 turns logits into inf,
     softmax into NaN) used to post its error to every row of the batch."""
     c = server.client()
-    greedy = {"model": BASE_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 40,
+    greedy = {"model": BASE_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 120,
               "extra_body": {"ignore_eos": True}}
     want = c.chat.completions.create(**greedy).choices[0].message.content
     out: dict[str, object] = {}
@@ -97,7 +97,10 @@ def test_a_failing_sampler_ends_only_its_own_request(server):
     for t in threads:
         t.start()
     go.wait()
-    time.sleep(0.3)  # the innocent requests are decoding: the bad one joins their batch
+    t0 = time.monotonic()  # the bad request joins the batch while both innocent ones are decoding
+    while metric(server, "llama_train_num_requests_running", model=BASE_NAME) < 2:
+        assert time.monotonic() - t0 < 60, "the innocent requests never ran together"
+        time.sleep(0.01)
     bad = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "temperature": 1.0,
                                              "repetition_penalty": 1e-45, "max_tokens": 40})
     for t in threads:
