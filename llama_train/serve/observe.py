@@ -58,6 +58,10 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40,
 ITL_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 
 
+class _BodyAbandoned(Exception):
+    """The client disconnected before the request body was complete (nothing to answer: 499)."""
+
+
 class Metrics:
     def __init__(self, models: list[str] | tuple[str, ...] = ()) -> None:
         prometheus_client.disable_created_metrics()  # keep exactly the documented series
@@ -238,6 +242,9 @@ class GatewayMiddleware:
                     rejection = (408, error_body(
                         f"the request body did not arrive within {self.body_timeout_s:g} s "
                         "(server --body-timeout-s)", code="request_timeout"), [(b"connection", b"close")])
+                except _BodyAbandoned:  # the client left before its body was complete
+                    status["code"] = 499
+                    return
                 else:
                     if receive is None:
                         rejection = (413, self._too_large(), [])
@@ -295,6 +302,8 @@ class GatewayMiddleware:
         chunks, seen, more = [], 0, True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _BodyAbandoned
             if message["type"] != "http.request":
                 break
             chunks.append(message.get("body", b""))

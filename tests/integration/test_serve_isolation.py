@@ -185,6 +185,22 @@ def test_dependent_parameters_without_their_parent_are_400(server):
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
+def test_client_gone_before_its_body_is_complete_is_499_not_a_request(server):
+    """A sender that closes its socket mid-body is counted as 499 (client went away); its partial
+    body is not handed to the app as if it were complete."""
+    route = "/v1/completions"
+    before = metric(server, "llama_train_requests_total", route=route, status="499")
+    bad_before = metric(server, "llama_train_requests_total", route=route, status="400")
+    s = stalled_socket(server, sent=b'{"model": "x", "prompt": "hi"}', length=100)
+    time.sleep(0.2)
+    s.close()
+    t0 = time.monotonic()
+    while metric(server, "llama_train_requests_total", route=route, status="499") < before + 1:
+        assert time.monotonic() - t0 < 20, "the abandoned body was not counted as 499"
+        time.sleep(0.05)
+    assert metric(server, "llama_train_requests_total", route=route, status="400") == bad_before
+
+
 def test_stalled_bodies_hold_no_slot_and_get_408(server):
     """Defect 2: the slot was taken before the body was read, and the read had no deadline: four
     stalled senders (= --max-concurrency) made every real request 429."""
