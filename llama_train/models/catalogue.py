@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llama_train.errors import InfrastructureError, RecipeError
 from llama_train.models.cache import cache_root, sha256_file
-from llama_train.models.gguf import converted_dir
+from llama_train.models.gguf import converted_dir, file_digest
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,15 @@ def pull(name: str, *, key: str = "NAME", log=print) -> Path:
     """The converted model directory of catalogue entry `name`, fetching and converting on first use."""
     e = entry(name, key=key)
     dest = gguf_path(e)
+    if dest.is_file() and (digest := file_digest(dest)) != e.gguf_sha256:
+        # A damaged cache heals itself (a retried pod must not fail on the same file forever); the
+        # damaged file is kept aside for a look, not deleted.
+        aside = dest.with_name(dest.name + ".damaged")
+        os.replace(dest, aside)
+        log(f"{dest}: sha256 {digest} does not match the pinned {e.gguf_sha256} of {e.name!r}; "
+            f"moved it to {aside} and fetching it again")
     if not dest.is_file():
         _fetch(e, dest, log=log)
-    digest = sha256_file(dest)
-    if digest != e.gguf_sha256:
-        raise InfrastructureError(f"{dest}: sha256 {digest} does not match the pinned {e.gguf_sha256} of "
-                                  f"{e.name!r}; delete the file and run `llama-train model pull {e.name}` again")
     return converted_dir(dest, key=key)
 
 

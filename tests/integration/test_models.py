@@ -131,4 +131,6 @@ def test_pull_is_offline_after_the_first_fetch(tmp_path, smollm2_dir):
         f.seek(1000)
         f.write(b"\0\1\2\3")
     r = _cli("model", "pull", NAME, env_extra=offline)
-    assert r.returncode == 130 and "does not match the pinned" in r.stderr and "delete the file" in r.stderr
+    assert r.returncode == 130 and "does not match the pinned" in r.stderr and "fetching it again" in r.stderr
+    assert "cannot download" in r.stderr and not gguf_file.exists()  # a retry fetches a good copy
+    assert gguf_file.with_name(gguf_file.name + ".damaged").is_file()  # kept aside, not deleted
