@@ -46,5 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(args[0], args[1:], allow_recipe_change=allow)
 
 
+def exit_process(code: int) -> None:
+    """sys.exit, except on a rank whose peer died (InfrastructureError under torchrun): there the
+    interpreter's teardown can run the native destructors of a broken gloo/NCCL process group,
+    which abort ("terminate called without an active exception", SIGABRT) and replace 130 with
+    134. Tracking already finished inside `train`; flush and leave without that teardown."""
+    import os
+
+    from llama_train.errors import InfrastructureError
+
+    if code == InfrastructureError.exit_code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -5,7 +5,11 @@ code. Plain torchrun exits 1 whenever a rank fails or the agent is signalled (ch
 2.13: a rank exiting 143 or 2, and SIGTERM to torchrun, all give 1), so a PyTorchJob with
 `restartPolicy: ExitCode` would never retry a preempted pod. Here the pod exits with:
 
-- the exit code of the first failing rank (root cause), a signal death as 128 + signal;
+- the exit code of the rank whose failure is the root cause, a signal death as 128 + signal. When
+  one rank dies (say SIGKILL by the OOM killer), its peers fail too: their collective breaks and
+  they exit 130, or their C++ teardown aborts (SIGABRT). torchrun stamps failures to the second
+  and breaks ties by rank, so `get_first_failure()` often names rank 0's 130 instead of rank 1's
+  137. Such consequential exits rank last here (see `root_cause`);
 - 128 + signal when the agent itself is signalled (SIGTERM on preemption -> 143);
 - 130 (InfrastructureError) when the agent fails otherwise (rendezvous timeout, lost peer).
 
@@ -19,6 +23,7 @@ one store across restarts, and the restarted ranks read the dead ranks' addresse
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 INFRASTRUCTURE_EXIT = 130  # llama_train.errors.InfrastructureError.exit_code
@@ -31,6 +36,19 @@ def exit_code_of_failure(exitcode: int) -> int:
     return exitcode if 0 < exitcode < 256 else INFRASTRUCTURE_EXIT
 
 
+# What a rank exits with when a peer died under it: InfrastructureError's 130, or SIGABRT when
+# the native teardown of a broken process group aborts ("terminate called without an active
+# exception"). A failure of this kind is the root cause only when every failure is of this kind.
+CONSEQUENTIAL_EXITS = (INFRASTRUCTURE_EXIT, -int(signal.SIGABRT))
+
+
+def root_cause(failures: dict) -> tuple[int, object]:
+    """(global rank, ProcessFailure) of the failure that caused the others: consequential exits
+    last, then the earliest, then the lowest rank (torchrun's own order)."""
+    return min(failures.items(),
+               key=lambda kv: (kv[1].exitcode in CONSEQUENTIAL_EXITS, kv[1].timestamp, kv[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -40,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun_main(argv)
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
+        rank, failure = root_cause(exc.failures)
+        if rank != exc.get_first_failure()[0]:  # torchrun's summary above names another rank
+            print(f"llama_train.k8s.launch: root cause is rank {rank} (exitcode {failure.exitcode}); "
+                  "the other ranks failed after it", file=sys.stderr)
         return exit_code_of_failure(failure.exitcode)
     except SignalException as exc:
         return 128 + int(exc.sigval)

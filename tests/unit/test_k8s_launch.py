@@ -51,3 +51,57 @@ def test_launcher_sigterm_exits_143(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _two_ranks(tmp_path, rank0: str, rank1: str) -> int:
+    """Run a 2-rank launch whose ranks run the given bodies; the agent polls every 2 s, so
+    failures close together are seen in one pass and get the same (whole-second) timestamp."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, pathlib, signal, sys, time\n"
+        f"flag = pathlib.Path({str(tmp_path / 'peer_died')!r})\n"
+        "if os.environ['RANK'] == '0':\n"
+        + "".join(f"    {line}\n" for line in rank0.splitlines())
+        + "else:\n"
+        + "".join(f"    {line}\n" for line in rank1.splitlines()))
+    proc = subprocess.run([sys.executable, "-m", "llama_train.k8s.launch", "--nproc-per-node", "2",
+                           "--monitor-interval", "2", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode
+
+
+# rank 1 is SIGKILLed (an OOM kill); rank 0 notices its peer is gone a moment later
+KILLED_RANK1 = "flag.write_text('1')\nos.kill(os.getpid(), signal.SIGKILL)"
+WAIT_FOR_PEER = "while not flag.exists():\n    time.sleep(0.05)\ntime.sleep(0.2)\n"
+
+
+@pytest.mark.parametrize("rank0_then", ["sys.exit(130)", "os.abort()"],
+                         ids=["peer-exits-130", "peer-teardown-aborts"])
+def test_launcher_reports_the_killed_rank_not_the_peer_that_failed_after_it(tmp_path, rank0_then):
+    """The root cause of a 2-rank failure is the rank SIGKILLed first (137, retried by ExitCode),
+    not rank 0, which failed because of it (torch's first failure is rank 0: same second, lower
+    rank). Without `root_cause` this launch exits 130 or 134."""
+    pytest.importorskip("torch")
+    assert _two_ranks(tmp_path, WAIT_FOR_PEER + rank0_then, KILLED_RANK1) == 137
+
+
+def test_launcher_reports_a_consequential_exit_when_it_is_the_only_failure(tmp_path):
+    pytest.importorskip("torch")
+    assert _two_ranks(tmp_path, "sys.exit(130)", "sys.exit(0)") == 130
+
+
+def test_root_cause_order():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from llama_train.k8s.launch import root_cause
+
+    def failure(rank, code, ts):
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="<N/A>")
+        f.timestamp = ts
+        return f
+
+    same_second = {0: failure(0, 130, 5), 1: failure(1, -9, 5)}
+    assert root_cause(same_second)[0] == 1
+    assert root_cause({0: failure(0, -6, 5), 1: failure(1, 1, 6)})[0] == 1  # later, but not a consequence
+    assert root_cause({0: failure(0, 2, 6), 1: failure(1, -9, 5)})[0] == 1  # both real: the earliest
+    assert root_cause({0: failure(0, 130, 5), 1: failure(1, 130, 5)})[0] == 0  # all consequential: lowest rank
