@@ -30,6 +30,14 @@ import torch.nn.functional as F
 
 NAMES = ("doc_sdpa", "doc_varlen")
 
+
+def resolve(name: str) -> str:
+    """The kernel `model.attn_implementation` names; `auto` is doc_varlen on CUDA, doc_sdpa elsewhere
+    (both equal sdpa wherever a batch is not packed)."""
+    if name != "auto":
+        return name
+    return "doc_varlen" if torch.cuda.is_available() else "doc_sdpa"
+
 # (fn, has_window_size, has_enable_gqa, has_is_causal) of torch's varlen_attn, once checked usable.
 _VARLEN = None
 # One-entry cache: every layer of a forward sees the same position_ids tensor, so the boundaries

@@ -47,12 +47,13 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the base weights are loaded in (bfloat16 on GPUs)."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "doc_sdpa", "doc_varlen"] = Field(
-        "sdpa",
-        description="Attention kernel; flash_attention_2 needs a CUDA GPU and flash-attn. `doc_sdpa`: "
-        "packed rows attend per document (cost sum of squared document lengths, not seq_len^2; the "
-        "CPU fast path for data.packing); `doc_varlen`: the same with torch's varlen flash kernel on "
-        "CUDA. Both behave like sdpa for unpacked batches and generation.",
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "doc_sdpa", "doc_varlen"] = Field(
+        "auto",
+        description="Attention kernel. `auto` (default): `doc_varlen` on CUDA, `doc_sdpa` elsewhere, the "
+        "fastest path measured (BENCHMARKS.md). `doc_sdpa`: packed rows attend per document (cost sum "
+        "of squared document lengths, not seq_len^2); `doc_varlen`: the same with torch's varlen "
+        "flash kernel on CUDA (falls back to doc_sdpa where unusable). Both behave exactly like sdpa "
+        "for unpacked batches and generation. flash_attention_2 needs a CUDA GPU and flash-attn.",
     )
     quantization: Literal["none", "nf4"] = Field(
         "none", description="`nf4`: load the frozen base in 4-bit NF4 (QLoRA; needs CUDA + bitsandbytes)."

@@ -100,11 +100,12 @@ def load_base_model(recipe: Recipe, base_path: str, *, device: torch.device | No
     m = recipe.model
     from llama_train import attention
 
-    if m.attn_implementation in attention.NAMES:
+    attn = attention.resolve(m.attn_implementation)
+    if attn in attention.NAMES:
         attention.register()  # transformers must know the name before from_pretrained checks it
     kwargs: dict = dict(
         dtype=DTYPES[m.dtype],
-        attn_implementation=m.attn_implementation,
+        attn_implementation=attn,
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
         use_safetensors=True,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from llama_train import checkpoint as ckpt
+from llama_train.attention import resolve as resolve_attention
 from llama_train.config import Recipe, diff_recipes, dump_recipe
 from llama_train.data.dataset import dataset_fingerprint, load_data
 from llama_train.data.loader import (
@@ -459,8 +460,14 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
         raise _damaged(run, resume_dir, exc) from None
     current = yaml.safe_load(run.recipe_yaml)
     # Which checkpoint to resume from is not part of the run: naming an older one is not a change.
+    # Nor is the attention kernel: sdpa, doc_sdpa and doc_varlen compute the same attention (a
+    # checkpoint written before `auto` became the default says sdpa).
+    kernels = [r.get("model", {}).pop("attn_implementation", None) for r in (saved, current)]
     for recipe in (saved, current):
         recipe.get("checkpoint", {}).pop("resume", None)
+    if kernels[0] != kernels[1]:
+        _log(run.ctx, f"resuming {resume_dir.name} with model.attn_implementation {kernels[1]} (the checkpoint's "
+            f"run used {kernels[0]}): the same attention, another kernel")
     if saved != current and not allow_recipe_change:
         raise CheckpointError(
             f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(diff_recipes(saved, current))
@@ -605,7 +612,7 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     t0 = time.perf_counter()
     indices = run.loader.next_step()
     micro = [collate([as_filler(data[sample_index(i)]) if is_filler(i) else data[i] for i in idx],
-                     pad_id=run.tokenizer.pad_token_id, attn_implementation=run.recipe.model.attn_implementation,
+                     pad_id=run.tokenizer.pad_token_id, attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
                      mask_dtype=DTYPES[run.recipe.model.dtype]) for idx in indices]
     lr = run.scheduler.get_last_lr()[0]
     res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1),

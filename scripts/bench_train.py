@@ -13,7 +13,9 @@ first or last); the table shows each framework's median round and a second table
 ratios (the two runs compared within a round saw the same machine state). `--frameworks` may add
 `llama_train_compiled` (the same recipe with `train.compile: true`), `llama_train_padded`
 (data.packing false: one sample per row, padded to the longest of `--hf-batch` rows per step, as
-hf) and `llama_train_grouped` (the same with data.group_by_length).
+hf), `llama_train_grouped` (the same with data.group_by_length) and `llama_train_sdpa` (packed
+rows with `model.attn_implementation: sdpa` and its block-diagonal 4D mask, the default before
+`auto`).
 
 The same tiny Llama (llama_train.tiny.build_tiny, seed 0), the same synthetic chat data (one
 user and one assistant turn of random letter words from the tiny tokenizer's vocabulary; user and
@@ -24,7 +26,8 @@ cosine to 0, no warmup, grad-norm clip 1.0), seed 42, fp32, the same torch threa
 assistant answer and its <|eot_id|>; checked, the run fails if the counts differ):
 
   llama_train  `python -m llama_train.train RECIPE` in-process: data.packing (best-fit-decreasing
-               rows of 1024), model.attn_implementation doc_sdpa (per-document attention),
+               rows of 1024), the default model.attn_implementation (`auto`: doc_sdpa, per-document
+               attention, on CPU),
                1 packed row per optimizer step.
   hf           transformers Trainer + PEFT, one sample per row padded to the longest of the batch
                (DataCollatorForSeq2Seq), sdpa, 4 samples per optimizer step (a packed row holds
@@ -73,7 +76,7 @@ HP = {"lr": 2e-4, "seed": 42, "r": 16, "alpha": 32, "max_grad_norm": 1.0}
 FRAMEWORKS = ("llama_train", "hf", "trl")
 # not in the default set: llama_train with train.compile: true; unpacked rows (padded like hf),
 # without and with data.group_by_length
-OPTIONAL = ("llama_train_compiled", "llama_train_padded", "llama_train_grouped")
+OPTIONAL = ("llama_train_compiled", "llama_train_padded", "llama_train_grouped", "llama_train_sdpa")
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -210,7 +213,7 @@ def child_llama_train(work: Path, args, *, variant: str = "") -> dict:
     recipe = {
         "output_dir": str(out),
         "model": {"source": "tiny" if model_dir(work) == work / "tiny" else "hf", "path": str(model_dir(work)),
-                  "attn_implementation": "doc_sdpa"},
+                  **({"attn_implementation": "sdpa"} if variant == "sdpa" else {})},
         "data": {"sources": [{"path": str(work / "chat.jsonl"), "format": "messages"}], "packing": packed,
                  "group_by_length": variant == "grouped",
                  "seq_len": SEQ_LEN, "cache_dir": str(work / "llama_train_cache")},
@@ -332,7 +335,7 @@ def child_trl(work: Path, args) -> dict:
 
 CHILDREN = {"llama_train": child_llama_train, "hf": child_hf, "trl": child_trl,
             **{f"llama_train_{v}": functools.partial(child_llama_train, variant=v)
-               for v in ("compiled", "padded", "grouped")}}
+               for v in ("compiled", "padded", "grouped", "sdpa")}}
 
 
 def run_child(name: str, work: Path, args) -> dict:

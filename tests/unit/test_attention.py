@@ -160,3 +160,28 @@ def test_generate_works_and_matches_sdpa(model, tiny_dir, tiny_tokenizer, per_do
     assert got.shape[1] > width
     assert got.tolist() == want.tolist()
     assert per_doc_calls == []  # padding mask, then KV-cache decoding: the sdpa fallback
+
+
+def test_default_attention_is_the_per_document_path_and_saves_as_plain_sdpa(tmp_path, tiny_dir):
+    """`model.attn_implementation: auto` (the default) trains packed rows per document (doc_sdpa on
+    CPU: no 4D mask in the batch), and what the trained model saves names no kernel that only
+    llama-train registers, so vLLM or plain transformers load it."""
+    import json
+
+    from llama_train.config import recipe_from_dict
+    from llama_train.model import load_base_model
+
+    from ..conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir))
+    assert recipe.model.attn_implementation == "auto"
+    assert attention.resolve("auto") == ("doc_varlen" if torch.cuda.is_available() else "doc_sdpa")
+    assert attention.resolve("sdpa") == "sdpa"
+    model = load_base_model(recipe, str(tiny_dir))
+    assert model.config._attn_implementation == attention.resolve("auto")
+    batch = collate(_packed(_docs(3), [[0, 1, 2]]), pad_id=0,
+                    attn_implementation=attention.resolve(recipe.model.attn_implementation))
+    assert "attention_mask" not in batch and "position_ids" in batch
+    model.save_pretrained(tmp_path / "saved")
+    assert "doc_" not in (tmp_path / "saved" / "config.json").read_text()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text()).get("model_type") == "llama"

@@ -129,6 +129,30 @@ def test_changed_recipe_is_refused_with_a_diff(tmp_path, tiny_dir):
     assert summary["global_step"] == 2 and [s for s, _ in summary["loss_history"]] == [2]
 
 
+def test_another_attention_kernel_is_not_a_recipe_change(tmp_path, tiny_dir, capsys):
+    """A checkpoint written with model.attn_implementation sdpa (the default before `auto`)
+    resumes under the default: the same attention, another kernel; it is said, not refused."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.trainer import train
+    from tests.conftest import tiny_recipe
+
+    base = tiny_recipe(tmp_path, tiny_dir, model={"attn_implementation": "sdpa"},
+                       data={"builtin": {"num_train": 16, "num_eval": 1}, "seq_len": 48, "packing": True,
+                             "eval": {"max_new_tokens": 1}},
+                       train={"max_steps": 1, "micro_batch_size": 1}, checkpoint={"save_final": True})
+    train(recipe_from_dict(base))
+    later = json.loads(json.dumps(base))
+    del later["model"]["attn_implementation"]
+    later["train"]["max_steps"] = 2
+    with pytest.raises(CheckpointError) as err:  # the step count did change
+        train(recipe_from_dict(later))
+    assert "attn_implementation" not in str(err.value)
+    summary = train(recipe_from_dict(later), allow_recipe_change=True)
+    assert summary["global_step"] == 2
+    log = " ".join(capsys.readouterr().err.split())
+    assert "with model.attn_implementation auto (the checkpoint's run used sdpa)" in log, log[-1500:]
+
+
 def test_fsync_tree_skips_files_another_rank_renamed_meanwhile(tmp_path, monkeypatch):
     """Ranks fsync the same shared step_N.tmp; a temp file that another rank renamed between the
     listing and the open must not fail this rank's save (seen: rank 1 vs rank 0's adapter writer)."""
