@@ -9,7 +9,8 @@ code. Plain torchrun exits 1 whenever a rank fails or the agent is signalled (ch
   one rank dies (say SIGKILL by the OOM killer), its peers fail too: their collective breaks and
   they exit 130, or their C++ teardown aborts (SIGABRT). torchrun stamps failures to the second
   and breaks ties by rank, so `get_first_failure()` often names rank 0's 130 instead of rank 1's
-  137. Such consequential exits rank last here (see `root_cause`);
+  137. Such consequential exits rank last here, and the exit codes of ranks that the agent itself
+  ended afterwards (SIGTERM/SIGKILL of a hung rank) are not candidates (see `root_cause`);
 - 128 + signal when the agent itself is signalled (SIGTERM on preemption -> 143);
 - 130 (InfrastructureError) when the agent fails otherwise (rendezvous timeout, lost peer).
 
@@ -42,11 +43,48 @@ def exit_code_of_failure(exitcode: int) -> int:
 CONSEQUENTIAL_EXITS = (INFRASTRUCTURE_EXIT, -int(signal.SIGABRT))
 
 
+ENDED_BY_AGENT = "_llama_train_ended_by_agent"
+
+
 def root_cause(failures: dict) -> tuple[int, object]:
-    """(global rank, ProcessFailure) of the failure that caused the others: consequential exits
-    last, then the earliest, then the lowest rank (torchrun's own order)."""
-    return min(failures.items(),
-               key=lambda kv: (kv[1].exitcode in CONSEQUENTIAL_EXITS, kv[1].timestamp, kv[0]))
+    """(global rank, ProcessFailure) of the failure that caused the others: the ranks that failed on
+    their own (not ended by the agent's cleanup), consequential exits last, then the earliest, then
+    the lowest rank (torchrun's own order)."""
+    own = {r: f for r, f in failures.items() if not getattr(f, ENDED_BY_AGENT, False)} or failures
+    return min(own.items(), key=lambda kv: (kv[1].exitcode in CONSEQUENTIAL_EXITS, kv[1].timestamp, kv[0]))
+
+
+def _mark_failures_ended_by_agent() -> None:
+    """Once a rank fails, torchrun's SubprocessContext closes the others (SIGTERM, then SIGKILL
+    after a grace period) and records their exit codes as failures too, with later timestamps
+    only when the close took a second or more. Mark every failure recorded after `close()` began,
+    so a hung rank that the agent killed (-9) is not taken for the cause of the peer's 130."""
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+    if getattr(SubprocessContext.close, "_llama_train", False):
+        return
+    close = SubprocessContext.close
+
+    def marking_close(self, *args, **kwargs):
+        before = set(self._failures)
+        try:
+            return close(self, *args, **kwargs)
+        finally:
+            self._llama_train_failed_before_close = before
+
+    capture = SubprocessContext._capture_process_failures
+
+    def marking_capture(self, done_local_ranks):
+        capture(self, done_local_ranks)
+        before = getattr(self, "_llama_train_failed_before_close", None)
+        if before is not None:
+            for local_rank, failure in self._failures.items():
+                if local_rank not in before:
+                    setattr(failure, ENDED_BY_AGENT, True)
+
+    marking_close._llama_train = True
+    SubprocessContext.close = marking_close
+    SubprocessContext._capture_process_failures = marking_capture
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun_main
 
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    _mark_failures_ended_by_agent()
     try:
         torchrun_main(argv)
     except ChildFailedError as exc:

@@ -85,6 +85,16 @@ def test_launcher_reports_the_killed_rank_not_the_peer_that_failed_after_it(tmp_
     assert _two_ranks(tmp_path, WAIT_FOR_PEER + rank0_then, KILLED_RANK1) == 137
 
 
+def test_launcher_ignores_the_exit_codes_of_ranks_it_ended_itself(tmp_path):
+    """Rank 1 hangs; rank 0 gives up (130, as at parallel.timeout_s); torchrun then ends rank 1,
+    whose exit code (1 here, from its SIGTERM handler) it records as a failure as well. The job
+    failed with 130 (infrastructure), not with the code of the rank the agent ended."""
+    pytest.importorskip("torch")
+    hang = ("signal.signal(signal.SIGTERM, lambda *a: os._exit(1))\nflag.write_text('1')\n"
+            "while True:\n    time.sleep(1)")
+    assert _two_ranks(tmp_path, WAIT_FOR_PEER + "sys.exit(130)", hang) == 130
+
+
 def test_launcher_reports_a_consequential_exit_when_it_is_the_only_failure(tmp_path):
     pytest.importorskip("torch")
     assert _two_ranks(tmp_path, "sys.exit(130)", "sys.exit(0)") == 130
