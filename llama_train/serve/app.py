@@ -236,8 +236,9 @@ class _Handlers:
         prompts = self._prompts(req, kind)
         adapter = None if req.model == engine.base_id else req.model
         loop = asyncio.get_running_loop()
+        ends_at = time.monotonic() + self.timeout_s  # the same deadline, on the engine's clock
         gens = [GenRequest(ids, self._params(req, len(ids), top_logprobs, prompt_logprobs),
-                           req.model, adapter, loop) for ids in prompts]
+                           req.model, adapter, loop, deadline=ends_at) for ids in prompts]
         if req.stream and len(gens) > 1:
             raise APIError(400, "stream with several prompts is not supported; send one prompt",
                            param="prompt", code="unsupported_parameter")

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama_train.serve.admission import Pending, StepTimes, admits
+
 log = logging.getLogger("llama_train.serve")
 
 
@@ -97,8 +99,9 @@ class GenRequest:
     """One HTTP request: n sequences of the same prompt, for one model (base or adapter)."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, model: str,
-                 adapter: str | None, loop: asyncio.AbstractEventLoop):
+                 adapter: str | None, loop: asyncio.AbstractEventLoop, *, deadline: float | None = None):
         self.prompt_ids = prompt_ids
+        self.deadline = deadline  # time.monotonic() by which the client gets its 504
         self.params = params
         self.model = model
         self.adapter = adapter
@@ -160,6 +163,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.metrics: Any = None  # observe.Metrics, set by the app: updated from the worker thread
+        self.step_times = StepTimes()  # what admission predicts iterations from (serve.admission)
+        self._chunk = [0, 0.0]  # this iteration's chunked prefill: tokens, seconds
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -263,14 +268,23 @@ class Engine:
             by_adapter: dict[str | None, list[GenRequest]] = {}
             for req in new:
                 by_adapter.setdefault(req.adapter, []).append(req)
+            t0 = time.monotonic()
             for adapter, reqs in by_adapter.items():
                 group = groups.setdefault(adapter, _Group(self, adapter))
                 self._guarded(group, group.admit, reqs)
+            t1 = time.monotonic()
+            self.step_times.add_prefill(sum(len(q.prompt_ids) * q.params.n for q in new
+                                            if len(q.prompt_ids) <= self.prefill_chunk_tokens
+                                            or not self.prefill_chunk_tokens), t1 - t0)
+            rows = sum(len(g.rows) for g in groups.values())
+            self._chunk = [0, 0.0]  # prompt tokens and seconds of chunked prefill in this iteration
             for adapter, group in list(groups.items()):
                 if group.rows or group.prefilling:
                     self._guarded(group, group.step)
                 if not group.rows and not group.prefilling:
                     del groups[adapter]
+            self.step_times.add_step(rows, time.monotonic() - t1 - self._chunk[1])
+            self.step_times.add_prefill(*self._chunk)
 
     def _update_gauges(self, groups: dict) -> None:
         """Running and waiting requests per model, once per engine iteration."""
@@ -302,9 +316,15 @@ class Engine:
 
     def _admit(self, groups: dict, *, block: bool) -> list[GenRequest] | None:
         """New requests that fit in the batch. When idle, block for one and then gather more
-        for batch_wait_s; while decoding, take only what is already queued (no waiting)."""
+        for batch_wait_s; while decoding, take only what is already queued (no waiting). A
+        request joins only if the running rows on track keep their deadlines (serve.admission);
+        otherwise it stays first in the queue."""
         batch: list[GenRequest] = []
         rows = sum(g.num_rows for g in groups.values())
+        running = [Pending(r.req.params.max_tokens - len(r.ids), r.req.deadline)
+                   for g in groups.values() for r in g.rows if not r.done]
+        running += [Pending(c.req.params.max_tokens, c.req.deadline)
+                    for g in groups.values() for c in g.prefilling for _ in range(c.req.params.n)]
         deadline = time.monotonic() + self.batch_wait_s
         while True:
             if self._overflow:
@@ -325,11 +345,14 @@ class Engine:
                 return None
             if req.cancelled:
                 continue
-            if rows + req.params.n > self.max_batch_size and rows > 0:
+            if rows > 0 and (rows + req.params.n > self.max_batch_size or not admits(
+                    self.step_times, running, new_rows=req.params.n,
+                    new_prompt_tokens=len(req.prompt_ids), now=time.monotonic())):
                 self._overflow.insert(0, req)  # next iteration, when rows have finished
                 break
             batch.append(req)
             rows += req.params.n
+            running += [Pending(req.params.max_tokens, req.deadline)] * req.params.n
         return batch
 
     def _adapter_context(self, adapter: str | None):
@@ -581,7 +604,11 @@ class _Group:
         import torch
 
         if self.prefilling:
+            t0, tokens = time.monotonic(), self.prefilling[0].req.params.n * min(
+                self.engine.prefill_chunk_tokens, len(self.prefilling[0].req.prompt_ids) - self.prefilling[0].done)
             self._prefill_chunk()
+            self.engine._chunk[0] += tokens
+            self.engine._chunk[1] += time.monotonic() - t0
         if not self.rows:
             return
 
