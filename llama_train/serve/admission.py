@@ -90,10 +90,12 @@ class StepTimes:
 
 
 def admits(times: StepTimes, running: list[Pending], *, new_rows: int, new_prompt_tokens: int,
-           now: float) -> bool:
+           now: float, admitted_prompt_tokens: int = 0) -> bool:
     """Whether `new_rows` rows (prompt of `new_prompt_tokens` tokens, prefilled once per row) may
-    join the batch now. Always when nothing runs; else within the slow-start limit and only if
-    every running row on track stays on track."""
+    join the batch now, after the requests already admitted in this iteration (in `running`, with
+    `admitted_prompt_tokens` prompt tokens still to prefill before the next token). Always when
+    nothing runs; else within the slow-start limit and only if every running row on track stays
+    on track."""
     rows = len(running)
     if rows == 0:
         return True
@@ -103,7 +105,7 @@ def admits(times: StepTimes, running: list[Pending], *, new_rows: int, new_promp
     new_step = times.step_seconds(rows + new_rows)
     if now_step is None or new_step is None:
         return True
-    delay = times.prefill_seconds(new_prompt_tokens * new_rows)
+    delay = times.prefill_seconds(admitted_prompt_tokens + new_prompt_tokens * new_rows)
     for p in running:
         if p.deadline is None:
             continue

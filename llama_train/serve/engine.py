@@ -346,8 +346,9 @@ class Engine:
             if req.cancelled:
                 continue
             if rows > 0 and (rows + req.params.n > self.max_batch_size or not admits(
-                    self.step_times, running, new_rows=req.params.n,
-                    new_prompt_tokens=len(req.prompt_ids), now=time.monotonic())):
+                    self.step_times, running, new_rows=req.params.n, new_prompt_tokens=len(req.prompt_ids),
+                    now=time.monotonic(), admitted_prompt_tokens=sum(len(q.prompt_ids) * q.params.n
+                                                                      for q in batch))):
                 self._overflow.insert(0, req)  # next iteration, when rows have finished
                 break
             batch.append(req)

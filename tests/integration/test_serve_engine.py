@@ -56,6 +56,9 @@ def test_short_request_finishes_while_a_long_prompt_is_prefilled(engine):
     order = asyncio.run(main())
     # 900 tokens in chunks of 64 take 15 iterations; the short request needs 3 decode steps
     assert order.index("long") > max(i for i, n in enumerate(order) if n == "short"), order
+    # what admission predicts from (serve.admission): decode iterations and prefill, measured
+    times = engine.step_times
+    assert times.max_rows_seen >= 1 and times.prefill_s_per_token > 0 and times.step_seconds(1) > 0
 
 
 def test_chunked_prefill_matches_transformers_generate(engine, tiny_model_dir):
