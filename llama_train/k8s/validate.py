@@ -21,6 +21,12 @@ CRD_FILES = {
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
     ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.yaml",
 }
+# prometheus-operator CRDs, shipped in this repository (k8s/schemas): they are not in ../shared.
+MONITORING_CRD_FILES = {
+    ("monitoring.coreos.com/v1", kind): f"monitoring.coreos.com_{kind.lower()}s.v0.93.0.yaml"
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+}
+MONITORING_SCHEMAS = Path(__file__).resolve().parents[2] / "k8s" / "schemas"
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -105,15 +111,21 @@ def _crd_schema(path: str, api_version: str) -> dict:
 
 def crd_errors(obj: dict, directory: Path | None = None) -> list[str]:
     """Draft 7 validation against the CRD's openAPIV3Schema; [] for kinds without a CRD file."""
-    import jsonschema
-
     key = (obj.get("apiVersion"), obj.get("kind"))
+    if key in MONITORING_CRD_FILES:
+        schema = _crd_schema(str(MONITORING_SCHEMAS / MONITORING_CRD_FILES[key]), key[0])
+        return _schema_errors(obj, schema)
     if key not in CRD_FILES:
         return []
     directory = directory or schemas_dir()
     if directory is None:
         raise FileNotFoundError(f"CRD schemas not found; set {SCHEMAS_ENV}")
-    schema = _crd_schema(str(directory / CRD_FILES[key]), key[0])
+    return _schema_errors(obj, _crd_schema(str(directory / CRD_FILES[key]), key[0]))
+
+
+def _schema_errors(obj: dict, schema: dict) -> list[str]:
+    import jsonschema
+
     validator = jsonschema.Draft7Validator(schema)
     return [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
             for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
@@ -219,7 +231,8 @@ def resource_errors(obj: dict, *, k8s_version: str | None = None) -> list[str]:
 def all_errors(obj: dict, *, schemas: Path | None = None, check_crd: bool = True) -> list[str]:
     """Every check that applies to one object, prefixed with `Kind/name`."""
     errors = webhook_errors(obj)
-    if check_crd and (schemas or schemas_dir()):
+    monitoring = (obj.get("apiVersion"), obj.get("kind")) in MONITORING_CRD_FILES
+    if check_crd and (monitoring or schemas or schemas_dir()):
         errors += crd_errors(obj, schemas)
     errors += resource_errors(obj)
     for where, template in pod_templates(obj):

