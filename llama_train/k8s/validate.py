@@ -213,6 +213,28 @@ def pod_errors(template: dict, *, k8s_version: str | None = None) -> list[str]:
     return []
 
 
+def mount_errors(template: dict) -> list[str]:
+    """Mounts that no container runtime can set up: a mountPath inside another mount of the same
+    container that is read-only. runc (and so containerd, CRI-O, kind, podman) creates the inner
+    mount point in the outer mount, which fails with `read-only file system`."""
+    errors = []
+    spec = template.get("spec") or {}
+    for kind in ("initContainers", "containers"):
+        for c in spec.get(kind) or []:
+            mounts = c.get("volumeMounts") or []
+            for outer in mounts:
+                if not outer.get("readOnly"):
+                    continue
+                top = outer["mountPath"].rstrip("/") + "/"
+                for inner in mounts:
+                    if inner is not outer and inner["mountPath"].startswith(top):
+                        errors.append(f"{kind}[{c.get('name')}].volumeMounts: {inner['mountPath']} lies inside "
+                                      f"the read-only mount {outer['mountPath']}; the runtime cannot create its "
+                                      "mount point there (read-only file system). Mount them side by side, or "
+                                      "drop the outer mount")
+    return errors
+
+
 def resource_errors(obj: dict, *, k8s_version: str | None = None) -> list[str]:
     """A core object (ConfigMap, Deployment, ...) with kubernetes-validate strict; CRs are skipped."""
     import kubernetes_validate
@@ -236,6 +258,7 @@ def all_errors(obj: dict, *, schemas: Path | None = None, check_crd: bool = True
         errors += crd_errors(obj, schemas)
     errors += resource_errors(obj)
     for where, template in pod_templates(obj):
-        errors += [f"{where}: {e}" for e in pod_errors(template) + restricted_errors(template)]
+        errors += [f"{where}: {e}" for e in pod_errors(template) + restricted_errors(template)
+                   + mount_errors(template)]
     ref = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
     return [f"{ref}: {e}" for e in errors]

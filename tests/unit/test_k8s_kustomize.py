@@ -227,3 +227,16 @@ def test_dockerfiles_are_hadolint_clean(name):
 def test_kind_bootstrap_parses():
     proc = subprocess.run(["bash", "-n", str(REPO / "scripts" / "kind_bootstrap.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_mounts_inside_a_read_only_mount_are_errors():
+    """k8s/overlays/local once mounted subPaths at /models/base inside the base's read-only /models:
+    runc cannot create the mount points (podman: `mkdir .../models/base: read-only file system`)."""
+    def template(outer_ro: bool) -> dict:
+        return {"spec": {"containers": [{"name": "s", "volumeMounts": [
+            {"name": "m", "mountPath": "/models", "readOnly": outer_ro},
+            {"name": "m", "mountPath": "/models/base", "subPath": "b", "readOnly": True},
+            {"name": "t", "mountPath": "/modelsx"}]}]}}
+    errors = v.mount_errors(template(True))
+    assert len(errors) == 1 and "/models/base lies inside the read-only mount /models" in errors[0]
+    assert v.mount_errors(template(False)) == []
