@@ -168,6 +168,21 @@ def gate(
 
 GATE_FAILED = 10
 
+registry_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: aliases of served adapters.")
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str = typer.Argument(..., help="Registered model name."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
+):
+    """Move alias champion back to the `previous` version; servers following models:/NAME@champion switch."""
+    from llama_train.registry import rollback
+
+    moved = rollback(name, uri=tracking_uri)
+    typer.echo(f"{name}: champion is version {moved['champion']} again (was {moved['rolled_back']})")
+
 
 def _mount_optional() -> None:
     """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""

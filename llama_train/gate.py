@@ -485,6 +485,9 @@ def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str)
     exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
     run = client.create_run(exp_id, run_name=f"gate-{c.adapter_dir.name}", tags={"llama_train.gate": "register"})
     client.log_artifacts(run.info.run_id, str(c.adapter_dir), artifact_path="adapter")
+    manifest = c.adapter_dir.parent / "manifest.json"
+    if manifest.is_file():  # beside adapter/, as in the export: a server verifies the download with it
+        client.log_artifact(run.info.run_id, str(manifest))
     client.set_terminated(run.info.run_id)
     try:
         client.create_registered_model(name)

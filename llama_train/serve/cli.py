@@ -79,7 +79,13 @@ def serve_command(
     base: Annotated[str, typer.Option(
         "--base", help="Base model: a local directory or a hub id (from the HF cache when HF_HUB_OFFLINE=1).")],
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME.")] = None,
+        "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME; or "
+        "NAME=models:/MODEL@ALIAS (followed: the server switches when the alias moves) or "
+        "NAME=models:/MODEL/VERSION from the MLflow registry (--registry-uri).")] = None,
+    registry_uri: Annotated[str | None, typer.Option(
+        help="MLflow registry for models:/ adapters (default: $MLFLOW_TRACKING_URI).")] = None,
+    registry_poll_s: Annotated[float, typer.Option(
+        help="How often followed aliases are checked, in seconds.")] = 30.0,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in a container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_concurrency: Annotated[int, typer.Option(
@@ -132,10 +138,14 @@ def serve_command(
         upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if registry_poll_s <= 0:
+        raise UsageError(f"--registry-poll-s {registry_poll_s}: give a positive number of seconds")
+    refs = {n: a for n, a in adapters.items() if a.startswith("models:/")}
     try:
-        check_adapter_dirs(adapters)
+        check_adapter_dirs({n: a for n, a in adapters.items() if n not in refs})
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
+    follower, adapter_info = _resolve_registry_adapters(refs, adapters, registry_uri, registry_poll_s)
     cfg = log_config(json_logs, log_level.upper())
     logging.config.dictConfig(cfg)  # before create_app, so its warnings use the format
     logging.captureWarnings(True)  # library warnings become log records (one JSON line each)
@@ -143,7 +153,8 @@ def serve_command(
         engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         prefill_chunk_tokens=prefill_chunk_tokens,
-                        default_max_tokens=default_max_tokens)
+                        default_max_tokens=default_max_tokens, adapter_info=adapter_info)
+        engine.follower, follower.engine = follower, engine
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
                          request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,
                          body_timeout_s=body_timeout_s)
@@ -152,6 +163,37 @@ def serve_command(
     config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,
                             timeout_graceful_shutdown=drain_timeout_s)
     _draining_server_class()(config).run()
+
+
+def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], uri: str | None,
+                               poll_s: float):
+    """Download and verify the models:/ adapters now (replacing their entries in `adapters` by
+    local directories), so a bad reference stops the server at the start; the follower then
+    follows the aliases."""
+    import os
+
+    from llama_train.registry import parse_model_ref
+    from llama_train.serve.follow import RegistryFollower
+
+    follower = RegistryFollower(None, uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
+                                poll_s=poll_s)
+    info = {}
+    for name, ref in refs.items():
+        try:
+            parse_model_ref(ref, flag=f"--adapter {name}=")
+        except LlamaTrainError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            path, info[name] = follower.fetch(ref)
+        except LlamaTrainError as exc:
+            raise LlamaTrainError(f"--adapter {name}={ref}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001  (MlflowException, connection errors)
+            raise LlamaTrainError(f"--adapter {name}={ref}: the registry {follower.uri} did not answer "
+                                  f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
+                                  "$MLFLOW_TRACKING_URI and that the MLflow server is up") from None
+        adapters[name] = str(path)
+        follower.follow(name, ref, info[name]["version"], path)
+    return follower, info
 
 
 def _draining_server_class():
