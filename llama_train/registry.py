@@ -87,6 +87,33 @@ def register_adapter(
         return None
 
 
+def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment: str,
+                    run_name: str | None = None) -> str:
+    """Register an exported adapter as a new version of `name` (through a run holding its files:
+    `adapter/` and, when the export has one, `manifest.json` beside it, as in the export, so a
+    server can verify its download). Returns the version. Raises on registry errors."""
+    from llama_train.tracking import ensure_experiment
+
+    adapter_dir = Path(adapter_dir)
+    client = _client(uri)
+    exp_id = ensure_experiment(client, experiment, uri=uri)
+    run = client.create_run(exp_id, run_name=run_name or f"register-{adapter_dir.name}",
+                            tags={"llama_train.gate": "register"})
+    client.log_artifacts(run.info.run_id, str(adapter_dir), artifact_path=ADAPTER_ARTIFACT_PATH)
+    manifest = adapter_dir.parent / "manifest.json"
+    if manifest.is_file():
+        client.log_artifact(run.info.run_id, str(manifest))
+    client.set_terminated(run.info.run_id)
+    try:
+        client.create_registered_model(name)
+    except Exception as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            raise
+    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/{ADAPTER_ARTIFACT_PATH}",
+                                     run_id=run.info.run_id, await_creation_for=60)
+    return str(mv.version)
+
+
 def _default_uri() -> str:
     _configure_mlflow_env()
     import mlflow
@@ -214,6 +241,9 @@ def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowCl
 
     mv = client.get_model_version(name, version)
     source = mv.source.rstrip("/")
+    if source.startswith("runs:/"):  # runs:/ID/adapter -> the run's artifact URI, whose parent lists
+        run_id, _, rel = source.removeprefix("runs:/").partition("/")
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{rel}".rstrip("/")
     parent, _, folder = source.rpartition("/")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=False)

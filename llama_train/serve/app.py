@@ -275,7 +275,7 @@ class _Handlers:
             try:
                 check_adapter_dirs({name: path})
             except ValueError as exc:
-                raise APIError(400, str(exc).replace("--adapter", "lora_path"), param="lora_path",
+                raise APIError(400, str(exc).replace(f"--adapter {name}=", "lora_path "), param="lora_path",
                                code="invalid_value") from None
             local, info = path, {}
         try:

@@ -188,7 +188,7 @@ def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], u
         except LlamaTrainError as exc:
             raise LlamaTrainError(f"--adapter {name}={ref}: {exc}") from None
         except Exception as exc:  # noqa: BLE001  (MlflowException, connection errors)
-            raise LlamaTrainError(f"--adapter {name}={ref}: the registry {follower.uri} did not answer "
+            raise LlamaTrainError(f"--adapter {name}={ref}: fetching it from the registry {follower.uri} failed "
                                   f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
                                   "$MLFLOW_TRACKING_URI and that the MLflow server is up") from None
         adapters[name] = str(path)

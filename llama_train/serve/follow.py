@@ -17,6 +17,7 @@ own environment variables), never from a recipe.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -50,6 +51,8 @@ class RegistryFollower:
     def __init__(self, engine: Any, *, uri: str | None, poll_s: float = 30.0,
                  cache_dir: str | Path | None = None):
         self.engine, self.uri, self.poll_s = engine, uri, poll_s
+        # MLflow's download progress bars on stderr would break JSON log lines
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="llama-train-adapters-"))
         self._entries: dict[tuple[str, bool], Followed] = {}  # (name, canary?) -> entry
         self._lock = threading.Lock()
