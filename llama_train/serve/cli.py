@@ -180,7 +180,7 @@ def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], u
     info = {}
     for name, ref in refs.items():
         try:
-            parse_model_ref(ref, flag=f"--adapter {name}=")
+            parse_model_ref(ref, flag=f"--adapter {name}")
         except LlamaTrainError as exc:
             raise UsageError(str(exc)) from None
         try:
