@@ -285,3 +285,42 @@ def test_canary_serves_the_candidate_to_its_fraction_live(env):
     r = client.post("/unload_lora_adapter", body={"lora_name": "support", "canary_only": True}, cast_to=httpx.Response)
     assert r.status_code == 200
     assert {_say(client, "support") for _ in range(20)} == {env["out"]["B"]}
+
+
+def _sync(env, *args, extra_env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "llama_train.cli", "registry", "sync", f"models:/{NAME}@champion",
+                           "--tracking-uri", env["uri"], "--once", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(extra_env or {})})
+
+
+def test_registry_sync_sidecar_loads_the_champion_through_vllms_endpoint(env):
+    """The vLLM sidecar's path, against this server's vLLM-compatible load_lora_adapter."""
+    champion = get_alias_version(NAME, "champion", uri=env["uri"])
+    expected = {env["v1"]: env["out"]["A"], env["v2"]: env["out"]["B"]}[champion]
+    server = env["server"]
+    done = _sync(env, "--dir", str(env["tmp"] / "vllm-adapters"), "--lora-name", "synced",
+                 "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": server.api_key})
+    assert done.returncode == 0, done.stderr
+    assert (env["tmp"] / "vllm-adapters" / f"synced-v{champion}" / "adapter_model.safetensors").is_file()
+    assert _say(env["client"], "synced") == expected
+    wrong_key = _sync(env, "--dir", str(env["tmp"] / "vllm2"), "--lora-name", "synced2",
+                      "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": "wrong"})
+    assert wrong_key.returncode == 1 and "answered 401" in wrong_key.stderr
+
+
+def test_registry_sync_writes_the_nim_layout_and_refuses_a_tampered_version(env):
+    from mlflow import MlflowClient
+
+    nim = env["tmp"] / "nim-adapters"
+    done = _sync(env, "--dir", str(nim), "--lora-name", "support")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (nim / "support").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    MlflowClient(env["uri"]).set_registered_model_alias(NAME, "champion", env["v3"])  # the tampered one
+    try:
+        refused = _sync(env, "--dir", str(nim / "other"), "--lora-name", "support")
+    finally:
+        MlflowClient(env["uri"]).set_registered_model_alias(NAME, "champion", env["v2"])
+    assert refused.returncode == 1 and "does not match its export manifest" in refused.stderr
+    assert not (nim / "other" / "support").exists()
