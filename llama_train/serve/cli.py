@@ -82,6 +82,10 @@ def serve_command(
         "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME; or "
         "NAME=models:/MODEL@ALIAS (followed: the server switches when the alias moves) or "
         "NAME=models:/MODEL/VERSION from the MLflow registry (--registry-uri).")] = None,
+    canary: Annotated[list[str] | None, typer.Option(
+        "--canary", help="Repeatable NAME=REF:FRACTION: serve FRACTION (between 0 and 1) of adapter NAME's "
+        "requests from REF (models:/MODEL@ALIAS, followed like --adapter, or a directory), e.g. "
+        "support=models:/support@candidate:0.1.")] = None,
     registry_uri: Annotated[str | None, typer.Option(
         help="MLflow registry for models:/ adapters (default: $MLFLOW_TRACKING_URI).")] = None,
     registry_poll_s: Annotated[float, typer.Option(
@@ -145,6 +149,7 @@ def serve_command(
         check_adapter_dirs({n: a for n, a in adapters.items() if n not in refs})
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
+    canaries = _parse_canaries(canary, adapters)
     follower, adapter_info = _resolve_registry_adapters(refs, adapters, registry_uri, registry_poll_s)
     cfg = log_config(json_logs, log_level.upper())
     logging.config.dictConfig(cfg)  # before create_app, so its warnings use the format
@@ -155,6 +160,7 @@ def serve_command(
                         prefill_chunk_tokens=prefill_chunk_tokens,
                         default_max_tokens=default_max_tokens, adapter_info=adapter_info)
         engine.follower, follower.engine = follower, engine
+        _install_canaries(engine, follower, canaries)
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
                          request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,
                          body_timeout_s=body_timeout_s)
@@ -163,6 +169,67 @@ def serve_command(
     config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,
                             timeout_graceful_shutdown=drain_timeout_s)
     _draining_server_class()(config).run()
+
+
+def _parse_canaries(items: list[str] | None, adapters: dict[str, str]) -> dict[str, tuple[str, float]]:
+    """--canary NAME=REF:FRACTION -> {NAME: (REF, FRACTION)}, with the flag named on bad input."""
+    from llama_train.serve.engine import parse_named
+
+    out = {}
+    try:
+        named = parse_named(items, "canary")
+    except ValueError as exc:
+        raise UsageError(f"{exc} (NAME=REF:FRACTION, e.g. support=models:/support@candidate:0.1)") from None
+    for name, value in named.items():
+        ref, _, fraction = value.rpartition(":")
+        try:
+            share = float(fraction)
+        except ValueError:
+            share = -1.0
+        if not ref or not 0 < share < 1:
+            raise UsageError(f"--canary {name}={value}: end it with :FRACTION between 0 and 1, e.g. "
+                             f"{name}=models:/{name}@candidate:0.1")
+        if name not in adapters:
+            raise UsageError(f"--canary {name}: no --adapter {name} to split; serve it with --adapter {name}=...")
+        out[name] = (ref, share)
+    return out
+
+
+def _install_canaries(engine, follower, canaries: dict[str, tuple[str, float]]) -> None:
+    """Fetch (and verify) each canary now; it is installed as soon as the model has loaded."""
+    import logging
+
+    from llama_train.serve.engine import check_adapter_dirs
+
+    log = logging.getLogger("llama_train.serve")
+    for name, (ref, share) in canaries.items():
+        if ref.startswith("models:/"):
+            path, info = _fetch(follower, f"--canary {name}", ref)
+            follower.follow(name, ref, info["version"], path, canary_fraction=share)
+        else:
+            try:
+                check_adapter_dirs({name: ref})
+            except ValueError as exc:
+                raise LlamaTrainError(str(exc).replace("--adapter", "--canary")) from None
+            path, info = ref, {}
+
+        def report(future, name=name, ref=ref):
+            if future.exception() is not None:
+                log.error("canary adapter did not load", extra={"model": name, "ref": ref,
+                                                                "error": repr(future.exception())})
+
+        engine.install_adapter(name, path, source=ref, info=info, canary_fraction=share).add_done_callback(report)
+
+
+def _fetch(follower, flag: str, ref: str):
+    try:
+        return follower.fetch(ref)
+    except LlamaTrainError as exc:
+        raise LlamaTrainError(f"{flag}={ref}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (MlflowException, connection errors)
+        raise LlamaTrainError(f"{flag}={ref}: fetching it from the registry {follower.uri} failed "
+                              f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
+                              "$MLFLOW_TRACKING_URI and that the MLflow server is up") from None
 
 
 def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], uri: str | None,
@@ -183,14 +250,7 @@ def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], u
             parse_model_ref(ref, flag=f"--adapter {name}")
         except LlamaTrainError as exc:
             raise UsageError(str(exc)) from None
-        try:
-            path, info[name] = follower.fetch(ref)
-        except LlamaTrainError as exc:
-            raise LlamaTrainError(f"--adapter {name}={ref}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001  (MlflowException, connection errors)
-            raise LlamaTrainError(f"--adapter {name}={ref}: fetching it from the registry {follower.uri} failed "
-                                  f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
-                                  "$MLFLOW_TRACKING_URI and that the MLflow server is up") from None
+        path, info[name] = _fetch(follower, f"--adapter {name}", ref)
         adapters[name] = str(path)
         follower.follow(name, ref, info[name]["version"], path)
     return follower, info

@@ -39,6 +39,7 @@ class Followed:
     path: Path | None = None
     canary_fraction: float | None = None
     failed: set[str] = field(default_factory=set)  # versions refused: not retried
+    missing: bool = False  # the alias is gone (said once)
 
     @property
     def alias(self) -> str | None:
@@ -146,13 +147,16 @@ class RegistryFollower:
             try:
                 name, version = resolve_model_ref(entry.ref, client=self.client)
             except LlamaTrainError as exc:  # the alias was deleted: keep serving what we have
-                log.warning("registry alias not found; serving the current version",
-                            extra={"model": entry.name, "ref": entry.ref, "error": str(exc)})
+                if not entry.missing:
+                    log.warning("registry alias not found; serving the current version",
+                                extra={"model": entry.name, "ref": entry.ref, "error": str(exc)})
+                entry.missing = True
                 continue
             except Exception as exc:  # noqa: BLE001  (unreachable: try again next poll)
                 self._unreachable(exc)
                 return
             self._reachable()
+            entry.missing = False
             if version != entry.version and version not in entry.failed:
                 self._switch(entry, name, version)
 

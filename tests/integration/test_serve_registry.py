@@ -324,3 +324,27 @@ def test_registry_sync_writes_the_nim_layout_and_refuses_a_tampered_version(env)
         MlflowClient(env["uri"]).set_registered_model_alias(NAME, "champion", env["v2"])
     assert refused.returncode == 1 and "does not match its export manifest" in refused.stderr
     assert not (nim / "other" / "support").exists()
+
+
+def test_canary_flag_at_start(env, tiny_model_dir):
+    from mlflow import MlflowClient
+
+    MlflowClient(env["uri"]).set_registered_model_alias(NAME, "candidate", env["v1"])
+    assert get_alias_version(NAME, "champion", uri=env["uri"]) == env["v2"]
+    server = start_server(["--base", str(tiny_model_dir), "--served-model-name", "tiny-base",
+                           "--adapter", f"support=models:/{NAME}@champion",
+                           "--canary", f"support=models:/{NAME}@candidate:0.3", "--registry-poll-s", str(POLL_S)],
+                          env["tmp"], env={"MLFLOW_TRACKING_URI": env["uri"]})
+    try:
+        client = server.client()
+        deadline = time.monotonic() + 30
+        while "canary" not in (card := next(c for c in client.models.list().model_dump()["data"]
+                                            if c["id"] == "support")):
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.2)
+        assert card["canary"]["version"] == env["v1"] and card["canary"]["fraction"] == 0.3
+        outputs = [_say(client, "support") for _ in range(200)]
+        assert set(outputs) == {env["out"]["A"], env["out"]["B"]}
+        assert 0.3 - 0.1 < outputs.count(env["out"]["A"]) / 200 < 0.3 + 0.1
+    finally:
+        server.stop()

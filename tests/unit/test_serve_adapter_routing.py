@@ -103,3 +103,14 @@ def test_serve_flags_for_registry_adapters_fail_fast_with_the_fix(tiny_dir):
     assert "set $MLFLOW_TRACKING_URI or pass --registry-uri" in no_uri.stderr
     poll = _serve(tiny_dir, "--registry-poll-s", "0")
     assert poll.returncode == 2 and "--registry-poll-s 0.0: give a positive number of seconds" in poll.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--canary", "support=models:/support@candidate"], "--canary support=models:/support@candidate: end it "
+     "with :FRACTION between 0 and 1, e.g. support=models:/support@candidate:0.1"),
+    (["--canary", "support=models:/support@candidate:1.5"], "end it with :FRACTION between 0 and 1"),
+    (["--canary", "other=models:/support@candidate:0.1"], "--canary other: no --adapter other to split"),
+])
+def test_canary_flag_errors_name_the_flag_and_the_form(tiny_dir, args, needle):
+    bad = _serve(tiny_dir, *args)
+    assert bad.returncode == 2 and needle in bad.stderr
