@@ -106,8 +106,8 @@ def test_serve_flags_for_registry_adapters_fail_fast_with_the_fix(tiny_dir):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--canary", "support=models:/support@candidate"], "--canary support=models:/support@candidate: end it "
-     "with :FRACTION between 0 and 1, e.g. support=models:/support@candidate:0.1"),
+    (["--canary", "support=models:/support@candidate"], ("--canary support=models:/support@candidate: end it "
+     "with :FRACTION between 0 and 1, e.g. support=models:/support@candidate:0.1")),
     (["--canary", "support=models:/support@candidate:1.5"], "end it with :FRACTION between 0 and 1"),
     (["--canary", "other=models:/support@candidate:0.1"], "--canary other: no --adapter other to split"),
 ])
