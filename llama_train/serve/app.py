@@ -288,7 +288,7 @@ class _Handlers:
             if path.startswith("models:/"):
                 follower.follow(name, path, info["version"], local, canary_fraction=fraction)
             else:
-                follower.unfollow(name, canary_only=fraction is not None)
+                follower.unfollow(name, canary=fraction is not None, main=fraction is None)
         self.metrics.add_models([name])
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -306,7 +306,7 @@ class _Handlers:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
                            code="model_not_found") from None
         if engine.follower is not None:
-            engine.follower.unfollow(name, canary_only=bool(body.get("canary_only")))
+            engine.follower.unfollow(name, main=not body.get("canary_only"))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _adapter_engine(self) -> Engine:

@@ -105,9 +105,9 @@ class RegistryFollower:
             self._entries[(name, canary_fraction is not None)] = Followed(
                 name, ref, version, path, canary_fraction)
 
-    def unfollow(self, name: str, *, canary_only: bool = False) -> None:
+    def unfollow(self, name: str, *, canary: bool = True, main: bool = True) -> None:
         with self._lock:
-            for key in [(name, True)] + ([] if canary_only else [(name, False)]):
+            for key in [(name, True)] * canary + [(name, False)] * main:
                 entry = self._entries.pop(key, None)
                 if entry is not None:
                     self._discard(entry.path)
