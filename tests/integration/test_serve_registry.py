@@ -297,8 +297,9 @@ def _sync(env, *args, extra_env=None):
 
 def test_registry_sync_sidecar_loads_the_champion_through_vllms_endpoint(env):
     """The vLLM sidecar's path, against this server's vLLM-compatible load_lora_adapter."""
-    champion = get_alias_version(NAME, "champion", uri=env["uri"])
-    expected = {env["v1"]: env["out"]["A"], env["v2"]: env["out"]["B"]}[champion]
+    promote(NAME, env["v2"], uri=env["uri"])  # whatever the tests before left (tampered v3 included)
+    champion = env["v2"]
+    expected = env["out"]["B"]
     server = env["server"]
     done = _sync(env, "--dir", str(env["tmp"] / "vllm-adapters"), "--lora-name", "synced",
                  "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": server.api_key})
@@ -313,6 +314,7 @@ def test_registry_sync_sidecar_loads_the_champion_through_vllms_endpoint(env):
 def test_registry_sync_writes_the_nim_layout_and_refuses_a_tampered_version(env):
     from mlflow import MlflowClient
 
+    MlflowClient(env["uri"]).set_registered_model_alias(NAME, "champion", env["v2"])
     nim = env["tmp"] / "nim-adapters"
     done = _sync(env, "--dir", str(nim), "--lora-name", "support")
     assert done.returncode == 0, done.stderr
