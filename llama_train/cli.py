@@ -168,6 +168,39 @@ def gate(
 
 GATE_FAILED = 10
 
+registry_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: aliases of served adapters.")
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str = typer.Argument(..., help="Registered model name."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
+):
+    """Move alias champion back to the `previous` version; servers following models:/NAME@champion switch."""
+    from llama_train.registry import rollback
+
+    moved = rollback(name, uri=tracking_uri)
+    typer.echo(f"{name}: champion is version {moved['champion']} again (was {moved['rolled_back']})")
+
+
+@registry_app.command("sync")
+def registry_sync(
+    ref: str = typer.Argument(..., help="models:/NAME@ALIAS (followed) or models:/NAME/VERSION."),
+    directory: Path = typer.Option(..., "--dir", help="Adapter directory shared with the server."),
+    lora_name: Optional[str] = typer.Option(None, "--lora-name", help="Served name (default: the model name)."),
+    vllm_url: Optional[str] = typer.Option(None, "--vllm-url", help="vLLM base URL: load each version with "
+                                           "/v1/load_lora_adapter. Without it: NIM layout DIR/NAME."),
+    poll_s: float = typer.Option(30.0, "--poll-s", help="Seconds between registry polls."),
+    once: bool = typer.Option(False, "--once", help="Sync the current version and exit (init container)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
+):
+    """Keep a registry alias's adapter (verified) in a directory for vLLM or NIM: a sidecar."""
+    from llama_train.adapter_sync import sync_command
+
+    sync_command(ref, directory=directory, lora_name=lora_name, vllm_url=vllm_url, poll_s=poll_s, once=once,
+                 tracking_uri=tracking_uri)
+
 
 def _mount_optional() -> None:
     """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""

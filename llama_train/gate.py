@@ -477,21 +477,11 @@ def _promote(c: Candidate, recipe: Recipe, tracking_uri: str, report: GateReport
 
 def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str) -> str:
     """An export directory becomes a model version (through a gate run holding its files)."""
-    from mlflow import MlflowClient
+    from llama_train.registry import register_export
+    from llama_train.tracking import resolve_experiment
 
-    from llama_train.tracking import ensure_experiment, resolve_experiment
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
-    run = client.create_run(exp_id, run_name=f"gate-{c.adapter_dir.name}", tags={"llama_train.gate": "register"})
-    client.log_artifacts(run.info.run_id, str(c.adapter_dir), artifact_path="adapter")
-    client.set_terminated(run.info.run_id)
-    try:
-        client.create_registered_model(name)
-    except Exception:
-        pass  # exists
-    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/adapter", run_id=run.info.run_id)
-    return str(mv.version)
+    return register_export(c.adapter_dir, name=name, uri=tracking_uri, experiment=resolve_experiment(recipe),
+                           run_name=f"gate-{c.adapter_dir.name}")
 
 
 def _write_report(report: GateReport, out: Path) -> None:

@@ -87,6 +87,33 @@ def register_adapter(
         return None
 
 
+def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment: str,
+                    run_name: str | None = None) -> str:
+    """Register an exported adapter as a new version of `name` (through a run holding its files:
+    `adapter/` and, when the export has one, `manifest.json` beside it, as in the export, so a
+    server can verify its download). Returns the version. Raises on registry errors."""
+    from llama_train.tracking import ensure_experiment
+
+    adapter_dir = Path(adapter_dir)
+    client = _client(uri)
+    exp_id = ensure_experiment(client, experiment, uri=uri)
+    run = client.create_run(exp_id, run_name=run_name or f"register-{adapter_dir.name}",
+                            tags={"llama_train.gate": "register"})
+    client.log_artifacts(run.info.run_id, str(adapter_dir), artifact_path=ADAPTER_ARTIFACT_PATH)
+    manifest = adapter_dir.parent / "manifest.json"
+    if manifest.is_file():
+        client.log_artifact(run.info.run_id, str(manifest))
+    client.set_terminated(run.info.run_id)
+    try:
+        client.create_registered_model(name)
+    except Exception as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            raise
+    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/{ADAPTER_ARTIFACT_PATH}",
+                                     run_id=run.info.run_id, await_creation_for=60)
+    return str(mv.version)
+
+
 def _default_uri() -> str:
     _configure_mlflow_env()
     import mlflow
@@ -158,3 +185,109 @@ def download_adapter(
             raise LlamaTrainError(f"{model_uri} has no adapter_config.json (downloaded to {local})")
         local = found[0].parent
     return local
+
+
+# --------------------------------------------------------------------------- serving and rollback
+class VerificationError(LlamaTrainError):
+    """A downloaded registry version does not match the sha256 manifest exported with it."""
+
+
+def parse_model_ref(ref: str, *, flag: str = "models:/ reference") -> tuple[str, str | None, str | None]:
+    """`models:/NAME/VERSION` -> (NAME, VERSION, None); `models:/NAME@ALIAS` -> (NAME, None, ALIAS)."""
+    body = ref.removeprefix("models:/").strip("/") if ref.startswith("models:/") else None
+    if body:
+        if "@" in body:
+            name, alias = body.rsplit("@", 1)
+            if name and alias and "/" not in alias:
+                return name, None, alias
+        else:
+            name, _, version = body.rpartition("/")
+            if name and version.isdigit():
+                return name, version, None
+    raise LlamaTrainError(f"{flag} {ref!r}: use models:/NAME/VERSION (e.g. models:/support/3) or "
+                          "models:/NAME@ALIAS (e.g. models:/support@champion)")
+
+
+def resolve_model_ref(ref: str, *, client: MlflowClient) -> tuple[str, str]:
+    """(name, version) that `ref` points to now; raises LlamaTrainError for a missing alias or
+    version, the MLflow exception when the registry cannot be reached."""
+    name, version, alias = parse_model_ref(ref)
+    if alias is not None:
+        version = get_alias_version(name, alias, client=client)
+        if version is None:
+            raise LlamaTrainError(f"{ref}: model {name} has no alias `{alias}` (or no such model); "
+                                  "promote a version first (`llama-train gate ... --promote`)")
+        return name, version
+    try:
+        client.get_model_version(name, version)
+    except Exception as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            raise LlamaTrainError(f"{ref}: model {name} has no version {version}") from None
+        raise
+    return name, str(version)
+
+
+def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowClient) -> tuple[Path, bool]:
+    """Download version `version` of `name` into the new directory `dst` and check every file
+    against the sha256 manifest exported with it (`manifest.json` beside the registered adapter
+    folder, as the gate registers an export). Returns (adapter dir, verified); verified is False
+    when the version has no manifest (registered straight from training). Raises
+    VerificationError on a mismatch, a missing or an unlisted file."""
+    import json
+
+    import mlflow
+
+    from llama_train.export import _sha256
+
+    mv = client.get_model_version(name, version)
+    source = mv.source.rstrip("/")
+    if source.startswith("runs:/"):  # runs:/ID/adapter -> the run's artifact URI, whose parent lists
+        run_id, _, rel = source.removeprefix("runs:/").partition("/")
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{rel}".rstrip("/")
+    parent, _, folder = source.rpartition("/")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=False)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst / "adapter"),
+                                                     tracking_uri=client.tracking_uri))
+    manifest_path = None
+    listing = mlflow.artifacts.list_artifacts(artifact_uri=parent, tracking_uri=client.tracking_uri)
+    if any(Path(f.path).name == "manifest.json" for f in listing or []):
+        manifest_path = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{parent}/manifest.json", dst_path=str(dst), tracking_uri=client.tracking_uri))
+    if not (local / "adapter_config.json").is_file():
+        raise VerificationError(f"models:/{name}/{version} ({source}) holds no adapter_config.json")
+    if manifest_path is None:
+        return local, False
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerificationError(f"models:/{name}/{version}: manifest.json is unreadable ({exc})") from None
+    expected = {rel.removeprefix(f"{folder}/"): digest for rel, digest in files.items()
+                if rel.startswith(f"{folder}/")}
+    present = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
+    problems = [f"{rel}: missing" for rel in sorted(set(expected) - present)]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
+    problems += [f"{rel}: sha256 mismatch" for rel in sorted(present & set(expected))
+                 if _sha256(local / rel) != expected[rel]]
+    if problems:
+        raise VerificationError(f"models:/{name}/{version} does not match its export manifest "
+                                f"({'; '.join(problems)}): the registry artifact changed after export")
+    return local, True
+
+
+def rollback(name: str, *, client: MlflowClient | None = None, uri: str | None = None) -> dict[str, str | None]:
+    """Point `champion` back at the `previous` version. `previous` is removed (not swapped), so
+    a second rollback cannot re-promote the version just rolled back; that version is tagged
+    `llama_train.rolled_back`."""
+    client = client or _client(uri or _default_uri())
+    old = get_alias_version(name, CHAMPION, client=client)
+    target = get_alias_version(name, PREVIOUS, client=client)
+    if target is None:
+        raise LlamaTrainError(f"model {name} has no `{PREVIOUS}` alias: nothing to roll back to "
+                              f"(champion is {old or 'unset'}); set one with MLflow "
+                              "(set_registered_model_alias) or promote a version with the gate")
+    client.set_registered_model_alias(name, CHAMPION, target)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    if old is not None and old != target:
+        client.set_model_version_tag(name, old, "llama_train.rolled_back", "true")
+    return {CHAMPION: target, "rolled_back": old}

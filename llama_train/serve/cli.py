@@ -79,7 +79,17 @@ def serve_command(
     base: Annotated[str, typer.Option(
         "--base", help="Base model: a local directory or a hub id (from the HF cache when HF_HUB_OFFLINE=1).")],
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME.")] = None,
+        "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME; or "
+        "NAME=models:/MODEL@ALIAS (followed: the server switches when the alias moves) or "
+        "NAME=models:/MODEL/VERSION from the MLflow registry (--registry-uri).")] = None,
+    canary: Annotated[list[str] | None, typer.Option(
+        "--canary", help="Repeatable NAME=REF:FRACTION: serve FRACTION (between 0 and 1) of adapter NAME's "
+        "requests from REF (models:/MODEL@ALIAS, followed like --adapter, or a directory), e.g. "
+        "support=models:/support@candidate:0.1.")] = None,
+    registry_uri: Annotated[str | None, typer.Option(
+        help="MLflow registry for models:/ adapters (default: $MLFLOW_TRACKING_URI).")] = None,
+    registry_poll_s: Annotated[float, typer.Option(
+        help="How often followed aliases are checked, in seconds.")] = 30.0,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in a container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_concurrency: Annotated[int, typer.Option(
@@ -132,10 +142,15 @@ def serve_command(
         upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if registry_poll_s <= 0:
+        raise UsageError(f"--registry-poll-s {registry_poll_s}: give a positive number of seconds")
+    refs = {n: a for n, a in adapters.items() if a.startswith("models:/")}
     try:
-        check_adapter_dirs(adapters)
+        check_adapter_dirs({n: a for n, a in adapters.items() if n not in refs})
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
+    canaries = _parse_canaries(canary, adapters)
+    follower, adapter_info = _resolve_registry_adapters(refs, adapters, registry_uri, registry_poll_s)
     cfg = log_config(json_logs, log_level.upper())
     logging.config.dictConfig(cfg)  # before create_app, so its warnings use the format
     logging.captureWarnings(True)  # library warnings become log records (one JSON line each)
@@ -143,7 +158,9 @@ def serve_command(
         engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         prefill_chunk_tokens=prefill_chunk_tokens,
-                        default_max_tokens=default_max_tokens)
+                        default_max_tokens=default_max_tokens, adapter_info=adapter_info)
+        engine.follower, follower.engine = follower, engine
+        _install_canaries(engine, follower, canaries)
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
                          request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,
                          body_timeout_s=body_timeout_s)
@@ -152,6 +169,91 @@ def serve_command(
     config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,
                             timeout_graceful_shutdown=drain_timeout_s)
     _draining_server_class()(config).run()
+
+
+def _parse_canaries(items: list[str] | None, adapters: dict[str, str]) -> dict[str, tuple[str, float]]:
+    """--canary NAME=REF:FRACTION -> {NAME: (REF, FRACTION)}, with the flag named on bad input."""
+    from llama_train.serve.engine import parse_named
+
+    out = {}
+    try:
+        named = parse_named(items, "canary")
+    except ValueError as exc:
+        raise UsageError(f"{exc} (NAME=REF:FRACTION, e.g. support=models:/support@candidate:0.1)") from None
+    for name, value in named.items():
+        ref, _, fraction = value.rpartition(":")
+        try:
+            share = float(fraction)
+        except ValueError:
+            share = -1.0
+        if not ref or not 0 < share < 1:
+            raise UsageError(f"--canary {name}={value}: end it with :FRACTION between 0 and 1, e.g. "
+                             f"{name}=models:/{name}@candidate:0.1")
+        if name not in adapters:
+            raise UsageError(f"--canary {name}: no --adapter {name} to split; serve it with --adapter {name}=...")
+        out[name] = (ref, share)
+    return out
+
+
+def _install_canaries(engine, follower, canaries: dict[str, tuple[str, float]]) -> None:
+    """Fetch (and verify) each canary now; it is installed as soon as the model has loaded."""
+    import logging
+
+    from llama_train.serve.engine import check_adapter_dirs
+
+    log = logging.getLogger("llama_train.serve")
+    for name, (ref, share) in canaries.items():
+        if ref.startswith("models:/"):
+            path, info = _fetch(follower, f"--canary {name}", ref)
+            follower.follow(name, ref, info["version"], path, canary_fraction=share)
+        else:
+            try:
+                check_adapter_dirs({name: ref})
+            except ValueError as exc:
+                raise LlamaTrainError(str(exc).replace("--adapter", "--canary")) from None
+            path, info = ref, {}
+
+        def report(future, name=name, ref=ref):
+            if future.exception() is not None:
+                log.error("canary adapter did not load", extra={"model": name, "ref": ref,
+                                                                "error": repr(future.exception())})
+
+        engine.install_adapter(name, path, source=ref, info=info, canary_fraction=share).add_done_callback(report)
+
+
+def _fetch(follower, flag: str, ref: str):
+    try:
+        return follower.fetch(ref)
+    except LlamaTrainError as exc:
+        raise LlamaTrainError(f"{flag}={ref}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (MlflowException, connection errors)
+        raise LlamaTrainError(f"{flag}={ref}: fetching it from the registry {follower.uri} failed "
+                              f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
+                              "$MLFLOW_TRACKING_URI and that the MLflow server is up") from None
+
+
+def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], uri: str | None,
+                               poll_s: float):
+    """Download and verify the models:/ adapters now (replacing their entries in `adapters` by
+    local directories), so a bad reference stops the server at the start; the follower then
+    follows the aliases."""
+    import os
+
+    from llama_train.registry import parse_model_ref
+    from llama_train.serve.follow import RegistryFollower
+
+    follower = RegistryFollower(None, uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
+                                poll_s=poll_s)
+    info = {}
+    for name, ref in refs.items():
+        try:
+            parse_model_ref(ref, flag=f"--adapter {name}")
+        except LlamaTrainError as exc:
+            raise UsageError(str(exc)) from None
+        path, info[name] = _fetch(follower, f"--adapter {name}", ref)
+        adapters[name] = str(path)
+        follower.follow(name, ref, info[name]["version"], path)
+    return follower, info
 
 
 def _draining_server_class():

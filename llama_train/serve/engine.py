@@ -19,10 +19,12 @@ the entries' bytes join to exactly the returned text (up to a stop string's cut)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import os
 import queue
+import random
 import re
 import threading
 import time
@@ -81,6 +83,9 @@ class SamplingFailed(ValueError):
     that request fails, the rows of other requests in the batch go on."""
 
 
+_WAKE = object()  # put on the request queue to wake an idle worker for an adapter command
+
+
 class ShuttingDown(RuntimeError):
     """Posted to requests still queued or running when the engine stops."""
 
@@ -132,16 +137,34 @@ class Engine:
     def __init__(self, base: str, adapters: dict[str, str] | None = None, *,
                  served_model_name: str | None = None, dtype: str = "auto",
                  device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256):
+                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256,
+                 adapter_info: dict[str, dict] | None = None):
         self.base = base
         # Prompts longer than this are prefilled this many tokens per engine iteration, between
         # decode steps (as vLLM's chunked prefill), so a long prompt does not stall other
         # requests' tokens; 0 = whole prompts at once.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.base_id = served_model_name or base
-        self.adapters = dict(adapters or {})
+        self.adapters = dict(adapters or {})  # served name -> where it came from (dir or models:/ URI)
         if self.base_id in self.adapters:
             raise ValueError(f"adapter name {self.base_id!r} collides with the base model's name")
+        # Adapters can change while serving (a registry alias moved, /v1/load_lora_adapter): a
+        # served name routes to a PEFT adapter loaded under an internal name; a request is pinned
+        # to the internal name at submit, so it finishes on the weights it started with, and a
+        # replaced adapter is deleted once no request holds it.
+        self.routes: dict[str, str] = {n: n for n in self.adapters}
+        self.canary: dict[str, tuple[str, float]] = {}  # served name -> (internal, fraction of requests)
+        # served name -> {"registry_name", "version", "alias", "verified"} for registry adapters
+        self.adapter_info: dict[str, dict] = {n: dict(i) for n, i in (adapter_info or {}).items()}
+        self._loaded: dict[str, str] = dict(self.adapters)  # internal PEFT name -> local directory
+        # internal name -> registry version (the metrics' version label)
+        self._versions = {n: str(i["version"]) for n, i in self.adapter_info.items() if i.get("version")}
+        self._retiring: set[str] = set()
+        self._route_lock = threading.Lock()  # route lookup + enqueue vs. a switch
+        self._commands: queue.Queue = queue.Queue()  # callables the worker runs between steps
+        self._num_installed = 0
+        self.rng = random.Random()  # canary split (seeded in tests)
+        self.follower: Any = None  # serve.follow.RegistryFollower: started and stopped with the engine
         self.dtype = dtype
         self.device = device
         self.max_batch_size = max_batch_size
@@ -171,6 +194,8 @@ class Engine:
         """Load in the worker thread (so /health answers at once and /ready flips when done)."""
         self._thread = threading.Thread(target=self._run, name="llama-train-engine", daemon=True)
         self._thread.start()
+        if self.follower is not None:
+            self.follower.start()
 
     def stop(self, timeout_s: float = 120.0) -> None:
         """Stop the worker and join it. Requests still queued or running get a ShuttingDown
@@ -178,6 +203,8 @@ class Engine:
         thread still inside torch when the interpreter exits aborts the process
         (`terminate called without an active exception`, exit -6). The worker checks for stop
         between steps, so the wait is one forward pass (or a model load in progress)."""
+        if self.follower is not None:
+            self.follower.stop()
         self._stopping.set()
         self._pending.put(None)
         thread = self._thread
@@ -203,15 +230,15 @@ class Engine:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(self.base, dtype=self.dtype).to(self.device)
-        if self.adapters:
+        if self._loaded:
             from peft import PeftModel
 
-            names = list(self.adapters)
-            model = PeftModel.from_pretrained(model, self.adapters[names[0]], adapter_name=names[0])
+            names = list(self._loaded)
+            model = PeftModel.from_pretrained(model, self._loaded[names[0]], adapter_name=names[0])
             for name in names[1:]:
-                model.load_adapter(self.adapters[name], adapter_name=name)
+                model.load_adapter(self._loaded[name], adapter_name=name)
         model.eval()
-        forward = model.get_base_model().forward if self.adapters else model.forward
+        forward = model.get_base_model().forward if self._loaded else model.forward
         self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or tok.model_max_length)
@@ -253,14 +280,21 @@ class Engine:
                 q = self._pending.get_nowait()
             except queue.Empty:
                 break
-            if q is not None:
+            if isinstance(q, GenRequest):
                 reqs[id(q)] = q
         for req in reqs.values():
             req.post(Event([], error=exc))
         groups.clear()
+        while True:  # adapter changes that will not happen now
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            future.set_exception(exc)
 
     def _loop(self, groups: dict) -> None:
         while not self._stopping.is_set():
+            self._run_commands(groups)
             self._update_gauges(groups)
             new = self._admit(groups, block=not groups)
             if new is None:
@@ -294,7 +328,7 @@ class Engine:
         running = {id(r.req): r.req.model for g in groups.values() for r in g.rows if not r.done}
         running.update({id(c.req): c.req.model for g in groups.values() for c in g.prefilling})
         with self._pending.mutex:
-            queued = [q for q in self._pending.queue if q is not None]
+            queued = [q for q in self._pending.queue if isinstance(q, GenRequest)]
         waiting = {id(q): q.model for q in queued + self._overflow if not q.cancelled}
         for model in m.models:
             m.running.labels(model).set(sum(1 for v in running.values() if v == model))
@@ -343,6 +377,8 @@ class Engine:
             if req is None:  # stop: what this call gathered is told it is shutting down, like the queue
                 self._overflow[:0] = batch
                 return None
+            if req is _WAKE:  # an adapter command is waiting: run it before blocking again
+                break
             if req.cancelled:
                 continue
             if rows > 0 and (rows + req.params.n > self.max_batch_size or not admits(
@@ -362,14 +398,141 @@ class Engine:
         if adapter is not None:
             self.model.set_adapter(adapter)
             return contextlib.nullcontext()
-        if self.adapters:
+        if self._loaded:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
     def submit(self, req: GenRequest) -> None:
+        with self._route_lock:  # a switch cannot retire the adapter between lookup and enqueue
+            if req.adapter is not None:
+                if req.adapter not in self.routes:
+                    req.post(Event([], error=KeyError(f"adapter {req.adapter!r} was unloaded")))
+                    return
+                req.adapter = self._route(req.adapter)
+            if self.metrics is not None:
+                self.metrics.waiting.labels(req.model).inc()  # until the next iteration recounts
+            self._pending.put(req)
+
+    # ------------------------------------------------------------------ adapters at runtime
+    def _route(self, name: str) -> str:
+        """The internal adapter for one request to served adapter `name` (canary: a fraction
+        goes to the canary adapter), counted per version in the metrics."""
+        internal = self.routes[name]
+        if name in self.canary:
+            canary, fraction = self.canary[name]
+            if self.rng.random() < fraction:
+                internal = canary
         if self.metrics is not None:
-            self.metrics.waiting.labels(req.model).inc()  # until the next iteration recounts
-        self._pending.put(req)
+            self.metrics.adapter_requests.labels(name, self._versions.get(internal, "local")).inc()
+        return internal
+
+    def in_worker(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` on the worker thread between two steps (it owns the model); its result or
+        exception comes back through the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        self._pending.put(_WAKE)  # an idle worker blocks on the request queue
+        return future
+
+    def _run_commands(self, groups: dict) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # reported to the caller; serving goes on
+                future.set_exception(exc)
+        if self._retiring:
+            self._drop_retired(groups)
+
+    def install_adapter(self, name: str, path: str | Path, *, source: str | None = None,
+                        info: dict | None = None, canary_fraction: float | None = None) -> concurrent.futures.Future:
+        """Load `path` beside the served adapters, then route served name `name` to it (or, with
+        `canary_fraction`, that fraction of `name`'s requests). Whatever `name` used before is
+        deleted when its requests have finished. The future fails (nothing is switched) when
+        the adapter does not load."""
+        if name == self.base_id:
+            raise ValueError(f"adapter name {name!r} collides with the base model's name")
+
+        def install() -> str:
+            self._num_installed += 1
+            internal = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}__{self._num_installed}"
+            try:
+                self._load_peft(internal, str(path))
+            except BaseException:
+                if internal in (getattr(self.model, "peft_config", None) or {}) and len(self._loaded) > 0:
+                    self.model.delete_adapter(internal)  # a half-loaded adapter must not linger
+                raise
+            version = str((info or {}).get("version") or "local")
+            self._versions[internal] = version
+            with self._route_lock:
+                if canary_fraction is None:
+                    old = self.routes.get(name)
+                    self.routes[name] = internal
+                    self.adapters[name] = source or str(path)
+                    canary = self.adapter_info.get(name, {}).get("canary")
+                    self.adapter_info[name] = {**(info or {}), **({"canary": canary} if canary else {})}
+                else:
+                    old = self.canary.get(name, (None, 0))[0]
+                    self.canary[name] = (internal, canary_fraction)
+                    self.adapter_info.setdefault(name, {})["canary"] = {**(info or {}), "fraction": canary_fraction}
+                if old is not None:
+                    self._retiring.add(old)
+            if self.metrics is not None:
+                self.metrics.add_models([name])
+                self.metrics.set_adapter_version(name, self.adapter_info.get(name, {}), self.canary.get(name))
+            log.info("adapter switched", extra={"model": name, "version": version, "internal": internal,
+                                                "canary_fraction": canary_fraction})
+            return internal
+
+        return self.in_worker(install)
+
+    def remove_adapter(self, name: str, *, canary_only: bool = False) -> concurrent.futures.Future:
+        """Stop serving `name` (or only its canary); its adapters are deleted when idle."""
+
+        def remove() -> None:
+            with self._route_lock:
+                if name not in self.routes:
+                    raise KeyError(name)
+                old = [self.canary.pop(name, (None, 0))[0]]
+                self.adapter_info.get(name, {}).pop("canary", None)
+                if not canary_only:
+                    old.append(self.routes.pop(name))
+                    self.adapters.pop(name, None)
+                    self.adapter_info.pop(name, None)
+                self._retiring.update(o for o in old if o is not None)
+            if self.metrics is not None:
+                self.metrics.set_adapter_version(name, self.adapter_info.get(name, {}), self.canary.get(name))
+
+        return self.in_worker(remove)
+
+    def _load_peft(self, internal: str, path: str) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=internal)
+        else:  # the first adapter of a server started without any
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=internal)
+            self.model.eval()
+        self._loaded[internal] = path
+
+    def _drop_retired(self, groups: dict) -> None:
+        """Delete replaced adapters that no running, prefilling or queued request holds."""
+        busy = {a for a, g in groups.items() if g.rows or g.prefilling}
+        with self._pending.mutex:
+            busy |= {q.adapter for q in self._pending.queue if isinstance(q, GenRequest)}
+        busy |= {q.adapter for q in self._overflow}
+        with self._route_lock:
+            busy |= set(self.routes.values()) | {c for c, _ in self.canary.values()}
+        for internal in sorted(self._retiring - busy):
+            if len(self._loaded) == 1:  # PEFT cannot disable its last adapter once deleted: keep it
+                break
+            self.model.delete_adapter(internal)
+            del self._loaded[internal]
+            self._retiring.discard(internal)
+            log.info("adapter unloaded", extra={"internal": internal})
 
     # ------------------------------------------------------------------ tokenization
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:

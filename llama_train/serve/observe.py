@@ -18,6 +18,14 @@ Engine, per served model (`model` = the base's name or an adapter's):
   llama_train_e2e_request_latency_seconds{model}      histogram, accepted to answered  [e2e_request_latency_seconds]
   llama_train_requests_finished_total{model,finish_reason}  counter per choice: stop | length | abort
                                                       (client gone, deadline) | error  [request_success_total]
+Adapters (registry-followed, loaded at runtime, canaries):
+  llama_train_adapter_requests_total{model,version}   counter, requests routed to each version of a served
+                                                      adapter (the canary split)
+  llama_train_adapter_info{model,role,version,registry_name}  gauge = 1 per version served now
+                                                      (role = main | canary)
+  llama_train_adapter_switches_total{model,result}    counter, result = switched | failed (a version that did
+                                                      not download, verify or load: the old one serves on)
+  llama_train_registry_poll_errors_total              counter, registry polls that failed (unreachable)
 Process: process_* (CPU, memory, open fds, start time), python_info, python_gc_*, and
   llama_train_build_info{version,python,torch,transformers} = 1.
 """
@@ -101,6 +109,15 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.finished = Counter("llama_train_requests_finished", "Finished choices by finish reason.",
                                 ["model", "finish_reason"], registry=r)
+        self.adapter_requests = Counter("llama_train_adapter_requests", "Requests routed to each adapter "
+                                        "version of a served model.", ["model", "version"], registry=r)
+        self.adapter_info = Gauge("llama_train_adapter_info", "Adapter versions served now (value 1).",
+                                  ["model", "role", "version", "registry_name"], registry=r)
+        self.adapter_switches = Counter("llama_train_adapter_switches", "Adapter version changes by result.",
+                                        ["model", "result"], registry=r)
+        self.registry_errors = Counter("llama_train_registry_poll_errors", "Registry polls that failed.",
+                                       registry=r)
+        self._adapter_series: dict[str, list[tuple]] = {}
         self.build_info = Gauge("llama_train_build_info", "Versions of this server (value 1).",
                                 ["version", "python", "torch", "transformers"], registry=r)
         self.build_info.labels(**_versions()).set(1)
@@ -112,6 +129,20 @@ class Metrics:
             self.tokens.labels(kind)
         self.models: list[str] = []
         self.add_models(models)
+
+    def set_adapter_version(self, model: str, info: dict, canary: tuple | None) -> None:
+        """llama_train_adapter_info of `model`: its main version and its canary's, if any."""
+        for labels in self._adapter_series.pop(model, []):
+            self.adapter_info.remove(*labels)
+        series = []
+        if info.get("version"):
+            series.append((model, "main", str(info["version"]), str(info.get("registry_name", ""))))
+        c = info.get("canary") or {}
+        if canary is not None and c.get("version"):
+            series.append((model, "canary", str(c["version"]), str(c.get("registry_name", ""))))
+        for labels in series:
+            self.adapter_info.labels(*labels).set(1)
+        self._adapter_series[model] = series
 
     def add_models(self, models) -> None:
         """Create every per-model series at 0 (gauges 0, counters 0, empty histograms)."""

@@ -83,6 +83,16 @@ def test_good_adapter_passes_and_is_promoted(gate_env, promoted):
     assert json.loads((gate_env["good"] / "gate_report.json").read_text())["passed"] is True
 
 
+def test_promoted_export_carries_its_manifest_so_a_server_can_verify_it(gate_env, promoted, tmp_path):
+    from llama_train.registry import fetch_verified
+    from llama_train.tracking import _client
+
+    client = _client(gate_env["uri"])
+    local, verified = fetch_verified(NAME, promoted.model_version, tmp_path / "dl", client=client)
+    assert verified is True
+    assert sorted(p.name for p in local.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_second_candidate_is_compared_with_champion_and_moves_previous(gate_env, promoted):
     again = gate_env["tmp"] / "good_again"
     export_run(gate_env["run"], again, formats=["adapter"])

@@ -152,6 +152,45 @@ def test_server_deployment_contract(rendered):
     assert source in [m["mountPath"] for m in nc["volumeMounts"]]
 
 
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_served_adapters_come_from_the_registry_not_a_filled_volume(rendered):
+    """The gate's alias move is what changes the served adapter: our server follows models:/
+    references; vLLM and NIM get an init container and a sidecar (`llama-train registry sync`)."""
+    mlflow_svc = next(o for o in rendered["base"] if o["kind"] == "Service" and o["metadata"]["name"] == "mlflow")
+    registry = f"http://mlflow.llama-train.svc:{mlflow_svc['spec']['ports'][0]['port']}"
+    for d in ("serving/server", "overlays/local"):
+        dep = next(o for o in rendered[d] if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-train-server")
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        adapter = c["command"][c["command"].index("--adapter") + 1]
+        assert adapter == "quickstart=models:/quickstart@champion"
+        assert _env(c)["MLFLOW_TRACKING_URI"] == registry
+        assert not [m for m in c["volumeMounts"] if "adapter" in m["mountPath"]]
+    edge = next(o for o in rendered["overlays/edge"] if o["kind"] == "Deployment")
+    assert _env(edge["spec"]["template"]["spec"]["containers"][0])["MLFLOW_TRACKING_URI"].startswith("http://")
+    for d, served_dir in (("serving/vllm", "/adapters"), ("serving/nim", "/loras")):
+        pod = next(o for o in rendered[d] if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+        server, sidecar = pod["containers"]
+        (init,) = pod["initContainers"]
+        for c in (init, sidecar):
+            assert c["command"] == ["llama-train", "registry", "sync"] and "models:/quickstart@champion" in c["args"]
+            assert _env(c)["MLFLOW_TRACKING_URI"] == registry
+            (mount,) = [m for m in c["volumeMounts"] if m["name"] == "adapters"]
+            assert mount["mountPath"] == served_dir and not mount.get("readOnly")
+        assert "--once" in init["args"] and "--once" not in sidecar["args"]
+        assert [m["mountPath"] for m in server["volumeMounts"] if m["name"] == "adapters"] == [served_dir]
+    vllm = next(o for o in rendered["serving/vllm"] if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert _env(vllm["containers"][0])["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "--vllm-url=http://127.0.0.1:8000" in vllm["containers"][1]["args"]
+    args = vllm["containers"][0]["args"]
+    assert args[args.index("--lora-modules") + 1] == "quickstart=/adapters/quickstart"  # the init container's
+    nim = next(o for o in rendered["serving/nim"] if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert _env(nim["containers"][0])["NIM_PEFT_SOURCE"] == "/loras"
+    assert not [a for a in nim["containers"][1]["args"] if a.startswith("--vllm-url")]
+
+
 def test_grafana_dashboard_uses_the_server_metrics():
     dash = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
