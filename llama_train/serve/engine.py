@@ -19,6 +19,7 @@ the entries' bytes join to exactly the returned text (up to a stop string's cut)
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import logging
 import os
@@ -60,6 +61,9 @@ class SamplingParams:
     report_stop_token: bool = False  # list the stop token's logprob entry (/v1/completions, as vLLM)
     tokens_as_ids: bool = False  # vLLM return_tokens_as_token_ids: entries' token = "token_id:N"
     prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
+    # llguidance grammar (serve/structured.py): each step only the tokens it allows (after the
+    # other logit processing, before temperature); None = unconstrained
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -68,7 +72,8 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
-                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None
+                    or self.grammar is not None)
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM): dividing by them overflows
@@ -153,6 +158,7 @@ class Engine:
         self._byte_decoder: dict[str, int] | None = None
         self._pieces: dict[int, tuple[str, list[int]]] = {}
         self.special_tokens: set[str] = set()
+        self.grammars: Any = None  # structured.Grammars, once the tokenizer is loaded
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._pending: queue.Queue[GenRequest | None] = queue.Queue()
@@ -220,6 +226,11 @@ class Engine:
         self.special_tokens = set(tok.all_special_tokens) | {
             t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
         self.model, self.tokenizer = model, tok
+        from llama_train.serve.structured import Grammars
+
+        self.grammars = Grammars(tok, self.vocab_size)
+        if importlib.util.find_spec("llguidance") is not None:
+            self.grammars.ll_tokenizer  # built now (~1 s for a large vocabulary), not in a request
         log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
                                         "load_s": round(time.monotonic() - t0, 2)})
 
@@ -348,8 +359,9 @@ class Engine:
         self._pending.put(req)
 
     # ------------------------------------------------------------------ tokenization
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  tools=tools)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
@@ -421,7 +433,7 @@ PROMPT_LOGPROB_CHUNK = 512  # prompt positions per log-softmax (bounds the float
 class _Row:
     """One sequence being generated: a choice of a request."""
 
-    def __init__(self, req: GenRequest, index: int):
+    def __init__(self, req: GenRequest, index: int, grammars: Any = None):
         import torch
 
         self.req, self.index = req, index
@@ -434,6 +446,9 @@ class _Row:
         self.done = False
         self.last_token_at: float | None = None
         self.generator = None
+        # one grammar matcher per row (its own parse state); built in the worker thread
+        self.matcher = grammars.matcher(p.grammar) if p.grammar is not None else None
+        self.bitmask = None
         if not p.greedy:
             seed = (p.seed + index) % 2**64 if p.seed is not None else int.from_bytes(os.urandom(8), "little")
             self.generator = torch.Generator().manual_seed(seed)
@@ -494,7 +509,7 @@ class _Group:
         import torch
 
         self._started(reqs)
-        rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
+        rows = [_Row(req, i, self.engine.grammars) for req in reqs for i in range(req.params.n)]
         dev = self.engine.device
         width = max(len(r.req.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
@@ -556,7 +571,7 @@ class _Group:
         c.cache, c.done = _cache_of(out), end
         if end == len(req.prompt_ids):
             self.prefilling.pop(0)
-            self._merge([_Row(req, i) for i in range(n)], c.cache, mask, pos[:, -1:],
+            self._merge([_Row(req, i, self.engine.grammars) for i in range(n)], c.cache, mask, pos[:, -1:],
                         out.logits[:, -1, :].float())
 
     def _merge(self, rows: list[_Row], cache, mask, last_pos, logits) -> None:
@@ -683,6 +698,15 @@ class _Group:
         if len(r.ids) < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.engine.eos_ids)
             row[[t for t in stops if t < vocab]] = float("-inf")
+        if r.matcher is not None:  # only the tokens the grammar allows at this point
+            import llguidance.torch as llt
+
+            if r.bitmask is None:
+                r.bitmask = llt.allocate_token_bitmask(1, vocab)
+            llt.fill_next_token_bitmask(r.matcher, r.bitmask, 0)
+            row = row.clone()[None]  # the bitmask is applied in place
+            llt.apply_token_bitmask_inplace(row, r.bitmask.to(row.device))
+            row = row[0]
         if p.repetition_penalty != 1.0:
             seen = r.seen.clone()
             seen[[t for t in r.ids if t < vocab]] = True
@@ -720,6 +744,9 @@ class _Group:
             if (t in self.engine.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 r.ids.pop()
                 finish = "stop"
+            elif r.matcher is not None and not r.matcher.consume_token(t):  # cannot happen: masked
+                self._fail_request(r.req, SamplingFailed(f"grammar rejected token {t}: {r.matcher.get_error()}"))
+                continue
             if lp is not None and (finish is None or p.report_stop_token):
                 r.lp_pending.append(lp)
             text = self.tok.decode(r.ids, skip_special_tokens=True)
