@@ -704,9 +704,9 @@ class _Group:
             if r.bitmask is None:
                 r.bitmask = llt.allocate_token_bitmask(1, vocab)
             llt.fill_next_token_bitmask(r.matcher, r.bitmask, 0)
-            row = row.clone()[None]  # the bitmask is applied in place
-            llt.apply_token_bitmask_inplace(row, r.bitmask.to(row.device))
-            row = row[0]
+            # Not llt.apply_token_bitmask_inplace: on CPU it took ~100 ms per row for a 49k
+            # vocabulary; unpacking the bits with torch takes well under a millisecond.
+            row = row.masked_fill(~_unpack_bitmask(r.bitmask[0], vocab).to(row.device), float("-inf"))
         if p.repetition_penalty != 1.0:
             seen = r.seen.clone()
             seen[[t for t in r.ids if t < vocab]] = True
@@ -744,9 +744,12 @@ class _Group:
             if (t in self.engine.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 r.ids.pop()
                 finish = "stop"
-            elif r.matcher is not None and not r.matcher.consume_token(t):  # cannot happen: masked
-                self._fail_request(r.req, SamplingFailed(f"grammar rejected token {t}: {r.matcher.get_error()}"))
-                continue
+            elif r.matcher is not None:
+                if not r.matcher.consume_token(t):  # cannot happen: the token was allowed
+                    self._fail_request(r.req, SamplingFailed(f"grammar rejected token {t}: {r.matcher.get_error()}"))
+                    continue
+                if r.matcher.is_stopped():  # the grammar is complete: only the stop token could follow
+                    finish = "stop"
             if lp is not None and (finish is None or p.report_stop_token):
                 r.lp_pending.append(lp)
             text = self.tok.decode(r.ids, skip_special_tokens=True)
@@ -775,6 +778,19 @@ class _Group:
             m.generation_tokens.labels(self.rows[0].req.model).inc(generated)  # one model per group
         for req, deltas in per_req.values():
             req.post(Event(deltas))
+
+
+_BIT_SHIFTS = None
+
+
+def _unpack_bitmask(words, vocab: int):
+    """llguidance's packed mask (int32 words, token i = bit i % 32 of word i // 32) -> bool [vocab]."""
+    import torch
+
+    global _BIT_SHIFTS
+    if _BIT_SHIFTS is None:
+        _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+    return ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1)[:vocab].bool()
 
 
 def _byte_level_alphabet() -> dict[str, int]:
