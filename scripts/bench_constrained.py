@@ -72,8 +72,13 @@ def main() -> None:
     ap.add_argument("--base", help="model directory (default: build the tiny random model)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each scenario; the best is kept")
+    ap.add_argument("--repeats", type=int, default=5, help="runs of each scenario, alternating; the best is kept")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: steadier numbers on a shared machine)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from llama_train.serve.engine import Engine
 
