@@ -43,7 +43,7 @@ from llama_train.serve.schemas import (
     find_unencodable,
     from_validation_error,
 )
-from llama_train.serve.structured import ToolPlan, history_message, parse_calls, plan
+from llama_train.serve.structured import CallStream, ToolPlan, history_message, new_call_id, parse_calls, plan
 from llama_train.serve.upstream import Upstream, proxy
 
 log = logging.getLogger("llama_train.serve")
@@ -438,8 +438,19 @@ class _Handlers:
                 # a tool call (sent as tool_calls deltas) or content (sent as one delta).
                 held = [""] * req.n if out.tools.parse_calls else None
                 held_lps: list[list[dict]] = [[] for _ in range(req.n)]
+                # A forced call (grammar) has a known layout: streamed as it is generated.
+                streams = [CallStream(out.tools.call_format) for _ in range(req.n)] if out.tools.forced else None
                 while True:
                     for idx, text, fin, lps in event.deltas:
+                        if streams is not None:
+                            held[idx] += text
+                            for c in out.call_deltas(idx, streams[idx], held[idx]):
+                                yield _sse({**meta, "object": obj, "choices": [c]})
+                            if fin:
+                                done += 1
+                                reasons[idx] = "tool_calls" if fin == "stop" and streams[idx].name else fin
+                                yield chunk(idx, None, reasons[idx], None)
+                            continue
                         if held is not None:
                             held[idx] += text
                             held_lps[idx] += lps
@@ -517,6 +528,20 @@ class _Output:
         if not t.parse_calls or finish not in ("stop", None):
             return None
         return parse_calls(text, t.call_format, t.tool_names)
+
+    def call_deltas(self, index: int, stream: CallStream, text: str) -> list[dict]:
+        """Stream choices for the new part of a forced call: its id and name once known, then
+        each new piece of the arguments."""
+        out = []
+        name, piece = stream.feed(text)
+        if name is not None:
+            out.append({"index": index, "delta": {"tool_calls": [
+                {"index": 0, "id": new_call_id(), "type": "function",
+                 "function": {"name": name, "arguments": ""}}]}, "finish_reason": None, "logprobs": None})
+        if piece:
+            out.append({"index": index, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                        "finish_reason": None, "logprobs": None})
+        return out
 
     def call_chunks(self, index: int, calls: list[dict]) -> list[dict]:
         """Stream choices for tool calls, as OpenAI streams them: per call, one delta with its

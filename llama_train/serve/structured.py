@@ -45,6 +45,7 @@ class ToolPlan:
     grammar: str | None = None            # llguidance grammar (JSON), None = unconstrained
     call_format: str = LLAMA_JSON
     tool_names: set[str] = field(default_factory=set)
+    forced: bool = False                  # the grammar makes the output one call (streamed as it comes)
 
 
 def call_format(chat_template: str | None) -> str:
@@ -105,6 +106,7 @@ def plan(extra: dict, chat_template: str | None) -> ToolPlan:
             raise _bad("response_format", "cannot be combined with tool_choice required or a named "
                        "function (the output is then a tool call)")
         out.grammar = _call_grammar(forced, out.call_format)
+        out.forced = True
     elif schema is not None:
         out.grammar = _json_grammar(schema)
     return out
@@ -183,8 +185,46 @@ def _call(body: str, args_key: str, names: set[str]) -> dict | None:
     args = doc.get(args_key, doc.get("arguments" if args_key == "parameters" else "parameters", {}))
     if not isinstance(args, dict):
         return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": doc["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+    # the model's own text of the arguments when the call has the grammar's layout (so a stream,
+    # which sends that text as it comes, and the whole response agree), else re-serialized
+    m = _CALL_LAYOUT.fullmatch(body.strip())
+    raw = m.group(2) if m and m.group(1) == doc["name"] else None
+    return {"id": new_call_id(), "type": "function",
+            "function": {"name": doc["name"], "arguments": raw or json.dumps(args, ensure_ascii=False)}}
+
+
+_CALL_LAYOUT = re.compile(r'\{"name": "([A-Za-z0-9_.-]+)", "(?:parameters|arguments)": (\{.*\})\}', re.S)
+# Forced calls as the grammar writes them: (the text before the arguments, what follows them)
+_STREAM_LAYOUT = {LLAMA_JSON: (re.compile(r'\{"name": "([A-Za-z0-9_.-]+)", "parameters": '), "}"),
+                  HERMES: (re.compile(r'<tool_call>\n\{"name": "([A-Za-z0-9_.-]+)", "arguments": '),
+                           "}\n</tool_call>")}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class CallStream:
+    """A forced call streamed as it is generated (the grammar fixes its layout): `feed` the
+    text so far; it returns the function name once (when complete) and the new argument text,
+    holding back what may be the call's closing characters."""
+
+    def __init__(self, fmt: str):
+        self.prefix, self.tail = _STREAM_LAYOUT[fmt]
+        self.name: str | None = None
+        self.start = self.sent = 0
+
+    def feed(self, text: str) -> tuple[str | None, str]:
+        new_name = None
+        if self.name is None:
+            m = self.prefix.match(text)
+            if m is None:
+                return None, ""
+            self.name, self.start, new_name = m.group(1), m.end(), m.group(1)
+        end = len(text) - len(self.tail)
+        piece = text[self.start + self.sent:max(end, self.start + self.sent)]
+        self.sent += len(piece)
+        return new_name, piece
 
 
 def history_message(m: dict) -> dict:

@@ -107,7 +107,8 @@ def test_streamed_tool_call_reassembles_to_the_same_call(server):
     assert len(calls) == 1 and calls[0]["id"].startswith("call_")
     assert (calls[0]["name"], calls[0]["arguments"]) == (whole.function.name, whole.function.arguments)
     arg_chunks = [ch for ch in chunks if ch.choices[0].delta.tool_calls and not ch.choices[0].delta.tool_calls[0].id]
-    assert len(arg_chunks) >= 2  # arguments arrive in pieces
+    # the arguments arrive as they are generated (a piece per token or so), not at the end
+    assert len(arg_chunks) >= len(whole.function.arguments) / 4
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == ["tool_calls"]
 
 

@@ -110,3 +110,25 @@ def test_engine_unpacks_llguidance_masks_as_llguidance_applies_them(tiny_tokeniz
         mine = logits[0].masked_fill(~_unpack_bitmask(mask[0], vocab), float("-inf"))
         assert torch.equal(mine, ref[0]) and 0 < int(torch.isfinite(mine).sum()) < vocab
         assert m.consume_token(int(mine.argmax()))
+
+
+@pytest.mark.parametrize("fmt, text", [
+    (LLAMA_JSON, '{"name": "double", "parameters": {"n": 7, "s": "a}\\"b"}}'),
+    (HERMES, '<tool_call>\n{"name": "double", "arguments": {"n": 7, "s": "a}\\"b"}}\n</tool_call>'),
+])
+def test_call_stream_sends_name_then_arguments_as_generated(fmt, text):
+    """Fed the text a few characters at a time (as tokens arrive), the stream names the function
+    once and its argument pieces join to exactly the arguments of the whole response."""
+    from llama_train.serve.structured import CallStream
+
+    s = CallStream(fmt)
+    names, pieces = [], []
+    for end in range(1, len(text) + 1, 3):
+        name, piece = s.feed(text[:end])
+        names += [name] if name else []
+        pieces += [piece] if piece else []
+    name, piece = s.feed(text)
+    pieces += [piece] if piece else []
+    _, (call,) = parse_calls(text, fmt, {"double"})
+    assert names == ["double"] and "".join(pieces) == call["function"]["arguments"] == '{"n": 7, "s": "a}\\"b"}'
+    assert len(pieces) > 5
