@@ -134,8 +134,10 @@ class Engine:
     def __init__(self, base: str, adapters: dict[str, str] | None = None, *,
                  served_model_name: str | None = None, dtype: str = "auto",
                  device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256):
+                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256,
+                 chat_template: str | None = None):
         self.base = base
+        self.chat_template = chat_template  # replaces the tokenizer's (--chat-template)
         # Prompts longer than this are prefilled this many tokens per engine iteration, between
         # decode steps (as vLLM's chunked prefill), so a long prompt does not stall other
         # requests' tokens; 0 = whole prompts at once.
@@ -201,6 +203,8 @@ class Engine:
         torch.set_grad_enabled(False)
         tok = AutoTokenizer.from_pretrained(self.base)
         tok.padding_side = "left"
+        if self.chat_template is not None:
+            tok.chat_template = self.chat_template
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(self.base, dtype=self.dtype).to(self.device)

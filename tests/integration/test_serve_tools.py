@@ -173,3 +173,37 @@ def test_bad_tool_and_format_parameters_are_400_naming_the_field(server, extra, 
     with pytest.raises(openai.BadRequestError) as exc:
         server.client().chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **extra)
     assert exc.value.status_code == 400 and exc.value.body["param"] == param
+
+
+HERMES_TEMPLATE = __import__("pathlib").Path(__file__).with_name("hermes_tools.jinja")
+
+
+def test_hermes_template_via_chat_template_flag(tiny_model_dir, tmp_path):
+    """`--chat-template` with a Hermes-style (<tool_call>) template: the forced call is written in
+    its tags, read back as tool_calls, streamed, and the history renders the call and the result."""
+    s = start_server(["--base", str(tiny_model_dir), "--served-model-name", MODEL,
+                      "--chat-template", str(HERMES_TEMPLATE)], tmp_path)
+    try:
+        c = s.client()
+        kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5,
+                  max_tokens=100)
+        r = c.chat.completions.create(**kw)
+        (call,) = r.choices[0].message.tool_calls
+        _validate_call(call)
+        assert r.choices[0].finish_reason == "tool_calls"
+        streamed = "".join(d.function.arguments for ch in c.chat.completions.create(stream=True, **kw)
+                           for d in ch.choices[0].delta.tool_calls or [])
+        assert streamed == call.function.arguments
+        history = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        final = c.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
+                                          temperature=0, max_tokens=4)
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        rendered = tok.apply_chat_template(
+            ASK + [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                "name": call.function.name, "arguments": json.loads(call.function.arguments)}}]}, history[-1]],
+            tools=TOOLS, add_generation_prompt=True, tokenize=False, chat_template=HERMES_TEMPLATE.read_text())
+        assert "<tool_call>\n{\"name\": \"" in rendered and "<tool_response>\nsunny\n</tool_response>" in rendered
+        assert final.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    finally:
+        s.stop()
