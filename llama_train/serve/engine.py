@@ -234,7 +234,12 @@ class Engine:
 
         self.grammars = Grammars(tok, self.vocab_size)
         if importlib.util.find_spec("llguidance") is not None:
-            self.grammars.ll_tokenizer  # built now (~1 s for a large vocabulary), not in a request
+            try:  # built now (~1 s for a large vocabulary), not in a request
+                self.grammars.ll_tokenizer
+            except Exception as exc:  # noqa: BLE001  (serve without constrained decoding, say why)
+                self.grammars.error = exc
+                log.warning("constrained decoding unavailable: llguidance cannot read this tokenizer",
+                            extra={"error": repr(exc)})
         log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
                                         "load_s": round(time.monotonic() - t0, 2)})
 

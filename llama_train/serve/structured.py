@@ -259,6 +259,7 @@ class Grammars:
         self._hf, self._vocab = tokenizer, vocab_size
         self._lock = threading.Lock()
         self._ll = None
+        self.error: BaseException | None = None  # llguidance could not read the tokenizer
 
     @property
     def ll_tokenizer(self):
@@ -273,6 +274,9 @@ class Grammars:
         """400 naming `param` when the grammar (a schema the request sent) does not compile."""
         import llguidance
 
+        if self.error is not None:
+            raise APIError(400, f"{param}: constrained decoding is unavailable for this model (llguidance "
+                           f"cannot read its tokenizer: {self.error})", param=param, code="unsupported_parameter")
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
         if is_error:
             raise _bad(param, f"not a schema this server can enforce: {'; '.join(messages)}")
