@@ -688,7 +688,7 @@ class _Group:
         return out
 
     def _process(self, row, r: _Row):
-        """Bias and penalties on (a copy of) one row's float32 logits."""
+        """Bias, penalties and the grammar's mask on (a copy of) one row's float32 logits."""
         import torch
 
         p = r.req.params
@@ -707,6 +707,14 @@ class _Group:
         if len(r.ids) < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.engine.eos_ids)
             row[[t for t in stops if t < vocab]] = float("-inf")
+        if p.repetition_penalty != 1.0:
+            seen = r.seen.clone()
+            seen[[t for t in r.ids if t < vocab]] = True
+            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                row * p.repetition_penalty), row)
+        if r.ids and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(r.ids, device=row.device), minlength=vocab)[:vocab].float()
+            row -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
         if r.matcher is not None:  # only the tokens the grammar allows at this point
             import llguidance.torch as llt
 
@@ -716,14 +724,6 @@ class _Group:
             # Not llt.apply_token_bitmask_inplace: on CPU it took ~100 ms per row for a 49k
             # vocabulary; unpacking the bits with torch takes well under a millisecond.
             row = row.masked_fill(~_unpack_bitmask(r.bitmask[0], vocab).to(row.device), float("-inf"))
-        if p.repetition_penalty != 1.0:
-            seen = r.seen.clone()
-            seen[[t for t in r.ids if t < vocab]] = True
-            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
-                                                row * p.repetition_penalty), row)
-        if r.ids and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.bincount(torch.tensor(r.ids, device=row.device), minlength=vocab)[:vocab].float()
-            row -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
         return row
 
     def _emit(self, tokens: list[int], logprobs: list[dict | None]) -> None:

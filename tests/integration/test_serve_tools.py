@@ -207,3 +207,16 @@ def test_hermes_template_via_chat_template_flag(tiny_model_dir, tmp_path):
         assert final.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
     finally:
         s.stop()
+
+
+def test_grammar_holds_with_penalties_bias_and_greedy(server):
+    """Greedy rows and rows with logit_bias, penalties, top_k, min_p stay under the grammar (a
+    forbidden token is -inf whatever bias or penalty is added to it)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "report", "schema": REPORT}}
+    c = server.client()
+    for kw in ({"temperature": 0}, {"frequency_penalty": 2.0, "presence_penalty": 2.0},
+               {"logit_bias": {str(t): 100 for t in range(40, 60)}, "temperature": 0.5},
+               {"extra_body": {"repetition_penalty": 1.5, "top_k": 5, "min_p": 0.1}}):
+        r = c.chat.completions.create(model=MODEL, messages=ASK, response_format=fmt, max_tokens=120, **kw)
+        assert r.choices[0].finish_reason == "stop", kw
+        jsonschema.validate(json.loads(r.choices[0].message.content), REPORT)
