@@ -100,3 +100,17 @@ def test_preflight_counts_malformed_tool_calls(tmp_path, tiny_dir, tiny_tokenize
     labels = data.train[0]["labels"]
     trained = tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert trained == '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>7<|eot_id|>'
+
+
+def test_tool_rows_in_the_eval_file_are_scored_with_tools_and_prompted_as_messages(tmp_path, tiny_dir, tiny_tokenizer):
+    train, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text(json.dumps(ROW) + "\n")
+    ev.write_text(json.dumps({**ROW, "id": "e1"}) + "\n")
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, data={
+        "sources": [{"path": str(train), "format": "messages"}], "seq_len": 1024,
+        "eval": {"path": str(ev), "format": "messages"}}))
+    data, _ = check_data(recipe, tiny_tokenizer)
+    # generation prompts (gate, evaluation) get the messages; the loss is computed with the tools
+    assert [m["role"] for m in data.eval_rows[0]["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert data.eval[0]["input_ids"] == data.train[0]["input_ids"]  # same row: tools rendered in both
+    assert '"description": "Add two integers"' in tiny_tokenizer.decode(data.eval[0]["input_ids"])
