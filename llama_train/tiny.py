@@ -19,13 +19,39 @@ EOT = "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
 SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, PAD]
 
-# Llama-3-style chat template: every turn is `<|start_header_id|>role<|end_header_id|>\n\n
-# content<|eot_id|>`; the generation prompt opens an assistant header.
+# Llama-3.1-style chat template: every turn is `<|start_header_id|>role<|end_header_id|>\n\n
+# content<|eot_id|>`; the generation prompt opens an assistant header. With `tools`, a system turn
+# lists them (Llama 3.1's "Environment: ipython" prompt with the system message folded in); an
+# assistant tool call is rendered as Llama 3.1's JSON `{"name": ..., "parameters": {...}}` (one call
+# per turn, as Llama 3.1) and a `tool` message as an `ipython` turn. Without tools and tool
+# messages it renders exactly as the plain Llama 3 template.
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- (messages[0]['content'] | trim) + '\\n' }}{%- endif %}"
+    "{{- 'Given the following functions, please respond with a JSON for a function call with its proper "
+    "arguments that best answers the given prompt.\\n\\nRespond in the format {\"name\": function name, "
+    "\"parameters\": dictionary of argument name and its value}. Do not use variables.\\n\\n' }}"
+    "{%- for t in tools %}{{- (t | tojson) + '\\n\\n' }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{%- if message['tool_calls'] | length != 1 %}"
+    "{{- raise_exception('This model only supports single tool-calls at once!') }}"
+    "{%- endif %}"
+    "{%- set call = message['tool_calls'][0]['function'] %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n{\"name\": \"' + call['name'] + "
+    "'\", \"parameters\": ' + (call['arguments'] | tojson) + '}<|eot_id|>' }}"
+    "{%- elif message['role'] == 'tool' or message['role'] == 'ipython' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (message['content'] if message['content'] is string "
+    "else message['content'] | tojson) | trim + '<|eot_id|>' }}"
+    "{%- else %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
     "+ (message['content'] | trim) + '<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"

@@ -44,15 +44,19 @@ def render_ids(tokenizer, messages, *, add_generation_prompt=False, chat_templat
     return list(out["input_ids"])
 
 
-def render_text(tokenizer, messages, *, add_generation_prompt=False, chat_template=None) -> str:
+def render_text(tokenizer, messages, *, add_generation_prompt=False, chat_template=None, tools=None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
+                                         chat_template=chat_template, tools=tools)
 
 
 def tokenize_messages(
-    messages: list[dict], tokenizer, *, train_on: str = "assistant", chat_template: str | None = None
+    messages: list[dict], tokenizer, *, train_on: str = "assistant", chat_template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> dict[str, list[int]]:
-    """Token ids and labels for one conversation. `train_on`: assistant | last_assistant | all."""
+    """Token ids and labels for one conversation. `train_on`: assistant | last_assistant | all.
+    An assistant turn that calls tools is supervised like any assistant turn (the call as the
+    template renders it, and its end-of-turn token); `tool` results are context, never trained on.
+    `tools`: the function definitions the template renders (OpenAI shape)."""
     turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if train_on == "last_assistant":
         turns = turns[-1:]
@@ -60,10 +64,11 @@ def tokenize_messages(
         turns = []
     # One template render per prefix, then one batched tokenizer call (the template supplies the
     # special tokens, as apply_chat_template(tokenize=True) does).
-    texts = [render_text(tokenizer, messages, chat_template=chat_template)]
+    texts = [render_text(tokenizer, messages, chat_template=chat_template, tools=tools)]
     for i in turns:
-        texts.append(render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template))
-        texts.append(render_text(tokenizer, messages[: i + 1], chat_template=chat_template))
+        texts.append(render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template,
+                                 tools=tools))
+        texts.append(render_text(tokenizer, messages[: i + 1], chat_template=chat_template, tools=tools))
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     ids = list(encoded[0])
     if train_on == "all":

@@ -1,14 +1,22 @@
 """Read a source's rows and normalize every format to one conversation (or one text).
 
 Formats → conversation:
-  messages    {"messages": [{"role", "content"}, ...]}       system/user/assistant, multi-turn
+  messages    {"messages": [{"role", "content"}, ...],       system/user/assistant/tool, multi-turn;
+               "tools"?: [...]}                               assistant `tool_calls` (OpenAI shape)
   alpaca      {"instruction", "input"?, "output"}             → user (instruction + input), assistant
   sharegpt    {"conversations": [{"from", "value"}, ...]}     human/gpt/system
   completion  {"prompt", "completion"}                        → user, assistant
   text        {"text"}                                        → a string; every token trained
 
 A row that cannot be normalized raises `RowError` with a category that preflight counts:
-invalid_json, missing_field, wrong_type, empty_response.
+invalid_json, missing_field, wrong_type, empty_response, malformed_tool_call.
+
+Tool use (OpenAI shape): an assistant message may carry `tool_calls` [{"id"?, "type": "function",
+"function": {"name", "arguments"}}] (content may then be empty); `arguments` is a JSON object or
+a string holding one, and is normalized to the object (chat templates render it with `tojson`).
+A `tool` message holds the result (`content`, `tool_call_id`?). A row's `tools` (function
+definitions) go to the template with the messages: the conversation is then
+`{"messages": [...], "tools": [...]}` instead of the list of messages.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pathlib import Path
 from llama_train.errors import DataError
 
 FORMATS = ("messages", "alpaca", "sharegpt", "completion", "text")
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -48,7 +56,8 @@ def _text(value, name: str) -> str:
     return value
 
 
-def _turns(items, name: str, role_key: str, text_key: str, role_map: dict) -> list[dict]:
+def _turns(items, name: str, role_key: str, text_key: str, role_map: dict, *,
+           optional_text: bool = False) -> list[dict]:
     if not isinstance(items, list):
         raise RowError("wrong_type", f"`{name}` must be a list, got {type(items).__name__}")
     if not items:
@@ -57,30 +66,86 @@ def _turns(items, name: str, role_key: str, text_key: str, role_map: dict) -> li
     for k, turn in enumerate(items):
         if not isinstance(turn, dict):
             raise RowError("wrong_type", f"`{name}[{k}]` must be an object, got {type(turn).__name__}")
-        if turn.get(role_key) is None or turn.get(text_key) is None:
+        if turn.get(role_key) is None or (turn.get(text_key) is None and not optional_text):
             missing = role_key if turn.get(role_key) is None else text_key
             raise RowError("missing_field", f"missing field `{name}[{k}].{missing}`")
         role = turn[role_key]
         if not isinstance(role, str) or role not in role_map:
             raise RowError("wrong_type", f"`{name}[{k}].{role_key}` is {role!r}; use one of {sorted(role_map)}")
-        out.append({"role": role_map[role], "content": _text(turn[text_key], f"{name}[{k}].{text_key}")})
+        text = turn.get(text_key)
+        out.append({"role": role_map[role], "content": "" if text is None else _text(text, f"{name}[{k}].{text_key}")})
     return out
 
 
 def _check_responses(conv: list[dict]) -> list[dict]:
     for k, m in enumerate(conv):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise RowError("empty_response", f"assistant turn {k} is empty")
     return conv
 
 
-def normalize(row, fmt: str) -> list[dict] | str:
+def _bad_call(where: str, why: str) -> RowError:
+    return RowError("malformed_tool_call", f"`{where}` {why}")
+
+
+def tool_call(call, where: str) -> dict:
+    """One OpenAI-shaped tool call, checked, with `arguments` as a JSON object."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise _bad_call(where, 'must be {"type": "function", "function": {"name", "arguments"}}')
+    if call.get("type", "function") != "function":
+        raise _bad_call(f"{where}.type", f"is {call.get('type')!r}; only \"function\" is supported")
+    fn = call["function"]
+    name, args = fn.get("name"), fn.get("arguments", {})
+    if not isinstance(name, str) or not name.strip():
+        raise _bad_call(f"{where}.function.name", "must be a non-empty string")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise _bad_call(f"{where}.function.arguments", f"is not valid JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise _bad_call(f"{where}.function.arguments", f"must be a JSON object, got {type(args).__name__}")
+    out = {"type": "function", "function": {"name": name, "arguments": args}}
+    if call.get("id") is not None:
+        out["id"] = str(call["id"])
+    return out
+
+
+def _messages(row: dict) -> list[dict] | dict:
+    items = _field(row, "messages")
+    conv = _turns(items, "messages", "role", "content", {r: r for r in ROLES}, optional_text=True)
+    for k, (m, raw) in enumerate(zip(conv, items)):
+        calls = raw.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant":
+                raise _bad_call(f"messages[{k}].tool_calls", f"on a {m['role']} message (only assistant calls tools)")
+            if not isinstance(calls, list) or not calls:
+                raise _bad_call(f"messages[{k}].tool_calls", "must be a non-empty list")
+            m["tool_calls"] = [tool_call(c, f"messages[{k}].tool_calls[{j}]") for j, c in enumerate(calls)]
+        if m["role"] == "tool":
+            if raw.get("content") is None:
+                raise RowError("missing_field", f"missing field `messages[{k}].content`")
+            if raw.get("tool_call_id") is not None:
+                m["tool_call_id"] = str(raw["tool_call_id"])
+        elif raw.get("content") is None and not m.get("tool_calls"):
+            raise RowError("missing_field", f"missing field `messages[{k}].content`")
+    _check_responses(conv)
+    tools = row.get("tools")
+    if tools is None:
+        return conv
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            for t in tools):
+        raise RowError("wrong_type", '`tools` must be a list of {"type": "function", "function": {"name", ...}}')
+    return {"messages": conv, "tools": tools}
+
+
+def normalize(row, fmt: str) -> list[dict] | dict | str:
     """One raw row (already column-mapped) → conversation messages, or the text for `text`."""
     if not isinstance(row, dict):
         raise RowError("wrong_type", f"a row must be a JSON object, got {type(row).__name__}")
     if fmt == "messages":
-        return _check_responses(_turns(_field(row, "messages"), "messages", "role", "content",
-                                       {r: r for r in ROLES}))
+        return _messages(row)
     if fmt == "sharegpt":
         return _check_responses(_turns(_field(row, "conversations"), "conversations", "from", "value",
                                        SHAREGPT_ROLES))

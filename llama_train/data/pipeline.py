@@ -2,7 +2,8 @@
 (datasets.map over several processes), apply the over-length policy, mix by weight, pack.
 
 Every row read ends up counted exactly once: kept, or dropped under one category
-(invalid_json, missing_field, wrong_type, empty_response, duplicate, overlength, no_supervised).
+(invalid_json, missing_field, wrong_type, empty_response, malformed_tool_call, duplicate, overlength,
+no_supervised).
 The result (`Prepared`) is what the preprocessing cache saves.
 """
 
@@ -30,7 +31,7 @@ from llama_train.errors import DataError
 # pool must not be live when datasets.map forks its workers.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CATEGORIES = ("invalid_json", "missing_field", "wrong_type", "empty_response", "duplicate",
+CATEGORIES = ("invalid_json", "missing_field", "wrong_type", "empty_response", "malformed_tool_call", "duplicate",
               "template", "overlength", "no_supervised")
 TEMPLATE_ERROR = "template:"  # status prefix of a row the chat template refused (raise_exception)
 MAX_EXAMPLES = 5  # bad rows quoted per category in the report
@@ -52,6 +53,9 @@ def tokenize_sample(conv, tokenizer, *, train_on: str, chat_template: str | None
     if isinstance(conv, str):
         ids = list(tokenizer(conv).input_ids) + [tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids)}
+    if isinstance(conv, dict):  # messages with the tools they may call
+        return tokenize_messages(conv["messages"], tokenizer, train_on=train_on, chat_template=chat_template,
+                                 tools=conv["tools"])
     return tokenize_messages(conv, tokenizer, train_on=train_on, chat_template=chat_template)
 
 
@@ -249,6 +253,8 @@ def _tokenize_eval(recipe: Recipe, tokenizer, ev: list[dict]) -> tuple[list[dict
             tok = tokenize_sample(conv, tokenizer, train_on=d.train_on, chat_template=d.chat_template)
         except TemplateError:
             continue  # the template refuses this conversation: it cannot be scored or prompted either
+        if isinstance(conv, dict):  # evaluation prompts the messages without the tool definitions
+            conv = conv["messages"]
         eval_rows.append({"id": s["id"], "messages": None if isinstance(conv, str) else conv,
                           **({"text": conv} if isinstance(conv, str) else {})})
         policy = "truncate" if d.overlength == "error" else d.overlength

@@ -45,6 +45,7 @@ from llama_train.serve.schemas import (
     find_unencodable,
     from_validation_error,
 )
+from llama_train.serve.structured import CallStream, ToolPlan, history_message, new_call_id, parse_calls, plan
 from llama_train.serve.upstream import Upstream, proxy
 
 log = logging.getLogger("llama_train.serve")
@@ -353,18 +354,19 @@ class _Handlers:
             raise APIError(503, "the model is still loading; retry when /ready answers 200",
                            type="server_error", code="model_not_ready")
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        prompts = self._prompts(req, kind)
+        tools = self._tool_plan(req) if kind == "chat" else ToolPlan()
+        prompts = self._prompts(req, kind, tools)
         adapter = None if req.model == engine.base_id else req.model
         loop = asyncio.get_running_loop()
         ends_at = time.monotonic() + self.timeout_s  # the same deadline, on the engine's clock
-        gens = [GenRequest(ids, self._params(req, len(ids), top_logprobs, prompt_logprobs),
+        gens = [GenRequest(ids, self._params(req, len(ids), top_logprobs, prompt_logprobs, tools.grammar),
                            req.model, adapter, loop, deadline=ends_at) for ids in prompts]
         if req.stream and len(gens) > 1:
             raise APIError(400, "stream with several prompts is not supported; send one prompt",
                            param="prompt", code="unsupported_parameter")
         out = _Output(kind, req.n, top_logprobs is not None,
                       self._echo_texts(req, prompts) if kind == "text" and req.echo else None,
-                      engine.special_tokens)
+                      engine.special_tokens, tools)
         for gen in gens:
             self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
             engine.submit(gen)
@@ -378,12 +380,33 @@ class _Handlers:
         finally:
             gone.cancel()  # a stream's body watches for disconnects itself
 
-    def _prompts(self, req, kind: str) -> list[list[int]]:
+    def _tool_plan(self, req) -> ToolPlan:
+        """tools / tool_choice / response_format checked against the model's template; a
+        grammar that does not compile (a schema llguidance cannot enforce) is a 400 too."""
+        extra = req.model_extra or {}
+        if extra.get("tools") or extra.get("response_format") not in (None, {"type": "text"}):
+            try:
+                import llguidance  # noqa: F401  (the serve extra installs it)
+            except ImportError:
+                raise APIError(400, "tools and response_format need llguidance: pip install "
+                               "'llama_train[serve]'", param="tools" if extra.get("tools") else "response_format",
+                               code="unsupported_parameter") from None
+        out = plan(extra, self.engine.tokenizer.chat_template)
+        if out.grammar is not None:
+            forced = extra.get("tool_choice") not in (None, "none", "auto")
+            self.engine.grammars.check(out.grammar, "tools" if forced else "response_format")
+        return out
+
+    def _prompts(self, req, kind: str, tools: ToolPlan | None = None) -> list[list[int]]:
         engine = self.engine
         if kind == "chat":
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = []
+            for m in req.messages:  # tool_calls, tool_call_id and name go to the template too
+                extra = {k: v for k, v in (m.model_extra or {}).items()
+                         if k in ("tool_calls", "tool_call_id", "name") and v is not None}
+                messages.append(history_message({"role": m.role, "content": m.text(), **extra}))
             try:
-                return [engine.chat_prompt_ids(messages)]
+                return [engine.chat_prompt_ids(messages, tools.tools if tools else None)]
             except APIError:
                 raise
             except Exception as exc:  # noqa: BLE001  (jinja raise_exception(), role rules, ...)
@@ -410,7 +433,7 @@ class _Handlers:
         return [self.engine.tokenizer.decode(ids) for ids in prompts]
 
     def _params(self, req, prompt_len: int, top_logprobs: int | None,
-                prompt_logprobs: bool) -> SamplingParams:
+                prompt_logprobs: bool, grammar: str | None = None) -> SamplingParams:
         ctx = self.engine.context_length
         asked = req.effective_max_tokens()
         room = ctx - prompt_len
@@ -445,7 +468,7 @@ class _Handlers:
                               stop_token_ids=stop_ids, allowed_token_ids=allowed,
                               include_stop_str_in_output=req.include_stop_str_in_output,
                               report_stop_token=isinstance(req, CompletionRequest),
-                              tokens_as_ids=req.return_tokens_as_token_ids)
+                              tokens_as_ids=req.return_tokens_as_token_ids, grammar=grammar)
 
     async def _next_event(self, gen: GenRequest, deadline: float, gone: asyncio.Future | None = None):
         """The request's next event; 504 at its deadline, 499 when the client has gone (the
@@ -532,8 +555,37 @@ class _Handlers:
                     elif out.echo_texts is not None:  # the prompt first, as one chunk
                         yield chunk(i, out.echo_texts[0], None, gen.prompt_logprobs)
                 event, done = first, 0
+                # With tools, a choice's text is held until it ends: only then is it known to be
+                # a tool call (sent as tool_calls deltas) or content (sent as one delta).
+                held = [""] * req.n if out.tools.parse_calls else None
+                held_lps: list[list[dict]] = [[] for _ in range(req.n)]
+                # A forced call (grammar) has a known layout: streamed as it is generated.
+                streams = [CallStream(out.tools.call_format) for _ in range(req.n)] if out.tools.forced else None
                 while True:
                     for idx, text, fin, lps in event.deltas:
+                        if streams is not None:
+                            held[idx] += text
+                            for c in out.call_deltas(idx, streams[idx], held[idx]):
+                                yield _sse({**meta, "object": obj, "choices": [c]})
+                            if fin:
+                                done += 1
+                                reasons[idx] = "tool_calls" if fin == "stop" and streams[idx].name else fin
+                                yield chunk(idx, None, reasons[idx], None)
+                            continue
+                        if held is not None:
+                            held[idx] += text
+                            held_lps[idx] += lps
+                            if not fin:
+                                continue
+                            calls = out.calls(held[idx], fin)
+                            if calls is None:
+                                text, lps = held[idx], held_lps[idx]
+                            else:  # content before the calls (Hermes), then the calls
+                                if calls[0]:
+                                    yield chunk(idx, calls[0], None, [])
+                                text, fin = "", "tool_calls"
+                                for c in out.call_chunks(idx, calls[1]):
+                                    yield _sse({**meta, "object": obj, "choices": [c]})
                         if text:
                             yield chunk(idx, text, None, lps)
                         if fin:
@@ -560,28 +612,73 @@ class _Handlers:
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
+ARGUMENT_PIECE_CHARS = 16  # a streamed tool call's arguments arrive in pieces of this many characters
+
+
 class _Output:
     """Shapes choices and stream chunks: chat or text completion, with or without logprobs
     (chat: `{"content": [entries]}`; completions: the legacy `tokens` / `token_logprobs` /
     `top_logprobs` / `text_offset` lists) and `echo` (the prompt text and its logprobs first)."""
 
     def __init__(self, kind: str, n: int, logprobs: bool, echo_texts: list[str] | None,
-                 special_tokens: set[str]):
+                 special_tokens: set[str], tools: ToolPlan | None = None):
         self.kind, self.logprobs, self.echo_texts = kind, logprobs, echo_texts
+        self.tools = tools or ToolPlan()
         self.special = special_tokens
         self.offsets = [0] * n  # streamed text_offset so far, per choice
 
     def choice(self, index: int, prompt_index: int, gen: GenRequest, text: str,
                entries: list[dict], finish: str | None) -> dict:
         if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish,
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = self.calls(text, finish)
+            if calls is not None:
+                message = {"role": "assistant", "content": calls[0], "tool_calls": calls[1]}
+                finish = "tool_calls"
+            return {"index": index, "message": message, "finish_reason": finish,
                     "logprobs": {"content": entries} if self.logprobs else None}
         if self.echo_texts is not None:
             text = self.echo_texts[prompt_index] + text
             entries = (gen.prompt_logprobs or []) + entries
         return {"index": index, "text": text, "finish_reason": finish,
                 "logprobs": self._legacy(entries, text, 0)[0] if self.logprobs else None}
+
+    def calls(self, text: str, finish: str | None) -> tuple[str | None, list[dict]] | None:
+        """(content, tool_calls) when this output is a call of one of the request's tools."""
+        t = self.tools
+        if not t.parse_calls or finish not in ("stop", None):
+            return None
+        return parse_calls(text, t.call_format, t.tool_names)
+
+    def call_deltas(self, index: int, stream: CallStream, text: str) -> list[dict]:
+        """Stream choices for the new part of a forced call: its id and name once known, then
+        each new piece of the arguments."""
+        out = []
+        name, piece = stream.feed(text)
+        if name is not None:
+            out.append({"index": index, "delta": {"tool_calls": [
+                {"index": 0, "id": new_call_id(), "type": "function",
+                 "function": {"name": name, "arguments": ""}}]}, "finish_reason": None, "logprobs": None})
+        if piece:
+            out.append({"index": index, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                        "finish_reason": None, "logprobs": None})
+        return out
+
+    def call_chunks(self, index: int, calls: list[dict]) -> list[dict]:
+        """Stream choices for tool calls, as OpenAI streams them: per call, one delta with its
+        index, id, type and function name (arguments ""), then the arguments in pieces."""
+        out = []
+        for k, call in enumerate(calls):
+            fn = call["function"]
+            out.append({"index": index, "delta": {"tool_calls": [
+                {"index": k, "id": call["id"], "type": "function",
+                 "function": {"name": fn["name"], "arguments": ""}}]}, "finish_reason": None, "logprobs": None})
+            args = fn["arguments"]
+            for start in range(0, len(args), ARGUMENT_PIECE_CHARS):
+                out.append({"index": index, "delta": {"tool_calls": [
+                    {"index": k, "function": {"arguments": args[start:start + ARGUMENT_PIECE_CHARS]}}]},
+                    "finish_reason": None, "logprobs": None})
+        return out
 
     def chunk_choice(self, index: int, text: str | None, finish: str | None,
                      entries: list[dict] | None, role: bool) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging.config
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -112,6 +113,9 @@ def serve_command(
         "one long prompt does not stall other requests (0: whole prompts at once).")] = 256,
     default_max_tokens: Annotated[int, typer.Option(
         help="max_tokens when a chat request sends none.")] = 256,
+    chat_template: Annotated[str | None, typer.Option(
+        help="A Jinja chat template file used instead of the tokenizer's (as vLLM's --chat-template), "
+        "e.g. one that renders `tools` for a model whose own template does not.")] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
     body_timeout_s: Annotated[float, typer.Option(
         help="A request body must arrive within this many seconds, else 408 (read before a "
@@ -137,6 +141,11 @@ def serve_command(
     check_flags(base=base, host=host, port=port, dtype=dtype, device=device, log_level=log_level)
     if prefill_chunk_tokens < 0:
         raise UsageError(f"--prefill-chunk-tokens {prefill_chunk_tokens}: give a token count, or 0 for whole prompts")
+    template = None
+    if chat_template is not None:
+        if not Path(chat_template).is_file():
+            raise UsageError(f"--chat-template {chat_template}: no such file")
+        template = Path(chat_template).read_text()
     try:
         adapters = parse_named(adapter, "adapter")
         upstreams = {n: Upstream.parse(n, u) for n, u in parse_named(upstream, "upstream").items()}
@@ -158,7 +167,8 @@ def serve_command(
         engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
                         device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         prefill_chunk_tokens=prefill_chunk_tokens,
-                        default_max_tokens=default_max_tokens, adapter_info=adapter_info)
+                        default_max_tokens=default_max_tokens, adapter_info=adapter_info,
+                        chat_template=template)
         engine.follower, follower.engine = follower, engine
         _install_canaries(engine, follower, canaries)
         app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import inspect
 import logging
 import os
@@ -64,6 +65,9 @@ class SamplingParams:
     report_stop_token: bool = False  # list the stop token's logprob entry (/v1/completions, as vLLM)
     tokens_as_ids: bool = False  # vLLM return_tokens_as_token_ids: entries' token = "token_id:N"
     prompt_logprobs: bool = False  # also the prompt tokens' (completions with echo)
+    # llguidance grammar (serve/structured.py): each step only the tokens it allows (after the
+    # other logit processing, before temperature); None = unconstrained
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -72,7 +76,8 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
-                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None
+                    or self.grammar is not None)
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM): dividing by them overflows
@@ -138,8 +143,9 @@ class Engine:
                  served_model_name: str | None = None, dtype: str = "auto",
                  device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
                  default_max_tokens: int = 256, prefill_chunk_tokens: int = 256,
-                 adapter_info: dict[str, dict] | None = None):
+                 adapter_info: dict[str, dict] | None = None, chat_template: str | None = None):
         self.base = base
+        self.chat_template = chat_template  # replaces the tokenizer's (--chat-template)
         # Prompts longer than this are prefilled this many tokens per engine iteration, between
         # decode steps (as vLLM's chunked prefill), so a long prompt does not stall other
         # requests' tokens; 0 = whole prompts at once.
@@ -179,6 +185,7 @@ class Engine:
         self._byte_decoder: dict[str, int] | None = None
         self._pieces: dict[int, tuple[str, list[int]]] = {}
         self.special_tokens: set[str] = set()
+        self.grammars: Any = None  # structured.Grammars, once the tokenizer is loaded
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._pending: queue.Queue[GenRequest | None] = queue.Queue()
@@ -227,6 +234,8 @@ class Engine:
         torch.set_grad_enabled(False)
         tok = AutoTokenizer.from_pretrained(self.base)
         tok.padding_side = "left"
+        if self.chat_template is not None:
+            tok.chat_template = self.chat_template
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(self.base, dtype=self.dtype).to(self.device)
@@ -252,6 +261,16 @@ class Engine:
         self.special_tokens = set(tok.all_special_tokens) | {
             t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
         self.model, self.tokenizer = model, tok
+        from llama_train.serve.structured import Grammars
+
+        self.grammars = Grammars(tok, self.vocab_size)
+        if importlib.util.find_spec("llguidance") is not None:
+            try:  # built now (~1 s for a large vocabulary), not in a request
+                self.grammars.ll_tokenizer
+            except Exception as exc:  # noqa: BLE001  (serve without constrained decoding, say why)
+                self.grammars.error = exc
+                log.warning("constrained decoding unavailable: llguidance cannot read this tokenizer",
+                            extra={"error": repr(exc)})
         log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
                                         "load_s": round(time.monotonic() - t0, 2)})
 
@@ -535,8 +554,9 @@ class Engine:
             log.info("adapter unloaded", extra={"internal": internal})
 
     # ------------------------------------------------------------------ tokenization
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  tools=tools)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
@@ -608,7 +628,7 @@ PROMPT_LOGPROB_CHUNK = 512  # prompt positions per log-softmax (bounds the float
 class _Row:
     """One sequence being generated: a choice of a request."""
 
-    def __init__(self, req: GenRequest, index: int):
+    def __init__(self, req: GenRequest, index: int, grammars: Any = None):
         import torch
 
         self.req, self.index = req, index
@@ -621,6 +641,9 @@ class _Row:
         self.done = False
         self.last_token_at: float | None = None
         self.generator = None
+        # one grammar matcher per row (its own parse state); built in the worker thread
+        self.matcher = grammars.matcher(p.grammar) if p.grammar is not None else None
+        self.bitmask = None
         if not p.greedy:
             seed = (p.seed + index) % 2**64 if p.seed is not None else int.from_bytes(os.urandom(8), "little")
             self.generator = torch.Generator().manual_seed(seed)
@@ -681,7 +704,7 @@ class _Group:
         import torch
 
         self._started(reqs)
-        rows = [_Row(req, i) for req in reqs for i in range(req.params.n)]
+        rows = [_Row(req, i, self.engine.grammars) for req in reqs for i in range(req.params.n)]
         dev = self.engine.device
         width = max(len(r.req.prompt_ids) for r in rows)
         input_ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
@@ -743,7 +766,7 @@ class _Group:
         c.cache, c.done = _cache_of(out), end
         if end == len(req.prompt_ids):
             self.prefilling.pop(0)
-            self._merge([_Row(req, i) for i in range(n)], c.cache, mask, pos[:, -1:],
+            self._merge([_Row(req, i, self.engine.grammars) for i in range(n)], c.cache, mask, pos[:, -1:],
                         out.logits[:, -1, :].float())
 
     def _merge(self, rows: list[_Row], cache, mask, last_pos, logits) -> None:
@@ -855,7 +878,7 @@ class _Group:
         return out
 
     def _process(self, row, r: _Row):
-        """Bias and penalties on (a copy of) one row's float32 logits."""
+        """Bias, penalties and the grammar's mask on (a copy of) one row's float32 logits."""
         import torch
 
         p = r.req.params
@@ -882,6 +905,15 @@ class _Group:
         if r.ids and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(r.ids, device=row.device), minlength=vocab)[:vocab].float()
             row -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
+        if r.matcher is not None:  # only the tokens the grammar allows at this point
+            import llguidance.torch as llt
+
+            if r.bitmask is None:
+                r.bitmask = llt.allocate_token_bitmask(1, vocab)
+            llt.fill_next_token_bitmask(r.matcher, r.bitmask, 0)
+            # Not llt.apply_token_bitmask_inplace: on CPU it took ~100 ms per row for a 49k
+            # vocabulary; unpacking the bits with torch takes well under a millisecond.
+            row = row.masked_fill(~_unpack_bitmask(r.bitmask[0], vocab).to(row.device), float("-inf"))
         return row
 
     def _emit(self, tokens: list[int], logprobs: list[dict | None]) -> None:
@@ -911,6 +943,12 @@ class _Group:
             if (t in self.engine.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 r.ids.pop()
                 finish = "stop"
+            elif r.matcher is not None:
+                if not r.matcher.consume_token(t):  # cannot happen: the token was allowed
+                    self._fail_request(r.req, SamplingFailed(f"grammar rejected token {t}: {r.matcher.get_error()}"))
+                    continue
+                if r.matcher.is_stopped():  # the grammar is complete: only the stop token could follow
+                    finish = "stop"
             if lp is not None and (finish is None or p.report_stop_token):
                 r.lp_pending.append(lp)
             text = self.tok.decode(r.ids, skip_special_tokens=True)
@@ -939,6 +977,19 @@ class _Group:
             m.generation_tokens.labels(self.rows[0].req.model).inc(generated)  # one model per group
         for req, deltas in per_req.values():
             req.post(Event(deltas))
+
+
+_BIT_SHIFTS = None
+
+
+def _unpack_bitmask(words, vocab: int):
+    """llguidance's packed mask (int32 words, token i = bit i % 32 of word i // 32) -> bool [vocab]."""
+    import torch
+
+    global _BIT_SHIFTS
+    if _BIT_SHIFTS is None:
+        _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+    return ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1)[:vocab].bool()
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -221,8 +221,8 @@ class CompletionRequest(_Body):
 
 
 # Parameters that would change the result: rejected (400) rather than silently ignored.
-UNSUPPORTED = ("response_format", "best_of", "use_beam_search", "guided_json", "guided_regex",
+UNSUPPORTED = ("best_of", "use_beam_search", "guided_json", "guided_regex",
                "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs", "bad_words",
                "logits_processors")
-CHAT_UNSUPPORTED = ("tools", "functions", "audio", "echo", "continue_final_message", "chat_template")
-COMPLETION_UNSUPPORTED = ("suffix",)
+CHAT_UNSUPPORTED = ("functions", "audio", "echo", "continue_final_message", "chat_template")
+COMPLETION_UNSUPPORTED = ("suffix", "response_format")  # chat has it (structured.py)

@@ -158,8 +158,8 @@ def test_bad_parameters_are_400_and_server_keeps_serving(served):
     assert exc.value.body["code"] == "context_length_exceeded"
     assert "maximum context length is 1024" in exc.value.body["message"]
     with pytest.raises(openai.BadRequestError) as exc:
-        c.chat.completions.create(model=BASE_NAME, messages=MSGS, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert exc.value.body["param"] == "tools"
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, tools=[{"type": "function", "function": {"name": "f g"}}])
+    assert exc.value.body["param"] == "tools.0.function.name"
     headers = {"authorization": f"Bearer {served.api_key}", "content-type": "application/json"}
     r = httpx.post(f"{served.v1}/chat/completions", content=b"{not json", headers=headers)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"

@@ -303,7 +303,7 @@ def test_allowed_token_ids_restrict_sampling(served, reference):
 
 def test_parameters_that_would_be_ignored_are_400(served):
     c = served.client()
-    for kw, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+    for kw, param in (({"response_format": {"type": "xml"}}, "response_format"),
                       ({"logit_bias": {"x": 1}}, "logit_bias"),
                       ({"logit_bias": {"5": 300}}, "logit_bias"),
                       ({"logit_bias": {"999999": 1}}, "logit_bias"),

@@ -32,7 +32,8 @@ BAD_LINES = [
     json.dumps(LONG),                                          # overlength (seq_len 64)
     json.dumps({"messages": [{"role": "user", "content": "Add: 4 + 4"}]}),  # no_supervised
 ]
-EXPECTED = {"invalid_json": 1, "missing_field": 1, "wrong_type": 2, "empty_response": 1, "duplicate": 1,
+EXPECTED = {"invalid_json": 1, "missing_field": 1, "wrong_type": 2, "empty_response": 1, "malformed_tool_call": 0,
+            "duplicate": 1,
             "template": 0, "overlength": 1, "no_supervised": 1}
 
 
