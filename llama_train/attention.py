@@ -7,7 +7,8 @@ each document separately, so a row costs sum(L_i^2) instead of (sum L_i)^2:
 
   doc_sdpa    causal SDPA per document (any device; the CPU fast path).
   doc_varlen  on CUDA, torch.nn.attention.varlen.varlen_attn over cu_seqlens (one flash call for
-              the whole batch); elsewhere, or when varlen_attn is unusable, the doc_sdpa loop.
+              the whole batch) when q, k, v share an fp16/bf16 dtype; elsewhere (CPU, float32,
+              mixed dtypes under autocast) or when varlen_attn is unusable, the doc_sdpa loop.
 
 Document boundaries come from the model kwargs `cu_seq_lens_q` (int32 offsets into the flattened
 batch*seq tokens, with `max_length_q`; `doc_bounds` may carry the same offsets as Python ints) or,
@@ -145,7 +146,7 @@ def doc_varlen_attention(module, query, key, value, attention_mask, scaling=None
     bsz, num_q, seq, dim = query.shape
     num_kv = key.shape[1]
     q, k, v = _flatten(query, key, value)
-    if query.is_cuda and _VARLEN is not None:
+    if query.is_cuda and _VARLEN is not None and _flash_dtypes(q, k, v):
         fn, has_window, has_gqa, has_causal = _VARLEN
         extra = {"scale": scaling}
         if has_window:
@@ -166,6 +167,13 @@ def doc_varlen_attention(module, query, key, value, attention_mask, scaling=None
     else:
         out = _per_document_sdpa(q, k, v, bounds, scaling)
     return out.reshape(bsz, seq, num_q, dim), None
+
+
+def _flash_dtypes(q, k, v) -> bool:
+    """The flash kernel behind varlen_attn takes fp16/bf16 only, one dtype for q, k and v: not
+    a float32 run (the default dtype), nor autocast where RoPE's float32 cos/sin promoted q and k
+    but not v. Those take the per-document SDPA loop (same result, SDPA's own kernels)."""
+    return q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def doc_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -525,8 +525,18 @@ def _finished_summary(run: Run) -> dict | None:
         return None
     output = run.out / ("adapter" if run.recipe.lora.enabled else "model")  # here, even if the directory moved
     same = (summary.get("status") == "completed" and summary.get("global_step") == run.state["step"]
-            and summary.get("recipe_sha256") == run.recipe.sha256())
+            and summary.get("recipe_sha256") in _recipe_hashes_any_kernel(run.recipe))
     return summary if same and output.exists() else None
+
+
+def _recipe_hashes_any_kernel(recipe: Recipe) -> set[str]:
+    """The recipe's sha256 under every model.attn_implementation: a run that ended under another
+    kernel (e.g. sdpa, the default before `auto`) is the same run, as `_resume` also says."""
+    from typing import get_args
+
+    field = type(recipe.model).model_fields["attn_implementation"]
+    return {recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": k})}).sha256()
+            for k in get_args(field.annotation)}
 
 
 def _refuse_starting_over(run: Run) -> None:

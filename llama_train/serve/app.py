@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_train.errors import LlamaTrainError
 from llama_train.serve.engine import (
+    AdapterGone,
     Engine,
     GenRequest,
     SamplingFailed,
@@ -48,6 +49,7 @@ from llama_train.serve.schemas import (
 from llama_train.serve.structured import CallStream, ToolPlan, history_message, new_call_id, parse_calls, plan
 from llama_train.serve.upstream import Upstream, proxy
 
+ADAPTER_OP_TIMEOUT_S = 600  # a load or unload waits this long for the worker thread
 log = logging.getLogger("llama_train.serve")
 _ENV = object()
 
@@ -122,9 +124,9 @@ def create_app(
 
     @app.get("/ready")
     async def ready():
-        if engine is None or engine.ready.is_set():
+        if engine is None or (engine.ready.is_set() and engine.running):
             return {"status": "ready"}
-        status = "failed" if engine.load_error is not None else "loading"
+        status = "failed" if engine.load_error is not None or engine.ready.is_set() else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")
@@ -279,17 +281,24 @@ class _Handlers:
                 raise APIError(400, str(exc).replace(f"--adapter {name}=", "lora_path "), param="lora_path",
                                code="invalid_value") from None
             local, info = path, {}
+        # Stop following what this replaces before switching, so a poll that is downloading a
+        # version of it cannot switch back over this load (from review).
+        detached = [] if follower is None else follower.detach(name, canary=fraction is not None,
+                                                                main=fraction is None)
         try:
-            await asyncio.wrap_future(engine.install_adapter(name, local, source=path, info=info,
-                                                             canary_fraction=fraction))
+            await asyncio.wait_for(asyncio.wrap_future(engine.install_adapter(
+                name, local, source=path, info=info, canary_fraction=fraction)), timeout=ADAPTER_OP_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001  (does not load on this base)
+            if follower is not None:
+                follower.reattach(detached)  # the old one serves on, and is followed again
+                if path.startswith("models:/"):
+                    follower.release_path(local)  # the download that did not load
             raise APIError(400, f"lora_path {path}: the adapter did not load ({type(exc).__name__}: "
                            f"{str(exc)[:300]})", param="lora_path", code="invalid_value") from None
         if follower is not None:
+            follower.release(detached)
             if path.startswith("models:/"):
                 follower.follow(name, path, info["version"], local, canary_fraction=fraction)
-            else:
-                follower.unfollow(name, canary=fraction is not None, main=fraction is None)
         self.metrics.add_models([name])
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -301,13 +310,19 @@ class _Handlers:
             raise APIError(400, "lora_name is required: the served adapter's name", param="lora_name",
                            code="invalid_value")
         engine = self._adapter_engine()
+        follower = engine.follower
+        # detached first: a poll downloading a new version of it must not bring it back
+        detached = [] if follower is None else follower.detach(name, main=not body.get("canary_only"))
         try:
-            await asyncio.wrap_future(engine.remove_adapter(name, canary_only=bool(body.get("canary_only"))))
+            await asyncio.wait_for(asyncio.wrap_future(engine.remove_adapter(
+                name, canary_only=bool(body.get("canary_only")))), timeout=ADAPTER_OP_TIMEOUT_S)
         except KeyError:
+            if follower is not None:
+                follower.reattach(detached)
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
                            code="model_not_found") from None
-        if engine.follower is not None:
-            engine.follower.unfollow(name, main=not body.get("canary_only"))
+        if follower is not None:
+            follower.release(detached)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _adapter_engine(self) -> Engine:
@@ -489,6 +504,8 @@ class _Handlers:
         if isinstance(event.error, ShuttingDown):
             raise APIError(503, "the server is shutting down; retry on another replica",
                            type="server_error", code="shutting_down")
+        if isinstance(event.error, AdapterGone):  # unloaded in between: as if it never existed
+            raise self.unknown_model(gen.model)
         if isinstance(event.error, SamplingFailed):
             raise APIError(400, f"sampling failed with this request's parameters ({_sampling_summary(gen.params)}): "
                            f"{event.error}", code="invalid_sampling")

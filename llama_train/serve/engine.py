@@ -91,6 +91,14 @@ class SamplingFailed(ValueError):
 _WAKE = object()  # put on the request queue to wake an idle worker for an adapter command
 
 
+class AdapterGone(KeyError):
+    """The request's adapter was unloaded between the request's checks and its submission."""
+
+
+class Superseded(RuntimeError):
+    """An adapter switch that was overtaken (its name unloaded or replaced meanwhile)."""
+
+
 class ShuttingDown(RuntimeError):
     """Posted to requests still queued or running when the engine stops."""
 
@@ -194,7 +202,7 @@ class Engine:
         self._stopping = threading.Event()
         self.metrics: Any = None  # observe.Metrics, set by the app: updated from the worker thread
         self.step_times = StepTimes()  # what admission predicts iterations from (serve.admission)
-        self._chunk = [0, 0.0]  # this iteration's chunked prefill: tokens, seconds
+        self._chunk_s = 0.0  # this iteration's chunked prefill seconds (not decode time)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -321,23 +329,18 @@ class Engine:
             by_adapter: dict[str | None, list[GenRequest]] = {}
             for req in new:
                 by_adapter.setdefault(req.adapter, []).append(req)
-            t0 = time.monotonic()
             for adapter, reqs in by_adapter.items():
                 group = groups.setdefault(adapter, _Group(self, adapter))
                 self._guarded(group, group.admit, reqs)
             t1 = time.monotonic()
-            self.step_times.add_prefill(sum(len(q.prompt_ids) * q.params.n for q in new
-                                            if len(q.prompt_ids) <= self.prefill_chunk_tokens
-                                            or not self.prefill_chunk_tokens), t1 - t0)
             rows = sum(len(g.rows) for g in groups.values())
-            self._chunk = [0, 0.0]  # prompt tokens and seconds of chunked prefill in this iteration
+            self._chunk_s = 0.0  # seconds of chunked prefill inside this iteration's steps
             for adapter, group in list(groups.items()):
                 if group.rows or group.prefilling:
                     self._guarded(group, group.step)
                 if not group.rows and not group.prefilling:
                     del groups[adapter]
-            self.step_times.add_step(rows, time.monotonic() - t1 - self._chunk[1])
-            self.step_times.add_prefill(*self._chunk)
+            self.step_times.add_step(rows, time.monotonic() - t1 - self._chunk_s)
 
     def _update_gauges(self, groups: dict) -> None:
         """Running and waiting requests per model, once per engine iteration."""
@@ -425,7 +428,7 @@ class Engine:
         with self._route_lock:  # a switch cannot retire the adapter between lookup and enqueue
             if req.adapter is not None:
                 if req.adapter not in self.routes:
-                    req.post(Event([], error=KeyError(f"adapter {req.adapter!r} was unloaded")))
+                    req.post(Event([], error=AdapterGone(f"adapter {req.adapter!r} was unloaded")))
                     return
                 req.adapter = self._route(req.adapter)
             if self.metrics is not None:
@@ -467,22 +470,36 @@ class Engine:
             self._drop_retired(groups)
 
     def install_adapter(self, name: str, path: str | Path, *, source: str | None = None,
-                        info: dict | None = None, canary_fraction: float | None = None) -> concurrent.futures.Future:
+                        info: dict | None = None, canary_fraction: float | None = None,
+                        still_wanted=None) -> concurrent.futures.Future:
         """Load `path` beside the served adapters, then route served name `name` to it (or, with
         `canary_fraction`, that fraction of `name`'s requests). Whatever `name` used before is
         deleted when its requests have finished. The future fails (nothing is switched) when
-        the adapter does not load."""
+        the adapter does not load, when a canary's main adapter is not served, or with
+        `Superseded` when `still_wanted()` (asked in the worker, after loading, right before
+        the switch) says the switch is no longer wanted: the name was unloaded or replaced
+        while the new version downloaded."""
         if name == self.base_id:
             raise ValueError(f"adapter name {name!r} collides with the base model's name")
 
         def install() -> str:
-            self._num_installed += 1
-            internal = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}__{self._num_installed}"
+            if canary_fraction is not None and name not in self.routes:
+                raise ValueError(f"a canary needs {name!r} itself to be served; it is not")
+            internal = ""
+            while not internal or internal in self._loaded:  # never an adapter loaded at start
+                self._num_installed += 1
+                internal = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)}__{self._num_installed}"
             try:
                 self._load_peft(internal, str(path))
+                if still_wanted is not None and not still_wanted():
+                    raise Superseded(f"{name}: unloaded or replaced while this version was loading")
             except BaseException:
-                if internal in (getattr(self.model, "peft_config", None) or {}) and len(self._loaded) > 0:
-                    self.model.delete_adapter(internal)  # a half-loaded adapter must not linger
+                others = set(self._loaded) - {internal}
+                if internal in (getattr(self.model, "peft_config", None) or {}) and others:
+                    self.model.delete_adapter(internal)  # a half-loaded or unwanted adapter must not linger
+                    self._loaded.pop(internal, None)
+                elif internal in self._loaded:  # PEFT cannot drop its only adapter: unrouted, it
+                    self._retiring.add(internal)  # goes once another one is loaded
                 raise
             version = str((info or {}).get("version") or "local")
             self._versions[internal] = version
@@ -548,7 +565,12 @@ class Engine:
         for internal in sorted(self._retiring - busy):
             if len(self._loaded) == 1:  # PEFT cannot disable its last adapter once deleted: keep it
                 break
-            self.model.delete_adapter(internal)
+            try:
+                self.model.delete_adapter(internal)
+            except Exception:  # noqa: BLE001  (the worker must outlive a failed cleanup)
+                log.exception("could not unload a replaced adapter", extra={"internal": internal})
+                self._retiring.discard(internal)  # not retried every iteration; it stays in memory
+                continue
             del self._loaded[internal]
             self._retiring.discard(internal)
             log.info("adapter unloaded", extra={"internal": internal})
@@ -716,9 +738,13 @@ class _Group:
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
         echo = reqs[0] if reqs[0].params.prompt_logprobs else None  # then alone (see admit)
+        t0 = time.monotonic()
         with torch.inference_mode():
             out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                     use_cache=True, logits_to_keep=0 if echo else 1)
+        if echo is None:  # what admission predicts prefill from (full-logit echo prefills are not typical)
+            self.engine.step_times.add_prefill(int(mask.sum()), time.monotonic() - t0)
+        with torch.inference_mode():
             if echo is not None:  # one prompt (n rows of it, left-padding-free): row 0's logits
                 p = echo.params
                 echo.prompt_logprobs = self.engine.prompt_logprobs(
@@ -753,6 +779,7 @@ class _Group:
         end = c.done + ids.shape[1]
         mask = torch.ones((n, end), dtype=torch.long, device=dev)
         pos = torch.arange(c.done, end, device=dev)[None].expand(n, -1)
+        t0 = time.monotonic()
         try:
             with torch.inference_mode():
                 out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=pos,
@@ -764,10 +791,15 @@ class _Group:
             req.post(Event([], error=exc))
             return
         c.cache, c.done = _cache_of(out), end
+        self.engine.step_times.add_prefill(ids.numel(), time.monotonic() - t0)
         if end == len(req.prompt_ids):
             self.prefilling.pop(0)
-            self._merge([_Row(req, i, self.engine.grammars) for i in range(n)], c.cache, mask, pos[:, -1:],
-                        out.logits[:, -1, :].float())
+            try:
+                self._merge([_Row(req, i, self.engine.grammars) for i in range(n)], c.cache, mask, pos[:, -1:],
+                            out.logits[:, -1, :].float())
+            except BaseException as exc:  # in neither rows nor prefilling now: answer it here; the
+                req.post(Event([], error=exc))  # batch may be half-merged, so the group fails too
+                raise
 
     def _merge(self, rows: list[_Row], cache, mask, last_pos, logits) -> None:
         """Append prefilled rows (their cache, 2D mask, last position, next-token logits) to the
@@ -791,11 +823,9 @@ class _Group:
         import torch
 
         if self.prefilling:
-            t0, tokens = time.monotonic(), self.prefilling[0].req.params.n * min(
-                self.engine.prefill_chunk_tokens, len(self.prefilling[0].req.prompt_ids) - self.prefilling[0].done)
+            t0 = time.monotonic()
             self._prefill_chunk()
-            self.engine._chunk[0] += tokens
-            self.engine._chunk[1] += time.monotonic() - t0
+            self.engine._chunk_s += time.monotonic() - t0
         if not self.rows:
             return
 

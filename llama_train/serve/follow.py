@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.errors import LlamaTrainError
+from llama_train.serve.engine import Superseded
 
 log = logging.getLogger("llama_train.serve")
 
@@ -106,11 +107,29 @@ class RegistryFollower:
                 name, ref, version, path, canary_fraction)
 
     def unfollow(self, name: str, *, canary: bool = True, main: bool = True) -> None:
+        self.release(self.detach(name, canary=canary, main=main))
+
+    def detach(self, name: str, *, canary: bool = True, main: bool = True) -> list[Followed]:
+        """Stop following `name` (its canary, its main reference, or both) and return the entries:
+        a poll already downloading a version for them will not switch to it (`_switch` asks)."""
         with self._lock:
-            for key in [(name, True)] * canary + [(name, False)] * main:
-                entry = self._entries.pop(key, None)
-                if entry is not None:
-                    self._discard(entry.path)
+            keys = [(name, True)] * canary + [(name, False)] * main
+            return [e for e in (self._entries.pop(k, None) for k in keys) if e is not None]
+
+    def reattach(self, entries: list[Followed]) -> None:
+        """Follow detached entries again (a replacement that failed to load), unless replaced."""
+        with self._lock:
+            for e in entries:
+                self._entries.setdefault((e.name, e.canary_fraction is not None), e)
+
+    def release_path(self, path) -> None:
+        """Delete one download (a version that was fetched but not installed)."""
+        self._discard(Path(path))
+
+    def release(self, entries: list[Followed]) -> None:
+        """Delete the downloads of detached entries (the engine has their weights in memory)."""
+        for e in entries:
+            self._discard(e.path)
 
     def _discard(self, path: Path | None) -> None:
         """Delete a downloaded version (the engine has its weights in memory by now)."""
@@ -170,9 +189,21 @@ class RegistryFollower:
         except Exception as exc:  # noqa: BLE001  (the registry went away mid-download)
             self._unreachable(exc)
             return
+        key = (entry.name, entry.canary_fraction is not None)
+
+        def still_wanted() -> bool:  # not unloaded or replaced while the version downloaded and loaded
+            with self._lock:
+                return self._entries.get(key) is entry
+
         try:
             self.engine.install_adapter(entry.name, path, source=entry.ref, info=info,
-                                        canary_fraction=entry.canary_fraction).result(timeout=600)
+                                        canary_fraction=entry.canary_fraction,
+                                        still_wanted=still_wanted).result(timeout=600)
+        except Superseded:
+            self._discard(path)
+            log.info("registry switch dropped: the adapter was unloaded or replaced meanwhile",
+                     extra={"model": entry.name, "ref": entry.ref, "version": version})
+            return
         except Exception as exc:  # noqa: BLE001  (does not load: refused, the old one serves on)
             self._discard(path)
             self._failed(entry, version, exc)

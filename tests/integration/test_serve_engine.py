@@ -95,3 +95,34 @@ def test_chunked_prefill_matches_transformers_generate(engine, tiny_model_dir):
     for entries in results:
         for choice in entries.values():
             assert [e["bytes"] for e in choice] == want
+
+
+def test_adapter_switches_that_were_overtaken_or_collide_change_nothing(tiny_model_dir, tiny_adapter_dir):
+    """From review: a registry switch whose name was unloaded or replaced while the new version
+    downloaded must not bring it back (still_wanted answers no: Superseded, routes unchanged, the
+    loaded weights dropped); a canary for a name that is not served is refused; a generated
+    internal name never reuses the name of an adapter loaded at start."""
+    from llama_train.serve.engine import Superseded
+
+    e = Engine(str(tiny_model_dir), {"x__1": str(tiny_adapter_dir)}, served_model_name="tiny",
+               batch_wait_ms=0)
+    e.start()
+    try:
+        assert e.ready.wait(120) and e.load_error is None
+        before = dict(e.routes)
+        with pytest.raises(Superseded):
+            e.install_adapter("x__1", tiny_adapter_dir, still_wanted=lambda: False).result(60)
+        assert e.routes == before and set(e.model.peft_config) == {"x__1"}
+        with pytest.raises(ValueError, match="canary needs 'nobody'"):
+            e.install_adapter("nobody", tiny_adapter_dir, canary_fraction=0.1).result(60)
+        internal = e.install_adapter("x", tiny_adapter_dir).result(60)
+        assert internal != "x__1" and e.routes["x"] == internal and e.routes["x__1"] == "x__1"
+        from llama_train.serve.engine import AdapterGone
+
+        async def unloaded_in_between():  # the app answers this 404 model_not_found, not 500
+            gen = GenRequest([1, 7], SamplingParams(max_tokens=1), "gone", "gone", asyncio.get_running_loop())
+            e.submit(gen)
+            return (await asyncio.wait_for(gen.events.get(), 30)).error
+        assert isinstance(asyncio.run(unloaded_in_between()), AdapterGone)
+    finally:
+        e.stop()

@@ -185,3 +185,13 @@ def test_default_attention_is_the_per_document_path_and_saves_as_plain_sdpa(tmp_
     model.save_pretrained(tmp_path / "saved")
     assert "doc_" not in (tmp_path / "saved" / "config.json").read_text()
     assert json.loads((tmp_path / "saved" / "config.json").read_text()).get("model_type") == "llama"
+
+
+def test_varlen_is_taken_only_for_one_half_precision_dtype():
+    """From review: `auto` is doc_varlen on CUDA, whose flash kernel takes fp16/bf16 with one
+    dtype; float32 runs and autocast's mixed q/k vs v take the per-document SDPA loop instead."""
+    f32, bf16 = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.bfloat16)
+    assert attention._flash_dtypes(bf16, bf16, bf16)
+    assert attention._flash_dtypes(bf16.half(), bf16.half(), bf16.half())
+    assert not attention._flash_dtypes(f32, f32, f32)
+    assert not attention._flash_dtypes(f32, f32, bf16)

@@ -143,6 +143,10 @@ def test_another_attention_kernel_is_not_a_recipe_change(tmp_path, tiny_dir, cap
     train(recipe_from_dict(base))
     later = json.loads(json.dumps(base))
     del later["model"]["attn_implementation"]
+    capsys.readouterr()
+    train(recipe_from_dict(later))  # the same finished run: not evaluated, saved or registered again
+    log = " ".join(capsys.readouterr().err.split())
+    assert "already finished at step 1" in log and "eval after" not in log, log[-1500:]
     later["train"]["max_steps"] = 2
     with pytest.raises(CheckpointError) as err:  # the step count did change
         train(recipe_from_dict(later))
