@@ -7,7 +7,8 @@ directory, then:
   - vLLM (`vllm_url`): moved to DIR/<lora_name>-v<VERSION> and loaded with vLLM's
     POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace: true} (the server needs
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; key: $VLLM_API_KEY); the previous version's directory is
-    deleted once vLLM has the new one.
+    deleted once vLLM has the new one; DIR/<lora_name>, what vLLM's --lora-modules loads when its
+    container restarts, is replaced with the same version.
   - NIM (no URL): moved to DIR/<lora_name> (the previous one replaced by renames, never
     half-written); NIM picks it up on its own refresh (NIM_PEFT_REFRESH_INTERVAL).
 A version that fails verification is not synced and not retried; an unreachable registry or
@@ -67,19 +68,29 @@ class AdapterSync:
             adapter.rename(final)
             shutil.rmtree(staging, ignore_errors=True)
             self._load_in_vllm(final)
+            # What vLLM reads at a restart (--lora-modules NAME=DIR/NAME, written first by the init
+            # container) follows too, or a restarted vLLM would serve the version of pod start.
+            shutil.copytree(final, staging / "current")
+            self._replace(staging / "current", self.dir / self.lora_name)
+            shutil.rmtree(staging, ignore_errors=True)
             if self.version is not None and self.version != version:
                 shutil.rmtree(self.dir / f"{self.lora_name}-v{self.version}", ignore_errors=True)
         else:
-            final, old = self.dir / self.lora_name, self.dir / f".old-{self.lora_name}"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            adapter.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            final = self.dir / self.lora_name
+            self._replace(adapter, final)
             shutil.rmtree(staging, ignore_errors=True)
         log.info("synced %s version %s to %s", name, version, final)
         self.version = version
         return True
+
+    def _replace(self, new: Path, final: Path) -> None:
+        """Put directory `new` at `final`, the previous one replaced by renames (never half-written)."""
+        old = self.dir / f".old-{self.lora_name}"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _load_in_vllm(self, path: Path) -> None:
         import httpx

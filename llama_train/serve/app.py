@@ -369,7 +369,13 @@ class _Handlers:
             raise APIError(503, "the model is still loading; retry when /ready answers 200",
                            type="server_error", code="model_not_ready")
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        tools = self._tool_plan(req) if kind == "chat" else ToolPlan()
+        extra = req.model_extra or {}
+        if kind != "chat":
+            tools = ToolPlan()
+        elif extra.get("tools") or extra.get("response_format"):  # compiles a grammar: off the event loop
+            tools = await asyncio.to_thread(self._tool_plan, req)
+        else:
+            tools = self._tool_plan(req)
         prompts = self._prompts(req, kind, tools)
         adapter = None if req.model == engine.base_id else req.model
         loop = asyncio.get_running_loop()
@@ -584,6 +590,10 @@ class _Handlers:
                             held[idx] += text
                             for c in out.call_deltas(idx, streams[idx], held[idx]):
                                 yield _sse({**meta, "object": obj, "choices": [c]})
+                            if fin and fin != "stop" and (rest := streams[idx].rest(held[idx])):
+                                yield _sse({**meta, "object": obj, "choices": [{  # cut short: no closing
+                                    "index": idx, "delta": {"tool_calls": [{"index": 0, "function": {
+                                        "arguments": rest}}]}, "finish_reason": None, "logprobs": None}]})
                             if fin:
                                 done += 1
                                 reasons[idx] = "tool_calls" if fin == "stop" and streams[idx].name else fin

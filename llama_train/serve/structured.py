@@ -226,6 +226,15 @@ class CallStream:
         self.sent += len(piece)
         return new_name, piece
 
+    def rest(self, text: str) -> str:
+        """The argument text still held back, for a call cut short (finish `length` or an abort):
+        what was held as possibly the closing characters is argument text after all."""
+        if self.name is None:
+            return ""
+        piece = text[self.start + self.sent:]
+        self.sent += len(piece)
+        return piece
+
 
 def history_message(m: dict) -> dict:
     """An OpenAI chat message as chat templates expect it: assistant `tool_calls` with their

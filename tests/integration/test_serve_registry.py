@@ -305,6 +305,10 @@ def test_registry_sync_sidecar_loads_the_champion_through_vllms_endpoint(env):
                  "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": server.api_key})
     assert done.returncode == 0, done.stderr
     assert (env["tmp"] / "vllm-adapters" / f"synced-v{champion}" / "adapter_model.safetensors").is_file()
+    # a restarted vLLM loads --lora-modules synced=DIR/synced: the same version (from review)
+    restart = env["tmp"] / "vllm-adapters" / "synced" / "adapter_model.safetensors"
+    assert restart.read_bytes() == (env["tmp"] / "vllm-adapters" / f"synced-v{champion}"
+                                    / "adapter_model.safetensors").read_bytes()
     assert _say(env["client"], "synced") == expected
     wrong_key = _sync(env, "--dir", str(env["tmp"] / "vllm2"), "--lora-name", "synced2",
                       "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": "wrong"})

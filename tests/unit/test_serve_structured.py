@@ -132,3 +132,18 @@ def test_call_stream_sends_name_then_arguments_as_generated(fmt, text):
     _, (call,) = parse_calls(text, fmt, {"double"})
     assert names == ["double"] and "".join(pieces) == call["function"]["arguments"] == '{"n": 7, "s": "a}\\"b"}'
     assert len(pieces) > 5
+
+
+@pytest.mark.parametrize("fmt, text", [
+    (LLAMA_JSON, '{"name": "double", "parameters": {"n": 7, "s": "abcdef'),
+    (HERMES, '<tool_call>\n{"name": "double", "arguments": {"n": 7, "s": "abcdef'),
+])
+def test_call_stream_cut_short_releases_what_it_held_back(fmt, text):
+    """From review: a forced call cut by max_tokens has no closing characters; what the stream
+    held back as possibly closing is argument text, and `rest` releases it."""
+    from llama_train.serve.structured import CallStream
+
+    s = CallStream(fmt)
+    _, piece = s.feed(text)
+    assert piece + s.rest(text) == '{"n": 7, "s": "abcdef' and s.rest(text) == ""
+    assert CallStream(fmt).rest("no call yet") == ""
