@@ -157,3 +157,25 @@ def build_tiny(out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:
     tokenizer.save_pretrained(out)
     (out / "llama_train_tiny.json").write_text(json.dumps({"seed": seed, **sizes}, indent=2) + "\n")
     return out
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_random_lora(base: str | Path, out_dir: str | Path, *, seed: int = 1, r: int = 8,
+                      scale: float = 10.0) -> Path:
+    """A rank-`r` LoRA on all projections of `base` with random (non-zero) B matrices scaled by
+    `scale`, so greedy outputs visibly differ from the base's (serving tests and benchmarks)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=ALL_PROJECTIONS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)

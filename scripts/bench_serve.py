@@ -91,18 +91,27 @@ def run_level(url: str, concurrency: int, num_requests: int, max_tokens: int) ->
                 with lock:
                     (latencies.append(dt) if r.status_code == 200 else errors.append(r.text[:200]))
 
+    wall = run_clients(client, concurrency)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "rps": len(latencies) / wall, "tok_s": len(latencies) * max_tokens / wall, **quantiles(latencies)}
+
+
+def run_clients(client, concurrency: int) -> float:
+    """Run `client` in `concurrency` threads until each returns; the wall time in seconds."""
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def quantiles(latencies: list[float]) -> dict:
     lat = sorted(latencies)
-    p95 = lat[min(len(lat) - 1, max(0, round(0.95 * len(lat)) - 1))] if lat else float("nan")
-    return {"concurrency": concurrency, "requests": len(lat), "errors": len(errors),
-            "rps": len(lat) / wall, "tok_s": len(lat) * max_tokens / wall,
-            "p50": statistics.median(lat) if lat else float("nan"), "p95": p95}
+    if not lat:
+        return {"p50": float("nan"), "p95": float("nan")}
+    return {"p50": statistics.median(lat), "p95": lat[min(len(lat) - 1, max(0, round(0.95 * len(lat)) - 1))]}
 
 
 def main() -> None:

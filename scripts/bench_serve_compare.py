@@ -38,6 +38,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench_serve import quantiles, run_clients  # noqa: E402  (scripts/, next to this file)
+
 KEY = "bench"
 
 
@@ -108,18 +110,10 @@ def throughput(server: Server, concurrency: int, num_requests: int, max_tokens: 
                     else:
                         errors.append(f"{r.status_code} {r.text[:200]}")
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    lat = sorted(latencies)
-    p95 = lat[min(len(lat) - 1, max(0, round(0.95 * len(lat)) - 1))] if lat else float("nan")
-    return {"concurrency": concurrency, "requests": len(lat), "errors": len(errors), "error_samples": errors[:3],
-            "rps": len(lat) / wall, "tok_s": sum(tokens) / wall, "tokens": sum(tokens),
-            "p50": statistics.median(lat) if lat else float("nan"), "p95": p95}
+    wall = run_clients(client, concurrency)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "error_samples": errors[:3], "rps": len(latencies) / wall, "tok_s": sum(tokens) / wall,
+            "tokens": sum(tokens), **quantiles(latencies)}
 
 
 def first_token_seconds(http: httpx.Client, server: Server, content: str, max_tokens: int) -> float:

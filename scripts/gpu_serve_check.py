@@ -24,23 +24,10 @@ from pathlib import Path
 
 
 def build(work: Path) -> tuple[Path, Path]:
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llama_train.tiny import build_tiny
+    from llama_train.tiny import build_random_lora, build_tiny
 
     base = build_tiny(work / "model", seed=0)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
-        r=8, lora_alpha=16, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(10)
-    model.save_pretrained(work / "adapter")
-    return base, work / "adapter"
+    return base, build_random_lora(base, work / "adapter", seed=1)
 
 
 def requests(tok) -> list[dict]:

@@ -42,23 +42,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A rank-8 LoRA on all attention and MLP projections, random (non-zero) B matrices scaled
     up so greedy outputs visibly differ from the base model's."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
+    from llama_train.tiny import build_random_lora
 
-    out = tmp_path_factory.mktemp("tiny_adapter") / "adapter"
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                          "up_proj", "down_proj"])
-    model = peft.get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(10)
-    model.save_pretrained(out)
-    return out
+    return build_random_lora(tiny_model_dir, tmp_path_factory.mktemp("tiny_adapter") / "adapter", seed=1)
 
 
 @dataclass

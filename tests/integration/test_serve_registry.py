@@ -37,19 +37,9 @@ PROMPT = [{"role": "user", "content": "Say something about the weather."}]
 
 def _random_adapter(base: Path, out: Path, seed: int) -> Path:
     """An export (adapter/ + manifest.json) of a random LoRA whose greedy output differs from the base's."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
+    from llama_train.tiny import build_random_lora
 
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
-        r=8, lora_alpha=16, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(10)
-    model.save_pretrained(out / "run" / "adapter")
+    build_random_lora(base, out / "run" / "adapter", seed=seed)
     export_run(out / "run", out / "export", formats=["adapter"])
     return out / "export"
 
