@@ -18,6 +18,8 @@ fused AdamW, grad-norm clipping at 1.0 (the HF Trainer step). Variants:
                  (torch.nn.attention.varlen.varlen_attn over cu_seqlens; documents isolated).
   fast_ckpt      fast + non-reentrant gradient checkpointing of every decoder layer.
   fast_compile   fast + torch.compile of every decoder layer (regional compilation).
+  trainer_compile  fast + the trainer's own `train.compile` (llama_train.model.compile_decoder_layers:
+                 every decoder layer compiled, the per-document attention left eager).
   hf_trainer     transformers.Trainer itself (bf16=True, optim adamw_torch_fused, max_grad_norm 1.0,
                  per-device batch = --batch packed rows) on the same rows, model.config.use_cache
                  False so that sdpa isolates the documents (as hf_packed). Timed by a TrainerCallback
@@ -43,12 +45,12 @@ import torch._dynamo
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from llama_train import attention
 from llama_train.loss import causal_lm_loss  # noqa: E402
-from llama_train.model import isolate_inductor_cache  # noqa: E402
+from llama_train.model import compile_decoder_layers, isolate_inductor_cache  # noqa: E402
 from llama_train.perf import flops_per_token, matmul_param_counts, mfu, peak_flops  # noqa: E402
 
 IGNORE = -100
 ALL_VARIANTS = ("hf_packed", "hf_causal", "fast", "fast_ckpt", "hf_packed_compile", "fast_compile",
-                "fast_compile_loop", "fast_compile_ckpt", "hf_trainer")
+                "fast_compile_loop", "fast_compile_ckpt", "trainer_compile", "hf_trainer")
 
 
 # --------------------------------------------------------------------------- attention
@@ -183,9 +185,13 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
         hook = model.get_base_model().get_input_embeddings().register_forward_hook(
             lambda mod, inp, out: out.requires_grad_(True))
         isolate_inductor_cache()
-        for layer in model.get_base_model().model.layers:
-            layer.compile()
-            compiled.append(layer)
+        if name == "trainer_compile":
+            compile_decoder_layers(model)  # what train.compile does (attention stays eager)
+            compiled.extend(model.get_base_model().model.layers)
+        else:
+            for layer in model.get_base_model().model.layers:
+                layer.compile()
+                compiled.append(layer)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -214,6 +220,11 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
             layer._compiled_call_impl = None
         if compiled:
             hook.remove()
+        if name == "trainer_compile":  # undo compile_decoder_layers' compiler-disabled registrations
+            from transformers import AttentionInterface
+
+            AttentionInterface.register("doc_sdpa", attention.doc_sdpa_attention)
+            AttentionInterface.register("doc_varlen", attention.doc_varlen_attention)
     tokens = args.steps * args.batch * args.seq
     tps = tokens / elapsed
     result = {

@@ -37,11 +37,13 @@ def test_compile_check_reports_losses_and_per_layer_errors(tmp_path):
 
 def test_bench_gpu_runs_the_device_call_variants(tmp_path):
     out = tmp_path / "bench.json"
-    run_script(["scripts/bench_gpu.py", "--tiny", "--variants", "fast_compile_loop,hf_packed,hf_trainer",
+    run_script(["scripts/bench_gpu.py", "--tiny", "--variants", "trainer_compile,hf_packed,hf_trainer",
                 "--deadline-s", "240", "--out", str(out)], tmp_path)
     res = json.loads(out.read_text())
-    assert [r["variant"] for r in res["results"]] == ["fast_compile_loop", "hf_packed", "hf_trainer"]
+    assert [r["variant"] for r in res["results"]] == ["trainer_compile", "hf_packed", "hf_trainer"]
     assert all(r["tokens_per_s"] > 0 for r in res["results"])
+    compiled, eager = res["results"][0]["check_loss_compiled_vs_eager"]  # train.compile's own layers
+    assert compiled == pytest.approx(eager, rel=1e-3)
     check = res["loss_check"]
     assert check["fast"] == pytest.approx(check["hf_packed"], rel=1e-5)  # documents isolated alike
 
