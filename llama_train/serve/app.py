@@ -590,14 +590,20 @@ class _Handlers:
                             held[idx] += text
                             for c in out.call_deltas(idx, streams[idx], held[idx]):
                                 yield _sse({**meta, "object": obj, "choices": [c]})
-                            if fin and fin != "stop" and (rest := streams[idx].rest(held[idx])):
-                                yield _sse({**meta, "object": obj, "choices": [{  # cut short: no closing
+                            if not fin:
+                                continue
+                            # Cut short (length, an abort, a user stop string): no closing
+                            # characters, so the held-back text is argument text after all.
+                            complete = out.calls(held[idx], fin) is not None
+                            if not complete and (rest := streams[idx].rest(held[idx])):
+                                yield _sse({**meta, "object": obj, "choices": [{
                                     "index": idx, "delta": {"tool_calls": [{"index": 0, "function": {
                                         "arguments": rest}}]}, "finish_reason": None, "logprobs": None}]})
-                            if fin:
-                                done += 1
-                                reasons[idx] = "tool_calls" if fin == "stop" and streams[idx].name else fin
-                                yield chunk(idx, None, reasons[idx], None)
+                            if streams[idx].name is None and held[idx]:  # cut before the name: content
+                                yield chunk(idx, held[idx], None, [])
+                            done += 1
+                            reasons[idx] = "tool_calls" if complete else fin
+                            yield chunk(idx, None, reasons[idx], None)
                             continue
                         if held is not None:
                             held[idx] += text
@@ -662,6 +668,10 @@ class _Output:
             if calls is not None:
                 message = {"role": "assistant", "content": calls[0], "tool_calls": calls[1]}
                 finish = "tool_calls"
+            elif self.tools.forced and (partial := self.partial_call(text)) is not None:
+                # a forced call cut short: the call so far, as the stream sends it; the finish
+                # reason (length, stop) says that it is incomplete
+                message = {"role": "assistant", "content": None, "tool_calls": [partial]}
             return {"index": index, "message": message, "finish_reason": finish,
                     "logprobs": {"content": entries} if self.logprobs else None}
         if self.echo_texts is not None:
@@ -676,6 +686,15 @@ class _Output:
         if not t.parse_calls or finish not in ("stop", None):
             return None
         return parse_calls(text, t.call_format, t.tool_names)
+
+    def partial_call(self, text: str) -> dict | None:
+        """A forced call that was cut short, with the argument text it has; None before its name."""
+        stream = CallStream(self.tools.call_format)
+        _name, piece = stream.feed(text)
+        if stream.name is None:
+            return None
+        return {"id": new_call_id(), "type": "function",
+                "function": {"name": stream.name, "arguments": piece + stream.rest(text)}}
 
     def call_deltas(self, index: int, stream: CallStream, text: str) -> list[dict]:
         """Stream choices for the new part of a forced call: its id and name once known, then

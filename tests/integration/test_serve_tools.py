@@ -112,6 +112,40 @@ def test_streamed_tool_call_reassembles_to_the_same_call(server):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == ["tool_calls"]
 
 
+def _streamed_call(chunks) -> tuple[dict, list]:
+    call: dict = {}
+    for ch in chunks:
+        for d in ch.choices[0].delta.tool_calls or []:
+            if d.id:
+                call = {"name": d.function.name, "arguments": d.function.arguments}
+            else:
+                call["arguments"] += d.function.arguments
+    return call, [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason]
+
+
+@pytest.mark.parametrize("cut", [{"max_tokens": 52}, {"stop": ["unit"], "max_tokens": 100}],
+                         ids=["length", "stop_string"])
+def test_a_forced_call_cut_short_is_the_same_partial_call_streamed_or_not(server, cut):
+    """A forced call cut by max_tokens or by a user stop string: both paths give the call so far
+    (the name and the argument text up to the cut) with the cut's finish reason, not "tool_calls"
+    for an incomplete call, and not the raw text as content in one path only."""
+    c = server.client()
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, temperature=1.0, seed=5, **cut,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = c.chat.completions.create(**kw).choices[0]
+    reason = "length" if "stop" not in cut else "stop"
+    assert whole.finish_reason == reason and whole.message.content is None
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)  # incomplete
+    if "stop" in cut:  # cut right before the stop string, which is not included
+        assert call.function.arguments.startswith('{"city": "') and call.function.arguments.endswith('"')
+    streamed, reasons = _streamed_call(list(c.chat.completions.create(stream=True, **kw)))
+    assert streamed == {"name": "get_weather", "arguments": call.function.arguments}
+    assert reasons == [reason]
+
+
 def test_json_schema_outputs_validate_on_100_sampled_requests(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "report", "schema": REPORT, "strict": True}}
 
