@@ -31,12 +31,12 @@ log = logging.getLogger("llama_train.sync")
 class AdapterSync:
     def __init__(self, ref: str, directory: str | Path, *, lora_name: str, uri: str,
                  vllm_url: str | None = None):
-        from llama_train.registry import parse_model_ref
-        from llama_train.tracking import _client
+        from llama_train.tracking.registry import parse_model_ref
+        from llama_train.tracking.client import mlflow_client
 
         parse_model_ref(ref, flag="registry sync REF")
         self.ref, self.dir, self.lora_name, self.vllm_url = ref, Path(directory), lora_name, vllm_url
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self.version: str | None = None
         self.refused: set[str] = set()
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -44,7 +44,7 @@ class AdapterSync:
     def sync_once(self) -> bool:
         """One poll; True when the served version is the alias's now. Raises on a refused version
         (VerificationError) and on an unreachable registry or server."""
-        from llama_train.registry import fetch_verified, resolve_model_ref
+        from llama_train.tracking.registry import fetch_verified, resolve_model_ref
 
         name, version = resolve_model_ref(self.ref, client=self.client)
         if version == self.version:
@@ -117,7 +117,7 @@ class AdapterSync:
 def sync_command(ref: str, *, directory: Path, lora_name: str | None, vllm_url: str | None,
                  poll_s: float, once: bool, tracking_uri: str | None) -> None:
     from llama_train.errors import UsageError
-    from llama_train.registry import parse_model_ref
+    from llama_train.tracking.registry import parse_model_ref
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:

@@ -178,7 +178,7 @@ def registry_rollback(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
 ):
     """Move alias champion back to the `previous` version; servers following models:/NAME@champion switch."""
-    from llama_train.registry import rollback
+    from llama_train.tracking.registry import rollback
 
     moved = rollback(name, uri=tracking_uri)
     typer.echo(f"{name}: champion is version {moved['champion']} again (was {moved['rolled_back']})")
@@ -202,6 +202,54 @@ def registry_sync(
                  tracking_uri=tracking_uri)
 
 
+track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking utilities.")
+app.add_typer(track_app, name="track")
+StoreDirArg = typer.Argument(..., help="The directory holding mlruns.db and mlartifacts/ (e.g. outputs/).")
+
+
+@track_app.command("sync")
+def track_sync(
+    output_dir: Path = typer.Argument(..., help="The run's output_dir (holds tracking.json and metrics.jsonl)."),
+    uri: Optional[str] = typer.Option(None, help="Tracking URI; default: the one the run used."),
+):
+    """Upload to MLflow what the tracking server lacks (metrics logged while it was unreachable)."""
+    from llama_train.tracking.sync import sync_run
+
+    try:
+        s = sync_run(output_dir, uri=uri)
+    except LlamaTrainError:
+        raise
+    except Exception as exc:
+        raise LlamaTrainError(f"track sync of {output_dir} failed: {type(exc).__name__}: {exc}") from exc
+    typer.echo(f"run {s['run_id']} at {s['uri']}: uploaded {s['num_metrics_uploaded']} metric values, "
+               f"{len(s['artifacts_uploaded'])} artifacts")
+
+
+@track_app.command("relocate")
+def track_relocate(directory: Path = StoreDirArg):
+    """Make a moved or copied local MLflow store find its artifacts again."""
+    from llama_train.tracking.store import relocate, relocation_message
+
+    typer.echo(relocation_message(relocate(directory)))
+
+
+@track_app.command("ui")
+def track_ui(directory: Path = StoreDirArg,
+             port: int = typer.Option(5000, help="Port of the UI."),
+             host: str = typer.Option("127.0.0.1", help="Address to listen on.")):
+    """Open a local store in the MLflow UI (`mlflow ui`), after relocating it if it was moved."""
+    import os
+
+    from llama_train.tracking.store import relocate, relocation_message, ui_argv
+
+    result = relocate(directory)
+    typer.echo(relocation_message(result))
+    argv = ui_argv(result, host=host, port=port)
+    typer.echo(" ".join(argv))
+    sys.stdout.flush()
+    os.execv(argv[0], argv)  # the UI in this process: Ctrl-C and signals reach it directly
+
+
 def _mount_optional() -> None:
     """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""
     from llama_train.data.cli import data_app, preprocess_command
@@ -218,17 +266,6 @@ def _mount_optional() -> None:
         from llama_train.serve.cli import serve_command
 
         app.command("serve")(serve_command)
-    except ImportError:
-        pass
-    try:
-        from llama_train.tracking import sync_command
-        from llama_train.tracking_store import relocate_command, ui_command
-
-        track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking utilities.")
-        track_app.command("sync")(sync_command)
-        track_app.command("relocate")(relocate_command)
-        track_app.command("ui")(ui_command)
-        app.add_typer(track_app, name="track")
     except ImportError:
         pass
     try:

@@ -114,7 +114,7 @@ def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
 
 def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | None) -> Candidate:
     if ref.startswith("models:/"):
-        from llama_train.registry import download_adapter
+        from llama_train.tracking.registry import download_adapter
 
         name, version = _registry_ref(ref, tracking_uri)
         try:
@@ -122,7 +122,9 @@ def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | 
         except LlamaTrainError:
             raise
         except Exception as exc:  # MlflowException: version missing, registry unreachable
-            missing = "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower()
+            from llama_train.tracking.client import is_not_found
+
+            missing = is_not_found(exc)
             why = f"version {version} does not exist on model {name}" if missing else _first_line(exc)
             raise GateError(f"{ref}: {why} (registry {tracking_uri or 'from the environment'}); "
                             "check the name and version, or pass --tracking-uri") from None
@@ -138,7 +140,7 @@ def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | 
 
 
 def _registry_ref(ref: str, tracking_uri: str | None) -> tuple[str, str]:
-    from llama_train.registry import get_alias_version
+    from llama_train.tracking.registry import get_alias_version
 
     body = ref.removeprefix("models:/").strip("/")
     if "@" in body:
@@ -390,7 +392,7 @@ def _champion(recipe: Recipe, c: Candidate, tracking_uri: str | None) -> tuple[s
     name = c.registry_name or recipe.tracking.registered_model_name
     if not name:
         return None, None
-    from llama_train.registry import download_adapter, get_alias_version
+    from llama_train.tracking.registry import download_adapter, get_alias_version
 
     try:
         version = get_alias_version(name, "champion", uri=tracking_uri)
@@ -458,13 +460,13 @@ def run_gate(ref: str, *, recipe_path: str | None = None, promote: bool = False,
 
 
 def _tracking_uri(recipe: Recipe) -> str:
-    from llama_train.tracking import resolve_uri
+    from llama_train.tracking.client import resolve_uri
 
     return resolve_uri(recipe)
 
 
 def _promote(c: Candidate, recipe: Recipe, tracking_uri: str, report: GateReport) -> dict:
-    from llama_train.registry import promote
+    from llama_train.tracking.registry import promote
 
     name = c.registry_name or recipe.tracking.registered_model_name
     if not name:
@@ -477,8 +479,8 @@ def _promote(c: Candidate, recipe: Recipe, tracking_uri: str, report: GateReport
 
 def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str) -> str:
     """An export directory becomes a model version (through a gate run holding its files)."""
-    from llama_train.registry import register_export
-    from llama_train.tracking import resolve_experiment
+    from llama_train.tracking.client import resolve_experiment
+    from llama_train.tracking.registry import register_export
 
     return register_export(c.adapter_dir, name=name, uri=tracking_uri, experiment=resolve_experiment(recipe),
                            run_name=f"gate-{c.adapter_dir.name}")
@@ -498,11 +500,13 @@ def _log_report(report: GateReport, c: Candidate, recipe: Recipe, tracking_uri: 
     if not recipe.tracking.enabled:
         return
     try:
-        from mlflow import MlflowClient
+        from llama_train.tracking.client import (
+            ensure_experiment,
+            mlflow_client,
+            resolve_experiment,
+        )
 
-        from llama_train.tracking import ensure_experiment, resolve_experiment
-
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client = mlflow_client(tracking_uri)  # short HTTP timeouts: a dead server costs seconds
         exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
         run = client.create_run(exp_id, run_name="gate", tags={"llama_train.gate.candidate": report.candidate,
                                                                "llama_train.gate.passed": str(report.passed)})

@@ -57,9 +57,8 @@ from llama_train.parallel import DistContext, apply_strategy, init_distributed
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
 from llama_train.progress import Progress
-from llama_train.tracking import METRICS_FILE, make_tracker, register_adapter
-from llama_train.tracking_datasets import dataset_records, examples_table
-from llama_train.tracking_params import (
+from llama_train.tracking.datasets import dataset_records, examples_table
+from llama_train.tracking.params import (
     base_model_label,
     derived_params,
     eval_metrics,
@@ -68,6 +67,9 @@ from llama_train.tracking_params import (
     version_description,
     version_tags,
 )
+from llama_train.tracking.registry import register_adapter
+from llama_train.tracking.sync import METRICS_FILE
+from llama_train.tracking.tracker import make_tracker
 
 
 def lr_lambda(recipe: Recipe, total_steps: int):

@@ -14,6 +14,7 @@ from typing import Any
 from llama_train.config import Recipe, dump_recipe
 from llama_train.errors import RecipeError
 from llama_train.k8s.config import K8sConfig
+from llama_train.tracking.client import DEFAULT_EXPERIMENT
 
 RECIPE_DIR = "/etc/llama-train"
 RECIPE_PATH = f"{RECIPE_DIR}/recipe.yaml"
@@ -207,7 +208,7 @@ def env_vars(recipe: Recipe, cfg: K8sConfig) -> list[dict]:
     env = [
         {"name": "MLFLOW_TRACKING_URI", "value": uri},
         {"name": "MLFLOW_EXPERIMENT_NAME",
-         "value": cfg.mlflow_experiment or recipe.tracking.experiment or "llama-train"},
+         "value": cfg.mlflow_experiment or recipe.tracking.experiment or DEFAULT_EXPERIMENT},
         {"name": "HF_HOME", "value": f"{mount}/cache/huggingface"},
         {"name": "XDG_CACHE_HOME", "value": f"{mount}/cache"},
         {"name": "HOME", "value": "/tmp"},

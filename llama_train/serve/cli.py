@@ -249,7 +249,7 @@ def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], u
     follows the aliases."""
     import os
 
-    from llama_train.registry import parse_model_ref
+    from llama_train.tracking.registry import parse_model_ref
     from llama_train.serve.follow import RegistryFollower
 
     follower = RegistryFollower(None, uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or None,

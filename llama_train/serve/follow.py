@@ -44,7 +44,7 @@ class Followed:
 
     @property
     def alias(self) -> str | None:
-        from llama_train.registry import parse_model_ref
+        from llama_train.tracking.registry import parse_model_ref
 
         return parse_model_ref(self.ref)[2]
 
@@ -69,9 +69,9 @@ class RegistryFollower:
             raise LlamaTrainError("a models:/ adapter needs the MLflow registry: set $MLFLOW_TRACKING_URI "
                                   "or pass --registry-uri (e.g. http://mlflow:5000)")
         if self._client is None:
-            from llama_train.tracking import _client
+            from llama_train.tracking.client import mlflow_client
 
-            self._client = _client(self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     # ------------------------------------------------------------------ resolve and download
@@ -79,14 +79,14 @@ class RegistryFollower:
         """(local adapter dir, info) of the version `ref` points at now, verified. Raises
         LlamaTrainError (bad reference, missing alias or version, VerificationError) or MLflow's
         exception (registry unreachable)."""
-        from llama_train.registry import parse_model_ref, resolve_model_ref
+        from llama_train.tracking.registry import parse_model_ref, resolve_model_ref
 
         _, _, alias = parse_model_ref(ref)
         name, version = resolve_model_ref(ref, client=self.client)
         return self._download(name, version, ref=ref, alias=alias)
 
     def _download(self, name: str, version: str, *, ref: str, alias: str | None) -> tuple[Path, dict]:
-        from llama_train.registry import fetch_verified
+        from llama_train.tracking.registry import fetch_verified
 
         dst = self.cache_dir / f"{_safe(name)}-v{version}-{uuid.uuid4().hex[:8]}"
         try:
@@ -156,7 +156,7 @@ class RegistryFollower:
                     log.exception("registry poll failed")
 
     def poll_once(self) -> None:
-        from llama_train.registry import resolve_model_ref
+        from llama_train.tracking.registry import resolve_model_ref
 
         with self._lock:
             entries = [e for e in self._entries.values() if e.alias is not None]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from llama_train.export import export_run
 from llama_train.gate import run_gate
-from llama_train.registry import get_alias_version
+from llama_train.tracking.registry import get_alias_version
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,10 +84,10 @@ def test_good_adapter_passes_and_is_promoted(gate_env, promoted):
 
 
 def test_promoted_export_carries_its_manifest_so_a_server_can_verify_it(gate_env, promoted, tmp_path):
-    from llama_train.registry import fetch_verified
-    from llama_train.tracking import _client
+    from llama_train.tracking.client import mlflow_client
+    from llama_train.tracking.registry import fetch_verified
 
-    client = _client(gate_env["uri"])
+    client = mlflow_client(gate_env["uri"])
     local, verified = fetch_verified(NAME, promoted.model_version, tmp_path / "dl", client=client)
     assert verified is True
     assert sorted(p.name for p in local.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -154,7 +154,7 @@ def pg_mlflow(postgres, tmp_path_factory):
 def test_two_rank_run_tracks_and_registers_through_mlflow_on_postgres(pg_mlflow, postgres, tiny_dir, tmp_path):
     from mlflow import MlflowClient
 
-    from llama_train.registry import download_adapter
+    from llama_train.tracking.registry import download_adapter
 
     recipe = run_recipe(tmp_path, tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2,
                         train={"max_steps": 2},

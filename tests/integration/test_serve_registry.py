@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from llama_train.export import export_run
-from llama_train.registry import get_alias_version, promote, register_export
+from llama_train.tracking.registry import get_alias_version, promote, register_export
 
 from tests.integration.conftest import start_server
 

@@ -15,23 +15,22 @@ from pathlib import Path
 import pytest
 
 from llama_train.config import recipe_from_dict
-from llama_train.registry import (
+from llama_train.tracking.registry import (
+    CANDIDATE,
+    CHAMPION,
+    PREVIOUS,
     download_adapter,
     get_alias_version,
     promote,
     register_adapter,
 )
-from llama_train.tracking import (
-    CANDIDATE,
-    CHAMPION,
+from llama_train.tracking.sync import (
     MAX_PARAM_VALUE_CHARS,
     METRICS_FILE,
-    PREVIOUS,
     STATE_FILE,
-    MlflowTracker,
-    make_tracker,
-    sync_command,
+    sync_run,
 )
+from llama_train.tracking.tracker import MlflowTracker, make_tracker
 
 try:
     from mlflow_fixtures import mlflow_server
@@ -256,7 +255,7 @@ def test_server_goes_away_training_continues_and_sync_fills_gaps(mlflow_server, 
     mlflow_server.start()
     client = _client(mlflow_server)
     assert _steps(client, run_id, "loss") == list(range(1, 11))
-    summary = sync_command(Path(recipe.output_dir))
+    summary = sync_run(Path(recipe.output_dir))
     assert summary["run_id"] == run_id and summary["num_metrics_uploaded"] == 2 * 30
     for key in ("loss", "tokens_per_s"):
         assert _steps(client, run_id, key) == list(range(1, 41))
@@ -265,8 +264,8 @@ def test_server_goes_away_training_continues_and_sync_fills_gaps(mlflow_server, 
     state = json.loads((Path(recipe.output_dir) / STATE_FILE).read_text())
     assert client.get_run(run_id).info.end_time == state["end_time_ms"]
     assert "loss_curve.png" in {f.path for f in client.list_artifacts(run_id)}
-    assert sync_command(Path(recipe.output_dir))["num_metrics_uploaded"] == 0  # idempotent
+    assert sync_run(Path(recipe.output_dir))["num_metrics_uploaded"] == 0  # idempotent
 
-    summary = sync_command(tmp_path / "offline")
+    summary = sync_run(tmp_path / "offline")
     assert _steps(client, summary["run_id"], "loss") == [1, 2, 3]
     assert client.get_run(summary["run_id"]).data.params["note"] == "offline"

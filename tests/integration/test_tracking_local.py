@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 
 from llama_train.config import recipe_from_dict
-from llama_train.tracking import (
-    METRICS_FILE,
-    MlflowTracker,
-    make_tracker,
-    resolve_experiment,
-    resolve_uri,
-)
+from llama_train.tracking.client import resolve_experiment, resolve_uri
+from llama_train.tracking.sync import METRICS_FILE
+from llama_train.tracking.tracker import MlflowTracker, make_tracker
 
 pytestmark = pytest.mark.timeout(180)
 

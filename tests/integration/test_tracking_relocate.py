@@ -48,7 +48,7 @@ def _get(url: str) -> bytes:
 def test_moved_store_opens_every_artifact(tmp_path, tiny_dir, monkeypatch):
     from mlflow import MlflowClient
 
-    from llama_train.registry import download_adapter
+    from llama_train.tracking.registry import download_adapter
 
     _train_default_store(tmp_path / "outputs", tiny_dir, monkeypatch)
     moved = tmp_path / "elsewhere" / "outputs-copy"
@@ -95,7 +95,7 @@ def test_moved_store_opens_every_artifact(tmp_path, tiny_dir, monkeypatch):
 
 def test_relocate_names_the_directory_when_no_store_is_there(tmp_path):
     from llama_train.errors import UsageError
-    from llama_train.tracking_store import relocate
+    from llama_train.tracking.store import relocate
 
     with pytest.raises(UsageError, match="mlruns.db and mlartifacts/"):
         relocate(tmp_path)
@@ -107,7 +107,8 @@ def test_a_new_run_in_a_moved_store_writes_beside_it(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from llama_train.config import recipe_from_dict
-    from llama_train.tracking import make_tracker, resolve_uri
+    from llama_train.tracking.client import resolve_uri
+    from llama_train.tracking.tracker import make_tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 

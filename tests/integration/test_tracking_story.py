@@ -24,9 +24,10 @@ import pytest
 import yaml
 
 from llama_train.config import recipe_from_dict
-from llama_train.tracking import STATE_FILE, make_tracker, sync_command
-from llama_train.tracking_datasets import dataset_records
-from llama_train.tracking_params import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from llama_train.tracking.datasets import dataset_records
+from llama_train.tracking.params import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from llama_train.tracking.sync import STATE_FILE, sync_run
+from llama_train.tracking.tracker import make_tracker
 
 try:
     import browser
@@ -224,7 +225,7 @@ def test_model_version_has_a_description_and_one_tag_per_fact(story):
     assert float(mv.tags["eval_after.exact_match"]) == pytest.approx(after["exact_match"])
     assert mv.tags["llama_train.base_model"] == HUB_ID
     # the registered adapter names its base by hub id, not the training machine's cache path
-    from llama_train.registry import download_adapter
+    from llama_train.tracking.registry import download_adapter
 
     local = download_adapter(f"models:/{MODEL_NAME}/{version}", dst=story.out / "registered", uri=story.uri)
     assert json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
@@ -278,7 +279,7 @@ def test_offline_run_synced_later_keeps_its_times_and_says_how(mlflow_server, tm
     assert state["start_time_ms"] == started  # the resumed attempt keeps when training started
     time.sleep(2.0)  # the sync happens measurably later than the run
     sync_ms = time.time() * 1000
-    summary = sync_command(out, uri=mlflow_server.uri)
+    summary = sync_run(out, uri=mlflow_server.uri)
     from mlflow import MlflowClient
 
     info = MlflowClient(mlflow_server.uri).get_run(summary["run_id"]).info

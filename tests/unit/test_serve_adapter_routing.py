@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from llama_train.errors import LlamaTrainError
-from llama_train.registry import parse_model_ref
+from llama_train.tracking.registry import parse_model_ref
 from llama_train.serve.engine import Engine, GenRequest, SamplingParams
 from llama_train.serve.observe import Metrics
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from llama_train.config import recipe_from_dict
-from llama_train.tracking_params import (
+from llama_train.tracking.params import (
     hub_id_of,
     param_value,
     served_base_name,
@@ -60,7 +60,7 @@ def test_description_and_summary_metrics():
 def test_command_line_tag_masks_credentials(monkeypatch):
     """The command line is a tag everyone with UI access reads: URL credentials and secret-looking
     override values are masked, the rest is kept as typed."""
-    from llama_train.tracking_params import source_tags
+    from llama_train.tracking.params import source_tags
 
     monkeypatch.setattr("sys.argv", ["/usr/bin/llama-train", "run", "r.yaml", "train.lr=1e-4",
                                      "tracking.uri=https://alice:s3cr3t@mlflow.example:5000",

@@ -10,14 +10,10 @@ are left alone.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import Annotated
 from urllib.parse import unquote, urlparse
-
-import typer
 
 from llama_train.errors import UsageError
 
@@ -97,37 +93,20 @@ def _path_of(uri: str) -> str:
     return unquote(urlparse(uri).path)
 
 
-def relocate_command(
-    directory: Annotated[
-        Path, typer.Argument(help=f"The directory holding {DB_NAME} and {ARTIFACTS_DIR}/ (e.g. outputs/).")
-    ],
-) -> dict:
-    """Make a moved or copied local MLflow store find its artifacts again."""
-    result = relocate(directory)
+def relocation_message(result: dict) -> str:
     if result["from"]:
         moved = ", ".join(_path_of(r) for r in result["from"])
-        print(f"{result['db']}: artifact locations moved from {moved} to {result['artifacts']} "
-              f"({result['num_rows_updated']} rows)")
-    else:
-        print(f"{result['db']}: artifact locations already point at {result['artifacts']}")
-    return result
+        return (f"{result['db']}: artifact locations moved from {moved} to {result['artifacts']} "
+                f"({result['num_rows_updated']} rows)")
+    return f"{result['db']}: artifact locations already point at {result['artifacts']}"
 
 
-def ui_command(
-    directory: Annotated[
-        Path, typer.Argument(help=f"The directory holding {DB_NAME} and {ARTIFACTS_DIR}/ (e.g. outputs/).")
-    ],
-    port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-) -> None:
-    """Open a local store in the MLflow UI (`mlflow ui`), after relocating it if it was moved."""
-    result = relocate_command(directory)
+def ui_argv(result: dict, *, host: str, port: int) -> list[str]:
+    """`mlflow ui` on a relocated store (`relocate`'s result)."""
     mlflow = shutil.which("mlflow")
     if mlflow is None:
         raise UsageError("the mlflow CLI is not on PATH: pip install mlflow")
     # --artifacts-destination: what the UI server itself stores goes beside the db too (its default
     # is ./mlartifacts of whatever directory this runs in)
-    argv = [mlflow, "ui", "--backend-store-uri", f"sqlite:///{result['db']}",
+    return [mlflow, "ui", "--backend-store-uri", f"sqlite:///{result['db']}",
             "--artifacts-destination", result["artifacts"], "--host", host, "--port", str(port)]
-    print(" ".join(argv), flush=True)
-    os.execv(mlflow, argv)  # the UI in this process: Ctrl-C and signals reach it directly

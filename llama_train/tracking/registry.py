@@ -12,21 +12,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_train.errors import LlamaTrainError
-from llama_train.tracking import (
-    ADAPTER_ARTIFACT_PATH,
-    CANDIDATE,
-    CHAMPION,
-    PREVIOUS,
-    MlflowTracker,
-    Tracker,
-    _client,
-    _configure_mlflow_env,
-    _tag_items,
-    _warn,
+from llama_train.tracking.client import (
+    configure_env,
+    ensure_experiment,
+    is_already_exists,
+    is_not_found,
+    mlflow_client,
+    warn,
 )
+from llama_train.tracking.sync import tag_items
+from llama_train.tracking.tracker import MlflowTracker, Tracker
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+ADAPTER_ARTIFACT_PATH = "adapter"  # where a run's adapter files are logged
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 
 
 def register_adapter(
@@ -52,7 +53,7 @@ def register_adapter(
     )
     if not run_id:
         if isinstance(tracker, MlflowTracker):
-            _warn(
+            warn(
                 f"adapter not registered as {name}: the run has no MLflow id (server was unreachable)"
             )
         return None
@@ -67,23 +68,23 @@ def register_adapter(
             if key.startswith("eval/") and key != "eval/num_samples":
                 all_tags.setdefault(f"eval_after.{key.removeprefix('eval/')}", f"{value:.6g}")
     try:
-        client = _client(uri or _default_uri())
+        client = mlflow_client(uri or _default_uri())
         if not client.list_artifacts(run_id, ADAPTER_ARTIFACT_PATH):
             client.log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT_PATH)
         try:
             client.create_registered_model(name)
         except Exception as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            if not is_already_exists(exc):
                 raise
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
         version = client.create_model_version(
-            name, source, run_id=run_id, tags=_tag_items(all_tags), description=description,
+            name, source, run_id=run_id, tags=tag_items(all_tags), description=description,
             await_creation_for=60,
         )
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         return str(version.version)
     except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
-        _warn(f"adapter not registered as {name} ({type(exc).__name__}: {str(exc)[:300]})")
+        warn(f"adapter not registered as {name} ({type(exc).__name__}: {str(exc)[:300]})")
         return None
 
 
@@ -92,10 +93,9 @@ def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment:
     """Register an exported adapter as a new version of `name` (through a run holding its files:
     `adapter/` and, when the export has one, `manifest.json` beside it, as in the export, so a
     server can verify its download). Returns the version. Raises on registry errors."""
-    from llama_train.tracking import ensure_experiment
 
     adapter_dir = Path(adapter_dir)
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = ensure_experiment(client, experiment, uri=uri)
     run = client.create_run(exp_id, run_name=run_name or f"register-{adapter_dir.name}",
                             tags={"llama_train.gate": "register"})
@@ -107,7 +107,7 @@ def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment:
     try:
         client.create_registered_model(name)
     except Exception as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+        if not is_already_exists(exc):
             raise
     mv = client.create_model_version(name, f"runs:/{run.info.run_id}/{ADAPTER_ARTIFACT_PATH}",
                                      run_id=run.info.run_id, await_creation_for=60)
@@ -115,7 +115,7 @@ def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment:
 
 
 def _default_uri() -> str:
-    _configure_mlflow_env()
+    configure_env()
     import mlflow
 
     return mlflow.get_tracking_uri()
@@ -125,11 +125,11 @@ def get_alias_version(
     name: str, alias: str, *, client: MlflowClient | None = None, uri: str | None = None
 ) -> str | None:
     """Version that `alias` points to, or None when the alias (or the model) does not exist."""
-    client = client or _client(uri or _default_uri())
+    client = client or mlflow_client(uri or _default_uri())
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except Exception as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        if is_not_found(exc):
             return None
         raise
 
@@ -138,7 +138,7 @@ def promote(
     name: str, version: str | int, *, client: MlflowClient | None = None, uri: str | None = None
 ) -> dict[str, str | None]:
     """Point `champion` at `version` and `previous` at the former champion. Called by the gate."""
-    client = client or _client(uri or _default_uri())
+    client = client or mlflow_client(uri or _default_uri())
     old = get_alias_version(name, CHAMPION, client=client)
     if old is not None and old != str(version):
         client.set_registered_model_alias(name, PREVIOUS, old)
@@ -155,7 +155,7 @@ def download_adapter(
             f"{model_uri!r} is not a registry URI; use models:/NAME/VERSION or models:/NAME@ALIAS"
         )
     ref = model_uri.removeprefix("models:/").strip("/")
-    client = _client(uri or _default_uri())
+    client = mlflow_client(uri or _default_uri())
     # Resolved here rather than by mlflow.artifacts.download_artifacts, which (mlflow 3.17) looks
     # the model up in the default registry instead of the registry_uri it is given.
     if "@" in ref:
@@ -221,7 +221,7 @@ def resolve_model_ref(ref: str, *, client: MlflowClient) -> tuple[str, str]:
     try:
         client.get_model_version(name, version)
     except Exception as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+        if is_not_found(exc):
             raise LlamaTrainError(f"{ref}: model {name} has no version {version}") from None
         raise
     return name, str(version)
@@ -279,7 +279,7 @@ def rollback(name: str, *, client: MlflowClient | None = None, uri: str | None =
     """Point `champion` back at the `previous` version. `previous` is removed (not swapped), so
     a second rollback cannot re-promote the version just rolled back; that version is tagged
     `llama_train.rolled_back`."""
-    client = client or _client(uri or _default_uri())
+    client = client or mlflow_client(uri or _default_uri())
     old = get_alias_version(name, CHAMPION, client=client)
     target = get_alias_version(name, PREVIOUS, client=client)
     if target is None:

@@ -13,8 +13,8 @@ Only the global rank 0 tracks (`make_tracker(recipe, rank=...)` gives every othe
   server's metric history with metrics.jsonl; no step is logged twice);
 - continues the same MLflow run on resume and skips (metric, step) pairs already logged.
 
-The registry (`register_adapter`, `promote`, `get_alias_version`, `download_adapter`) lives in
-llama_train.registry.
+The client factory and experiments are in llama_train.tracking.client, the offline upload in
+llama_train.tracking.sync, the model registry in llama_train.tracking.registry.
 """
 
 from __future__ import annotations
@@ -27,42 +27,39 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import typer
-
-from llama_train.errors import LlamaTrainError
+from llama_train.tracking.client import (
+    create_run,
+    is_not_found,
+    mlflow_client,
+    resolve_experiment,
+    resolve_uri,
+    warn,
+)
+from llama_train.tracking.sync import (
+    METRICS_FILE,
+    STATE_FILE,
+    log_metric_batch,
+    log_params,
+    param_items,
+    read_metrics_file,
+    sync_run,
+    tag_items,
+    upload_artifact,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from llama_train.config import Recipe
 
-METRICS_FILE = "metrics.jsonl"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # which artifacts the UI renders as tables
-STATE_FILE = "tracking.json"
 LOSS_CURVE_FILE = "loss_curve.png"
-ADAPTER_ARTIFACT_PATH = "adapter"
-CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
-DEFAULT_EXPERIMENT = "llama-train"
 
-# MLflow's server-side limits (mlflow/utils/validation.py): MAX_PARAM_VAL_LENGTH,
-# MAX_PARAMS_TAGS_PER_BATCH, MAX_METRICS_PER_BATCH; tag values are capped at 8000 chars.
-MAX_PARAM_VALUE_CHARS = 6000
-MAX_TAG_VALUE_CHARS = 5000
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
-
-# Read by mlflow's REST client at every request; set (unless the user did) before any call so a
-# dead or hung server costs seconds, not mlflow's default 120 s x 7 retries with backoff.
-HTTP_ENV_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",  # seconds, connect and read
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # seconds; sleeps 1, 2 between retries
-}
 # Environment variables turned into run tags when present (set them in the pod spec, e.g. from
 # the downward API: POD_UID <- metadata.uid, KUBEFLOW_JOB_NAME <- the job-name label).
 K8S_TAG_ENV = {
@@ -112,46 +109,6 @@ class NullTracker:
         pass
 
 
-def _warn(msg: str) -> None:
-    warnings.warn(f"[tracking] {msg}", RuntimeWarning, stacklevel=3)
-
-
-def _configure_mlflow_env() -> None:
-    for key, value in HTTP_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-def _client(uri: str) -> MlflowClient:
-    _configure_mlflow_env()
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def resolve_uri(recipe: Recipe) -> str:
-    """recipe.tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store beside output_dir."""
-    if recipe.tracking.uri:
-        return recipe.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    parent = Path(recipe.output_dir).resolve().parent
-    return f"sqlite:///{parent / 'mlruns.db'}"
-
-
-def resolve_experiment(recipe: Recipe) -> str:
-    return (
-        recipe.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    )
-
-
-def _artifact_location(uri: str) -> str | None:
-    """For a local SQLite store, artifacts go to `mlartifacts/` beside the database file."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri.removeprefix("sqlite:///"))
-    return (db.parent / "mlartifacts").resolve().as_uri()
-
-
 def _git_commit() -> str | None:
     if os.environ.get("LLAMA_TRAIN_GIT_COMMIT"):
         return os.environ["LLAMA_TRAIN_GIT_COMMIT"]
@@ -173,114 +130,6 @@ def environment_tags() -> dict[str, str]:
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     return tags
-
-
-def _param_items(params: dict) -> dict[str, str]:
-    return {str(k): str(v)[:MAX_PARAM_VALUE_CHARS] for k, v in params.items()}
-
-
-def _tag_items(tags: dict) -> dict[str, str]:
-    return {str(k): str(v)[:MAX_TAG_VALUE_CHARS] for k, v in tags.items() if v is not None}
-
-
-def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), PARAMS_PER_BATCH):
-        try:
-            client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
-        except Exception as exc:  # a value that changed on resume is refused: keep the rest
-            if "INVALID_PARAMETER_VALUE" not in str(exc) and "Changing param" not in str(exc):
-                raise
-            _warn(f"some params were not logged (already logged with another value?): {exc}")
-
-
-def _log_metric_batch(
-    client: MlflowClient, run_id: str, rows: list[tuple[str, float, int, int]]
-) -> None:
-    """rows: (key, value, timestamp_ms, step)."""
-    from mlflow.entities import Metric
-
-    metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows]
-    for i in range(0, len(metrics), METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
-
-
-def ensure_experiment(client: MlflowClient, name: str, *, uri: str | None = None) -> str:
-    """Id of experiment `name`, created if needed, marked as a model-training experiment (MLflow
-    3 otherwise opens it in its GenAI view) unless someone chose another kind."""
-    from llama_train.tracking_params import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
-
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            return client.create_experiment(
-                name,
-                artifact_location=_artifact_location(uri) if uri else None,
-                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
-            )
-        except Exception:  # created meanwhile by another job
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    if uri:
-        exp = _follow_moved_store(client, exp, uri)
-    if EXPERIMENT_KIND_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return exp.experiment_id
-
-
-def _follow_moved_store(client: MlflowClient, exp, uri: str):
-    """A local store moved or copied with its mlartifacts/ still records the old absolute paths:
-    relocate it first, so new runs write beside the database, not under the old path."""
-    local = _artifact_location(uri)
-    here = exp.artifact_location.rstrip("/")
-    if local is None or here == local or not here.endswith("/mlartifacts"):
-        return exp
-    db = Path(uri.removeprefix("sqlite:///"))
-    if not (db.parent / "mlartifacts").is_dir():
-        return exp
-    from llama_train.tracking_store import relocate
-
-    moved = relocate(db)
-    _warn(f"{db} was moved: artifact locations now point at {moved['artifacts']} "
-          f"(were {', '.join(moved['from'])})")
-    return client.get_experiment(exp.experiment_id)
-
-
-def _create_run(
-    client: MlflowClient,
-    *,
-    uri: str,
-    experiment: str,
-    run_name: str,
-    tags: dict,
-    start_time_ms: int | None = None,
-) -> str:
-    experiment_id = ensure_experiment(client, experiment, uri=uri)
-    return client.create_run(
-        experiment_id, run_name=run_name, tags=tags, start_time=start_time_ms
-    ).info.run_id
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def read_metrics_file(output_dir: Path) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-    return rows
 
 
 class _Uploader:
@@ -309,7 +158,7 @@ class _Uploader:
             self.num_dropped += 1
             if not self._warned_full:
                 self._warned_full = True
-                _warn(
+                warn(
                     "MLflow upload queue is full; dropping uploads (kept in metrics.jsonl, "
                     "run `llama-train track sync` later)"
                 )
@@ -333,9 +182,9 @@ class _Uploader:
                     self.num_failed += 1
                     self._offline_until = time.monotonic() + self._backoff_s
                     if self.closing:
-                        _warn(f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]})")
+                        warn(f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]})")
                     else:
-                        _warn(
+                        warn(
                             f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                             f"training continues, retrying in {self._backoff_s:.0f} s; metrics "
                             f"are kept in {METRICS_FILE}"
@@ -414,8 +263,8 @@ class MlflowTracker:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._load_last_steps_from_file()
         self._file = open(self.output_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115  (open for the whole run)
-        all_params = _param_items({**self.default_params, **params})
-        all_tags = _tag_items({**environment_tags(), **self.default_tags, **tags})
+        all_params = param_items({**self.default_params, **params})
+        all_tags = tag_items({**environment_tags(), **self.default_tags, **tags})
         self._state = {
             "uri": self.uri,
             "experiment": self.experiment,
@@ -430,11 +279,11 @@ class MlflowTracker:
             "start_time_ms": self._resumed_start_ms(resume_run_id) or int(time.time() * 1000),
         }
         try:
-            self._client = _client(self.uri)
+            self._client = mlflow_client(self.uri)
             self.run_id = self._open_run(all_tags, resume_run_id)
         except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
             self.run_id = resume_run_id
-            _warn(
+            warn(
                 f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {str(exc)[:200]}); "
                 f"training continues, metrics go to {self.output_dir / METRICS_FILE}; upload "
                 f"them later with `llama-train track sync {self.output_dir}`"
@@ -449,7 +298,7 @@ class MlflowTracker:
         if self._uploader is None:
             return self.run_id
         client, run_id = self._client, self.run_id
-        self._submit(lambda: _log_params(client, run_id, all_params), "log params")
+        self._submit(lambda: log_params(client, run_id, all_params), "log params")
         if self.recipe_yaml:
             self._submit(
                 lambda: client.log_text(run_id, self.recipe_yaml, "recipe.yaml"), "log recipe"
@@ -474,12 +323,9 @@ class MlflowTracker:
             try:
                 run = client.get_run(resume_run_id)
             except Exception as exc:
-                if (
-                    "RESOURCE_DOES_NOT_EXIST" not in str(exc)
-                    and "not found" not in str(exc).lower()
-                ):
+                if not is_not_found(exc):
                     raise
-                _warn(f"run {resume_run_id} to resume is not on the server; starting a new run")
+                warn(f"run {resume_run_id} to resume is not on the server; starting a new run")
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(resume_run_id, status="RUNNING")
@@ -487,7 +333,7 @@ class MlflowTracker:
                     client.set_tag(resume_run_id, key, value)
                 self._merge_server_last_steps(run)
                 return resume_run_id
-        return _create_run(
+        return create_run(
             client,
             uri=self.uri,
             experiment=self.experiment,
@@ -508,7 +354,7 @@ class MlflowTracker:
             )
             self._sampler.start()
         except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
-            _warn(f"system metrics are off ({type(exc).__name__}: {exc}); `pip install psutil`")
+            warn(f"system metrics are off ({type(exc).__name__}: {exc}); `pip install psutil`")
             self._sampler = None
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -539,7 +385,7 @@ class MlflowTracker:
         if uploader.num_failed or uploader.num_dropped:
 
             def fill_gaps() -> None:
-                sync_run(output_dir, client=client, quiet=True)
+                sync_run(output_dir, client=client)
                 done["gaps"] = True
 
             self._submit(fill_gaps, "upload of what the server missed")
@@ -575,7 +421,7 @@ class MlflowTracker:
             return
         pending = [a for a in self._state.get("artifacts", []) if not a.get("uploaded")]
         where = f"run {self.run_id}" if self.run_id else "no MLflow run yet"
-        _warn(
+        warn(
             f"MLflow at {self.uri} did not receive everything ({where}; {len(pending)} artifact(s) "
             f"pending; all metrics are in {self.output_dir / METRICS_FILE}). When the server is "
             f"reachable, run: llama-train track sync {self.output_dir}"
@@ -602,7 +448,7 @@ class MlflowTracker:
             except (TypeError, ValueError):
                 if not self._warned_bad_value:
                     self._warned_bad_value = True
-                    _warn(f"metric {key}={value!r} is not a number; not logged")
+                    warn(f"metric {key}={value!r} is not a number; not logged")
         if not fresh:
             return
         now = time.time()
@@ -618,12 +464,12 @@ class MlflowTracker:
         if self._uploader is not None:
             client, run_id = self._client, self.run_id
             rows = [(k, v, int(now * 1000), int(step)) for k, v in fresh.items()]
-            self._submit(lambda: _log_metric_batch(client, run_id, rows), "log metrics")
+            self._submit(lambda: log_metric_batch(client, run_id, rows), "log metrics")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
         if not path.exists():
-            _warn(f"artifact {path} does not exist; not logged")
+            warn(f"artifact {path} does not exist; not logged")
             return
         record = {"path": str(path), "artifact_path": artifact_path, "uploaded": False}
         with self._state_lock:
@@ -633,15 +479,15 @@ class MlflowTracker:
             return
 
         def upload() -> None:
-            _upload_artifact(self._client, self.run_id, path, artifact_path)
+            upload_artifact(self._client, self.run_id, path, artifact_path)
             record["uploaded"] = True
             self._save_state()
 
         self._submit(upload, f"upload of {path.name}")
 
     def log_datasets(self, records: list[dict]) -> None:
-        """Dataset lineage (see llama_train.tracking_datasets), kept for `track sync`."""
-        from llama_train.tracking_datasets import log_dataset_records
+        """Dataset lineage (see llama_train.tracking.datasets), kept for `track sync`."""
+        from llama_train.tracking.datasets import log_dataset_records
 
         with self._state_lock:
             self._state["datasets"] = list(records)
@@ -654,9 +500,9 @@ class MlflowTracker:
         `MlflowClient.log_table` writes), written to output_dir first."""
         path = self.output_dir / artifact_file
         try:
-            _write_json(path, table)
+            write_json(path, table)
         except OSError as exc:
-            _warn(f"cannot write {path}: {exc}")
+            warn(f"cannot write {path}: {exc}")
             return
         with self._state_lock:
             tags = self._state.setdefault("tags", {})
@@ -677,9 +523,9 @@ class MlflowTracker:
     def _save_state(self) -> None:
         with self._state_lock:
             try:
-                _write_json(self.output_dir / STATE_FILE, self._state)
+                write_json(self.output_dir / STATE_FILE, self._state)
             except OSError as exc:
-                _warn(f"cannot write {STATE_FILE}: {exc}")
+                warn(f"cannot write {STATE_FILE}: {exc}")
 
     def _load_last_steps_from_file(self) -> None:
         for row in read_metrics_file(self.output_dir):
@@ -712,7 +558,7 @@ class MlflowTracker:
         try:
             return plot_curves(series, self.output_dir / LOSS_CURVE_FILE)
         except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
-            _warn(f"loss curve not drawn: {exc}")
+            warn(f"loss curve not drawn: {exc}")
             return None
 
 
@@ -741,21 +587,12 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     return path
 
 
-def _upload_artifact(
-    client: MlflowClient, run_id: str, path: Path, artifact_path: str | None
-) -> None:
-    if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    else:
-        client.log_artifact(run_id, str(path), artifact_path)
-
-
 def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:
     """MlflowTracker on the global rank 0 with tracking enabled; a do-nothing tracker otherwise."""
     if rank != 0 or not recipe.tracking.enabled:
         return NullTracker()
     from llama_train.config import dump_recipe
-    from llama_train.tracking_params import base_model_label, source_tags, training_params
+    from llama_train.tracking.params import base_model_label, source_tags, training_params
 
     return MlflowTracker(
         uri=resolve_uri(recipe),
@@ -771,115 +608,3 @@ def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:
         },
         log_system_metrics=recipe.tracking.log_system_metrics,
     )
-
-
-# ---- track sync --------------------------------------------------------------------------------
-
-
-def _read_state(output_dir: Path) -> dict:
-    path = Path(output_dir) / STATE_FILE
-    if not path.exists():
-        raise LlamaTrainError(
-            f"{path} not found: was {output_dir} trained with tracking.enabled on rank 0?"
-        )
-    return json.loads(path.read_text())
-
-
-def sync_run(
-    output_dir: Path,
-    *,
-    uri: str | None = None,
-    client: MlflowClient | None = None,
-    quiet: bool = False,
-) -> dict:
-    """Upload to the run what the server lacks: metric steps missing from its history, params,
-    tags, the recipe, artifacts not uploaded, the final status. Idempotent."""
-    output_dir = Path(output_dir)
-    state = _read_state(output_dir)
-    uri = uri or state["uri"]
-    client = client or _client(uri)
-    run_id = state.get("run_id")
-    if not run_id:  # the server was down when training started: create the run now
-        run_id = _create_run(
-            client,
-            uri=uri,
-            experiment=state["experiment"],
-            run_name=state.get("run_name") or output_dir.name,
-            tags=state.get("tags", {}),
-            start_time_ms=state.get("start_time_ms"),  # when it ran, not now
-        )
-        state["run_id"] = run_id
-        _write_json(output_dir / STATE_FILE, state)
-    _log_params(client, run_id, state.get("params", {}))
-    for key, value in state.get("tags", {}).items():
-        client.set_tag(run_id, key, value)
-    if state.get("recipe_yaml"):
-        client.log_text(run_id, state["recipe_yaml"], "recipe.yaml")
-    if state.get("datasets"):
-        from llama_train.tracking_datasets import log_dataset_records
-
-        log_dataset_records(client, run_id, state["datasets"])
-
-    local: dict[str, dict[int, tuple[float, int]]] = {}
-    for row in read_metrics_file(output_dir):
-        ts = int(float(row.get("time", time.time())) * 1000)
-        for key, value in row.get("metrics", {}).items():
-            local.setdefault(key, {}).setdefault(int(row["step"]), (float(value), ts))
-    rows = []
-    for key, by_step in local.items():
-        have = {m.step for m in client.get_metric_history(run_id, key)}
-        rows += [
-            (key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have
-        ]
-    _log_metric_batch(client, run_id, rows)
-
-    uploaded = []
-    for record in state.get("artifacts", []):
-        path = Path(record["path"])
-        if record.get("uploaded") or not path.exists():
-            continue
-        _upload_artifact(client, run_id, path, record.get("artifact_path"))
-        record["uploaded"] = True
-        uploaded.append(str(path))
-    if (
-        state.get("status") in ("FINISHED", "FAILED", "KILLED")
-        and client.get_run(run_id).info.status == "RUNNING"
-    ):  # the recorded end time: a 5-minute run synced an hour later still lasted 5 minutes
-        client.set_terminated(run_id, state["status"], end_time=state.get("end_time_ms"))
-    _write_json(output_dir / STATE_FILE, state)
-    summary = {"run_id": run_id, "num_metrics_uploaded": len(rows), "artifacts_uploaded": uploaded}
-    if not quiet:
-        typer.echo(
-            f"run {run_id} at {uri}: uploaded {len(rows)} metric values, {len(uploaded)} artifacts"
-        )
-    return summary
-
-
-def sync_command(
-    output_dir: Annotated[
-        Path, typer.Argument(help="The run's output_dir (holds tracking.json and metrics.jsonl).")
-    ],
-    uri: Annotated[
-        str | None, typer.Option(help="Tracking URI; default: the one the run used.")
-    ] = None,
-) -> dict:
-    """Upload to MLflow what the tracking server lacks (metrics logged while it was unreachable)."""
-    try:
-        return sync_run(output_dir, uri=uri)
-    except LlamaTrainError:
-        raise
-    except Exception as exc:
-        raise LlamaTrainError(
-            f"track sync of {output_dir} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-# ---- registry ----------------------------------------------------------------------------------
-
-
-def register_adapter(*args, **kwargs):
-    """See llama_train.registry.register_adapter (kept here: the trainer's import)."""
-    from llama_train.registry import register_adapter as impl
-
-    return impl(*args, **kwargs)
-
