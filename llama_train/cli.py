@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from llama_train.errors import LlamaTrainError
+from llama_train.errors import GATE_FAILED, LlamaTrainError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fine-tune Llama models from one YAML recipe: train, track, export, gate, serve.")
@@ -147,6 +147,37 @@ def init_tiny(out: Path = typer.Argument(..., help="Directory to write the model
     typer.echo(str(build_tiny(out, seed=seed)))
 
 
+@app.command("export")
+def export(
+    run_or_checkpoint: Path = typer.Argument(
+        ..., help="Run directory (with adapter/ or model/ and run.json) or a checkpoint directory."),
+    out: Path = typer.Option(Path("export"), "--out", "-o", help="Output directory."),
+    format: list[str] = typer.Option(["adapter"], "--format", "-f",
+                                     help="Repeatable: adapter, merged, vllm, nim (or comma-separated)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    allow_incompatible: bool = typer.Option(False, "--allow-incompatible",
+                                            help="Export even if the vLLM/NIM lint finds errors."),
+    target: Optional[list[str]] = typer.Option(
+        None, "--target", help="Serving targets to lint against (default: the recipe's export.targets)."),
+    adapter_name: Optional[str] = typer.Option(
+        None, "--adapter-name", help="Served adapter name (default: recipe export.adapter_name, run name)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a non-empty --out as a whole (only once the new export is complete)."),
+):
+    """Export an adapter (and merged / vLLM / NIM layouts) with a manifest of sha256 hashes."""
+    from llama_train.export import export_run
+
+    formats = [f.strip() for item in format for f in item.split(",") if f.strip()]
+    manifest = export_run(run_or_checkpoint, out, formats=formats, targets=target or None,
+                          allow_incompatible=allow_incompatible, adapter_name=adapter_name, force=force)
+    if json_out:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    for f in manifest["lint"]:
+        typer.echo(f"lint {f['severity']}: {f['rule']} ({', '.join(f['targets'])}): {f['message']}", err=True)
+    typer.echo(f"exported {', '.join(manifest['formats'])} to {out} ({len(manifest['files'])} files, manifest.json)")
+
+
 @app.command()
 def gate(
     candidate: str = typer.Argument(..., help="Export directory, or models:/NAME/VERSION, models:/NAME@ALIAS."),
@@ -166,7 +197,6 @@ def gate(
     raise typer.Exit(0 if report.passed else GATE_FAILED)
 
 
-GATE_FAILED = 10
 
 registry_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: aliases of served adapters.")
 app.add_typer(registry_app, name="registry")
@@ -256,12 +286,6 @@ def _mount_optional() -> None:
 
     app.add_typer(data_app, name="data", help="Check and preprocess a recipe's data.")
     app.command("preprocess")(preprocess_command)
-    try:
-        from llama_train.export import export_command
-
-        app.command("export")(export_command)
-    except ImportError:
-        pass
     try:
         from llama_train.serve.cli import serve_command
 

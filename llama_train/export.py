@@ -23,37 +23,17 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-import typer
+from llama_train import adapter
+from llama_train.errors import ExportError, ExportRefused, ExportUsageError
 
-from llama_train.errors import LlamaTrainError
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # vLLM's `MaxLoRARanks` (vllm/config/lora.py); NIM passes --max-lora-rank through to vLLM.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FORMATS = ("adapter", "merged", "vllm", "nim")
 TARGETS = ("vllm", "nim")
-
-
-class ExportError(LlamaTrainError):
-    """The run cannot be exported: files missing or unreadable (exit 1, "other usage error")."""
-
-    exit_code = 1
-
-
-class ExportUsageError(ExportError):
-    """A flag is invalid: --format, --target, --out, --adapter-name (exit 2, "CLI usage")."""
-
-    exit_code = 2
-
-
-class ExportRefused(ExportError):
-    """The adapter breaks a serving target's rules (the lint); exit 7 is reserved for this."""
-
-    exit_code = 7
 
 
 @dataclass(frozen=True)
@@ -78,33 +58,6 @@ def required_max_lora_rank(r: int) -> int:
         if value >= r:
             return value
     raise ExportRefused(f"LoRA rank {r} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
-
-
-def _weight_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
-
-
-def unreadable_adapter_files(adapter_dir: Path) -> list[str]:
-    """Why the adapter's files cannot be parsed (truncated safetensors, broken JSON); [] if they
-    can. Checked before the lint rules, which need both files parsed."""
-    problems = []
-    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if cfg_path.is_file():
-        try:
-            if not isinstance(json.loads(cfg_path.read_text()), dict):
-                problems.append(f"{cfg_path} is not a JSON object")
-        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            problems.append(f"{cfg_path} is not valid JSON ({exc}); re-export or re-save the adapter")
-    if weights_path.is_file():
-        try:
-            _weight_keys(weights_path)
-        except Exception as exc:  # SafetensorError (truncated/corrupt header) has no public base class
-            problems.append(f"{weights_path} cannot be read as safetensors ({str(exc)[:200]}); the file is "
-                            "truncated or corrupt: re-export or re-save the adapter")
-    return problems
 
 
 def _module_names_in_weights(keys: Iterable[str]) -> set[str]:
@@ -141,28 +94,28 @@ def lint_adapter(
         findings.append(Finding(rule, severity, tuple(only or targets), message))
 
     present = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
-    if "adapter_config.json" not in present:
+    if adapter.CONFIG_FILE not in present:
         add("files", f"{adapter_dir} has no adapter_config.json (found: {present or 'nothing'}); "
             "export from a run's adapter/ directory or a checkpoint that holds an adapter")
         return findings
-    if "adapter_model.safetensors" not in present:
+    if adapter.WEIGHTS_FILE not in present:
         bins = [p for p in present if p.endswith(".bin")]
         found = f"found {bins}" if bins else f"found {present}"
         add("files", f"adapter_model.safetensors is missing ({found}); vLLM/NIM exports must be "
             "safetensors: re-save with `model.save_pretrained(dir, safe_serialization=True)`")
-    for problem in unreadable_adapter_files(adapter_dir):
+    for problem in adapter.unreadable_files(adapter_dir):
         add("readable", problem)
     if any(f.rule == "readable" for f in findings):
         return findings  # the rules below need both files parsed
-    extra = [p for p in present if p not in ADAPTER_FILES]
+    extra = [p for p in present if p not in adapter.FILES]
     if any(p.endswith(".bin") for p in extra):
         add("files", f"pickle weight files {[p for p in extra if p.endswith('.bin')]} next to the "
             "adapter; only adapter_config.json + adapter_model.safetensors are allowed (export "
             "copies those two only)", severity="warning")
 
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    keys = _weight_keys(adapter_dir / "adapter_model.safetensors") if (
-        adapter_dir / "adapter_model.safetensors").exists() else []
+    cfg = json.loads((adapter_dir / adapter.CONFIG_FILE).read_text())
+    keys = adapter.weight_keys(adapter_dir / adapter.WEIGHTS_FILE) if (
+        adapter_dir / adapter.WEIGHTS_FILE).exists() else []
 
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -236,14 +189,6 @@ class RunInfo:
     checkpoint_state: dict | None = None  # state.json when `src` is a checkpoint
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _find_up(src: Path, name: str) -> Path | None:
     """A checkpoint `<run>/checkpoints/step_N/` may lack run.json; look in the run directory."""
     for d in (src, src.parent, src.parent.parent):
@@ -270,11 +215,8 @@ def resolve_run(src: str | Path) -> RunInfo:
     if not src.is_dir():
         raise ExportError(f"{src} is not a directory; give a run directory (with adapter/ and "
                           "run.json) or a checkpoint directory (<run>/checkpoints/step_N)")
-    adapter_dir = model_dir = None
-    for cand in (src / "adapter", src):
-        if (cand / "adapter_config.json").is_file():
-            adapter_dir = cand
-            break
+    model_dir = None
+    adapter_dir = adapter.locate(src)
     if adapter_dir is None:
         for cand in (src / "model", src):
             if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
@@ -302,18 +244,16 @@ def resolve_run(src: str | Path) -> RunInfo:
 
 
 def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        if not (adapter_dir / name).is_file():
-            raise ExportError(f"{adapter_dir / name} is missing; an exported adapter needs "
-                              f"{' + '.join(ADAPTER_FILES)}")
-        shutil.copy2(adapter_dir / name, dest / name)
+    if missing := adapter.missing_files(adapter_dir):
+        raise ExportError(f"{adapter_dir / missing[0]} is missing; an exported adapter needs "
+                          f"{' + '.join(adapter.FILES)}")
+    adapter.copy(adapter_dir, dest)
 
 
 def _base_model(info: RunInfo) -> str:
     base = info.run.get("base_model")
     if not base and info.adapter_dir is not None:
-        cfg = _read_json(info.adapter_dir / "adapter_config.json")
+        cfg = _read_json(info.adapter_dir / adapter.CONFIG_FILE)
         base = cfg.get("base_model_name_or_path")
     if not base:
         raise ExportError("cannot tell the base model: run.json has no `base_model` and "
@@ -411,7 +351,7 @@ def export_run(
         raise ExportUsageError(f"{info.src} is a full fine-tuning run (model/, no adapter); formats "
                                f"{adapter_formats} need an adapter: use --format merged")
     if info.adapter_dir is not None:
-        unreadable = unreadable_adapter_files(info.adapter_dir)
+        unreadable = adapter.unreadable_files(info.adapter_dir)
         if unreadable:  # not a lint finding: --allow-incompatible cannot export a broken file
             raise ExportError("; ".join(unreadable))
     findings = lint_adapter(info.adapter_dir, targets, max_lora_rank=max_lora_rank) \
@@ -425,7 +365,7 @@ def export_run(
 
     r = 0
     if info.adapter_dir is not None:
-        r = int(_read_json(info.adapter_dir / "adapter_config.json").get("r", 0))
+        r = int(_read_json(info.adapter_dir / adapter.CONFIG_FILE).get("r", 0))
     # Built in a sibling temporary directory and moved into place only when complete: a failure
     # (a missing base model for `merged`, a full disk) leaves any earlier export at `out` untouched,
     # and a replaced export never mixes old files with new ones.
@@ -519,7 +459,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def _manifest(info: RunInfo, root: Path, *, name: str, base: str, formats: list[str], targets: list[str],
               r: int, findings: list[Finding]) -> dict:
     files = {
-        str(p.relative_to(root)): _sha256(p)
+        str(p.relative_to(root)): adapter.sha256_file(p)
         for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"
     }
     recipe_sha = info.run.get("recipe_sha256") or (
@@ -553,32 +493,3 @@ def _manifest(info: RunInfo, root: Path, *, name: str, base: str, formats: list[
 
 
 # --------------------------------------------------------------------------- CLI
-
-def export_command(
-    run_or_checkpoint: Annotated[Path, typer.Argument(
-        help="Run directory (with adapter/ or model/ and run.json) or a checkpoint directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("export"),
-    format: Annotated[list[str], typer.Option(
-        "--format", "-f", help=f"Repeatable: {', '.join(FORMATS)}.")] = ["adapter"],  # noqa: B006
-    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
-    allow_incompatible: Annotated[bool, typer.Option(
-        "--allow-incompatible", help="Export even if the vLLM/NIM lint finds errors.")] = False,
-    target: Annotated[list[str] | None, typer.Option(
-        "--target", help="Serving targets to lint against (default: the recipe's export.targets).")] = None,
-    adapter_name: Annotated[str | None, typer.Option(
-        "--adapter-name", help="Served adapter name (default: recipe export.adapter_name, run name).")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Replace a non-empty --out as a whole (only once the new export is complete).")] = False,
-) -> None:
-    """Export an adapter (and merged / vLLM / NIM layouts) with a manifest of sha256 hashes."""
-    formats = [f.strip() for item in format for f in item.split(",") if f.strip()]
-    manifest = export_run(run_or_checkpoint, out, formats=formats, targets=target or None,
-                          allow_incompatible=allow_incompatible, adapter_name=adapter_name, force=force)
-    if json_out:
-        typer.echo(json.dumps(manifest, indent=2))
-        return
-    for f in manifest["lint"]:
-        typer.echo(f"lint {f['severity']}: {f['rule']} ({', '.join(f['targets'])}): {f['message']}",
-                   err=True)
-    typer.echo(f"exported {', '.join(manifest['formats'])} to {out} "
-               f"({len(manifest['files'])} files, manifest.json)")

@@ -26,19 +26,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llama_train import adapter
 from llama_train.config import Recipe, load_recipe
-from llama_train.errors import LlamaTrainError
+from llama_train.errors import GateError, LlamaTrainError
 
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 REPORT_FILES = {"manifest.json", "gate_report.json", "gate_report.md"}
 STAGES = ("format", "load", "quality", "behaviour", "serving")
-
-
-class GateError(LlamaTrainError):
-    """The gate could not run (bad candidate reference, no recipe). A failed check is not an error:
-    it is a report with passed=False (exit code 10)."""
-
-    exit_code = 9
 
 
 @dataclass
@@ -135,8 +128,8 @@ def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | 
     if not path.is_dir():
         raise GateError(f"candidate {ref} is neither a directory nor a models:/NAME/VERSION reference")
     manifest, error = _read_manifest(path / "manifest.json")
-    adapter = path / "adapter" if (path / "adapter").is_dir() else path
-    return Candidate(ref, adapter, manifest, report_dir or path, manifest_error=error)
+    adapter_dir = path / adapter.DIR_NAME if (path / adapter.DIR_NAME).is_dir() else path
+    return Candidate(ref, adapter_dir, manifest, report_dir or path, manifest_error=error)
 
 
 def _registry_ref(ref: str, tracking_uri: str | None) -> tuple[str, str]:
@@ -174,27 +167,27 @@ def find_recipe(candidate: Candidate, recipe_path: str | None) -> Recipe:
 
 
 def check_format(c: Candidate, recipe: Recipe) -> Check:
-    from llama_train.export import _sha256, lint_adapter, unreadable_adapter_files
+    from llama_train.export import lint_adapter
 
     problems = [c.manifest_error] if c.manifest_error else []
     present = {p.name for p in c.adapter_dir.iterdir() if p.is_file()}
-    missing, extra = ADAPTER_FILES - present, present - ADAPTER_FILES - REPORT_FILES
+    missing, extra = set(adapter.FILES) - present, present - set(adapter.FILES) - REPORT_FILES
     if missing:
         problems.append(f"missing {sorted(missing)}")
     if extra:
-        problems.append(f"unexpected files {sorted(extra)} (only {sorted(ADAPTER_FILES)}; no .bin/.pt)")
+        problems.append(f"unexpected files {sorted(extra)} (only {sorted(adapter.FILES)}; no .bin/.pt)")
     tampered = []
     if c.manifest is not None:
         base = c.adapter_dir.parent if (c.adapter_dir.parent / "manifest.json").exists() else c.adapter_dir
         for rel, digest in c.manifest.get("files", {}).items():
             p = base / rel
-            if not p.is_file() or _sha256(p) != digest:
+            if not p.is_file() or adapter.sha256_file(p) != digest:
                 tampered.append(rel)
         if tampered:
             problems.append(f"sha256 mismatch against manifest.json: {tampered} (file changed after export)")
     # A truncated safetensors or broken JSON fails here, whatever the recipe's export.targets,
     # rather than crashing the lint or the load check.
-    unreadable = unreadable_adapter_files(c.adapter_dir)
+    unreadable = adapter.unreadable_files(c.adapter_dir)
     problems += unreadable
     findings = [] if unreadable else [
         f for f in lint_adapter(c.adapter_dir, recipe.export.targets, max_lora_rank=recipe.export.max_lora_rank)
@@ -223,7 +216,7 @@ def check_load(c: Candidate, recipe: Recipe) -> tuple[Check, Loaded | None]:
     from llama_train.model import load_base_model, load_tokenizer, resolve_base_path
 
     base_path = (c.manifest or {}).get("base_model") or resolve_base_path(recipe)
-    weights = load_file(str(c.adapter_dir / "adapter_model.safetensors"))
+    weights = load_file(str(c.adapter_dir / adapter.WEIGHTS_FILE))
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if not weights:
         return Check("load", "failed", "adapter_model.safetensors holds no tensors (empty adapter)"), None

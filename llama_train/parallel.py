@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from llama_train.config import Recipe
 from llama_train.errors import CheckpointError, InfrastructureError, PreflightError
+from llama_train.optim import make_optimizer
 
 
 @dataclass
@@ -241,12 +242,6 @@ class FSDPStrategy(Strategy):
         full = {k.removeprefix("inner."): v for k, v in full.items()}
         return {n: t for n, t in full.items() if n in names}
 
-    def load_trainable_state_dict(self, state):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        state = {f"inner.{k}": v for k, v in state.items()}
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
     # get_optimizer_state_dict() initializes an empty optimizer with a zero-gradient step at lr 0,
     # so a checkpoint taken before the first applied update (every step so far skipped: NaN, fp16
     # overflow) would make that update Adam's second (other bias correction) and change the run.
@@ -329,16 +324,6 @@ class DeepSpeedStrategy(Strategy):
         with self._gathered([p for _, p in named]):
             return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
-    def load_trainable_state_dict(self, state):
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        params = dict(self.module.named_parameters())
-        with self._gathered([params[n] for n in state], modifier_rank=0), torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t)
-        for n, t in state.items():  # and the master copy, or the next step would restore the old value
-            safe_set_full_fp32_param(params[n], t.to(torch.float32))
-
     def save_state(self, path: Path) -> None:
         """DeepSpeed's own format: each rank writes its optimizer/parameter partitions."""
         self.model.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
@@ -349,21 +334,6 @@ class DeepSpeedStrategy(Strategy):
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
-
-
-def make_optimizer(model, recipe: Recipe, *, fused: bool = True) -> torch.optim.Optimizer:
-    """torch AdamW; no weight decay on vectors (norms, biases). `fused` (one kernel for all
-    parameters) where torch has it for the parameters' device: on CPU it steps the LoRA
-    parameters of the tiny model 5x faster than the per-tensor loop torch picks by default."""
-    t = recipe.train
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    params = decay + no_decay
-    fused = fused and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=t.betas, fused=fused or None)
 
 
 def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
@@ -381,7 +351,7 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
 
             ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
-        plain = Strategy(model, make_optimizer(model, recipe), ctx)
+        plain = Strategy(model, make_optimizer(model, recipe.train), ctx)
         plain.name = strategy
         return plain
     if strategy == "fsdp":
@@ -405,7 +375,7 @@ def _apply_fsdp(model, inner, recipe: Recipe, ctx: DistContext) -> FSDPStrategy:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)  # root: embeddings, final norm, lm_head
     register_fsdp_forward_method(model, "generate")
-    return FSDPStrategy(model, make_optimizer(model, recipe), ctx)
+    return FSDPStrategy(model, make_optimizer(model, recipe.train), ctx)
 
 
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
@@ -468,7 +438,7 @@ def _apply_deepspeed(model, inner, recipe: Recipe, ctx: DistContext) -> DeepSpee
         deepspeed.ops.__compatible_ops__ = {}
     cfg = deepspeed_config(recipe, ctx.world_size)
     stage = cfg["zero_optimization"].get("stage", 0)
-    optimizer = make_optimizer(model, recipe, fused=False)  # ZeRO partitions the parameters itself
+    optimizer = make_optimizer(model, recipe.train, fused=False)  # ZeRO partitions the parameters itself
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
                                            dist_init_required=False)
     if stage == 3:

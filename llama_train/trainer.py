@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from llama_train import checkpoint as ckpt
+from llama_train.adapter import write as write_adapter
 from llama_train.attention import resolve as resolve_attention
 from llama_train.config import Recipe, diff_recipes, dump_recipe
 from llama_train.data.dataset import dataset_fingerprint, load_data
@@ -54,6 +55,7 @@ from llama_train.model import (
     resolve_base_path,
 )
 from llama_train.parallel import DistContext, apply_strategy, init_distributed
+from llama_train.optim import lr_lambda
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
 from llama_train.progress import Progress
@@ -70,22 +72,6 @@ from llama_train.tracking.params import (
 from llama_train.tracking.registry import register_adapter
 from llama_train.tracking.sync import METRICS_FILE
 from llama_train.tracking.tracker import make_tracker
-
-
-def lr_lambda(recipe: Recipe, total_steps: int):
-    t = recipe.train
-    warmup = t.warmup_steps if t.warmup_steps is not None else int((t.warmup_ratio or 0.0) * total_steps)
-
-    def fn(step: int) -> float:  # step = optimizer steps already taken
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if t.lr_scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_scheduler == "cosine" else 1 - progress
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
-
-    return fn
 
 
 def total_steps(recipe: Recipe, num_samples: int, global_batch: int) -> int:
@@ -412,7 +398,7 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
                         # unpacked rows: also to finish an epoch begun grouped (resume, recipe change)
                         lengths=None if recipe.data.packing else row_lengths(data.train))
     steps = total_steps(recipe, len(data.train), loader.global_batch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe.train, steps))
     state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,
              "tracking_run_id": None, "recipe_sha256": recipe.sha256(), "world_size": ctx.world_size,
              "dataset_fingerprint": dataset_fingerprint(data.train)}
@@ -790,18 +776,6 @@ def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) 
         shutil.rmtree(final)
     os.replace(tmp, final)
     return {"adapter_dir" if recipe.lora.enabled else "model_dir": str(final.resolve())}
-
-
-def write_adapter(dest: Path, module, weights: dict) -> None:
-    """PEFT adapter files (adapter_config.json + adapter_model.safetensors, nothing else) from the
-    gathered trainable weights of `module` (a PeftModel)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    module.peft_config["default"].save_pretrained(str(dest))
-    adapter = get_peft_model_state_dict(module, state_dict=weights)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(dest / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
 
 
 def _fmt_eval(ev: dict) -> str:

@@ -1132,15 +1132,14 @@ def parse_named(items: list[str] | None, what: str) -> dict[str, str]:
 def check_adapter_dirs(adapters: dict[str, str]) -> None:
     """Every adapter has both files and they parse, so a bad one stops the server at the start
     instead of leaving it running unready (/health 503) with the error only in the log."""
-    from llama_train.export import unreadable_adapter_files
+    from llama_train.adapter import missing_files, unreadable_files
 
     for name, d in adapters.items():
         if not Path(d).is_dir():
             raise ValueError(f"--adapter {name}={d}: no such directory")
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (Path(d) / f).is_file():
-                raise ValueError(f"--adapter {name}={d}: no {f} in {d}; give a PEFT adapter directory "
-                                 "(`llama-train export RUN --format adapter` writes one)")
-        problems = unreadable_adapter_files(Path(d))
+        for f in missing_files(Path(d)):
+            raise ValueError(f"--adapter {name}={d}: no {f} in {d}; give a PEFT adapter directory "
+                             "(`llama-train export RUN --format adapter` writes one)")
+        problems = unreadable_files(Path(d))
         if problems:
             raise ValueError(f"--adapter {name}={d}: {'; '.join(problems)}")

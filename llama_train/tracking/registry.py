@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llama_train import adapter
 from llama_train.errors import LlamaTrainError
 from llama_train.tracking.client import (
     configure_env,
@@ -179,8 +180,8 @@ def download_adapter(
             tracking_uri=client.tracking_uri,
         )
     )
-    if not (local / "adapter_config.json").exists():
-        found = sorted(local.rglob("adapter_config.json"))
+    if not (local / adapter.CONFIG_FILE).exists():
+        found = sorted(local.rglob(adapter.CONFIG_FILE))
         if not found:
             raise LlamaTrainError(f"{model_uri} has no adapter_config.json (downloaded to {local})")
         local = found[0].parent
@@ -237,7 +238,7 @@ def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowCl
 
     import mlflow
 
-    from llama_train.export import _sha256
+    from llama_train.adapter import sha256_file
 
     mv = client.get_model_version(name, version)
     source = mv.source.rstrip("/")
@@ -254,7 +255,7 @@ def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowCl
     if any(Path(f.path).name == "manifest.json" for f in listing or []):
         manifest_path = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=f"{parent}/manifest.json", dst_path=str(dst), tracking_uri=client.tracking_uri))
-    if not (local / "adapter_config.json").is_file():
+    if not (local / adapter.CONFIG_FILE).is_file():
         raise VerificationError(f"models:/{name}/{version} ({source}) holds no adapter_config.json")
     if manifest_path is None:
         return local, False
@@ -268,7 +269,7 @@ def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowCl
     problems = [f"{rel}: missing" for rel in sorted(set(expected) - present)]
     problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
     problems += [f"{rel}: sha256 mismatch" for rel in sorted(present & set(expected))
-                 if _sha256(local / rel) != expected[rel]]
+                 if sha256_file(local / rel) != expected[rel]]
     if problems:
         raise VerificationError(f"models:/{name}/{version} does not match its export manifest "
                                 f"({'; '.join(problems)}): the registry artifact changed after export")

@@ -220,7 +220,7 @@ def test_unreadable_files_fail_the_format_check_with_a_report(gate_env, name, co
 
 def test_usage_errors_stop_the_gate_before_any_check(gate_env, tmp_path, monkeypatch):
     from llama_train import gate as gate_mod
-    from llama_train.gate import GateError
+    from llama_train.errors import GateError
 
     def no_checks(*a, **k):
         raise AssertionError("a check ran before the usage error was reported")

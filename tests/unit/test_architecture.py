@@ -1,5 +1,6 @@
 """Module layering that code review alone does not keep: the tracking package imports one way
-(its __init__ lists the order), with no private names across modules and no CLI framework."""
+(its __init__ lists the order) with no CLI framework, no module imports another's private names,
+and one module owns the adapter directory's file names."""
 
 from __future__ import annotations
 
@@ -39,11 +40,49 @@ def test_tracking_modules_import_only_modules_above_them_and_no_private_names():
             assert module.split(".")[0] != "typer", f"tracking.{name} imports typer (CLI code goes in llama_train.cli)"
 
 
-def test_nothing_outside_the_package_imports_its_private_names():
+def test_no_module_imports_private_names_of_another():
     root = PKG.parent
     for path in root.rglob("*.py"):
-        if PKG in path.parents:
-            continue
         for module, names in _imports(path):
-            if module.startswith("llama_train.tracking"):
+            if module.startswith("llama_train"):
                 assert not [n for n in names if n.startswith("_")], f"{path.relative_to(root)}: {names} of {module}"
+
+
+def test_only_the_adapter_module_spells_the_adapter_file_names():
+    """The adapter directory's file set is known in one place (llama_train.adapter)."""
+    root = PKG.parent
+    spelled = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if p.name != "adapter.py" and ('"adapter_model.safetensors"' in p.read_text()
+                                              or '"adapter_config.json"' in p.read_text())]
+    assert spelled == []
+
+
+CLI_MODULES = {"cli.py", "k8s/cli.py", "serve/cli.py", "serve/__main__.py", "data/cli.py"}
+
+
+def test_only_cli_modules_import_typer():
+    root = PKG.parent
+    for path in root.rglob("*.py"):
+        rel = str(path.relative_to(root))
+        if rel not in CLI_MODULES:
+            assert "typer" not in [m.split(".")[0] for m, _ in _imports(path)], f"{rel} imports typer"
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_exit_code_is_in_the_table_and_the_readme_mirrors_it():
+    import re
+
+    from llama_train import errors
+
+    used = {errors.GATE_FAILED} | {c.exit_code for c in _subclasses(errors.LlamaTrainError)}
+    assert used <= set(errors.EXIT_CODES), f"exit codes without a table entry: {used - set(errors.EXIT_CODES)}"
+    readme = (PKG.parents[1] / "README.md").read_text()
+    section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| (.+?) \| (yes|no|-) \|$", section, flags=re.M)
+    table = {int(code): (meaning, retried == "yes") for code, meaning, retried in rows}
+    assert table == errors.EXIT_CODES

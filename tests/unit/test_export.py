@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from llama_train.export import ExportError, export_command, export_run
+from llama_train.errors import ExportError
+from llama_train.export import export_run
 
 PROMPT_IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
 
@@ -253,13 +254,11 @@ def test_full_finetune_run_exports_merged_only(tiny_dir, tmp_path):
 
 
 def test_export_command_via_typer(run_dir, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
+    from llama_train.cli import app
+
     run, _ = run_dir
-    app = typer.Typer()
-    app.command("export")(export_command)
-    app.command("noop")(lambda: None)  # keep `export` a sub-command, as in `llama-train export`
     result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "o"),
                                       "--format", "adapter,vllm", "--json"])
     assert result.exit_code == 0, result.output
