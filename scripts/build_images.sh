@@ -42,11 +42,21 @@ mounts+=(-v "$pipconf:/etc/pip.conf:ro")
 torch_index=https://download.pytorch.org/whl/cpu
 ls $links 2>/dev/null | grep -q '^torch-.*+cpu' && torch_index=https://pypi.org/simple
 
+# The build context: only what the Dockerfile copies, with fixed modes and timestamps. Buildah's
+# layer cache key for COPY includes the files' mtimes, so a fresh clone (new mtimes) would otherwise
+# reinstall every dependency; the content still decides (a changed file changes the key).
+ctx="$work/context"
+mkdir -p "$ctx"
+cp "$repo/pyproject.toml" "$repo/README.md" "$repo/.dockerignore" "$ctx/"
+tar -C "$repo" --exclude=__pycache__ --exclude='*.pyc' -cf - llama_train | tar -C "$ctx" -xf -
+chmod -R u=rwX,go=rX "$ctx"
+find "$ctx" -exec touch -h -d @0 {} +
+
 for target in trainer server; do
   start=$(date +%s)
   podman build --format docker --layers -f "$repo/k8s/docker/Dockerfile" --target "$target" \
     --build-arg PYTHON_IMAGE="$LLAMA_TRAIN_BASE_IMAGE" --build-arg TORCH_INDEX="$torch_index" \
-    "${mounts[@]}" -t "localhost/llama-train-$target:$tag" "$repo"
+    "${mounts[@]}" -t "localhost/llama-train-$target:$tag" "$ctx"
   echo "build_images: localhost/llama-train-$target:$tag in $(( $(date +%s) - start )) s" >&2
 done
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep llama-train >&2
