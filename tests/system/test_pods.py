@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -39,8 +40,6 @@ MAX_STEPS = 60  # long enough to be preempted after the first checkpoint (every 
 def _host_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o777)
-    import os
-
     os.chown(path, 1000, 1000)
     return path
 
