@@ -45,14 +45,17 @@ def _host_dir(path: Path) -> Path:
 
 
 class Cluster:
-    """One podman network with a fixed subnet; pods get fixed addresses on it."""
+    """One podman network; pods get fixed addresses on it (the master's is MASTER_ADDR)."""
 
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
         self.id = uuid.uuid4().hex[:8]
         self.network = f"lt-pods-{self.id}"
-        self.subnet = f"10.{90 + int(self.id[:2], 16) % 100}.{int(self.id[2:4], 16)}"
-        podman("network", "create", "--subnet", f"{self.subnet}.0/24", self.network)
+        podman("network", "create", self.network)  # podman picks a free /24 (10.89.x.0/24)
+        (net,) = json.loads(podman("network", "inspect", self.network).stdout)
+        cidr = net["subnets"][0]["subnet"]
+        assert cidr.endswith(".0/24"), cidr
+        self.subnet = cidr.rsplit(".", 1)[0]
         self.yamls: list[Path] = []
 
     def play(self, objects: list[dict], *, ip: str, configmaps: list[Path] = ()) -> None:
