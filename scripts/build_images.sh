@@ -59,4 +59,7 @@ for target in trainer server; do
     "${mounts[@]}" -t "localhost/llama-train-$target:$tag" "$ctx"
   echo "build_images: localhost/llama-train-$target:$tag in $(( $(date +%s) - start )) s" >&2
 done
+# Drop layers no tag or current build step uses any more (older dependency sets), so the cached
+# storage does not grow with every change; the layers of this build stay cached (checked).
+podman image prune -f >/dev/null
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep llama-train >&2
