@@ -10,5 +10,6 @@ from . import containers
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> dict[str, str]:
     containers.require_tools()
-    log = tmp_path_factory.mktemp("images") / "build.log"
-    return containers.build_images(log)
+    logs = tmp_path_factory.mktemp("images")
+    containers.require_runtime(logs / "base.log")
+    return containers.build_images(logs / "build.log")

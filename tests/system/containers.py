@@ -40,6 +40,20 @@ def podman(*args: str, check: bool = True, timeout: float = 300, **kw) -> subpro
     return proc
 
 
+def require_runtime(log: Path) -> None:
+    """The base image (scripts/podman_base.sh; a failure there is ours and fails the test), then a
+    trivial container: where the machine cannot start one at all (an unprivileged container as CI
+    runner: no mounts, no cgroups), skip and quote podman."""
+    with log.open("w") as f:
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "podman_base.sh")], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, f"scripts/podman_base.sh exited {proc.returncode}:\n{log.read_text()[-5000:]}"
+    base = os.environ.get("LLAMA_TRAIN_BASE_IMAGE", "localhost/debian-py311:bookworm")
+    probe = podman("run", "--rm", "--network", "none", base, "true", check=False, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"podman (runc) cannot start a container on this machine: {probe.stderr.strip()[-500:]}")
+
+
 def build_images(log: Path) -> dict[str, str]:
     """Both images (cached layers make this seconds when nothing changed)."""
     with log.open("w") as f:

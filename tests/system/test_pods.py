@@ -77,11 +77,11 @@ class Cluster:
         podman("network", "rm", "-f", self.network, check=False)
 
 
-def _render(tmp_path: Path, image: str, *, max_steps: int, every: int):
+def _render(tmp_path: Path, image: str, *, max_steps: int, every: int, save_final: bool = True):
     spec = tiny_recipe(tmp_path, train={"max_steps": max_steps, "micro_batch_size": 4, "num_threads": 1},
                        parallel={"strategy": "ddp", "backend": "gloo"},
                        tracking={"enabled": True, "experiment": "pods"},
-                       checkpoint={"save_final": True, "every_n_steps": every},
+                       checkpoint={"save_final": save_final, "every_n_steps": every},
                        k8s={"image": image, "nodes": 2, "gpus_per_node": 0, "cpu": "1", "memory": "3Gi"})
     objects = render_manifests(recipe_from_dict(spec), kind="pytorchjob")
     configmap, job = objects[0], objects[-1]
@@ -89,14 +89,15 @@ def _render(tmp_path: Path, image: str, *, max_steps: int, every: int):
     return configmap, job
 
 
-def _pod(job: dict, rtype: str, *, master_ip: str, pvc: Path, scratch: Path) -> dict:
+def _pod(job: dict, rtype: str, *, master_ip: str, pvc: Path, scratch: Path, pvc_read_only: bool = False) -> dict:
+    """`pvc_read_only`: the training container sees the shared volume read-only (a probe: a rank
+    that writes to it fails)."""
     template = copy.deepcopy(job["spec"]["pytorchReplicaSpecs"][rtype]["template"])
     spec = template["spec"]
     spec["restartPolicy"] = "Never"
-    claim_dirs = {}
+    claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     for vol in spec["volumes"]:
         if "persistentVolumeClaim" in vol:
-            claim_dirs[vol["name"]] = pvc
             vol.pop("persistentVolumeClaim")
             vol["hostPath"] = {"path": str(pvc), "type": "Directory"}
         elif "emptyDir" in vol:
@@ -114,6 +115,10 @@ def _pod(job: dict, rtype: str, *, master_ip: str, pvc: Path, scratch: Path) -> 
             # collides); on a cluster the declaration is informational: the pods reach each other
             # on the pod network either way.
             assert container.pop("ports")[0]["containerPort"] == PORT
+            if pvc_read_only:
+                for mount in container["volumeMounts"]:
+                    if mount["name"] in claims:
+                        mount["readOnly"] = True
         container["env"] = env
     name = f"{job['metadata']['name']}-{rtype.lower()}-0"
     return {"apiVersion": "v1", "kind": "Pod",
@@ -136,23 +141,28 @@ def cluster(tmp_path):
     c.close()
 
 
-def _start_job(cluster: Cluster, job: dict, configmap: dict, pvc: Path) -> dict[str, str]:
+def _start_job(cluster: Cluster, job: dict, configmap: dict, pvc: Path, *, worker_read_only: bool = False) -> dict[str, str]:
     cm_path = cluster.tmp / "configmap.yaml"
     cm_path.write_text(yaml.safe_dump(configmap))
     master_ip, worker_ip = f"{cluster.subnet}.10", f"{cluster.subnet}.11"
     names = {}
     for rtype, ip in (("Master", master_ip), ("Worker", worker_ip)):
-        pod = _pod(job, rtype, master_ip=master_ip, pvc=pvc, scratch=cluster.tmp / "scratch")
+        pod = _pod(job, rtype, master_ip=master_ip, pvc=pvc, scratch=cluster.tmp / "scratch",
+                   pvc_read_only=worker_read_only and rtype == "Worker")
         cluster.play([pod], ip=ip, configmaps=[cm_path])
         names[rtype] = f"{pod['metadata']['name']}-pytorch"
     return names
 
 
 def test_pytorchjob_pods_train_with_two_ranks_and_only_the_master_writes(images, cluster, tmp_path):
-    configmap, job = _render(tmp_path, images["trainer"], max_steps=3, every=0)
+    # no checkpoint here (each rank writes its own RNG state into one: rng_rank<N>.pt; the
+    # preemption test below covers checkpoints)
+    configmap, job = _render(tmp_path, images["trainer"], max_steps=3, every=0, save_final=False)
     pvc = _host_dir(tmp_path / "pvc")
     t0 = time.monotonic()
-    names = _start_job(cluster, job, configmap, pvc)
+    # the worker's training container gets the shared volume read-only: if rank 1 wrote anything
+    # there (outputs, adapter, run.json, tracking), it would fail and the job with it
+    names = _start_job(cluster, job, configmap, pvc, worker_read_only=True)
     codes = {rtype: _wait_exit(name) for rtype, name in names.items()}
     print(f"2-pod PyTorchJob: {time.monotonic() - t0:.0f} s")
     logs = {rtype: _logs(name) for rtype, name in names.items()}
