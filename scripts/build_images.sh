@@ -9,7 +9,8 @@
 # On a Docker host with a registry: docker build -f k8s/docker/Dockerfile --target server ... (README).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-. "$repo/scripts/podman_base.sh"
+bash "$repo/scripts/podman_base.sh" >/dev/null  # containers.conf, storage.conf, the base image
+. "$repo/scripts/podman_base.sh"               # their variables, here
 tag="${LLAMA_TRAIN_IMAGE_TAG:-0.1.0}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -7,10 +7,10 @@
 #   - storage.conf: podman's layers under the cache directory, so a CI cache of it keeps them;
 #   - the base image localhost/debian-py311:bookworm from `mmdebstrap` (bookworm minbase + python3),
 #     the rootfs tarball cached too (~3 min to make, ~30 s to import).
-# Source it (`. scripts/podman_base.sh`) to get CONTAINERS_CONF / CONTAINERS_STORAGE_CONF /
-# LLAMA_TRAIN_BASE_IMAGE exported; running it prepares everything and prints the variables.
+# Run it (`bash scripts/podman_base.sh`) to prepare everything; it prints the variables. Source it
+# (`. scripts/podman_base.sh`) to export CONTAINERS_CONF / CONTAINERS_STORAGE_CONF /
+# LLAMA_TRAIN_BASE_IMAGE into your shell (and write the two files) without building anything.
 # Cache: $LLAMA_TRAIN_CACHE (default ~/.cache/llama_train)/containers.
-set -euo pipefail
 _lt_cache="${LLAMA_TRAIN_CACHE:-$HOME/.cache/llama_train}/containers"
 mkdir -p "$_lt_cache/storage"
 export CONTAINERS_CONF="$_lt_cache/containers.conf"
@@ -29,6 +29,10 @@ driver = "overlay"
 graphroot = "$_lt_cache/storage"
 runroot = "/run/containers/storage"
 CONF
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+  return 0  # sourced: the environment only (no `set -e` leaking into an interactive shell)
+fi
+set -euo pipefail
 
 for tool in podman runc mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "podman_base: $tool is not installed (bash scripts/ci_system_deps.sh installs it)" >&2; exit 3; }
@@ -50,6 +54,4 @@ if ! podman image exists "$LLAMA_TRAIN_BASE_IMAGE"; then
   podman import --change 'CMD ["/bin/bash"]' "$rootfs" "$LLAMA_TRAIN_BASE_IMAGE" >/dev/null
   echo "podman_base: imported $LLAMA_TRAIN_BASE_IMAGE in $(( $(date +%s) - start )) s" >&2
 fi
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then
-  echo "export CONTAINERS_CONF=$CONTAINERS_CONF CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF LLAMA_TRAIN_BASE_IMAGE=$LLAMA_TRAIN_BASE_IMAGE"
-fi
+echo "export CONTAINERS_CONF=$CONTAINERS_CONF CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF LLAMA_TRAIN_BASE_IMAGE=$LLAMA_TRAIN_BASE_IMAGE"
