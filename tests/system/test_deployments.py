@@ -50,7 +50,7 @@ def registry(quickstart_run, tmp_path_factory):
     """A SQLite MLflow registry whose `quickstart@champion` is the quickstart's exported adapter;
     its directory is mounted at the same path in the pod, so the artifact paths resolve there."""
     from llama_train.export import export_run
-    from llama_train.registry import promote, register_export
+    from llama_train.tracking.registry import promote, register_export
 
     reg = tmp_path_factory.mktemp("registry")
     export_run(quickstart_run, reg / "export", formats=["adapter"])
