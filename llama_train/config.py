@@ -22,6 +22,7 @@ from llama_train.k8s.config import K8sConfig
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUILTIN_DATA = "builtin:tasks"
+BUILTIN_PREFERENCES = "builtin:preferences"
 
 
 class Section(BaseModel):
@@ -72,11 +73,13 @@ class DataSource(Section):
         description=f"A local jsonl/json/parquet/csv file, a hub dataset id, or `{BUILTIN_DATA}` "
         "(generated instruction tasks with exact answers).",
     )
-    format: Literal["messages", "alpaca", "sharegpt", "completion", "text"] = Field(
+    format: Literal["messages", "alpaca", "sharegpt", "completion", "text", "preference"] = Field(
         "messages",
         description="Row layout: `messages` [{role, content}, ...] (OpenAI style, optional system), "
         "`alpaca` {instruction, input?, output}, `sharegpt` {conversations: [{from, value}]}, "
-        "`completion` {prompt, completion}, `text` {text} (continued pre-training, every token trained).",
+        "`completion` {prompt, completion}, `text` {text} (continued pre-training, every token trained), "
+        "`preference` {prompt, chosen, rejected} for train.objective: dpo (each a list of messages, or "
+        "each a string).",
     )
     split: str = Field("train", description="Split name for hub datasets.")
     revision: str | None = Field(
@@ -102,7 +105,7 @@ class EvalDataConfig(Section):
         description="Held-out eval file. Unset: the built-in eval split when training on built-in "
         "data, else `fraction` of the train rows.",
     )
-    format: Literal["messages", "alpaca", "sharegpt", "completion", "text"] | None = Field(
+    format: Literal["messages", "alpaca", "sharegpt", "completion", "text", "preference"] | None = Field(
         None, description="Format of the eval file; default: the first source's format."
     )
     columns: dict[str, str] = Field(
@@ -201,6 +204,10 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="`sft`: next-token loss on the supervised tokens; `dpo`: Direct Preference "
+        "Optimization on {prompt, chosen, rejected} pairs (data format `preference`, settings in `dpo`).",
+    )
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
@@ -245,6 +252,22 @@ class TrainConfig(Section):
         False, description="torch.compile each decoder layer (regional); attention and the loss stay eager. "
         "A GPU speed-up (BENCHMARKS.md); the first steps and new sequence lengths pay the compile time.",
     )
+
+
+class DPOConfig(Section):
+    beta: float = Field(
+        0.1, gt=0, description="DPO temperature: rewards are beta * (policy - reference) log-prob of a "
+        "completion; higher beta keeps the policy closer to the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="`sigmoid`: -log sigmoid(beta * margin) (the DPO paper); `ipo`: "
+        "(margin per completion token - 1 / (2 beta))^2 (IPO, length-normalized as TRL does).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's label is flipped "
+        "(conservative DPO): (1-e) * -logsigmoid(beta m) + e * -logsigmoid(-beta m).")
+    reference: Literal["auto", "adapter_disabled"] = Field(
+        "auto", description="Where the reference log-probs come from. `auto` / `adapter_disabled`: the "
+        "base model with the LoRA adapter switched off in the same forward (no second copy of the "
+        "weights). Full fine-tuning (lora.enabled: false) is not supported for DPO yet.")
 
 
 class ParallelConfig(Section):
@@ -315,6 +338,7 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets and tokenization.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter (or full fine-tuning).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning (train.objective: dpo).")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Distribution.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
@@ -359,7 +383,40 @@ class Recipe(Section):
         if self.parallel.strategy == "deepspeed" and self.model.quantization != "none":
             raise ValueError("model.quantization with parallel.strategy deepspeed is not supported; "
                              "use strategy ddp or fsdp for QLoRA")
+        self._check_objective()
         return self
+
+    def _check_objective(self) -> None:
+        d, dpo = self.data, self.dpo
+        prefs = [f"data.sources[{i}]" for i, s in enumerate(d.sources) if s.format == "preference"]
+        if self.train.objective == "sft":
+            if prefs:
+                raise ValueError(f"{prefs[0]}.format is `preference` but train.objective is `sft`; set "
+                                 "train.objective: dpo to train on preference pairs")
+            return
+        bad = [f"data.sources[{i}].format is `{s.format}`" for i, s in enumerate(d.sources)
+               if s.format != "preference" and s.path != BUILTIN_PREFERENCES]
+        if bad:
+            raise ValueError(f"train.objective is `dpo` but {bad[0]}; DPO trains on {{prompt, chosen, "
+                             "rejected}} rows: set format: preference")
+        if d.eval.format not in (None, "preference"):
+            raise ValueError(f"train.objective is `dpo` but data.eval.format is `{d.eval.format}`; "
+                             "set data.eval.format: preference (or leave it unset)")
+        if not self.lora.enabled:
+            raise ValueError("train.objective: dpo needs lora.enabled: true (the reference model is the base "
+                             "with the adapter disabled); DPO with full fine-tuning is not supported yet")
+        if self.lora.modules_to_save:
+            raise ValueError("train.objective: dpo with lora.modules_to_save: the reference (adapter disabled) "
+                             "would still differ in those modules' saved copies; set lora.modules_to_save: []")
+        if d.overlength == "truncate":
+            raise ValueError("data.overlength: truncate cannot apply to preference pairs (it would cut the "
+                             "rejected side of a pair); set data.overlength: drop (or error) for train.objective: dpo")
+        if d.train_on != "assistant":
+            raise ValueError(f"data.train_on is `{d.train_on}`; with train.objective: dpo the loss is always on "
+                             "the completions (chosen and rejected): remove data.train_on")
+        if dpo.loss == "ipo" and dpo.label_smoothing:
+            raise ValueError("dpo.label_smoothing applies to dpo.loss: sigmoid only; set dpo.label_smoothing: 0 "
+                             "for dpo.loss: ipo")
 
     def sha256(self) -> str:
         return hashlib.sha256(dump_recipe(self).encode()).hexdigest()

@@ -374,7 +374,13 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
     if recipe.model.quantization == "none" and strategy != "deepspeed":
         model.to(ctx.device)
     inner = model
-    model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
+    if recipe.train.objective == "dpo":
+        from llama_train.dpo import DPOModule
+
+        d = recipe.dpo
+        model = DPOModule(inner, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing)
+    else:
+        model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
     if strategy in ("single", "ddp"):
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
