@@ -322,7 +322,10 @@ class ExportConfig(Section):
 
 
 class GateConfig(Section):
-    metric: Literal["exact_match", "contains"] = Field("exact_match", description="Task metric.")
+    metric: Literal["exact_match", "contains", "preference_accuracy"] = Field(
+        "exact_match", description="Task metric. `preference_accuracy` (the share of held-out pairs whose "
+        "chosen side has the higher log-prob) is the one for train.objective: dpo, and used there whatever "
+        "this says unless set explicitly.")
     min_improvement_over_base: float = Field(
         0.05, description="Candidate metric must beat the base model by at least this (absolute)."
     )
@@ -388,12 +391,25 @@ class Recipe(Section):
 
     def _check_objective(self) -> None:
         d, dpo = self.data, self.dpo
+        if self.train.objective == "sft" and self.gate.metric == "preference_accuracy":
+            raise ValueError("gate.metric: preference_accuracy needs train.objective: dpo; use exact_match "
+                             "or contains for sft")
+        if (self.train.objective == "dpo" and "metric" in self.gate.model_fields_set
+                and self.gate.metric != "preference_accuracy"):
+            raise ValueError(f"gate.metric is `{self.gate.metric}` but train.objective is `dpo`, which is "
+                             "gated on held-out pairs: set gate.metric: preference_accuracy (or remove it)")
+        if self.train.objective == "sft" and any(s.path == BUILTIN_PREFERENCES for s in d.sources):
+            raise ValueError(f"data.sources path {BUILTIN_PREFERENCES} holds preference pairs but "
+                             "train.objective is `sft`; set train.objective: dpo (or use builtin:tasks)")
         prefs = [f"data.sources[{i}]" for i, s in enumerate(d.sources) if s.format == "preference"]
         if self.train.objective == "sft":
             if prefs:
                 raise ValueError(f"{prefs[0]}.format is `preference` but train.objective is `sft`; set "
                                  "train.objective: dpo to train on preference pairs")
             return
+        if any(s.path == BUILTIN_DATA for s in d.sources):
+            raise ValueError(f"train.objective is `dpo` but data.sources uses {BUILTIN_DATA} (SFT "
+                             f"conversations); use path: {BUILTIN_PREFERENCES} with format: preference")
         bad = [f"data.sources[{i}].format is `{s.format}`" for i, s in enumerate(d.sources)
                if s.format != "preference" and s.path != BUILTIN_PREFERENCES]
         if bad:

@@ -86,10 +86,12 @@ class DPOModule(torch.nn.Module):
     forward(input_ids, labels, attention_mask, position_ids, doc_ids) → (loss_sum, stats), stats the
     [len(STAT_NAMES)] sums over the valid pairs (the first is their count)."""
 
-    def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float):
+    def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float, policy_is_reference: bool = False):
         super().__init__()
         self.inner = inner
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
+        # the gate scores the base model itself as a policy: its policy pass is the reference pass
+        self.policy_is_reference = policy_is_reference
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, doc_ids=None):
         if doc_ids is None:
@@ -98,8 +100,11 @@ class DPOModule(torch.nn.Module):
         num_docs += num_docs % 2
         kwargs = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids)
         with torch.no_grad(), self.inner.disable_adapter():
-            reference, _ = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
-        policy, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
+            reference, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
+        if self.policy_is_reference:
+            policy = reference
+        else:
+            policy, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
         losses, metrics = pair_losses(policy, reference, counts, beta=self.beta, loss=self.loss,
                                       label_smoothing=self.label_smoothing)
         valid = ((counts[0::2] > 0) & (counts[1::2] > 0)).float()  # filler pairs: no completion tokens

@@ -279,8 +279,9 @@ def _tokenize_eval(recipe: Recipe, tokenizer, ev: list[dict]) -> tuple[list[dict
             tok = tokenize_sample(conv, tokenizer, train_on=d.train_on, chat_template=d.chat_template)
         except TemplateError:
             continue  # the template refuses this conversation: it cannot be scored or prompted either
-        if is_pair(conv):  # scored as a pair (preference accuracy), never prompted
-            eval_rows.append({"id": s["id"], "messages": None})
+        if is_pair(conv):  # scored as a pair; the gate prompts with the chosen conversation
+            chat = isinstance(conv["prompt"], list)
+            eval_rows.append({"id": s["id"], "messages": conv["prompt"] + conv["chosen"] if chat else None})
         else:
             if isinstance(conv, dict):  # evaluation prompts the messages without the tool definitions
                 conv = conv["messages"]
