@@ -193,3 +193,31 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
         for k in m:
             assert m[k] == pytest.approx(metrics[0][k], abs=1e-5)
     assert losses[0] != pytest.approx(0.6931, abs=1e-4) and metrics[0]["rewards/margins"] != 0
+
+
+def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
+    """The non-finite guard holds for DPO: a NaN loss skips the update (no parameter moves)."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.data.dataset import load_data
+    from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
+    from llama_train.parallel import DistContext, apply_strategy
+    from llama_train.trainer import optimizer_step
+    from tests.conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(
+        tmp_path, tiny_dir, train={"objective": "dpo", "micro_batch_size": 2},
+        data={"sources": [{"path": "builtin:preferences", "format": "preference"}],
+              "builtin": {"num_train": 4, "num_eval": 2}, "seq_len": 96}))
+    tok = load_tokenizer(recipe, str(tiny_dir))
+    data = load_data(recipe, tok)
+    strategy = apply_strategy(apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe), recipe, DistContext())
+    micro = [collate([data.train[0], data.train[1]], pad_id=tok.pad_token_id, pairs=True)]
+    before = {n: p.detach().clone() for n, p in strategy.module.named_parameters() if p.requires_grad}
+    res = optimizer_step(strategy, micro, recipe=recipe, inject_nan=True)
+    assert res.skipped and res.bad_ranks == [0]
+    for n, p in strategy.module.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n
+    res = optimizer_step(strategy, micro, recipe=recipe)
+    assert not res.skipped and res.loss == pytest.approx(0.6931, abs=1e-4)
+    assert any(not torch.equal(p, before[n]) for n, p in strategy.module.named_parameters() if p.requires_grad)
