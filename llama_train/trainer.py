@@ -785,7 +785,8 @@ def _finish(run: Run, losses: list[float]) -> dict:
                                   eval_before=state["eval_before"], eval_after=eval_after),
                 description=version_description(
                     base_model=base, recipe_sha256=summary["recipe_sha256"], run_name=summary["run_name"],
-                    eval_before=state["eval_before"], eval_after=eval_after, metric=recipe.gate.metric,
+                    eval_before=state["eval_before"], eval_after=eval_after,
+                    metric="preference_accuracy" if recipe.train.objective == "dpo" else recipe.gate.metric,
                     global_step=state["step"]))
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracker.log_artifact(out / "run.json")

@@ -130,16 +130,21 @@ def test_pair_sides_isolated_packed_equals_unpacked(tiny_dir, tiny_tokenizer):
     torch.testing.assert_close(b_loss, a_loss, rtol=1e-5, atol=1e-6)
     for k in a:
         assert b[k] == pytest.approx(a[k], abs=1e-5)
-    # each side alone, no packing, no other document in the sequence
-    for pair, row in zip(PAIRS[:1], rows[:1]):
-        n0 = row["doc_lens"][0]
-        ids = torch.tensor([row["input_ids"][:n0]])
-        labels = torch.tensor([row["labels"][:n0]])
-        from llama_train.dpo import completion_logps
+    # every side's completion log-prob in the packed rows equals that side run alone
+    from llama_train.dpo import completion_logps
 
-        with torch.no_grad():
-            alone, _ = completion_logps(model, ids, labels, torch.zeros_like(ids), num_docs=1)
-        assert b["logps/chosen"] != 0 and float(alone[0]) < 0
+    batch = collate(packed, pad_id=tiny_tokenizer.pad_token_id, pairs=True)
+    with torch.no_grad():
+        in_rows, counts = completion_logps(model, batch["input_ids"], batch["labels"], batch["doc_ids"], num_docs=8,
+                                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        alone = []
+        for row in rows:
+            a = row["doc_lens"][0]
+            for lo, hi in ((0, a), (a, len(row["input_ids"]))):
+                ids, labels = torch.tensor([row["input_ids"][lo:hi]]), torch.tensor([row["labels"][lo:hi]])
+                alone.append(float(completion_logps(model, ids, labels, torch.zeros_like(ids), num_docs=1)[0][0]))
+    torch.testing.assert_close(in_rows, torch.tensor(alone), rtol=1e-5, atol=1e-5)
+    assert all(c > 0 for c in counts.tolist())
 
 
 def test_filler_pairs_count_for_nothing(tiny_dir, tiny_tokenizer):
