@@ -264,10 +264,11 @@ class DPOConfig(Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's label is flipped "
         "(conservative DPO): (1-e) * -logsigmoid(beta m) + e * -logsigmoid(-beta m).")
-    reference: Literal["auto", "adapter_disabled"] = Field(
-        "auto", description="Where the reference log-probs come from. `auto` / `adapter_disabled`: the "
-        "base model with the LoRA adapter switched off in the same forward (no second copy of the "
-        "weights). Full fine-tuning (lora.enabled: false) is not supported for DPO yet.")
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = Field(
+        "auto", description="Where the reference log-probs come from. `adapter_disabled` (auto with LoRA): "
+        "the base model with the adapter switched off in the same forward, no second copy of the weights. "
+        "`frozen_copy` (auto with lora.enabled: false): a frozen copy of the base model taken before "
+        "training (twice the weights' memory; parallel.strategy single or ddp).")
 
 
 class ParallelConfig(Section):
@@ -418,10 +419,17 @@ class Recipe(Section):
         if d.eval.format not in (None, "preference"):
             raise ValueError(f"train.objective is `dpo` but data.eval.format is `{d.eval.format}`; "
                              "set data.eval.format: preference (or leave it unset)")
-        if not self.lora.enabled:
-            raise ValueError("train.objective: dpo needs lora.enabled: true (the reference model is the base "
-                             "with the adapter disabled); DPO with full fine-tuning is not supported yet")
-        if self.lora.modules_to_save:
+        if not self.lora.enabled and dpo.reference == "adapter_disabled":
+            raise ValueError("dpo.reference: adapter_disabled needs lora.enabled: true; for full fine-tuning "
+                             "set dpo.reference: frozen_copy (or auto)")
+        if self.lora.enabled and dpo.reference == "frozen_copy":
+            raise ValueError("dpo.reference: frozen_copy is for full fine-tuning (lora.enabled: false); with LoRA "
+                             "the base with the adapter disabled is the reference: set dpo.reference: auto")
+        if not self.lora.enabled and self.parallel.strategy not in ("single", "ddp"):
+            raise ValueError(f"train.objective: dpo with full fine-tuning keeps a frozen reference copy of the "
+                             f"model, supported with parallel.strategy single or ddp, not "
+                             f"{self.parallel.strategy}; use LoRA (lora.enabled: true) or strategy ddp")
+        if self.lora.enabled and self.lora.modules_to_save:
             raise ValueError("train.objective: dpo with lora.modules_to_save: the reference (adapter disabled) "
                              "would still differ in those modules' saved copies; set lora.modules_to_save: []")
         if d.overlength == "truncate":

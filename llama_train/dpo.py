@@ -5,7 +5,9 @@ A collated DPO batch (data/preference.py, `collate(..., pairs=True)`) numbers it
 side's log-prob is the SUM of its completion tokens' log-probs (labels != -100), as in TRL.
 
 The reference is the base model with the LoRA adapter disabled, run in the same forward under
-no_grad (peft's `disable_adapter`): no second copy of the weights. Rewards are
+no_grad (peft's `disable_adapter`): no second copy of the weights. For full fine-tuning it is a
+frozen copy of the base taken before training (held outside the module tree, so DDP, the
+optimizer and checkpoints never see it). Rewards are
 beta * (policy - reference) log-prob; the loss per pair:
   sigmoid  -(1 - e) logsigmoid(beta m) - e logsigmoid(-beta m),  m = chosen - rejected log-ratio,
            e = dpo.label_smoothing (0: the DPO paper, TRL's `sigmoid`)
@@ -86,9 +88,12 @@ class DPOModule(torch.nn.Module):
     forward(input_ids, labels, attention_mask, position_ids, doc_ids) → (loss_sum, stats), stats the
     [len(STAT_NAMES)] sums over the valid pairs (the first is their count)."""
 
-    def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float, policy_is_reference: bool = False):
+    def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float, policy_is_reference: bool = False,
+                 reference_model=None):
         super().__init__()
         self.inner = inner
+        # not a registered submodule: no gradients, no DDP buckets, not in state_dict / checkpoints
+        object.__setattr__(self, "reference_model", reference_model)
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
         # the gate scores the base model itself as a policy: its policy pass is the reference pass
         self.policy_is_reference = policy_is_reference
@@ -99,8 +104,12 @@ class DPOModule(torch.nn.Module):
         num_docs = int(doc_ids.max()) + 1
         num_docs += num_docs % 2
         kwargs = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids)
-        with torch.no_grad(), self.inner.disable_adapter():
-            reference, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
+        with torch.no_grad():
+            if self.reference_model is not None:
+                reference, counts = completion_logps(self.reference_model, input_ids, labels, doc_ids, **kwargs)
+            else:
+                with self.inner.disable_adapter():
+                    reference, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
         if self.policy_is_reference:
             policy = reference
         else:

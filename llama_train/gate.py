@@ -5,7 +5,8 @@ champion.
 reported as skipped):
   1. format    file set, safetensors only, sha256 manifest intact, serving-target lint
   2. load      PEFT loads the adapter on the base; every weight finite
-  3. quality   held-out loss/perplexity and task metric for candidate, base and champion;
+  3. quality   held-out loss/perplexity and task metric for candidate, base and champion (a DPO
+               candidate: preference accuracy on the held-out pairs, reward margin, DPO loss);
                thresholds gate.min_improvement_over_base and gate.max_regression_vs_champion
   4. behaviour generations (chat template) are non-empty and end at end-of-turn within budget
   5. serving   the inference server starts with the adapter and answers the OpenAI client

@@ -378,7 +378,13 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
         from llama_train.dpo import DPOModule
 
         d = recipe.dpo
-        model = DPOModule(inner, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing)
+        reference = None
+        if not recipe.lora.enabled:  # full fine-tuning: a frozen copy of the base, before any update
+            import copy
+
+            reference = copy.deepcopy(inner).eval().requires_grad_(False)
+        model = DPOModule(inner, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
+                          reference_model=reference)
     else:
         model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
     if strategy in ("single", "ddp"):

@@ -18,10 +18,10 @@ STRATEGIES = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"},
               "zero2": {"strategy": "deepspeed", "zero_stage": 2}, "zero3": {"strategy": "deepspeed", "zero_stage": 3}}
 
 
-def dpo_recipe(tmp_path, tiny_dir, *, parallel=None, micro_batch_size=4, tracked=False) -> dict:
+def dpo_recipe(tmp_path, tiny_dir, *, parallel=None, micro_batch_size=4, tracked=False, lora=True) -> dict:
     tracking = ({"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment": "dpo-test",
                  "log_system_metrics": False} if tracked else {"enabled": False})
-    recipe = run_recipe(tmp_path, tiny_dir, parallel=parallel, micro_batch_size=micro_batch_size,
+    recipe = run_recipe(tmp_path, tiny_dir, lora=lora, parallel=parallel, micro_batch_size=micro_batch_size,
                         train={"objective": "dpo"}, dpo={"beta": 0.5}, tracking=tracking)
     recipe["data"] = {"sources": [{"path": "builtin:preferences", "format": "preference"}],
                       "builtin": {"num_train": 32, "num_eval": 4}, "seq_len": 96}
@@ -32,10 +32,11 @@ class DPORuns:
     def __init__(self, root, tiny_dir):
         self.root, self.tiny_dir, self.cache = root, tiny_dir, {}
 
-    def single(self):
-        if "single" not in self.cache:
-            self.cache["single"] = train_in_process(dpo_recipe(self.root / "single", self.tiny_dir, tracked=True))
-        return self.cache["single"]
+    def single(self, lora=True):
+        key = "single" if lora else "single_full"
+        if key not in self.cache:
+            self.cache[key] = train_in_process(dpo_recipe(self.root / key, self.tiny_dir, tracked=lora, lora=lora))
+        return self.cache[key]
 
     def distributed(self, name):
         if name not in self.cache:
@@ -115,3 +116,18 @@ def test_dpo_kill_rank1_and_resume_exactly(dpo_runs, tmp_path):
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resumed from step_2" in resumed.output
     assert_same_history(resumed, dpo_runs.distributed("ddp"))
+
+
+@pytest.mark.slow
+def test_dpo_full_finetuning_ddp_matches_single_process(dpo_runs):
+    """Full fine-tuning with the frozen reference copy on each rank: ddp equals one process."""
+    recipe = dpo_recipe(dpo_runs.root / "ddp_full", dpo_runs.tiny_dir, parallel=STRATEGIES["ddp"], micro_batch_size=2,
+                        lora=False)
+    launch = torchrun(recipe, dpo_runs.root / "ddp_full")
+    assert launch.returncode == 0, launch.output[-4000:]
+    base = dpo_runs.single(lora=False)
+    got, want = losses(launch.out), losses(base)
+    assert len(got) == len(want) == MAX_STEPS and want[0] == pytest.approx(0.6931, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(got, want)) < LOSS_ATOL, (got, want)
+    assert (launch.out / "model" / "model.safetensors").is_file()
+    assert_weights_close(exported(launch.out), exported(base))

@@ -226,3 +226,38 @@ def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
     res = optimizer_step(strategy, micro, recipe=recipe)
     assert not res.skipped and res.loss == pytest.approx(0.6931, abs=1e-4)
     assert any(not torch.equal(p, before[n]) for n, p in strategy.module.named_parameters() if p.requires_grad)
+
+
+def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
+    """lora.enabled: false: the reference is a copy of the base taken before training; it stays frozen
+    (not trained, not in the optimizer or the state dict) while the policy moves away from it."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.data.dataset import load_data
+    from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
+    from llama_train.parallel import DistContext, apply_strategy
+    from llama_train.trainer import optimizer_step
+    from tests.conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(
+        tmp_path, tiny_dir, train={"objective": "dpo", "micro_batch_size": 4, "lr": 1e-4}, lora={"enabled": False},
+        data={"sources": [{"path": "builtin:preferences", "format": "preference"}],
+              "builtin": {"num_train": 8, "num_eval": 2}, "seq_len": 96}))
+    assert recipe.dpo.reference == "auto"
+    tok = load_tokenizer(recipe, str(tiny_dir))
+    data = load_data(recipe, tok)
+    strategy = apply_strategy(apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe), recipe, DistContext())
+    ref = strategy.train_module.reference_model
+    assert ref is not None and ref is not strategy.module
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert not any(k.startswith("reference_model") for k in strategy.train_module.state_dict())
+    opt_params = {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in ref.parameters()}
+    ref_before = {n: p.clone() for n, p in ref.named_parameters()}
+    micro = [collate([data.train[i] for i in range(4)], pad_id=tok.pad_token_id, pairs=True)]
+    first = optimizer_step(strategy, micro, recipe=recipe)
+    second = optimizer_step(strategy, micro, recipe=recipe)
+    assert first.loss == pytest.approx(0.6931, abs=1e-4)  # policy == reference before the first update
+    assert second.loss < first.loss and second.metrics["rewards/margins"] > 0  # the same pairs, trained on
+    for n, p in ref.named_parameters():
+        assert torch.equal(p, ref_before[n]), n
+    assert any(not torch.equal(p, ref_before[n]) for n, p in strategy.module.named_parameters())

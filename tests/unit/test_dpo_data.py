@@ -89,7 +89,9 @@ def test_packing_keeps_pairs_whole(tmp_path, tiny_dir, tiny_tokenizer):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ({"lora": {"enabled": False}}, "lora.enabled: true"),
+    ({"lora": {"enabled": False}, "parallel": {"strategy": "fsdp"}}, "strategy single or ddp"),
+    ({"lora": {"enabled": False}, "dpo": {"reference": "adapter_disabled"}}, "dpo.reference: frozen_copy"),
+    ({"dpo": {"reference": "frozen_copy"}}, "dpo.reference: auto"),
     ({"data": {"overlength": "truncate"}}, "data.overlength: drop"),
     ({"data": {"train_on": "all"}}, "data.train_on"),
     ({"dpo": {"loss": "ipo", "label_smoothing": 0.1}}, "dpo.label_smoothing"),
