@@ -196,9 +196,9 @@ def main(argv=None) -> int:
         if "error" in a or "error" in b:
             lines.append(f"| {k} | {a.get('error', '')} | {b.get('error', '')} | | | | | |")
             continue
-        lines.append(f"| {k} | {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
-                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['tokens_per_s_median_step']:,.0f} | "
-                     f"{b['tokens_per_s_median_step']:,.0f} | "
+        lines.append(f"| {k} | {a['tokens_per_s']:,.2f} | {b['tokens_per_s']:,.2f} | "
+                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['tokens_per_s_median_step']:,.2f} | "
+                     f"{b['tokens_per_s_median_step']:,.2f} | "
                      f"{a['tokens_per_s_median_step'] / b['tokens_per_s_median_step']:.2f}x | "
                      f"{a['supervised_tokens']:,} / {b['supervised_tokens']:,} |")
     table = "\n".join(lines)
