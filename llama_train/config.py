@@ -22,6 +22,7 @@ from llama_train.k8s.config import K8sConfig
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUILTIN_DATA = "builtin:tasks"
+BUILTIN_PREFERENCES = "builtin:preferences"
 
 
 class Section(BaseModel):
@@ -72,11 +73,13 @@ class DataSource(Section):
         description=f"A local jsonl/json/parquet/csv file, a hub dataset id, or `{BUILTIN_DATA}` "
         "(generated instruction tasks with exact answers).",
     )
-    format: Literal["messages", "alpaca", "sharegpt", "completion", "text"] = Field(
+    format: Literal["messages", "alpaca", "sharegpt", "completion", "text", "preference"] = Field(
         "messages",
         description="Row layout: `messages` [{role, content}, ...] (OpenAI style, optional system), "
         "`alpaca` {instruction, input?, output}, `sharegpt` {conversations: [{from, value}]}, "
-        "`completion` {prompt, completion}, `text` {text} (continued pre-training, every token trained).",
+        "`completion` {prompt, completion}, `text` {text} (continued pre-training, every token trained), "
+        "`preference` {prompt, chosen, rejected} for train.objective: dpo (each a list of messages, or "
+        "each a string).",
     )
     split: str = Field("train", description="Split name for hub datasets.")
     revision: str | None = Field(
@@ -102,7 +105,7 @@ class EvalDataConfig(Section):
         description="Held-out eval file. Unset: the built-in eval split when training on built-in "
         "data, else `fraction` of the train rows.",
     )
-    format: Literal["messages", "alpaca", "sharegpt", "completion", "text"] | None = Field(
+    format: Literal["messages", "alpaca", "sharegpt", "completion", "text", "preference"] | None = Field(
         None, description="Format of the eval file; default: the first source's format."
     )
     columns: dict[str, str] = Field(
@@ -201,6 +204,10 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="`sft`: next-token loss on the supervised tokens; `dpo`: Direct Preference "
+        "Optimization on {prompt, chosen, rejected} pairs (data format `preference`, settings in `dpo`).",
+    )
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
@@ -245,6 +252,23 @@ class TrainConfig(Section):
         False, description="torch.compile each decoder layer (regional); attention and the loss stay eager. "
         "A GPU speed-up (BENCHMARKS.md); the first steps and new sequence lengths pay the compile time.",
     )
+
+
+class DPOConfig(Section):
+    beta: float = Field(
+        0.1, gt=0, description="DPO temperature: rewards are beta * (policy - reference) log-prob of a "
+        "completion; higher beta keeps the policy closer to the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="`sigmoid`: -log sigmoid(beta * margin) (the DPO paper); `ipo`: "
+        "(margin per completion token - 1 / (2 beta))^2 (IPO, length-normalized as TRL does).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's label is flipped "
+        "(conservative DPO): (1-e) * -logsigmoid(beta m) + e * -logsigmoid(-beta m).")
+    reference: Literal["auto", "adapter_disabled", "frozen_copy"] = Field(
+        "auto", description="Where the reference log-probs come from. `adapter_disabled` (auto with LoRA): "
+        "the base model with the adapter switched off in the same forward, no second copy of the weights. "
+        "`frozen_copy` (auto with lora.enabled: false): a frozen copy of the base model taken before "
+        "training (twice the weights' memory; parallel.strategy single or ddp).")
 
 
 class ParallelConfig(Section):
@@ -299,7 +323,10 @@ class ExportConfig(Section):
 
 
 class GateConfig(Section):
-    metric: Literal["exact_match", "contains"] = Field("exact_match", description="Task metric.")
+    metric: Literal["exact_match", "contains", "preference_accuracy"] = Field(
+        "exact_match", description="Task metric. `preference_accuracy` (the share of held-out pairs whose "
+        "chosen side has the higher log-prob) is the one for train.objective: dpo, and used there whatever "
+        "this says unless set explicitly.")
     min_improvement_over_base: float = Field(
         0.05, description="Candidate metric must beat the base model by at least this (absolute)."
     )
@@ -315,6 +342,7 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets and tokenization.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter (or full fine-tuning).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning (train.objective: dpo).")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Distribution.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
@@ -359,7 +387,60 @@ class Recipe(Section):
         if self.parallel.strategy == "deepspeed" and self.model.quantization != "none":
             raise ValueError("model.quantization with parallel.strategy deepspeed is not supported; "
                              "use strategy ddp or fsdp for QLoRA")
+        self._check_objective()
         return self
+
+    def _check_objective(self) -> None:
+        d, dpo = self.data, self.dpo
+        if self.train.objective == "sft" and self.gate.metric == "preference_accuracy":
+            raise ValueError("gate.metric: preference_accuracy needs train.objective: dpo; use exact_match "
+                             "or contains for sft")
+        if (self.train.objective == "dpo" and "metric" in self.gate.model_fields_set
+                and self.gate.metric != "preference_accuracy"):
+            raise ValueError(f"gate.metric is `{self.gate.metric}` but train.objective is `dpo`, which is "
+                             "gated on held-out pairs: set gate.metric: preference_accuracy (or remove it)")
+        if self.train.objective == "sft" and any(s.path == BUILTIN_PREFERENCES for s in d.sources):
+            raise ValueError(f"data.sources path {BUILTIN_PREFERENCES} holds preference pairs but "
+                             "train.objective is `sft`; set train.objective: dpo (or use builtin:tasks)")
+        prefs = [f"data.sources[{i}]" for i, s in enumerate(d.sources) if s.format == "preference"]
+        if self.train.objective == "sft":
+            if prefs:
+                raise ValueError(f"{prefs[0]}.format is `preference` but train.objective is `sft`; set "
+                                 "train.objective: dpo to train on preference pairs")
+            return
+        if any(s.path == BUILTIN_DATA for s in d.sources):
+            raise ValueError(f"train.objective is `dpo` but data.sources uses {BUILTIN_DATA} (SFT "
+                             f"conversations); use path: {BUILTIN_PREFERENCES} with format: preference")
+        bad = [f"data.sources[{i}].format is `{s.format}`" for i, s in enumerate(d.sources)
+               if s.format != "preference" and s.path != BUILTIN_PREFERENCES]
+        if bad:
+            raise ValueError(f"train.objective is `dpo` but {bad[0]}; DPO trains on {{prompt, chosen, "
+                             "rejected}} rows: set format: preference")
+        if d.eval.format not in (None, "preference"):
+            raise ValueError(f"train.objective is `dpo` but data.eval.format is `{d.eval.format}`; "
+                             "set data.eval.format: preference (or leave it unset)")
+        if not self.lora.enabled and dpo.reference == "adapter_disabled":
+            raise ValueError("dpo.reference: adapter_disabled needs lora.enabled: true; for full fine-tuning "
+                             "set dpo.reference: frozen_copy (or auto)")
+        if self.lora.enabled and dpo.reference == "frozen_copy":
+            raise ValueError("dpo.reference: frozen_copy is for full fine-tuning (lora.enabled: false); with LoRA "
+                             "the base with the adapter disabled is the reference: set dpo.reference: auto")
+        if not self.lora.enabled and self.parallel.strategy not in ("single", "ddp"):
+            raise ValueError(f"train.objective: dpo with full fine-tuning keeps a frozen reference copy of the "
+                             f"model, supported with parallel.strategy single or ddp, not "
+                             f"{self.parallel.strategy}; use LoRA (lora.enabled: true) or strategy ddp")
+        if self.lora.enabled and self.lora.modules_to_save:
+            raise ValueError("train.objective: dpo with lora.modules_to_save: the reference (adapter disabled) "
+                             "would still differ in those modules' saved copies; set lora.modules_to_save: []")
+        if d.overlength == "truncate":
+            raise ValueError("data.overlength: truncate cannot apply to preference pairs (it would cut the "
+                             "rejected side of a pair); set data.overlength: drop (or error) for train.objective: dpo")
+        if d.train_on != "assistant":
+            raise ValueError(f"data.train_on is `{d.train_on}`; with train.objective: dpo the loss is always on "
+                             "the completions (chosen and rejected): remove data.train_on")
+        if dpo.loss == "ipo" and dpo.label_smoothing:
+            raise ValueError("dpo.label_smoothing applies to dpo.loss: sigmoid only; set dpo.label_smoothing: 0 "
+                             "for dpo.loss: ipo")
 
     def sha256(self) -> str:
         return hashlib.sha256(dump_recipe(self).encode()).hexdigest()

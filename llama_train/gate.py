@@ -5,7 +5,8 @@ champion.
 reported as skipped):
   1. format    file set, safetensors only, sha256 manifest intact, serving-target lint
   2. load      PEFT loads the adapter on the base; every weight finite
-  3. quality   held-out loss/perplexity and task metric for candidate, base and champion;
+  3. quality   held-out loss/perplexity and task metric for candidate, base and champion (a DPO
+               candidate: preference accuracy on the held-out pairs, reward margin, DPO loss);
                thresholds gate.min_improvement_over_base and gate.max_regression_vs_champion
   4. behaviour generations (chat template) are non-empty and end at end-of-turn within budget
   5. serving   the inference server starts with the adapter and answers the OpenAI client
@@ -244,6 +245,16 @@ def _eval_adapter(loaded: Loaded, recipe: Recipe, data, adapter: str | None) -> 
     from llama_train.evaluate import evaluate
     from llama_train.model import TrainModule
 
+    if recipe.train.objective == "dpo":
+        from llama_train.dpo import DPOModule, eval_preferences
+
+        d = recipe.dpo
+        if adapter is not None:
+            loaded.model.set_adapter(adapter)
+        module = DPOModule(loaded.model, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
+                           policy_is_reference=adapter is None)
+        return eval_preferences(module, data.eval, pad_id=loaded.tokenizer.pad_token_id,
+                                batch_size=max(recipe.train.micro_batch_size, 16), device="cpu")
     module = TrainModule(loaded.model, chunk_size=recipe.train.loss_chunk_size)
     if adapter is None:
         with loaded.model.disable_adapter():
@@ -268,7 +279,8 @@ def check_quality(loaded: Loaded, recipe: Recipe, champion_dir: Path | None) -> 
         figures["champion"] = _eval_adapter(loaded, recipe, data, "champion")
         loaded.model.set_adapter("candidate")
     g = recipe.gate
-    metric = g.metric
+    # a DPO candidate is gated on held-out pairs: the share whose chosen side it prefers
+    metric = "preference_accuracy" if recipe.train.objective == "dpo" else g.metric
     cand, base = figures["candidate"][metric], figures["base"][metric]
     problems = []
     if not cand - base >= g.min_improvement_over_base:

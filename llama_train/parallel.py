@@ -344,7 +344,19 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
     if recipe.model.quantization == "none" and strategy != "deepspeed":
         model.to(ctx.device)
     inner = model
-    model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
+    if recipe.train.objective == "dpo":
+        from llama_train.dpo import DPOModule
+
+        d = recipe.dpo
+        reference = None
+        if not recipe.lora.enabled:  # full fine-tuning: a frozen copy of the base, before any update
+            import copy
+
+            reference = copy.deepcopy(inner).eval().requires_grad_(False)
+        model = DPOModule(inner, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
+                          reference_model=reference)
+    else:
+        model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
     if strategy in ("single", "ddp"):
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP

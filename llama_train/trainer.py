@@ -99,6 +99,7 @@ class StepResult:
     skipped: bool        # non-finite loss or grad norm on some rank: no update anywhere
     bad_ranks: list[int]  # ranks whose own loss was non-finite
     overflow: bool = False  # fp16: finite loss, non-finite gradients (the loss scaler backs off)
+    metrics: dict | None = None  # train.objective dpo: TRL's rewards/* and logps/* means of the step
 
 
 class LossScaler:
@@ -139,14 +140,22 @@ def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: b
     ctx = strategy.ctx
     loss_scale = scaler.scale if scaler else 1.0
     supervised = ctx.all_reduce(sum(num_supervised(b) for b in micro))
+    # The loss is a sum over units (SFT: supervised tokens; DPO: preference pairs) divided by the
+    # units of the whole step on all ranks.
+    pairs = "num_pairs" in micro[0]
+    units = ctx.all_reduce(sum(b["num_pairs"] for b in micro)) if pairs else supervised
     # DDP/FSDP/ZeRO average gradients over ranks; scaling by world size turns that into the sum, so
-    # the update is d(sum of token losses)/d(theta) / (supervised tokens of the whole step).
-    scale = ctx.world_size / max(supervised, 1)
+    # the update is d(sum of unit losses)/d(theta) / (units of the whole step).
+    scale = ctx.world_size / max(units, 1)
     loss_sum_local = 0.0
+    stats_local = None
     for k, batch in enumerate(micro):
         inputs = {n: v.to(ctx.device) for n, v in batch.items() if n in MODEL_INPUTS}
         with strategy.no_sync(k == len(micro) - 1), _autocast(recipe, ctx.device):
-            loss_sum, _ = strategy.model(**inputs)
+            loss_sum, extra = strategy.model(**inputs)
+            if pairs:
+                values = [float(x) for x in extra.detach()]
+                stats_local = values if stats_local is None else [a + b for a, b in zip(stats_local, values)]
             if inject_nan:
                 loss_sum = loss_sum * float("nan")
             # A non-finite loss poisons this rank's gradients, so the global (reduced) grad norm is
@@ -154,7 +163,13 @@ def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: b
             finite = math.isfinite(float(loss_sum.detach()))
             strategy.backward(loss_sum * (scale * loss_scale if finite else float("nan")))
         loss_sum_local += float(loss_sum.detach())
-    loss = ctx.all_reduce(loss_sum_local) / max(supervised, 1)
+    loss = ctx.all_reduce(loss_sum_local) / max(units, 1)
+    metrics = None
+    if pairs:
+        from llama_train.dpo import step_metrics
+
+        stats = [sum(col) for col in zip(*ctx.all_gather_object(stats_local))]
+        metrics = step_metrics(stats)
     grad_norm, applied = strategy.clip_and_step(recipe.train.max_grad_norm, grad_scale=loss_scale)
     bad_ranks = [r for r in ctx.all_gather_object(None if math.isfinite(loss_sum_local) else ctx.rank)
                  if r is not None]
@@ -163,7 +178,7 @@ def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: b
     overflow = recipe.train.precision == "fp16" and not applied and not bad_ranks
     if scaler:
         scaler.update(applied=applied, overflow=overflow)
-    return StepResult(loss, grad_norm, int(tokens), int(supervised), not applied, bad_ranks, overflow)
+    return StepResult(loss, grad_norm, int(tokens), int(supervised), not applied, bad_ranks, overflow, metrics)
 
 
 class Faults:
@@ -594,11 +609,14 @@ def _loop(run: Run) -> tuple[str, list[float]]:
             losses.append(res.loss)
             _log_step(run, res, lr=lr, dt=dt, progress=progress)
             if t.eval_every_n_steps and state["step"] % t.eval_every_n_steps == 0 and state["step"] < run.steps:
-                with _eager(run):
-                    ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
-                                   batch_size=max(t.micro_batch_size, 16), device=ctx.device)
-                run.tracker.log_metrics({"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))},
-                                        step=state["step"])
+                if t.objective == "dpo":
+                    run.tracker.log_metrics(eval_metrics(_evaluate(run)), step=state["step"])
+                else:
+                    with _eager(run):
+                        ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
+                                       batch_size=max(t.micro_batch_size, 16), device=ctx.device)
+                    run.tracker.log_metrics({"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))},
+                                            step=state["step"])
             if every and state["step"] % every == 0 and state["step"] < run.steps:
                 run.save_checkpoint()
     return "completed", losses
@@ -611,7 +629,8 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     indices = run.loader.next_step()
     micro = [collate([as_filler(data[sample_index(i)]) if is_filler(i) else data[i] for i in idx],
                      pad_id=run.tokenizer.pad_token_id, attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
-                     mask_dtype=DTYPES[run.recipe.model.dtype]) for idx in indices]
+                     mask_dtype=DTYPES[run.recipe.model.dtype], pairs=run.recipe.train.objective == "dpo")
+             for idx in indices]
     lr = run.scheduler.get_last_lr()[0]
     res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1),
                          scaler=run.scaler)
@@ -669,6 +688,8 @@ def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Prog
             metrics["train/mfu"] = flops_per_s / run.peak_flops
         if run.scaler:
             metrics["train/loss_scale"] = run.scaler.scale
+        if res.metrics:  # DPO: named as TRL names them
+            metrics.update({f"train/{k}": v for k, v in res.metrics.items()})
         run.tracker.log_metrics(metrics, step=state["step"])
     progress.update(state["step"], loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
 
@@ -691,6 +712,12 @@ def _eager(run: Run):
 
 
 def _evaluate(run: Run) -> dict:
+    if run.recipe.train.objective == "dpo":
+        from llama_train.dpo import eval_preferences
+
+        with _eager(run):
+            return eval_preferences(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
+                                    batch_size=max(run.recipe.train.micro_batch_size, 16), device=run.ctx.device)
     with _eager(run):
         return evaluate(run.strategy.model, run.tokenizer, run.data.eval, run.data.eval_rows, recipe=run.recipe,
                         device=run.ctx.device)
@@ -703,6 +730,7 @@ def _finish(run: Run, losses: list[float]) -> dict:
     weights = run.strategy.trainable_state_dict()  # collective under FSDP: every rank calls it
     summary = {
         "status": "completed",
+        "objective": recipe.train.objective,
         "global_step": state["step"],
         "train_loss": losses[-1] if losses else None,
         "train_loss_first": losses[0] if losses else None,
@@ -745,7 +773,8 @@ def _finish(run: Run, losses: list[float]) -> dict:
                                   eval_before=state["eval_before"], eval_after=eval_after),
                 description=version_description(
                     base_model=base, recipe_sha256=summary["recipe_sha256"], run_name=summary["run_name"],
-                    eval_before=state["eval_before"], eval_after=eval_after, metric=recipe.gate.metric,
+                    eval_before=state["eval_before"], eval_after=eval_after,
+                    metric="preference_accuracy" if recipe.train.objective == "dpo" else recipe.gate.metric,
                     global_step=state["step"]))
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracker.log_artifact(out / "run.json")
@@ -780,6 +809,9 @@ def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) 
 
 def _fmt_eval(ev: dict) -> str:
     parts = [f"loss {ev['loss']:.4f}"]
+    if "preference_accuracy" in ev:
+        parts += [f"preference accuracy {ev['preference_accuracy']:.3f}",
+                  f"reward margin {ev['reward_margin']:.4f}"]
     if "exact_match" in ev:
         parts.append(f"exact_match {ev['exact_match']:.3f}")
     return ", ".join(parts) + f" on {ev['num_samples']} rows"

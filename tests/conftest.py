@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ATEN_CPU_CAPABILITY=default (`pytest -m numeric`), whatever the host's own family is.
 NUMERIC_MODULES = {
     "test_train_step", "test_attention", "test_data_packing", "test_loss", "test_fp16", "test_export",
-    "test_pad_is_eos", "test_serve_sampling", "test_precision", "test_distributed",
+    "test_pad_is_eos", "test_serve_sampling", "test_precision", "test_distributed", "test_dpo", "test_dpo_distributed",
 }
 
 

@@ -82,3 +82,33 @@ def write_jsonl(rows, path: str | Path) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def _rejected(task: str, prompt: str, answer: str) -> str:
+    """A wrong answer the base model finds natural: the date restated in words (what a pretrained
+    chat model answers), the letters or digits as given, or the sum off by one."""
+    if task == "date":
+        return prompt.removeprefix("Rewrite the date ").removesuffix(" as YYYY-MM-DD.")
+    if task == "reverse":
+        return prompt.removeprefix("Reverse: ")
+    if task == "sort":
+        return "".join(sorted(answer, reverse=True))
+    return str(int(answer) + 1)
+
+
+def to_preference(row: dict) -> dict | None:
+    """A built-in example as a conversational preference pair (None when both sides coincide)."""
+    prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+    rejected = _rejected(row["task"], prompt, answer)
+    if rejected == answer:
+        return None
+    return {"id": row["id"], "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def generate_preference_splits(*, num_train: int, num_eval: int, seed: int, tasks=TASKS):
+    """`builtin:preferences`: the built-in tasks as {prompt, chosen, rejected} pairs whose chosen side
+    is the exact answer in the required format; train and eval prompts are disjoint."""
+    train, ev = generate_splits(num_train=num_train, num_eval=num_eval, seed=seed, tasks=tasks)
+    return ([p for p in map(to_preference, train) if p], [p for p in map(to_preference, ev) if p])

@@ -175,7 +175,7 @@ def padded_efficiency(lengths, *, micro_batch_size: int, grad_accum_steps: int, 
 
 
 # Keys of a collated batch that go to the model; the rest (num_tokens) are bookkeeping.
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "doc_ids")
 
 
 def as_filler(row: dict) -> dict:
@@ -185,7 +185,7 @@ def as_filler(row: dict) -> dict:
 
 
 def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
-            mask_dtype: torch.dtype = torch.float32) -> dict:
+            mask_dtype: torch.dtype = torch.float32, pairs: bool = False) -> dict:
     """Right-pad to the longest row; labels are -100 on pad. Besides the model inputs, `num_tokens`
     counts the real (non-pad) tokens of the rows that are not fillers (`as_filler`).
 
@@ -193,7 +193,11 @@ def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
     get position_ids restarting per document and, unless `attn_implementation` finds the documents
     from the position ids itself (flash_attention_2, doc_sdpa, doc_varlen: no mask), a
     block-diagonal causal 4D additive mask of `mask_dtype` (the dtype attention runs in) that
-    isolates the documents."""
+    isolates the documents.
+
+    `pairs` (train.objective: dpo; rows of preference pairs, data/preference.py): also `doc_ids`,
+    the document number of every position over the whole batch (-1 on padding; documents 2k and
+    2k+1 are the chosen and rejected side of pair k) and `num_pairs` (pairs of non-filler rows)."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -209,6 +213,12 @@ def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
         batch["attention_mask"] = real
         return batch
     seg = segments([r.get("doc_lens") or [len(r["input_ids"])] for r in rows], width)
+    if pairs:
+        docs = [len(r["doc_lens"]) for r in rows]
+        first = torch.tensor([0] + docs[:-1]).cumsum(0)
+        real_doc = seg < torch.tensor(docs)[:, None]  # the padding after the last document is a segment too
+        batch["doc_ids"] = torch.where(real_doc, seg + first[:, None], torch.full_like(seg, -1))
+        batch["num_pairs"] = sum(n // 2 for n, r in zip(docs, rows) if not r.get("filler"))
     batch["position_ids"] = position_ids_from_segments(seg)
     # These find the documents from the position ids; a 4D mask would make doc_sdpa/doc_varlen
     # fall back to the full seq x seq attention.

@@ -42,9 +42,10 @@ def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
 
 
 def pack_table(table, bins: list[list[int]]):
-    """A pyarrow table of samples (input_ids, labels, id) → a table of packed rows with columns
-    input_ids, labels (-100 on each document's first token, so no document is trained to predict
-    the next document's first token), id, ids (document ids) and doc_lens."""
+    """A pyarrow table of samples (input_ids, labels, id[, doc_lens]) → a table of packed rows with
+    columns input_ids, labels (-100 on each document's first token, so no document is trained to
+    predict the next document's first token), id, ids (sample ids) and doc_lens. A sample is one
+    document, or the documents of its own `doc_lens` (a preference pair: chosen side, rejected side)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -53,20 +54,27 @@ def pack_table(table, bins: list[list[int]]):
     ids_col = docs.column("input_ids").combine_chunks()
     lab_col = docs.column("labels").combine_chunks()
     flat_ids = ids_col.flatten()
-    doc_lens = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+    sample_lens = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+    if "doc_lens" in docs.column_names:  # samples of several documents (preference pairs)
+        sub = docs.column("doc_lens").combine_chunks()
+        doc_lens = sub.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        docs_per_sample = pc.list_value_length(sub).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        doc_lens, docs_per_sample = sample_lens, np.ones_like(sample_lens)
     doc_starts = np.concatenate([[0], np.cumsum(doc_lens)[:-1]])
     labels = lab_col.flatten().to_numpy(zero_copy_only=False).copy()
     labels[doc_starts] = IGNORE_INDEX
     per_bin = np.array([len(b) for b in bins], dtype=np.int64)
-    doc_offsets = np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int32)
-    tok_offsets = np.concatenate([[0], np.cumsum(doc_lens)])[doc_offsets].astype(np.int32)
+    sample_offsets = np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int32)
+    doc_offsets = np.concatenate([[0], np.cumsum(docs_per_sample)])[sample_offsets].astype(np.int32)
+    tok_offsets = np.concatenate([[0], np.cumsum(sample_lens)])[sample_offsets].astype(np.int32)
     row_ids = docs.column("id").combine_chunks()
-    first = [f"pack{n}:{row_ids[int(s)].as_py()}" for n, s in enumerate(doc_offsets[:-1])]
+    first = [f"pack{n}:{row_ids[int(s)].as_py()}" for n, s in enumerate(sample_offsets[:-1])]
     return pa.table({
         "input_ids": pa.ListArray.from_arrays(pa.array(tok_offsets), flat_ids),
         "labels": pa.ListArray.from_arrays(pa.array(tok_offsets), pa.array(labels, type=flat_ids.type)),
         "id": pa.array(first, type=pa.string()),
-        "ids": pa.ListArray.from_arrays(pa.array(doc_offsets), row_ids),
+        "ids": pa.ListArray.from_arrays(pa.array(sample_offsets), row_ids),
         "doc_lens": pa.ListArray.from_arrays(pa.array(doc_offsets), pa.array(doc_lens, type=pa.int32())),
     })
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_train.config import BUILTIN_DATA, Recipe
-from llama_train.data.builtin import generate_splits
+from llama_train.config import BUILTIN_DATA, BUILTIN_PREFERENCES, Recipe
+from llama_train.data.builtin import generate_preference_splits, generate_splits
 from llama_train.data.chat import IGNORE_INDEX, tokenize_messages
 from llama_train.data.formats import RowError, iter_raw, normalize
 from llama_train.data.packing import best_fit_decreasing, pack_table
+from llama_train.data.preference import is_pair, normalize_pair, tokenize_pair
 from llama_train.errors import DataError
 
 # Batched encodes of a few short strings are slower with the Rust thread pool than without, and the
@@ -33,6 +34,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CATEGORIES = ("invalid_json", "missing_field", "wrong_type", "empty_response", "malformed_tool_call", "duplicate",
               "template", "overlength", "no_supervised")
+PAIR_CATEGORIES = ("identical_pair",)  # preference data (train.objective: dpo) only
+
+
+def categories(recipe: Recipe) -> tuple[str, ...]:
+    """The drop categories preflight reports for this recipe's data."""
+    return CATEGORIES + (PAIR_CATEGORIES if recipe.train.objective == "dpo" else ())
 TEMPLATE_ERROR = "template:"  # status prefix of a row the chat template refused (raise_exception)
 MAX_EXAMPLES = 5  # bad rows quoted per category in the report
 
@@ -49,7 +56,10 @@ class Prepared:
 
 
 def tokenize_sample(conv, tokenizer, *, train_on: str, chat_template: str | None) -> dict:
-    """One normalized sample → {input_ids, labels}. Text is trained on every token plus EOS."""
+    """One normalized sample → {input_ids, labels}. Text is trained on every token plus EOS.
+    A preference pair → {input_ids, labels, doc_lens} (see data/preference.py)."""
+    if is_pair(conv):
+        return tokenize_pair(conv, tokenizer, chat_template=chat_template)
     if isinstance(conv, str):
         ids = list(tokenizer(conv).input_ids) + [tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids)}
@@ -74,20 +84,22 @@ def apply_length_policy(tok: dict, *, seq_len: int, policy: str) -> tuple[dict |
 
 
 def _tokenize_batch(batch, *, tokenizer, train_on, chat_template, seq_len, policy):
-    out = {"input_ids": [], "labels": [], "length": [], "status": []}
+    out = {"input_ids": [], "labels": [], "doc_lens": [], "length": [], "status": []}
     from jinja2 import TemplateError
 
     for conv_json in batch["conv"]:
         try:
             tok = tokenize_sample(json.loads(conv_json), tokenizer, train_on=train_on, chat_template=chat_template)
         except TemplateError as exc:  # the template's raise_exception (e.g. roles must alternate): this row only
-            for key, value in (("input_ids", []), ("labels", []), ("length", 0), ("status", TEMPLATE_ERROR + str(exc)[:300])):
+            for key, value in (("input_ids", []), ("labels", []), ("doc_lens", []), ("length", 0),
+                               ("status", TEMPLATE_ERROR + str(exc)[:300])):
                 out[key].append(value)
             continue
         n = len(tok["input_ids"])
         kept, status = apply_length_policy(tok, seq_len=seq_len, policy=policy)
         out["input_ids"].append(kept["input_ids"] if kept else [])
         out["labels"].append(kept["labels"] if kept else [])
+        out["doc_lens"].append(tok.get("doc_lens", []) if kept else [])
         out["length"].append(n)
         out["status"].append(status)
     return out
@@ -107,6 +119,13 @@ class _Tally:
 
 def _source_rows(recipe: Recipe, src):
     """(where, id, row-or-RowError) of one source; built-in rows are generated."""
+    if src.path == BUILTIN_PREFERENCES:
+        b = recipe.data.builtin
+        rows, _ = generate_preference_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed,
+                                             tasks=tuple(b.tasks))
+        for n, r in enumerate(rows):
+            yield f"{BUILTIN_PREFERENCES}[{n}]", r["id"], r
+        return
     if src.path == BUILTIN_DATA:
         b = recipe.data.builtin
         rows, _ = generate_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed, tasks=tuple(b.tasks))
@@ -126,14 +145,14 @@ def collect(recipe: Recipe, tally: _Tally) -> tuple[list[dict], list[dict], list
     d = recipe.data
     pool, per_source, seen = [], [], set()
     for si, src in enumerate(d.sources):
-        fmt = "messages" if src.path == BUILTIN_DATA else src.format
+        fmt = {BUILTIN_DATA: "messages", BUILTIN_PREFERENCES: "preference"}.get(src.path, src.format)
         read = valid = 0
         for where, rid, row in _source_rows(recipe, src):
             read += 1
             try:
                 if isinstance(row, RowError):
                     raise row
-                conv = normalize(row, fmt)
+                conv = normalize_pair(row) if fmt == "preference" else normalize(row, fmt)
             except RowError as exc:
                 tally.drop(exc.category, where, str(exc))
                 continue
@@ -157,12 +176,14 @@ def _eval_split(recipe: Recipe, pool: list[dict]) -> tuple[list[dict], list[dict
         fmt = d.eval.format or d.sources[0].format
         if d.sources[0].path == BUILTIN_DATA and d.eval.format is None:
             fmt = "messages"
+        if d.sources[0].path == BUILTIN_PREFERENCES and d.eval.format is None:
+            fmt = "preference"
         ev = []
         for n, row in iter_raw(d.eval.path, columns=d.eval.columns, key="data.eval"):
             try:
                 if isinstance(row, RowError):
                     raise row
-                conv = normalize(row, fmt)
+                conv = normalize_pair(row) if fmt == "preference" else normalize(row, fmt)
             except RowError as exc:
                 raise DataError(f"data.eval.path {d.eval.path} row {n}: {exc}; fix the row or the "
                                 f"format (data.eval.format={fmt})") from None
@@ -175,6 +196,11 @@ def _eval_split(recipe: Recipe, pool: list[dict]) -> tuple[list[dict], list[dict
         held = set(order[: max(1, int(len(pool) * d.eval.fraction))])
         return ([s for i, s in enumerate(pool) if i not in held],
                 [s for i, s in enumerate(pool) if i in held])
+    if any(s.path == BUILTIN_PREFERENCES for s in d.sources):
+        b = d.builtin
+        _, rows = generate_preference_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed,
+                                             tasks=tuple(b.tasks))
+        return pool, [{"id": r["id"], "conv": {k: r[k] for k in ("prompt", "chosen", "rejected")}} for r in rows]
     if any(s.path == BUILTIN_DATA for s in d.sources):
         b = d.builtin
         _, rows = generate_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed, tasks=tuple(b.tasks))
@@ -201,7 +227,7 @@ def tokenize_pool(recipe: Recipe, tokenizer, pool: list[dict], *, fingerprint: s
     features = datasets.Features({
         "id": datasets.Value("string"), "src": datasets.Value("int64"),
         "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
-        "length": datasets.Value("int32"), "status": datasets.Value("string")})
+        "doc_lens": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"), "status": datasets.Value("string")})
     if not pool:
         return features.arrow_schema.empty_table()
     environ = os.environ
@@ -253,11 +279,15 @@ def _tokenize_eval(recipe: Recipe, tokenizer, ev: list[dict]) -> tuple[list[dict
             tok = tokenize_sample(conv, tokenizer, train_on=d.train_on, chat_template=d.chat_template)
         except TemplateError:
             continue  # the template refuses this conversation: it cannot be scored or prompted either
-        if isinstance(conv, dict):  # evaluation prompts the messages without the tool definitions
-            conv = conv["messages"]
-        eval_rows.append({"id": s["id"], "messages": None if isinstance(conv, str) else conv,
-                          **({"text": conv} if isinstance(conv, str) else {})})
-        policy = "truncate" if d.overlength == "error" else d.overlength
+        if is_pair(conv):  # scored as a pair; the gate prompts with the chosen conversation
+            chat = isinstance(conv["prompt"], list)
+            eval_rows.append({"id": s["id"], "messages": conv["prompt"] + conv["chosen"] if chat else None})
+        else:
+            if isinstance(conv, dict):  # evaluation prompts the messages without the tool definitions
+                conv = conv["messages"]
+            eval_rows.append({"id": s["id"], "messages": None if isinstance(conv, str) else conv,
+                              **({"text": conv} if isinstance(conv, str) else {})})
+        policy = "drop" if is_pair(conv) else "truncate" if d.overlength == "error" else d.overlength
         kept, _ = apply_length_policy(tok, seq_len=d.seq_len, policy=policy)
         if kept:
             tok_eval.append(dict(kept, id=s["id"]))
@@ -281,6 +311,8 @@ def prepare(recipe: Recipe, tokenizer, *, fingerprint: str = "llama_train") -> P
     whys = {"overlength": "{n} tokens > seq_len {seq_len}",
             "no_supervised": "no token carries loss (data.train_on={train_on})",
             "truncated_no_supervised": "{n} tokens truncated to seq_len {seq_len} left no token with loss"}
+    if recipe.train.objective == "dpo":
+        whys["overlength"] = "{n} tokens (prompt + chosen, prompt + rejected: one row) > seq_len {seq_len}"
     for i in np.flatnonzero(np.isin(status, list(whys))):
         n = int(all_lengths[i])
         if status[i] == "overlength" and d.overlength == "error":
@@ -300,17 +332,20 @@ def prepare(recipe: Recipe, tokenizer, *, fingerprint: str = "llama_train") -> P
         info["kept"] = int((src_col == si).sum())
         info["used"] = int((src_col[mixed] == si).sum())
     lengths = table.column("length").to_numpy()[mixed]
-    table = table.take(pa.array(mixed)).select(["input_ids", "labels", "id"])
+    pairs = recipe.train.objective == "dpo"
+    table = table.take(pa.array(mixed)).select(["input_ids", "labels", "id"] + (["doc_lens"] if pairs else []))
     if d.packing:
         ntok = pc.list_value_length(table.column("input_ids")).to_numpy()
         table = pack_table(table, best_fit_decreasing(ntok, d.seq_len))
     else:
         ids = table.column("id").combine_chunks()
         table = table.append_column("ids", pa.ListArray.from_arrays(pa.array(np.arange(len(ids) + 1, dtype=np.int32)), ids))
+        if pairs:  # a pair is a row of two documents even unpacked (collate isolates them)
+            table = table.select(["input_ids", "labels", "id", "ids", "doc_lens"])
     eval_rows, tok_eval = _tokenize_eval(recipe, tokenizer, ev)
     counts = {"rows": int(tally.counts["rows"]), "kept": int(keep.size),
-              **{c: int(tally.counts[c]) for c in CATEGORIES}, "truncated": tally.counts["truncated"],
+              **{c: int(tally.counts[c]) for c in categories(recipe)}, "truncated": tally.counts["truncated"],
               "train_samples": int(mixed.size), "train_rows": table.num_rows, "eval_held_out": len(ev)}
-    counts["dropped"] = sum(counts[c] for c in CATEGORIES)
+    counts["dropped"] = sum(counts[c] for c in categories(recipe))
     return Prepared(train=datasets.Dataset(table), eval_rows=eval_rows, eval=tok_eval, counts=counts,
                     examples=tally.examples, lengths=np.asarray(lengths, dtype=np.int64), sources=per_source)

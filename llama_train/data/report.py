@@ -11,7 +11,7 @@ import numpy as np
 from llama_train.config import Recipe
 from llama_train.data.loader import padded_efficiency, row_lengths
 from llama_train.data.packing import best_fit_decreasing, packing_efficiency
-from llama_train.data.pipeline import CATEGORIES, Prepared
+from llama_train.data.pipeline import Prepared, categories
 
 
 def length_histogram(lengths: np.ndarray, seq_len: int) -> list[dict]:
@@ -51,7 +51,7 @@ def build_report(recipe: Recipe, prepared: Prepared, *, cache: dict | None = Non
         "kept": c["kept"],
         "dropped": c["dropped"],
         "dropped_fraction": c["dropped"] / max(1, c["rows"]),
-        "counts": {k: c.get(k, 0) for k in CATEGORIES},
+        "counts": {k: c.get(k, 0) for k in categories(recipe)},
         "truncated": c["truncated"],
         "overlength_policy": d.overlength,
         "eval_held_out": c["eval_held_out"],

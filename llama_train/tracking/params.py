@@ -243,7 +243,7 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     out = {k: float(summary[v]) for k, v in keys.items() if isinstance(summary.get(v), (int, float))}
     before = ((summary.get("eval") or {}).get("before") or {})
     after = ((summary.get("eval") or {}).get("after") or {})
-    for key in ("loss", "exact_match", "contains"):
+    for key in ("loss", "exact_match", "contains", "preference_accuracy", "reward_margin"):
         if isinstance(before.get(key), (int, float)) and isinstance(after.get(key), (int, float)):
             out[f"summary/eval_{key}_change"] = float(after[key]) - float(before[key])
     return out

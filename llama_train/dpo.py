@@ -1,0 +1,156 @@
+"""Direct Preference Optimization: the loss and metrics of a batch of preference pairs.
+
+A collated DPO batch (data/preference.py, `collate(..., pairs=True)`) numbers its documents in
+`doc_ids` (-1 on padding): document 2k is the chosen side of pair k, 2k+1 the rejected side. A
+side's log-prob is the SUM of its completion tokens' log-probs (labels != -100), as in TRL.
+
+The reference is the base model with the LoRA adapter disabled, run in the same forward under
+no_grad (peft's `disable_adapter`): no second copy of the weights. For full fine-tuning it is a
+frozen copy of the base taken before training (held outside the module tree, so DDP, the
+optimizer and checkpoints never see it). Rewards are
+beta * (policy - reference) log-prob; the loss per pair:
+  sigmoid  -(1 - e) logsigmoid(beta m) - e logsigmoid(-beta m),  m = chosen - rejected log-ratio,
+           e = dpo.label_smoothing (0: the DPO paper, TRL's `sigmoid`)
+  ipo      (m' - 1 / (2 beta))^2, m' = the log-ratios divided by their completion token counts
+           (TRL's length-normalized IPO)
+
+The module returns the SUM of the per-pair losses of the valid pairs (a filler row's pairs have no
+completion tokens and count for nothing) and the sums behind TRL's metrics, so that the trainer
+divides by the pairs of the whole optimizer step on all ranks (the same normalization as SFT's
+per-token one: accumulation and data parallelism give the same update as one big batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama_train.data.chat import IGNORE_INDEX
+
+# Order of the per-step sums a DPO forward returns (see `DPOModule.forward`).
+STAT_NAMES = ("pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected", "preference/accuracy")
+
+
+def completion_logps(model, input_ids: Tensor, labels: Tensor, doc_ids: Tensor, *, num_docs: int,
+                     attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                     **model_kwargs) -> tuple[Tensor, Tensor]:
+    """(sum of completion log-probs, completion tokens) per document, each [num_docs] float32.
+
+    Only the completion positions go through lm_head, so no [batch, seq, vocab] logits exist."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False, **model_kwargs)
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    hidden = out.last_hidden_state[:, :-1, :][keep]
+    targets = shift_labels[keep]
+    logits = (hidden @ base.lm_head.weight.T).float()
+    token_logps = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    docs = doc_ids[:, 1:][keep]
+    sums = torch.zeros(num_docs, dtype=torch.float32, device=token_logps.device).index_add(0, docs, token_logps)
+    counts = torch.zeros(num_docs, dtype=torch.float32, device=token_logps.device).index_add(
+        0, docs, torch.ones_like(token_logps))
+    return sums, counts
+
+
+def pair_losses(policy: Tensor, reference: Tensor, counts: Tensor, *, beta: float, loss: str = "sigmoid",
+                label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair DPO losses and per-pair metric values from per-document log-probs ([2P] each,
+    chosen/rejected interleaved)."""
+    pc, pr = policy[0::2], policy[1::2]
+    rc, rr = reference[0::2], reference[1::2]
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    margin = chosen_ratio - rejected_ratio
+    if loss == "sigmoid":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margin)
+                  - label_smoothing * F.logsigmoid(-beta * margin))
+    elif loss == "ipo":
+        nc, nr = counts[0::2].clamp(min=1.0), counts[1::2].clamp(min=1.0)
+        losses = (chosen_ratio / nc - rejected_ratio / nr - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo.loss {loss!r}: use sigmoid or ipo")
+    chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": pc.detach(), "logps/rejected": pr.detach(),
+        # the policy's own preference (no reference): what the eval reports before and after training
+        "preference/accuracy": (pc.detach() > pr.detach()).float(),
+    }
+    return losses, metrics
+
+
+class DPOModule(torch.nn.Module):
+    """The model as the training loop sees it under train.objective: dpo:
+    forward(input_ids, labels, attention_mask, position_ids, doc_ids) → (loss_sum, stats), stats the
+    [len(STAT_NAMES)] sums over the valid pairs (the first is their count)."""
+
+    def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float, policy_is_reference: bool = False,
+                 reference_model=None):
+        super().__init__()
+        self.inner = inner
+        # not a registered submodule: no gradients, no DDP buckets, not in state_dict / checkpoints
+        object.__setattr__(self, "reference_model", reference_model)
+        self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
+        # the gate scores the base model itself as a policy: its policy pass is the reference pass
+        self.policy_is_reference = policy_is_reference
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, doc_ids=None):
+        if doc_ids is None:
+            raise ValueError("a DPO batch needs doc_ids (collate(..., pairs=True))")
+        num_docs = int(doc_ids.max()) + 1
+        num_docs += num_docs % 2
+        kwargs = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids)
+        with torch.no_grad():
+            if self.reference_model is not None:
+                reference, counts = completion_logps(self.reference_model, input_ids, labels, doc_ids, **kwargs)
+            else:
+                with self.inner.disable_adapter():
+                    reference, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
+        if self.policy_is_reference:
+            policy = reference
+        else:
+            policy, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
+        losses, metrics = pair_losses(policy, reference, counts, beta=self.beta, loss=self.loss,
+                                      label_smoothing=self.label_smoothing)
+        valid = ((counts[0::2] > 0) & (counts[1::2] > 0)).float()  # filler pairs: no completion tokens
+        loss_sum = (losses * valid).sum()
+        stats = torch.stack([valid.sum()] + [(metrics[k] * valid).sum() for k in STAT_NAMES[1:]])
+        return loss_sum, stats
+
+    def generate(self, **kwargs):
+        return self.inner.generate(**kwargs)
+
+
+def step_metrics(stats: list[float]) -> dict[str, float]:
+    """Means over the pairs of a step (or an eval set) from summed stats, named as TRL names them."""
+    pairs = max(stats[0], 1.0)
+    return {name: value / pairs for name, value in zip(STAT_NAMES[1:], stats[1:])}
+
+
+@torch.no_grad()
+def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, device) -> dict:
+    """Held-out pairs: DPO loss, reward accuracy and margin (relative to the reference) and the
+    policy's own preference accuracy (chosen log-prob above rejected). `model` is the (possibly
+    wrapped) DPOModule."""
+    from llama_train.data.loader import MODEL_INPUTS, collate
+
+    was_training = model.training
+    model.eval()
+    loss_total, totals = 0.0, None
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size], pad_id=pad_id, pairs=True)
+        loss_sum, stats = model(**{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
+        loss_total += float(loss_sum)
+        values = [float(x) for x in stats]
+        totals = values if totals is None else [a + b for a, b in zip(totals, values)]
+    model.train(was_training)
+    totals = totals or [0.0] * len(STAT_NAMES)
+    m = step_metrics(totals)
+    return {"loss": loss_total / max(totals[0], 1.0), "preference_accuracy": m["preference/accuracy"],
+            "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],
+            "rewards_chosen": m["rewards/chosen"], "rewards_rejected": m["rewards/rejected"],
+            "num_samples": int(totals[0])}
