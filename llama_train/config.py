@@ -392,6 +392,10 @@ class Recipe(Section):
 
     def _check_objective(self) -> None:
         d, dpo = self.data, self.dpo
+        changed = [k for k in type(dpo).model_fields if getattr(dpo, k) != getattr(type(dpo)(), k)]
+        if self.train.objective == "sft" and changed:  # (a dumped recipe holds the defaults: those are fine)
+            raise ValueError(f"dpo.{changed[0]} is set but train.objective is `sft`, which ignores the dpo "
+                             "section; set train.objective: dpo, or remove the dpo section")
         if self.train.objective == "sft" and self.gate.metric == "preference_accuracy":
             raise ValueError("gate.metric: preference_accuracy needs train.objective: dpo; use exact_match "
                              "or contains for sft")

@@ -23,6 +23,7 @@ per-token one: accumulation and data parallelism give the same update as one big
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,12 +34,38 @@ STAT_NAMES = ("pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies
               "logps/chosen", "logps/rejected", "preference/accuracy")
 
 
+DEFAULT_CHUNK_TOKENS = 1024  # train.loss_chunk_size's default
+
+
+def _token_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    logits = (hidden @ weight.T).float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+
+
+def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int) -> Tensor:
+    """log p(target) of each row of `hidden` [N, H] under lm_head `weight` [V, H], as float32 [N].
+
+    At most `chunk_size` rows of [N, V] logits exist at a time: with grad, each chunk is
+    recomputed in backward (activation checkpointing) instead of keeping its logits, so an 8B
+    vocabulary (128k) over thousands of completion tokens does not hold N x V x 4 bytes."""
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(_token_logps, h, weight, t, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(h, weight, t))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def completion_logps(model, input_ids: Tensor, labels: Tensor, doc_ids: Tensor, *, num_docs: int,
                      attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                     **model_kwargs) -> tuple[Tensor, Tensor]:
+                     chunk_size: int = DEFAULT_CHUNK_TOKENS, **model_kwargs) -> tuple[Tensor, Tensor]:
     """(sum of completion log-probs, completion tokens) per document, each [num_docs] float32.
 
-    Only the completion positions go through lm_head, so no [batch, seq, vocab] logits exist."""
+    Only the completion positions go through lm_head, `chunk_size` tokens at a time, so no
+    [batch, seq, vocab] logits exist."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False, **model_kwargs)
@@ -46,12 +73,11 @@ def completion_logps(model, input_ids: Tensor, labels: Tensor, doc_ids: Tensor, 
     keep = shift_labels != IGNORE_INDEX
     hidden = out.last_hidden_state[:, :-1, :][keep]
     targets = shift_labels[keep]
-    logits = (hidden @ base.lm_head.weight.T).float()
-    token_logps = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    token_logps_ = token_logps(hidden, base.lm_head.weight, targets, chunk_size=chunk_size)
     docs = doc_ids[:, 1:][keep]
-    sums = torch.zeros(num_docs, dtype=torch.float32, device=token_logps.device).index_add(0, docs, token_logps)
-    counts = torch.zeros(num_docs, dtype=torch.float32, device=token_logps.device).index_add(
-        0, docs, torch.ones_like(token_logps))
+    sums = torch.zeros(num_docs, dtype=torch.float32, device=targets.device).index_add(0, docs, token_logps_)
+    counts = torch.zeros(num_docs, dtype=torch.float32, device=targets.device).index_add(
+        0, docs, torch.ones_like(token_logps_))
     return sums, counts
 
 
@@ -89,9 +115,10 @@ class DPOModule(torch.nn.Module):
     [len(STAT_NAMES)] sums over the valid pairs (the first is their count)."""
 
     def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float, policy_is_reference: bool = False,
-                 reference_model=None):
+                 reference_model=None, chunk_size: int = DEFAULT_CHUNK_TOKENS):
         super().__init__()
         self.inner = inner
+        self.chunk_size = chunk_size
         # not a registered submodule: no gradients, no DDP buckets, not in state_dict / checkpoints
         object.__setattr__(self, "reference_model", reference_model)
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
@@ -103,7 +130,8 @@ class DPOModule(torch.nn.Module):
             raise ValueError("a DPO batch needs doc_ids (collate(..., pairs=True))")
         num_docs = int(doc_ids.max()) + 1
         num_docs += num_docs % 2
-        kwargs = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids)
+        kwargs = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids,
+                      chunk_size=self.chunk_size)
         with torch.no_grad():
             if self.reference_model is not None:
                 reference, counts = completion_logps(self.reference_model, input_ids, labels, doc_ids, **kwargs)
@@ -132,7 +160,8 @@ def step_metrics(stats: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, device) -> dict:
+def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, device,
+                     attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> dict:
     """Held-out pairs: DPO loss, reward accuracy and margin (relative to the reference) and the
     policy's own preference accuracy (chosen log-prob above rejected). `model` is the (possibly
     wrapped) DPOModule."""
@@ -142,7 +171,8 @@ def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, d
     model.eval()
     loss_total, totals = 0.0, None
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size], pad_id=pad_id, pairs=True)
+        batch = collate(rows[i:i + batch_size], pad_id=pad_id, pairs=True, attn_implementation=attn_implementation,
+                        mask_dtype=mask_dtype)
         loss_sum, stats = model(**{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
         loss_total += float(loss_sum)
         values = [float(x) for x in stats]

@@ -252,9 +252,10 @@ def _eval_adapter(loaded: Loaded, recipe: Recipe, data, adapter: str | None) -> 
         if adapter is not None:
             loaded.model.set_adapter(adapter)
         module = DPOModule(loaded.model, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
-                           policy_is_reference=adapter is None)
+                           policy_is_reference=adapter is None, chunk_size=recipe.train.loss_chunk_size)
         return eval_preferences(module, data.eval, pad_id=loaded.tokenizer.pad_token_id,
-                                batch_size=max(recipe.train.micro_batch_size, 16), device="cpu")
+                                batch_size=recipe.train.micro_batch_size, device="cpu",
+                                attn_implementation=getattr(loaded.model.config, "_attn_implementation", None) or "sdpa")
     module = TrainModule(loaded.model, chunk_size=recipe.train.loss_chunk_size)
     if adapter is None:
         with loaded.model.disable_adapter():

@@ -354,7 +354,7 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
 
             reference = copy.deepcopy(inner).eval().requires_grad_(False)
         model = DPOModule(inner, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
-                          reference_model=reference)
+                          reference_model=reference, chunk_size=recipe.train.loss_chunk_size)
     else:
         model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
     if strategy in ("single", "ddp"):

@@ -638,6 +638,8 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     state["step"] += 1
     state["consumed_samples"] += run.loader.last_step_samples
     state["consumed_tokens"] += res.tokens
+    if not res.skipped:  # the loss of the weights a checkpoint holds (export's manifest reports it)
+        state["train_loss"] = res.loss
     if run.ledger.enabled:
         ids = [x for idx in indices for i in idx if not is_filler(i)
                for x in (data[i].get("ids") or [data[i].get("id", i)])]
@@ -717,7 +719,9 @@ def _evaluate(run: Run) -> dict:
 
         with _eager(run):
             return eval_preferences(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
-                                    batch_size=max(run.recipe.train.micro_batch_size, 16), device=run.ctx.device)
+                                    batch_size=run.recipe.train.micro_batch_size, device=run.ctx.device,
+                                    attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
+                                    mask_dtype=DTYPES[run.recipe.model.dtype])
     with _eager(run):
         return evaluate(run.strategy.model, run.tokenizer, run.data.eval, run.data.eval_rows, recipe=run.recipe,
                         device=run.ctx.device)

@@ -248,7 +248,7 @@ def _rebind_environ(environ) -> None:
     if os.environ is environ:
         return
     values = dict(os.environ)
-    os.environ = environ
+    os.environ = environ  # noqa: B003  (putting the original mapping object back is the point)
     for key in set(environ) - set(values):
         del environ[key]
     environ.update(values)

@@ -104,6 +104,9 @@ def tokenize_pair(pair: dict, tokenizer, *, chat_template: str | None = None) ->
     ids, labels = [], []
     for completion in (chosen, rejected):
         ids += prompt + completion
-        labels += [IGNORE_INDEX] * len(prompt) + completion
+        side = [IGNORE_INDEX] * len(prompt) + completion
+        if not prompt and side:  # nothing precedes it in its document: unscored (as in TRL), and the
+            side[0] = IGNORE_INDEX  # rejected side's first token is not predicted from the chosen side
+        labels += side
     return {"input_ids": ids, "labels": labels,
             "doc_lens": [len(prompt) + len(chosen), len(prompt) + len(rejected)]}

@@ -274,7 +274,7 @@ class Engine:
         self.grammars = Grammars(tok, self.vocab_size)
         if importlib.util.find_spec("llguidance") is not None:
             try:  # built now (~1 s for a large vocabulary), not in a request
-                self.grammars.ll_tokenizer
+                self.grammars.ll_tokenizer  # noqa: B018  (a cached property: built here, not in a request)
             except Exception as exc:  # noqa: BLE001  (serve without constrained decoding, say why)
                 self.grammars.error = exc
                 log.warning("constrained decoding unavailable: llguidance cannot read this tokenizer",

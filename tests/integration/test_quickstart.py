@@ -52,6 +52,9 @@ def test_checkpoint_holds_a_servable_adapter_equal_to_the_final_one(quickstart_r
 
     manifest = export_run(quickstart_run / "checkpoints" / "step_200", tmp_path / "exp", formats=["adapter"])
     assert manifest["recipe_sha256"] and manifest["metrics"]["global_step"] == 200
+    # the checkpoint records the loss of its last step (it was always null before)
+    run = json.loads((quickstart_run / "run.json").read_text())
+    assert manifest["metrics"]["train_loss"] == pytest.approx(run["train_loss"])
     exported = load_file(str(tmp_path / "exp" / "adapter" / "adapter_model.safetensors"))
     final = load_file(str(quickstart_run / "adapter" / "adapter_model.safetensors"))
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

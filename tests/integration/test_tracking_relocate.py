@@ -58,7 +58,7 @@ def test_moved_store_opens_every_artifact(tmp_path, tiny_dir, monkeypatch):
 
     local = MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlruns.db'}")
     (run,) = local.search_runs([local.get_experiment_by_name("llama-train").experiment_id])
-    with pytest.raises(Exception):  # the defect: the db still points at the old path
+    with pytest.raises(Exception):  # noqa: B017  the defect: the db still points at the old path
         local.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path / "before"))
 
     port = free_port()

@@ -261,3 +261,21 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
     for n, p in ref.named_parameters():
         assert torch.equal(p, ref_before[n]), n
     assert any(not torch.equal(p, ref_before[n]) for n, p in strategy.module.named_parameters())
+
+
+def test_chunked_token_logps_equal_the_full_logits_with_the_same_gradients():
+    """Completion log-probs go through lm_head `chunk_size` tokens at a time (recomputed in
+    backward): values and gradients equal one [N, V] log_softmax."""
+    from llama_train.dpo import token_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    full = (hidden @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    g_full = torch.autograd.grad(full.sum(), (hidden, weight))
+    chunked = token_logps(hidden, weight, targets, chunk_size=8)
+    g_chunked = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b)

@@ -117,6 +117,8 @@ def test_sft_recipe_refuses_preference_data(tmp_path):
         recipe_from_dict(tiny_recipe(tmp_path, data={"sources": [{"path": "p.jsonl", "format": "preference"}]}))
     with pytest.raises(RecipeError, match="needs train.objective: dpo"):
         recipe_from_dict(tiny_recipe(tmp_path, gate={"metric": "preference_accuracy"}))
+    with pytest.raises(RecipeError, match="dpo.loss is set but train.objective is `sft`"):
+        recipe_from_dict(tiny_recipe(tmp_path, dpo={"loss": "ipo"}))
     ok = recipe_from_dict(tiny_recipe(tmp_path, train={"objective": "dpo"},
                                       data={"sources": [{"path": "builtin:preferences", "format": "preference"}]}))
     assert ok.dpo.beta == 0.1 and ok.dpo.loss == "sigmoid"
