@@ -26,7 +26,7 @@ import numpy as np
 from llama_train.config import BUILTIN_DATA, Recipe
 from llama_train.data.pipeline import Prepared, prepare
 
-PIPELINE_VERSION = 4  # bump when the pipeline's output for the same inputs changes (3: ChatML spans end at <|im_end|>; 4: a pair with an empty prompt leaves each side's first token unscored)
+PIPELINE_VERSION = 4  # bump when the pipeline's output for the same inputs changes (3: ChatML spans end at <|im_end|>; 4: pairs: empty-prompt first tokens unscored, implicit prompts)
 COMPLETE = "COMPLETE"
 NOT_KEYED = {"cache", "cache_dir", "num_proc", "max_dropped_fraction", "min_packing_efficiency", "shuffle",
              "group_by_length"}

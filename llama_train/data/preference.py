@@ -46,11 +46,24 @@ def _empty(value) -> bool:
     return not value or all(not m["content"].strip() for m in value)
 
 
+def _implicit_prompt(row: dict) -> dict:
+    """`chosen` and `rejected` as whole conversations (no `prompt`, or `prompt` as a plain string
+    beside them, as in UltraFeedback-style sets): the messages they share are the prompt."""
+    c, r = row.get("chosen"), row.get("rejected")
+    if not (isinstance(c, list) and isinstance(r, list)) or isinstance(row.get("prompt"), list):
+        return row
+    n = 0
+    while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
+        n += 1
+    return {**row, "prompt": c[:n], "chosen": c[n:], "rejected": r[n:]} if n else row
+
+
 def normalize_pair(row) -> dict:
     """A raw row → {prompt, chosen, rejected} (all strings, or all lists of messages). RowError
     categories: missing_field, wrong_type, empty_response (an empty side), identical_pair."""
     if not isinstance(row, dict):
         raise RowError("wrong_type", f"a row must be a JSON object, got {type(row).__name__}")
+    row = _implicit_prompt(row)
     pair = {name: _side(row, name) for name in SIDES}
     kinds = {type(v) for v in pair.values()}
     if len(kinds) != 1:

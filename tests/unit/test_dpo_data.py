@@ -10,6 +10,7 @@ import pytest
 from llama_train.config import recipe_from_dict
 from llama_train.data.chat import IGNORE_INDEX
 from llama_train.data.dataset import check_data
+from llama_train.data.formats import RowError
 from llama_train.errors import RecipeError
 from tests.conftest import tiny_recipe
 
@@ -122,3 +123,17 @@ def test_sft_recipe_refuses_preference_data(tmp_path):
     ok = recipe_from_dict(tiny_recipe(tmp_path, train={"objective": "dpo"},
                                       data={"sources": [{"path": "builtin:preferences", "format": "preference"}]}))
     assert ok.dpo.beta == 0.1 and ok.dpo.loss == "sigmoid"
+
+
+def test_conversations_without_an_explicit_prompt_share_their_prefix_as_the_prompt():
+    """UltraFeedback-style rows: `chosen`/`rejected` are whole conversations, the prompt missing or
+    a plain string beside them; the messages both sides share are the prompt."""
+    from llama_train.data.preference import normalize_pair
+
+    user = {"role": "user", "content": "2+2?"}
+    good, bad = {"role": "assistant", "content": "4"}, {"role": "assistant", "content": "5"}
+    want = {"prompt": [user], "chosen": [good], "rejected": [bad]}
+    assert normalize_pair({"chosen": [user, good], "rejected": [user, bad]}) == want
+    assert normalize_pair({"prompt": "2+2?", "chosen": [user, good], "rejected": [user, bad]}) == want
+    with pytest.raises(RowError, match="missing field `prompt`"):  # nothing shared: still an error
+        normalize_pair({"chosen": [good], "rejected": [bad]})
