@@ -17,8 +17,20 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
 DIR_NAME = "adapter"
 
-__all__ = ["CONFIG_FILE", "DIR_NAME", "FILES", "WEIGHTS_FILE", "copy", "locate", "missing_files",
-           "read_config", "sha256_file", "unreadable_files", "weight_keys", "write"]
+__all__ = [
+    "CONFIG_FILE",
+    "DIR_NAME",
+    "FILES",
+    "WEIGHTS_FILE",
+    "copy",
+    "locate",
+    "missing_files",
+    "read_config",
+    "sha256_file",
+    "unreadable_files",
+    "weight_keys",
+    "write",
+]
 
 
 def write(dest: Path, module, weights: dict) -> None:
@@ -28,8 +40,9 @@ def write(dest: Path, module, weights: dict) -> None:
 
     module.peft_config["default"].save_pretrained(str(dest))
     adapter = get_peft_model_state_dict(module, state_dict=weights)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(Path(dest) / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in adapter.items()}, str(Path(dest) / WEIGHTS_FILE), metadata={"format": "pt"}
+    )
 
 
 def locate(src: Path) -> Path | None:
@@ -77,6 +90,8 @@ def unreadable_files(adapter_dir: Path) -> list[str]:
         try:
             weight_keys(weights_path)
         except Exception as exc:  # SafetensorError (truncated/corrupt header) has no public base class
-            problems.append(f"{weights_path} cannot be read as safetensors ({str(exc)[:200]}); the file is "
-                            "truncated or corrupt: re-export or re-save the adapter")
+            problems.append(
+                f"{weights_path} cannot be read as safetensors ({str(exc)[:200]}); the file is "
+                "truncated or corrupt: re-export or re-save the adapter"
+            )
     return problems

@@ -29,10 +29,9 @@ log = logging.getLogger("llama_train.sync")
 
 
 class AdapterSync:
-    def __init__(self, ref: str, directory: str | Path, *, lora_name: str, uri: str,
-                 vllm_url: str | None = None):
-        from llama_train.tracking.registry import parse_model_ref
+    def __init__(self, ref: str, directory: str | Path, *, lora_name: str, uri: str, vllm_url: str | None = None):
         from llama_train.tracking.client import mlflow_client
+        from llama_train.tracking.registry import parse_model_ref
 
         parse_model_ref(ref, flag="registry sync REF")
         self.ref, self.dir, self.lora_name, self.vllm_url = ref, Path(directory), lora_name, vllm_url
@@ -98,24 +97,34 @@ class AdapterSync:
         key = os.environ.get("VLLM_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         body = {"lora_name": self.lora_name, "lora_path": str(path), "load_inplace": True}
-        r = httpx.post(f"{self.vllm_url.rstrip('/')}/v1/load_lora_adapter", json=body, headers=headers,
-                       timeout=300)
+        r = httpx.post(f"{self.vllm_url.rstrip('/')}/v1/load_lora_adapter", json=body, headers=headers, timeout=300)
         if r.status_code != 200:
-            raise LlamaTrainError(f"{self.vllm_url}/v1/load_lora_adapter answered {r.status_code}: {r.text[:300]} "
-                                  "(the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)")
+            raise LlamaTrainError(
+                f"{self.vllm_url}/v1/load_lora_adapter answered {r.status_code}: {r.text[:300]} "
+                "(the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)"
+            )
 
     def run(self, *, poll_s: float) -> None:
         while True:
             try:
                 self.sync_once()
             except Exception as exc:  # noqa: BLE001  (a sidecar retries; a refused version is logged once)
-                log.error("sync of %s failed (%s: %s); retrying in %g s", self.ref, type(exc).__name__,
-                          str(exc)[:300], poll_s)
+                log.error(
+                    "sync of %s failed (%s: %s); retrying in %g s", self.ref, type(exc).__name__, str(exc)[:300], poll_s
+                )
             time.sleep(poll_s)
 
 
-def sync_command(ref: str, *, directory: Path, lora_name: str | None, vllm_url: str | None,
-                 poll_s: float, once: bool, tracking_uri: str | None) -> None:
+def sync_command(
+    ref: str,
+    *,
+    directory: Path,
+    lora_name: str | None,
+    vllm_url: str | None,
+    poll_s: float,
+    once: bool,
+    tracking_uri: str | None,
+) -> None:
     from llama_train.errors import UsageError
     from llama_train.tracking.registry import parse_model_ref
 

@@ -39,6 +39,7 @@ def resolve(name: str) -> str:
         return name
     return "doc_varlen" if torch.cuda.is_available() else "doc_sdpa"
 
+
 # (fn, has_window_size, has_enable_gqa, has_is_causal) of torch's varlen_attn, once checked usable.
 _VARLEN = None
 # One-entry cache: every layer of a forward sees the same position_ids tensor, so the boundaries
@@ -109,17 +110,18 @@ def _per_document_sdpa(q, k, v, bounds, scaling):
 def _flatten(query, key, value):
     bsz, num_q, seq, dim = query.shape
     num_kv = key.shape[1]
-    return (query.transpose(1, 2).reshape(bsz * seq, num_q, dim),
-            key.transpose(1, 2).reshape(bsz * seq, num_kv, dim),
-            value.transpose(1, 2).reshape(bsz * seq, num_kv, dim))
+    return (
+        query.transpose(1, 2).reshape(bsz * seq, num_q, dim),
+        key.transpose(1, 2).reshape(bsz * seq, num_kv, dim),
+        value.transpose(1, 2).reshape(bsz * seq, num_kv, dim),
+    )
 
 
 def _fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs = {k: v for k, v in kwargs.items() if k not in ("doc_bounds",)}
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def doc_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -176,8 +178,9 @@ def _flash_dtypes(q, k, v) -> bool:
     return q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def doc_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                       attention_mask=None, **kwargs):
+def doc_attention_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
     """transformers mask function for both names: no mask for a packed (or plain causal) forward,
     which the attention functions above handle from the position ids; otherwise SDPA's mask, so
     padding masks and KV-cache decoding behave exactly as with `sdpa`."""
@@ -185,8 +188,16 @@ def doc_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
 
     if attention_mask is None and q_length == kv_length:
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------- registration
@@ -212,8 +223,11 @@ def varlen_self_test(device: str = "cuda") -> str:
         q = torch.randn(512, 8, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(512, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(512, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        kw = {"cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32, device=device), "max_length_q": 512,
-              "doc_bounds": bounds}
+        kw = {
+            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32, device=device),
+            "max_length_q": 512,
+            "doc_bounds": bounds,
+        }
         as_hf = lambda t: t.transpose(0, 1).unsqueeze(0)  # [T, H, D] -> [1, H, T, D]
         got, _ = doc_varlen_attention(None, as_hf(q), as_hf(k), as_hf(v), None, scaling=0.125, **kw)
         got.float().square().sum().backward()

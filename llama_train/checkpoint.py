@@ -112,9 +112,18 @@ def prune(ckpt_root: Path, keep_last_k: int) -> list[Path]:
 FaultHook = Callable[[str, int], None]  # (phase, step): test hook, see trainer.Faults
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, strategy, scheduler, state: dict, recipe_yaml: str,
-                    keep_last_k: int, fault: FaultHook | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    *,
+    strategy,
+    scheduler,
+    state: dict,
+    recipe_yaml: str,
+    keep_last_k: int,
+    fault: FaultHook | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Collective: every rank must call it. Returns the committed directory. `extra(tmp_dir)` runs on
     rank 0 before the files are synced (e.g. to add a servable adapter/)."""
     ctx = strategy.ctx
@@ -161,8 +170,10 @@ def find_resume(ckpt_root: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / MARKER).exists():
-        raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {MARKER} marker); "
-                              "use checkpoint.resume=auto to take the newest complete one")
+        raise CheckpointError(
+            f"checkpoint.resume={resume}: not a complete checkpoint (no {MARKER} marker); "
+            "use checkpoint.resume=auto to take the newest complete one"
+        )
     return path
 
 
@@ -177,13 +188,16 @@ def load_checkpoint(path: Path, *, strategy, scheduler) -> dict:
     state = read_state(path)
     saved_world, saved_strategy = state.get("world_size", 1), state.get("strategy", strategy.name)
     if saved_strategy != strategy.name and {saved_strategy, strategy.name} != {"single", "ddp"}:
-        raise CheckpointError(f"checkpoint {path} was written by parallel.strategy {saved_strategy}; "
-                              f"this run uses {strategy.name}. Resume with the same strategy")
+        raise CheckpointError(
+            f"checkpoint {path} was written by parallel.strategy {saved_strategy}; "
+            f"this run uses {strategy.name}. Resume with the same strategy"
+        )
     if saved_world != ctx.world_size and not strategy.resharding_allowed:
         raise CheckpointError(
             f"checkpoint {path} was written by {saved_world} rank(s), this run has {ctx.world_size}; "
             f"parallel.strategy {strategy.name} cannot reshard its checkpoints. Relaunch with "
-            f"{saved_world} ranks (ddp and fsdp checkpoints can change world size)")
+            f"{saved_world} ranks (ddp and fsdp checkpoints can change world size)"
+        )
     strategy.load_state(path)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     for group, lr in zip(strategy.optimizer.param_groups, scheduler.get_last_lr()):

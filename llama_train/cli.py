@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from llama_train.errors import GATE_FAILED, LlamaTrainError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="Fine-tune Llama models from one YAML recipe: train, track, export, gate, serve.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Fine-tune Llama models from one YAML recipe: train, track, export, gate, serve.",
+)
 recipe_app = typer.Typer(no_args_is_help=True, help="Validate, show and list recipes.")
 app.add_typer(recipe_app, name="recipe")
 model_app = typer.Typer(no_args_is_help=True, help="Base models: the catalogue, GGUF conversion.")
@@ -25,30 +28,46 @@ OverridesArg = typer.Argument(None, help="Dotted overrides: train.lr=1e-4 lora.r
 @app.command(context_settings={"allow_interspersed_args": True})
 def run(
     recipe: Path = RecipeArg,
-    overrides: Optional[list[str]] = OverridesArg,
+    overrides: list[str] | None = OverridesArg,
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes on this node (torchrun)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Number of nodes."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank."),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Rank-0 node address."),
     master_port: int = typer.Option(29500, "--master-port", help="Rendezvous port."),
-    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
-                                             help="Resume even if the recipe changed since the checkpoint."),
+    allow_recipe_change: bool = typer.Option(
+        False, "--allow-recipe-change", help="Resume even if the recipe changed since the checkpoint."
+    ),
 ):
     """Train: one process, or torchrun with --nproc-per-node/--nnodes."""
     from llama_train.launch import launch
 
-    raise typer.Exit(launch(str(recipe), list(overrides or []), nproc_per_node=nproc_per_node, nnodes=nnodes,
-                            node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                            allow_recipe_change=allow_recipe_change))
+    raise typer.Exit(
+        launch(
+            str(recipe),
+            list(overrides or []),
+            nproc_per_node=nproc_per_node,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            allow_recipe_change=allow_recipe_change,
+        )
+    )
 
 
 @recipe_app.command("validate")
-def recipe_validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg,
-                    world_size: int = typer.Option(None, "--world-size", min=1, help="Ranks to check for."),
-                    cluster: bool = typer.Option(
-                        False, "--cluster", help="Check for the cluster the recipe targets (world size "
-                        "k8s.nodes x GPUs per node unless --world-size), not this machine's devices and "
-                        "packages (CUDA, DeepSpeed, bitsandbytes).")):
+def recipe_validate(
+    recipe: Path = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    world_size: int = typer.Option(None, "--world-size", min=1, help="Ranks to check for."),
+    cluster: bool = typer.Option(
+        False,
+        "--cluster",
+        help="Check for the cluster the recipe targets (world size "
+        "k8s.nodes x GPUs per node unless --world-size), not this machine's devices and "
+        "packages (CUDA, DeepSpeed, bitsandbytes).",
+    ),
+):
     """Check a recipe: schema, conflicts, hardware fit, and a per-rank memory estimate."""
     from llama_train.config import load_recipe
     from llama_train.preflight import preflight
@@ -65,7 +84,7 @@ def recipe_validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = O
 
 
 @recipe_app.command("show")
-def recipe_show(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg):
+def recipe_show(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg):
     """Print the normalized recipe (every default filled in)."""
     from llama_train.config import dump_recipe, load_recipe
 
@@ -73,7 +92,7 @@ def recipe_show(recipe: Path = RecipeArg, overrides: Optional[list[str]] = Overr
 
 
 @recipe_app.command("schema")
-def recipe_schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write to a file.")):
+def recipe_schema(out: Path | None = typer.Option(None, "-o", "--out", help="Write to a file.")):
     """JSON Schema of recipes (for editor validation)."""
     from llama_train.config import recipe_schema as schema
 
@@ -87,7 +106,9 @@ def recipe_schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text + "\n")
         except OSError as exc:
-            raise UsageError(f"-o/--out {out}: cannot write ({exc.strerror or exc}); give a writable file path") from None
+            raise UsageError(
+                f"-o/--out {out}: cannot write ({exc.strerror or exc}); give a writable file path"
+            ) from None
     else:
         typer.echo(text)
 
@@ -129,8 +150,10 @@ def model_convert(gguf: Path = typer.Argument(..., help="A Llama .gguf file.")):
 
 
 @app.command("init-tiny")
-def init_tiny(out: Path = typer.Argument(..., help="Directory to write the model to."),
-              seed: int = typer.Option(0, help="Seed: same seed, identical files.")):
+def init_tiny(
+    out: Path = typer.Argument(..., help="Directory to write the model to."),
+    seed: int = typer.Option(0, help="Seed: same seed, identical files."),
+):
     """Write a tiny random Llama + tokenizer (Llama-3 chat template) for CPU experiments."""
     from llama_train.errors import RecipeError
     from llama_train.model import tiny_seed_of
@@ -150,26 +173,39 @@ def init_tiny(out: Path = typer.Argument(..., help="Directory to write the model
 @app.command("export")
 def export(
     run_or_checkpoint: Path = typer.Argument(
-        ..., help="Run directory (with adapter/ or model/ and run.json) or a checkpoint directory."),
+        ..., help="Run directory (with adapter/ or model/ and run.json) or a checkpoint directory."
+    ),
     out: Path = typer.Option(Path("export"), "--out", "-o", help="Output directory."),
-    format: list[str] = typer.Option(["adapter"], "--format", "-f",
-                                     help="Repeatable: adapter, merged, vllm, nim (or comma-separated)."),
+    format: list[str] = typer.Option(
+        ["adapter"], "--format", "-f", help="Repeatable: adapter, merged, vllm, nim (or comma-separated)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-    allow_incompatible: bool = typer.Option(False, "--allow-incompatible",
-                                            help="Export even if the vLLM/NIM lint finds errors."),
-    target: Optional[list[str]] = typer.Option(
-        None, "--target", help="Serving targets to lint against (default: the recipe's export.targets)."),
-    adapter_name: Optional[str] = typer.Option(
-        None, "--adapter-name", help="Served adapter name (default: recipe export.adapter_name, run name)."),
+    allow_incompatible: bool = typer.Option(
+        False, "--allow-incompatible", help="Export even if the vLLM/NIM lint finds errors."
+    ),
+    target: list[str] | None = typer.Option(
+        None, "--target", help="Serving targets to lint against (default: the recipe's export.targets)."
+    ),
+    adapter_name: str | None = typer.Option(
+        None, "--adapter-name", help="Served adapter name (default: recipe export.adapter_name, run name)."
+    ),
     force: bool = typer.Option(
-        False, "--force", help="Replace a non-empty --out as a whole (only once the new export is complete)."),
+        False, "--force", help="Replace a non-empty --out as a whole (only once the new export is complete)."
+    ),
 ):
     """Export an adapter (and merged / vLLM / NIM layouts) with a manifest of sha256 hashes."""
     from llama_train.export import export_run
 
     formats = [f.strip() for item in format for f in item.split(",") if f.strip()]
-    manifest = export_run(run_or_checkpoint, out, formats=formats, targets=target or None,
-                          allow_incompatible=allow_incompatible, adapter_name=adapter_name, force=force)
+    manifest = export_run(
+        run_or_checkpoint,
+        out,
+        formats=formats,
+        targets=target or None,
+        allow_incompatible=allow_incompatible,
+        adapter_name=adapter_name,
+        force=force,
+    )
     if json_out:
         typer.echo(json.dumps(manifest, indent=2))
         return
@@ -181,21 +217,26 @@ def export(
 @app.command()
 def gate(
     candidate: str = typer.Argument(..., help="Export directory, or models:/NAME/VERSION, models:/NAME@ALIAS."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe (default: the candidate's run)."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe (default: the candidate's run)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     promote: bool = typer.Option(False, "--promote", help="On a pass, move alias champion to the candidate."),
     serving: bool = typer.Option(True, "--serving/--no-serving", help="Run the serving smoke test."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: recipe/env)."),
-    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where gate_report.{json,md} go."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow URI (default: recipe/env)."),
+    report_dir: Path | None = typer.Option(None, "--report-dir", help="Where gate_report.{json,md} go."),
 ):
     """Validate a candidate adapter against the base and the champion; exit 0 on pass, 10 on fail."""
     from llama_train.gate import run_gate
 
-    report = run_gate(candidate, recipe_path=str(recipe) if recipe else None, promote=promote, serving=serving,
-                      tracking_uri=tracking_uri, report_dir=report_dir)
+    report = run_gate(
+        candidate,
+        recipe_path=str(recipe) if recipe else None,
+        promote=promote,
+        serving=serving,
+        tracking_uri=tracking_uri,
+        report_dir=report_dir,
+    )
     typer.echo(report.to_json() if json_out else report.to_markdown())
     raise typer.Exit(0 if report.passed else GATE_FAILED)
-
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry: aliases of served adapters.")
@@ -205,7 +246,7 @@ app.add_typer(registry_app, name="registry")
 @registry_app.command("rollback")
 def registry_rollback(
     name: str = typer.Argument(..., help="Registered model name."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
 ):
     """Move alias champion back to the `previous` version; servers following models:/NAME@champion switch."""
     from llama_train.tracking.registry import rollback
@@ -218,18 +259,28 @@ def registry_rollback(
 def registry_sync(
     ref: str = typer.Argument(..., help="models:/NAME@ALIAS (followed) or models:/NAME/VERSION."),
     directory: Path = typer.Option(..., "--dir", help="Adapter directory shared with the server."),
-    lora_name: Optional[str] = typer.Option(None, "--lora-name", help="Served name (default: the model name)."),
-    vllm_url: Optional[str] = typer.Option(None, "--vllm-url", help="vLLM base URL: load each version with "
-                                           "/v1/load_lora_adapter. Without it: NIM layout DIR/NAME."),
+    lora_name: str | None = typer.Option(None, "--lora-name", help="Served name (default: the model name)."),
+    vllm_url: str | None = typer.Option(
+        None,
+        "--vllm-url",
+        help="vLLM base URL: load each version with /v1/load_lora_adapter. Without it: NIM layout DIR/NAME.",
+    ),
     poll_s: float = typer.Option(30.0, "--poll-s", help="Seconds between registry polls."),
     once: bool = typer.Option(False, "--once", help="Sync the current version and exit (init container)."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)."),
 ):
     """Keep a registry alias's adapter (verified) in a directory for vLLM or NIM: a sidecar."""
     from llama_train.adapter_sync import sync_command
 
-    sync_command(ref, directory=directory, lora_name=lora_name, vllm_url=vllm_url, poll_s=poll_s, once=once,
-                 tracking_uri=tracking_uri)
+    sync_command(
+        ref,
+        directory=directory,
+        lora_name=lora_name,
+        vllm_url=vllm_url,
+        poll_s=poll_s,
+        once=once,
+        tracking_uri=tracking_uri,
+    )
 
 
 track_app = typer.Typer(no_args_is_help=True, help="MLflow tracking utilities.")
@@ -240,7 +291,7 @@ StoreDirArg = typer.Argument(..., help="The directory holding mlruns.db and mlar
 @track_app.command("sync")
 def track_sync(
     output_dir: Path = typer.Argument(..., help="The run's output_dir (holds tracking.json and metrics.jsonl)."),
-    uri: Optional[str] = typer.Option(None, help="Tracking URI; default: the one the run used."),
+    uri: str | None = typer.Option(None, help="Tracking URI; default: the one the run used."),
 ):
     """Upload to MLflow what the tracking server lacks (metrics logged while it was unreachable)."""
     from llama_train.tracking.sync import sync_run
@@ -251,8 +302,10 @@ def track_sync(
         raise
     except Exception as exc:
         raise LlamaTrainError(f"track sync of {output_dir} failed: {type(exc).__name__}: {exc}") from exc
-    typer.echo(f"run {s['run_id']} at {s['uri']}: uploaded {s['num_metrics_uploaded']} metric values, "
-               f"{len(s['artifacts_uploaded'])} artifacts")
+    typer.echo(
+        f"run {s['run_id']} at {s['uri']}: uploaded {s['num_metrics_uploaded']} metric values, "
+        f"{len(s['artifacts_uploaded'])} artifacts"
+    )
 
 
 @track_app.command("relocate")
@@ -264,9 +317,11 @@ def track_relocate(directory: Path = StoreDirArg):
 
 
 @track_app.command("ui")
-def track_ui(directory: Path = StoreDirArg,
-             port: int = typer.Option(5000, help="Port of the UI."),
-             host: str = typer.Option("127.0.0.1", help="Address to listen on.")):
+def track_ui(
+    directory: Path = StoreDirArg,
+    port: int = typer.Option(5000, help="Port of the UI."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+):
     """Open a local store in the MLflow UI (`mlflow ui`), after relocating it if it was moved."""
     import os
 

@@ -93,7 +93,8 @@ class DataSource(Section):
         "{messages: conversation} reads the `conversation` column as `messages`.",
     )
     weight: float = Field(
-        1.0, gt=0,
+        1.0,
+        gt=0,
         description="Mixture weight: this source's valid rows are repeated floor(weight) times plus a "
         "seeded random fraction (weight 0.5 = half the rows, 2 = every row twice).",
     )
@@ -112,7 +113,9 @@ class EvalDataConfig(Section):
         default_factory=dict, description="Column mapping of the eval file (as in data.sources)."
     )
     fraction: float = Field(
-        0.0, ge=0, lt=1,
+        0.0,
+        ge=0,
+        lt=1,
         description="Fraction of the (valid, deduplicated) train rows held out for eval, seeded by train.seed.",
     )
     max_samples: int = Field(96, ge=1, description="Eval rows used for loss and exact match.")
@@ -150,19 +153,21 @@ class DataConfig(Section):
     overlength: Literal["truncate", "drop", "error"] = Field(
         "drop", description="What to do with a sample longer than seq_len (counts are reported)."
     )
-    chat_template: str | None = Field(
-        None, description="Jinja chat template overriding the tokenizer's own."
-    )
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
     dedup: bool = Field(
         True, description="Drop exact duplicate samples (same format and content); counted as `duplicate`."
     )
     max_dropped_fraction: float = Field(
-        0.01, ge=0, le=1,
+        0.01,
+        ge=0,
+        le=1,
         description="Fail preflight (and training) when more than this fraction of the rows read is "
         "dropped for any reason (invalid, duplicate, over-length, nothing supervised).",
     )
     min_packing_efficiency: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="Fail preflight when non-pad tokens / row slots of the train rows is below this.",
     )
     shuffle: bool = Field(True, description="Shuffle rows each epoch (deterministic by seed and epoch).")
@@ -172,9 +177,7 @@ class DataConfig(Section):
         "windows of 50 global batches, longest first, so micro batches pad little (HF Trainer's "
         "group_by_length). With packing every row is already about seq_len long.",
     )
-    cache: bool = Field(
-        True, description="Reuse the preprocessed (tokenized, packed) data saved under cache_dir."
-    )
+    cache: bool = Field(True, description="Reuse the preprocessed (tokenized, packed) data saved under cache_dir.")
     cache_dir: str | None = Field(
         None,
         description="Directory of the preprocessing cache, one subdirectory per content hash; "
@@ -182,7 +185,8 @@ class DataConfig(Section):
         "fill it with `llama-train preprocess RECIPE`.",
     )
     num_proc: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Tokenizer processes (datasets.map num_proc); default: CPU count, one per 2,000 rows.",
     )
 
@@ -193,7 +197,8 @@ class LoraConfig(Section):
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator; usually 2 * r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1,
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
+        min_length=1,
         description="Module names that get adapters (Llama: q/k/v/o/gate/up/down_proj).",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA). vLLM/NIM cannot serve it.")
@@ -205,24 +210,25 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     objective: Literal["sft", "dpo"] = Field(
-        "sft", description="`sft`: next-token loss on the supervised tokens; `dpo`: Direct Preference "
+        "sft",
+        description="`sft`: next-token loss on the supervised tokens; `dpo`: Direct Preference "
         "Optimization on {prompt, chosen, rejected} pairs (data format `preference`, settings in `dpo`).",
     )
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
-        (0.9, 0.999), description="AdamW betas (beta1, beta2), each in [0, 1).")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay after warmup."
+        (0.9, 0.999), description="AdamW betas (beta1, beta2), each in [0, 1)."
     )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup, in optimizer steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of lr.")
     micro_batch_size: int = Field(8, ge=1, description="Rows per forward/backward on each rank.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro batches accumulated per optimizer step.")
     global_batch_size: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Samples per optimizer step over all ranks. When set, it must equal "
         "micro_batch_size x grad_accum_steps x world size (checked at launch); unset = that product.",
     )
@@ -233,42 +239,57 @@ class TrainConfig(Section):
         "fp32", description="Autocast dtype for forward/backward (bf16 on modern GPUs)."
     )
     loss_scale_init: float = Field(
-        65536.0, gt=0, description="fp16 only: initial dynamic loss scale, a power of two. It halves on a "
+        65536.0,
+        gt=0,
+        description="fp16 only: initial dynamic loss scale, a power of two. It halves on a "
         "gradient overflow (the step is skipped) and doubles after 2000 steps without one.",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm; null = off.")
     eval_every_n_steps: int = Field(
-        0, ge=0, description="Eval loss and perplexity every N steps, on the same eval/* charts as "
-        "the full eval before training (step 0) and at the end; 0 = only those two.")
+        0,
+        ge=0,
+        description="Eval loss and perplexity every N steps, on the same eval/* charts as "
+        "the full eval before training (step 0) and at the end; 0 = only those two.",
+    )
     log_every_n_steps: int = Field(1, ge=1, description="Progress and metric cadence, in steps.")
     loss_chunk_size: int = Field(
         1024, ge=16, description="Tokens per chunk of the chunked cross-entropy (bounds logits memory)."
     )
-    max_nonfinite_skips: int = Field(
-        3, ge=1, description="Stop after this many consecutive steps skipped for NaN/Inf."
-    )
+    max_nonfinite_skips: int = Field(3, ge=1, description="Stop after this many consecutive steps skipped for NaN/Inf.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
     compile: bool = Field(
-        False, description="torch.compile each decoder layer (regional); attention and the loss stay eager. "
+        False,
+        description="torch.compile each decoder layer (regional); attention and the loss stay eager. "
         "A GPU speed-up (BENCHMARKS.md); the first steps and new sequence lengths pay the compile time.",
     )
 
 
 class DPOConfig(Section):
     beta: float = Field(
-        0.1, gt=0, description="DPO temperature: rewards are beta * (policy - reference) log-prob of a "
-        "completion; higher beta keeps the policy closer to the reference.")
+        0.1,
+        gt=0,
+        description="DPO temperature: rewards are beta * (policy - reference) log-prob of a "
+        "completion; higher beta keeps the policy closer to the reference.",
+    )
     loss: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="`sigmoid`: -log sigmoid(beta * margin) (the DPO paper); `ipo`: "
-        "(margin per completion token - 1 / (2 beta))^2 (IPO, length-normalized as TRL does).")
+        "sigmoid",
+        description="`sigmoid`: -log sigmoid(beta * margin) (the DPO paper); `ipo`: "
+        "(margin per completion token - 1 / (2 beta))^2 (IPO, length-normalized as TRL does).",
+    )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="sigmoid only: the probability that a pair's label is flipped "
-        "(conservative DPO): (1-e) * -logsigmoid(beta m) + e * -logsigmoid(-beta m).")
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid only: the probability that a pair's label is flipped "
+        "(conservative DPO): (1-e) * -logsigmoid(beta m) + e * -logsigmoid(-beta m).",
+    )
     reference: Literal["auto", "adapter_disabled", "frozen_copy"] = Field(
-        "auto", description="Where the reference log-probs come from. `adapter_disabled` (auto with LoRA): "
+        "auto",
+        description="Where the reference log-probs come from. `adapter_disabled` (auto with LoRA): "
         "the base model with the adapter switched off in the same forward, no second copy of the weights. "
         "`frozen_copy` (auto with lora.enabled: false): a frozen copy of the base model taken before "
-        "training (twice the weights' memory; parallel.strategy single or ddp).")
+        "training (twice the weights' memory; parallel.strategy single or ddp).",
+    )
 
 
 class ParallelConfig(Section):
@@ -289,9 +310,7 @@ class ParallelConfig(Section):
 class CheckpointConfig(Section):
     every_n_steps: int = Field(0, ge=0, description="Save every N optimizer steps (0 = only at the end).")
     keep_last_k: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are pruned.")
-    resume: str = Field(
-        "auto", description="`auto` (newest complete checkpoint, else fresh), `never`, or a path."
-    )
+    resume: str = Field("auto", description="`auto` (newest complete checkpoint, else fresh), `never`, or a path.")
     save_final: bool = Field(True, description="Save a checkpoint after the last step.")
 
 
@@ -324,9 +343,11 @@ class ExportConfig(Section):
 
 class GateConfig(Section):
     metric: Literal["exact_match", "contains", "preference_accuracy"] = Field(
-        "exact_match", description="Task metric. `preference_accuracy` (the share of held-out pairs whose "
+        "exact_match",
+        description="Task metric. `preference_accuracy` (the share of held-out pairs whose "
         "chosen side has the higher log-prob) is the one for train.objective: dpo, and used there whatever "
-        "this says unless set explicitly.")
+        "this says unless set explicitly.",
+    )
     min_improvement_over_base: float = Field(
         0.05, description="Candidate metric must beat the base model by at least this (absolute)."
     )
@@ -351,42 +372,52 @@ class Recipe(Section):
     k8s: K8sConfig = Field(default_factory=K8sConfig, description="Kubernetes job rendering.")
 
     @model_validator(mode="after")
-    def _check_conflicts(self) -> "Recipe":
+    def _check_conflicts(self) -> Recipe:
         t = self.train
         if t.max_steps is not None and t.epochs is not None:
-            raise ValueError(
-                "train.max_steps and train.epochs are both set; keep one (e.g. remove train.epochs)"
-            )
+            raise ValueError("train.max_steps and train.epochs are both set; keep one (e.g. remove train.epochs)")
         if t.max_steps is None and t.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
         if t.warmup_steps is not None and t.warmup_ratio is not None:
             raise ValueError("train.warmup_steps and train.warmup_ratio are both set; keep one")
         if self.model.source == "hf" and not self.model.path:
-            raise ValueError("model.source is `hf` but model.path is empty; set model.path to a "
-                             "local directory or a hub id")
+            raise ValueError(
+                "model.source is `hf` but model.path is empty; set model.path to a local directory or a hub id"
+            )
         if self.model.source == "gguf" and not self.model.path:
             raise ValueError("model.source is `gguf` but model.path is empty; set model.path to a .gguf file")
         if self.model.source == "catalogue":
             from llama_train.models.catalogue import CATALOGUE
 
             if self.model.path not in CATALOGUE:
-                raise ValueError(f"model.source is `catalogue` but model.path is {self.model.path!r}; set it "
-                                 f"to one of: {', '.join(sorted(CATALOGUE))}")
+                raise ValueError(
+                    f"model.source is `catalogue` but model.path is {self.model.path!r}; set it "
+                    f"to one of: {', '.join(sorted(CATALOGUE))}"
+                )
         if self.model.quantization != "none" and not self.lora.enabled:
-            raise ValueError("model.quantization (QLoRA) needs lora.enabled: true; a quantized base "
-                             "cannot be fully fine-tuned")
+            raise ValueError(
+                "model.quantization (QLoRA) needs lora.enabled: true; a quantized base cannot be fully fine-tuned"
+            )
         if t.compile and self.parallel.strategy == "deepspeed":
-            raise ValueError("train.compile is not supported with parallel.strategy deepspeed (the engine "
-                             "wraps the model); use strategy ddp or fsdp, or set train.compile: false")
+            raise ValueError(
+                "train.compile is not supported with parallel.strategy deepspeed (the engine "
+                "wraps the model); use strategy ddp or fsdp, or set train.compile: false"
+            )
         if math.log2(t.loss_scale_init) != round(math.log2(t.loss_scale_init)):
-            raise ValueError(f"train.loss_scale_init must be a power of two (scaling by one is exact in fp16), "
-                             f"got {t.loss_scale_init}; e.g. 65536")
+            raise ValueError(
+                f"train.loss_scale_init must be a power of two (scaling by one is exact in fp16), "
+                f"got {t.loss_scale_init}; e.g. 65536"
+            )
         if self.data.group_by_length and self.data.packing:
-            raise ValueError("data.group_by_length orders unpacked rows by length; with data.packing: true "
-                             "the rows are already about seq_len long: set one of them to false")
+            raise ValueError(
+                "data.group_by_length orders unpacked rows by length; with data.packing: true "
+                "the rows are already about seq_len long: set one of them to false"
+            )
         if self.parallel.strategy == "deepspeed" and self.model.quantization != "none":
-            raise ValueError("model.quantization with parallel.strategy deepspeed is not supported; "
-                             "use strategy ddp or fsdp for QLoRA")
+            raise ValueError(
+                "model.quantization with parallel.strategy deepspeed is not supported; "
+                "use strategy ddp or fsdp for QLoRA"
+            )
         self._check_objective()
         return self
 
@@ -394,57 +425,91 @@ class Recipe(Section):
         d, dpo = self.data, self.dpo
         changed = [k for k in type(dpo).model_fields if getattr(dpo, k) != getattr(type(dpo)(), k)]
         if self.train.objective == "sft" and changed:  # (a dumped recipe holds the defaults: those are fine)
-            raise ValueError(f"dpo.{changed[0]} is set but train.objective is `sft`, which ignores the dpo "
-                             "section; set train.objective: dpo, or remove the dpo section")
+            raise ValueError(
+                f"dpo.{changed[0]} is set but train.objective is `sft`, which ignores the dpo "
+                "section; set train.objective: dpo, or remove the dpo section"
+            )
         if self.train.objective == "sft" and self.gate.metric == "preference_accuracy":
-            raise ValueError("gate.metric: preference_accuracy needs train.objective: dpo; use exact_match "
-                             "or contains for sft")
-        if (self.train.objective == "dpo" and "metric" in self.gate.model_fields_set
-                and self.gate.metric != "preference_accuracy"):
-            raise ValueError(f"gate.metric is `{self.gate.metric}` but train.objective is `dpo`, which is "
-                             "gated on held-out pairs: set gate.metric: preference_accuracy (or remove it)")
+            raise ValueError(
+                "gate.metric: preference_accuracy needs train.objective: dpo; use exact_match or contains for sft"
+            )
+        if (
+            self.train.objective == "dpo"
+            and "metric" in self.gate.model_fields_set
+            and self.gate.metric != "preference_accuracy"
+        ):
+            raise ValueError(
+                f"gate.metric is `{self.gate.metric}` but train.objective is `dpo`, which is "
+                "gated on held-out pairs: set gate.metric: preference_accuracy (or remove it)"
+            )
         if self.train.objective == "sft" and any(s.path == BUILTIN_PREFERENCES for s in d.sources):
-            raise ValueError(f"data.sources path {BUILTIN_PREFERENCES} holds preference pairs but "
-                             "train.objective is `sft`; set train.objective: dpo (or use builtin:tasks)")
+            raise ValueError(
+                f"data.sources path {BUILTIN_PREFERENCES} holds preference pairs but "
+                "train.objective is `sft`; set train.objective: dpo (or use builtin:tasks)"
+            )
         prefs = [f"data.sources[{i}]" for i, s in enumerate(d.sources) if s.format == "preference"]
         if self.train.objective == "sft":
             if prefs:
-                raise ValueError(f"{prefs[0]}.format is `preference` but train.objective is `sft`; set "
-                                 "train.objective: dpo to train on preference pairs")
+                raise ValueError(
+                    f"{prefs[0]}.format is `preference` but train.objective is `sft`; set "
+                    "train.objective: dpo to train on preference pairs"
+                )
             return
         if any(s.path == BUILTIN_DATA for s in d.sources):
-            raise ValueError(f"train.objective is `dpo` but data.sources uses {BUILTIN_DATA} (SFT "
-                             f"conversations); use path: {BUILTIN_PREFERENCES} with format: preference")
-        bad = [f"data.sources[{i}].format is `{s.format}`" for i, s in enumerate(d.sources)
-               if s.format != "preference" and s.path != BUILTIN_PREFERENCES]
+            raise ValueError(
+                f"train.objective is `dpo` but data.sources uses {BUILTIN_DATA} (SFT "
+                f"conversations); use path: {BUILTIN_PREFERENCES} with format: preference"
+            )
+        bad = [
+            f"data.sources[{i}].format is `{s.format}`"
+            for i, s in enumerate(d.sources)
+            if s.format != "preference" and s.path != BUILTIN_PREFERENCES
+        ]
         if bad:
-            raise ValueError(f"train.objective is `dpo` but {bad[0]}; DPO trains on {{prompt, chosen, "
-                             "rejected}} rows: set format: preference")
+            raise ValueError(
+                f"train.objective is `dpo` but {bad[0]}; DPO trains on {{prompt, chosen, "
+                "rejected}} rows: set format: preference"
+            )
         if d.eval.format not in (None, "preference"):
-            raise ValueError(f"train.objective is `dpo` but data.eval.format is `{d.eval.format}`; "
-                             "set data.eval.format: preference (or leave it unset)")
+            raise ValueError(
+                f"train.objective is `dpo` but data.eval.format is `{d.eval.format}`; "
+                "set data.eval.format: preference (or leave it unset)"
+            )
         if not self.lora.enabled and dpo.reference == "adapter_disabled":
-            raise ValueError("dpo.reference: adapter_disabled needs lora.enabled: true; for full fine-tuning "
-                             "set dpo.reference: frozen_copy (or auto)")
+            raise ValueError(
+                "dpo.reference: adapter_disabled needs lora.enabled: true; for full fine-tuning "
+                "set dpo.reference: frozen_copy (or auto)"
+            )
         if self.lora.enabled and dpo.reference == "frozen_copy":
-            raise ValueError("dpo.reference: frozen_copy is for full fine-tuning (lora.enabled: false); with LoRA "
-                             "the base with the adapter disabled is the reference: set dpo.reference: auto")
+            raise ValueError(
+                "dpo.reference: frozen_copy is for full fine-tuning (lora.enabled: false); with LoRA "
+                "the base with the adapter disabled is the reference: set dpo.reference: auto"
+            )
         if not self.lora.enabled and self.parallel.strategy not in ("single", "ddp"):
-            raise ValueError(f"train.objective: dpo with full fine-tuning keeps a frozen reference copy of the "
-                             f"model, supported with parallel.strategy single or ddp, not "
-                             f"{self.parallel.strategy}; use LoRA (lora.enabled: true) or strategy ddp")
+            raise ValueError(
+                f"train.objective: dpo with full fine-tuning keeps a frozen reference copy of the "
+                f"model, supported with parallel.strategy single or ddp, not "
+                f"{self.parallel.strategy}; use LoRA (lora.enabled: true) or strategy ddp"
+            )
         if self.lora.enabled and self.lora.modules_to_save:
-            raise ValueError("train.objective: dpo with lora.modules_to_save: the reference (adapter disabled) "
-                             "would still differ in those modules' saved copies; set lora.modules_to_save: []")
+            raise ValueError(
+                "train.objective: dpo with lora.modules_to_save: the reference (adapter disabled) "
+                "would still differ in those modules' saved copies; set lora.modules_to_save: []"
+            )
         if d.overlength == "truncate":
-            raise ValueError("data.overlength: truncate cannot apply to preference pairs (it would cut the "
-                             "rejected side of a pair); set data.overlength: drop (or error) for train.objective: dpo")
+            raise ValueError(
+                "data.overlength: truncate cannot apply to preference pairs (it would cut the "
+                "rejected side of a pair); set data.overlength: drop (or error) for train.objective: dpo"
+            )
         if d.train_on != "assistant":
-            raise ValueError(f"data.train_on is `{d.train_on}`; with train.objective: dpo the loss is always on "
-                             "the completions (chosen and rejected): remove data.train_on")
+            raise ValueError(
+                f"data.train_on is `{d.train_on}`; with train.objective: dpo the loss is always on "
+                "the completions (chosen and rejected): remove data.train_on"
+            )
         if dpo.loss == "ipo" and dpo.label_smoothing:
-            raise ValueError("dpo.label_smoothing applies to dpo.loss: sigmoid only; set dpo.label_smoothing: 0 "
-                             "for dpo.loss: ipo")
+            raise ValueError(
+                "dpo.label_smoothing applies to dpo.loss: sigmoid only; set dpo.label_smoothing: 0 for dpo.loss: ipo"
+            )
 
     def sha256(self) -> str:
         return hashlib.sha256(dump_recipe(self).encode()).hexdigest()
@@ -469,8 +534,10 @@ def _suggest(model_cls: type[BaseModel], loc: tuple, bad: str) -> str:
     if cls is None:
         return ""
     match = difflib.get_close_matches(bad, list(cls.model_fields), n=1, cutoff=0.5)
-    return f"; did you mean `{'.'.join(map(str, (*[p for p in loc], match[0])))}`?" if match else (
-        f"; valid keys: {', '.join(cls.model_fields)}"
+    return (
+        f"; did you mean `{'.'.join(map(str, (*[p for p in loc], match[0])))}`?"
+        if match
+        else (f"; valid keys: {', '.join(cls.model_fields)}")
     )
 
 
@@ -480,8 +547,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(recipe)"
         if e["type"] == "extra_forbidden":
-            hint = (" (YAML needs a space after ':' to read `key: value`)" if ":" in str(loc[-1])
-                    else _suggest(Recipe, loc[:-1], str(loc[-1])))
+            hint = (
+                " (YAML needs a space after ':' to read `key: value`)"
+                if ":" in str(loc[-1])
+                else _suggest(Recipe, loc[:-1], str(loc[-1]))
+            )
             lines.append(f"  {key}: unknown key{hint}")
         elif e["type"] == "value_error":
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
@@ -489,7 +559,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
             if e["type"] == "string_type" and isinstance(got, (bool, int, float)):
-                got_s += f"; YAML read the value as {type(got).__name__}: quote it, e.g. {key.split('.')[-1]}: \"...\""
+                got_s += f'; YAML read the value as {type(got).__name__}: quote it, e.g. {key.split(".")[-1]}: "..."'
             lines.append(f"  {key}: {e['msg']}{got_s}")
     return "\n".join(lines)
 
@@ -508,12 +578,15 @@ class _RecipeLoader(yaml.SafeLoader):
                 hash(key)
             except TypeError:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"a mapping key must be a plain value, got {type(key).__name__}",
-                    key_node.start_mark) from None
+                    None, None, f"a mapping key must be a plain value, got {type(key).__name__}", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (also at line {seen[key] + 1}); keep one of them",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (also at line {seen[key] + 1}); keep one of them",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -543,8 +616,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise RecipeError(f"override {item!r}: the key {key.strip()!r} is not a dotted recipe key "
-                              "(e.g. train.lr=1e-4)")
+            raise RecipeError(
+                f"override {item!r}: the key {key.strip()!r} is not a dotted recipe key (e.g. train.lr=1e-4)"
+            )
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

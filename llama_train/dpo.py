@@ -23,15 +23,23 @@ per-token one: accumulation and data parallelism give the same update as one big
 from __future__ import annotations
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from llama_train.data.chat import IGNORE_INDEX
 
 # Order of the per-step sums a DPO forward returns (see `DPOModule.forward`).
-STAT_NAMES = ("pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-              "logps/chosen", "logps/rejected", "preference/accuracy")
+STAT_NAMES = (
+    "pairs",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "preference/accuracy",
+)
 
 
 DEFAULT_CHUNK_TOKENS = 1024  # train.loss_chunk_size's default
@@ -51,7 +59,7 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: 
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if grad:
             pieces.append(torch.utils.checkpoint.checkpoint(_token_logps, h, weight, t, use_reentrant=False))
         else:
@@ -59,16 +67,26 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: 
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def completion_logps(model, input_ids: Tensor, labels: Tensor, doc_ids: Tensor, *, num_docs: int,
-                     attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                     chunk_size: int = DEFAULT_CHUNK_TOKENS, **model_kwargs) -> tuple[Tensor, Tensor]:
+def completion_logps(
+    model,
+    input_ids: Tensor,
+    labels: Tensor,
+    doc_ids: Tensor,
+    *,
+    num_docs: int,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    **model_kwargs,
+) -> tuple[Tensor, Tensor]:
     """(sum of completion log-probs, completion tokens) per document, each [num_docs] float32.
 
     Only the completion positions go through lm_head, `chunk_size` tokens at a time, so no
     [batch, seq, vocab] logits exist."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False, **model_kwargs)
+    out = base.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **model_kwargs
+    )
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
     hidden = out.last_hidden_state[:, :-1, :][keep]
@@ -77,12 +95,20 @@ def completion_logps(model, input_ids: Tensor, labels: Tensor, doc_ids: Tensor, 
     docs = doc_ids[:, 1:][keep]
     sums = torch.zeros(num_docs, dtype=torch.float32, device=targets.device).index_add(0, docs, token_logps_)
     counts = torch.zeros(num_docs, dtype=torch.float32, device=targets.device).index_add(
-        0, docs, torch.ones_like(token_logps_))
+        0, docs, torch.ones_like(token_logps_)
+    )
     return sums, counts
 
 
-def pair_losses(policy: Tensor, reference: Tensor, counts: Tensor, *, beta: float, loss: str = "sigmoid",
-                label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+def pair_losses(
+    policy: Tensor,
+    reference: Tensor,
+    counts: Tensor,
+    *,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair DPO losses and per-pair metric values from per-document log-probs ([2P] each,
     chosen/rejected interleaved)."""
     pc, pr = policy[0::2], policy[1::2]
@@ -90,8 +116,7 @@ def pair_losses(policy: Tensor, reference: Tensor, counts: Tensor, *, beta: floa
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
     margin = chosen_ratio - rejected_ratio
     if loss == "sigmoid":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margin)
-                  - label_smoothing * F.logsigmoid(-beta * margin))
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     elif loss == "ipo":
         nc, nr = counts[0::2].clamp(min=1.0), counts[1::2].clamp(min=1.0)
         losses = (chosen_ratio / nc - rejected_ratio / nr - 1 / (2 * beta)) ** 2
@@ -99,10 +124,12 @@ def pair_losses(policy: Tensor, reference: Tensor, counts: Tensor, *, beta: floa
         raise ValueError(f"dpo.loss {loss!r}: use sigmoid or ipo")
     chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     metrics = {
-        "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
         "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": pc.detach(), "logps/rejected": pr.detach(),
+        "logps/chosen": pc.detach(),
+        "logps/rejected": pr.detach(),
         # the policy's own preference (no reference): what the eval reports before and after training
         "preference/accuracy": (pc.detach() > pr.detach()).float(),
     }
@@ -114,8 +141,17 @@ class DPOModule(torch.nn.Module):
     forward(input_ids, labels, attention_mask, position_ids, doc_ids) → (loss_sum, stats), stats the
     [len(STAT_NAMES)] sums over the valid pairs (the first is their count)."""
 
-    def __init__(self, inner, *, beta: float, loss: str, label_smoothing: float, policy_is_reference: bool = False,
-                 reference_model=None, chunk_size: int = DEFAULT_CHUNK_TOKENS):
+    def __init__(
+        self,
+        inner,
+        *,
+        beta: float,
+        loss: str,
+        label_smoothing: float,
+        policy_is_reference: bool = False,
+        reference_model=None,
+        chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    ):
         super().__init__()
         self.inner = inner
         self.chunk_size = chunk_size
@@ -130,8 +166,9 @@ class DPOModule(torch.nn.Module):
             raise ValueError("a DPO batch needs doc_ids (collate(..., pairs=True))")
         num_docs = int(doc_ids.max()) + 1
         num_docs += num_docs % 2
-        kwargs = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids,
-                      chunk_size=self.chunk_size)
+        kwargs = dict(
+            num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids, chunk_size=self.chunk_size
+        )
         with torch.no_grad():
             if self.reference_model is not None:
                 reference, counts = completion_logps(self.reference_model, input_ids, labels, doc_ids, **kwargs)
@@ -142,8 +179,9 @@ class DPOModule(torch.nn.Module):
             policy = reference
         else:
             policy, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)
-        losses, metrics = pair_losses(policy, reference, counts, beta=self.beta, loss=self.loss,
-                                      label_smoothing=self.label_smoothing)
+        losses, metrics = pair_losses(
+            policy, reference, counts, beta=self.beta, loss=self.loss, label_smoothing=self.label_smoothing
+        )
         valid = ((counts[0::2] > 0) & (counts[1::2] > 0)).float()  # filler pairs: no completion tokens
         loss_sum = (losses * valid).sum()
         stats = torch.stack([valid.sum()] + [(metrics[k] * valid).sum() for k in STAT_NAMES[1:]])
@@ -160,8 +198,16 @@ def step_metrics(stats: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, device,
-                     attn_implementation: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> dict:
+def eval_preferences(
+    model,
+    rows: list[dict],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device,
+    attn_implementation: str = "sdpa",
+    mask_dtype: torch.dtype = torch.float32,
+) -> dict:
     """Held-out pairs: DPO loss, reward accuracy and margin (relative to the reference) and the
     policy's own preference accuracy (chosen log-prob above rejected). `model` is the (possibly
     wrapped) DPOModule."""
@@ -171,8 +217,13 @@ def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, d
     model.eval()
     loss_total, totals = 0.0, None
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size], pad_id=pad_id, pairs=True, attn_implementation=attn_implementation,
-                        mask_dtype=mask_dtype)
+        batch = collate(
+            rows[i : i + batch_size],
+            pad_id=pad_id,
+            pairs=True,
+            attn_implementation=attn_implementation,
+            mask_dtype=mask_dtype,
+        )
         loss_sum, stats = model(**{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
         loss_total += float(loss_sum)
         values = [float(x) for x in stats]
@@ -180,7 +231,12 @@ def eval_preferences(model, rows: list[dict], *, pad_id: int, batch_size: int, d
     model.train(was_training)
     totals = totals or [0.0] * len(STAT_NAMES)
     m = step_metrics(totals)
-    return {"loss": loss_total / max(totals[0], 1.0), "preference_accuracy": m["preference/accuracy"],
-            "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],
-            "rewards_chosen": m["rewards/chosen"], "rewards_rejected": m["rewards/rejected"],
-            "num_samples": int(totals[0])}
+    return {
+        "loss": loss_total / max(totals[0], 1.0),
+        "preference_accuracy": m["preference/accuracy"],
+        "reward_accuracy": m["rewards/accuracies"],
+        "reward_margin": m["rewards/margins"],
+        "rewards_chosen": m["rewards/chosen"],
+        "rewards_rejected": m["rewards/rejected"],
+        "num_samples": int(totals[0]),
+    }

@@ -97,14 +97,22 @@ EXIT_CODES: dict[int, tuple[str, bool]] = {
     2: ("invalid recipe, override or CLI usage", False),
     3: ("data missing, malformed, or over a preflight threshold", False),
     4: ("the recipe cannot run on this hardware / world size", False),
-    5: ("a checkpoint cannot be resumed (recipe or data changed, damaged files), or `output_dir` holds "
-        "an earlier run and nothing is resumed", False),
+    5: (
+        "a checkpoint cannot be resumed (recipe or data changed, damaged files), or `output_dir` holds "
+        "an earlier run and nothing is resumed",
+        False,
+    ),
     6: ("too many consecutive non-finite (NaN/Inf) steps", False),
     7: ("export refused: the adapter breaks a serving target's rules (see the lint message)", False),
-    9: ("the gate could not run (bad candidate reference or missing registry version, no recipe, "
-        "`--report-dir` a file, `--promote` without a registered model); checked before any check runs", False),
-    GATE_FAILED: ("the gate ran and the candidate failed a check (see gate_report.md; unreadable files "
-                  "fail `format`)", False),
+    9: (
+        "the gate could not run (bad candidate reference or missing registry version, no recipe, "
+        "`--report-dir` a file, `--promote` without a registered model); checked before any check runs",
+        False,
+    ),
+    GATE_FAILED: (
+        "the gate ran and the candidate failed a check (see gate_report.md; unreadable files fail `format`)",
+        False,
+    ),
     130: ("infrastructure: a rank died, a collective timed out, the agent failed", True),
     143: ("preempted (SIGTERM): a checkpoint was saved first", True),
 }

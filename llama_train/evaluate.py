@@ -31,8 +31,16 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                     batch_size: int, device, chat_template: str | None = None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    chat_template: str | None = None,
+) -> list[str]:
     """Greedy answers for the last assistant turn of each conversation (left-padded batches).
     `model` is anything with HF `generate` (a TrainModule, possibly inside DDP)."""
     model = getattr(model, "module", model)
@@ -49,8 +57,12 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], *, max_n
             ids[j, width - len(p) :] = torch.tensor(p)
             mask[j, width - len(p) :] = 1
         gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=stop_token_ids(tokenizer),
         )
         for row in gen[:, width:]:
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -75,12 +87,21 @@ def evaluate(model, tokenizer, tok_eval: list[dict], eval_rows: list[dict], *, r
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_samples": len(tok_eval)}
     convs = [r["messages"] for r in eval_rows if r.get("messages")]
     if convs:
-        preds = generate_answers(model, tokenizer, convs, max_new_tokens=recipe.data.eval.max_new_tokens,
-                                 batch_size=bs, device=device, chat_template=recipe.data.chat_template)
+        preds = generate_answers(
+            model,
+            tokenizer,
+            convs,
+            max_new_tokens=recipe.data.eval.max_new_tokens,
+            batch_size=bs,
+            device=device,
+            chat_template=recipe.data.chat_template,
+        )
         refs = [c[-1]["content"] for c in convs]
         result[recipe.gate.metric] = score(preds, refs, recipe.gate.metric)
         if recipe.gate.metric != "exact_match":
             result["exact_match"] = score(preds, refs, "exact_match")
-        result["examples"] = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": r, "prediction": p}
-                              for c, r, p in list(zip(convs, refs, preds))[:5]]
+        result["examples"] = [
+            {"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": r, "prediction": p}
+            for c, r, p in list(zip(convs, refs, preds))[:5]
+        ]
     return result

@@ -95,49 +95,75 @@ def lint_adapter(
 
     present = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
     if adapter.CONFIG_FILE not in present:
-        add("files", f"{adapter_dir} has no adapter_config.json (found: {present or 'nothing'}); "
-            "export from a run's adapter/ directory or a checkpoint that holds an adapter")
+        add(
+            "files",
+            f"{adapter_dir} has no adapter_config.json (found: {present or 'nothing'}); "
+            "export from a run's adapter/ directory or a checkpoint that holds an adapter",
+        )
         return findings
     if adapter.WEIGHTS_FILE not in present:
         bins = [p for p in present if p.endswith(".bin")]
         found = f"found {bins}" if bins else f"found {present}"
-        add("files", f"adapter_model.safetensors is missing ({found}); vLLM/NIM exports must be "
-            "safetensors: re-save with `model.save_pretrained(dir, safe_serialization=True)`")
+        add(
+            "files",
+            f"adapter_model.safetensors is missing ({found}); vLLM/NIM exports must be "
+            "safetensors: re-save with `model.save_pretrained(dir, safe_serialization=True)`",
+        )
     for problem in adapter.unreadable_files(adapter_dir):
         add("readable", problem)
     if any(f.rule == "readable" for f in findings):
         return findings  # the rules below need both files parsed
     extra = [p for p in present if p not in adapter.FILES]
     if any(p.endswith(".bin") for p in extra):
-        add("files", f"pickle weight files {[p for p in extra if p.endswith('.bin')]} next to the "
+        add(
+            "files",
+            f"pickle weight files {[p for p in extra if p.endswith('.bin')]} next to the "
             "adapter; only adapter_config.json + adapter_model.safetensors are allowed (export "
-            "copies those two only)", severity="warning")
+            "copies those two only)",
+            severity="warning",
+        )
 
     cfg = json.loads((adapter_dir / adapter.CONFIG_FILE).read_text())
-    keys = adapter.weight_keys(adapter_dir / adapter.WEIGHTS_FILE) if (
-        adapter_dir / adapter.WEIGHTS_FILE).exists() else []
+    keys = (
+        adapter.weight_keys(adapter_dir / adapter.WEIGHTS_FILE) if (adapter_dir / adapter.WEIGHTS_FILE).exists() else []
+    )
 
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        add("peft_type", f"peft_type is {peft_type!r}; vLLM and NIM serve LoRA adapters only "
-            "(set lora.enabled: true with plain LoRA)")
+        add(
+            "peft_type",
+            f"peft_type is {peft_type!r}; vLLM and NIM serve LoRA adapters only "
+            "(set lora.enabled: true with plain LoRA)",
+        )
     if cfg.get("use_dora"):
-        add("no_dora", "use_dora is true (DoRA); vLLM and NIM cannot serve DoRA adapters. "
-            "Retrain with lora.use_dora: false, or export the `merged` format instead")
+        add(
+            "no_dora",
+            "use_dora is true (DoRA); vLLM and NIM cannot serve DoRA adapters. "
+            "Retrain with lora.use_dora: false, or export the `merged` format instead",
+        )
     mts = cfg.get("modules_to_save") or []
     if mts:
-        add("no_modules_to_save", f"modules_to_save is {list(mts)}; vLLM and NIM load only LoRA "
+        add(
+            "no_modules_to_save",
+            f"modules_to_save is {list(mts)}; vLLM and NIM load only LoRA "
             "matrices, so fully trained modules would be silently dropped. Retrain with "
-            "lora.modules_to_save: [], or export the `merged` format instead")
+            "lora.modules_to_save: [], or export the `merged` format instead",
+        )
     special = sorted({k for k in keys if re.search(r"(lm_head|embed_tokens)", k)})
     if special:
-        add("no_lm_head_or_embeddings", f"the weights hold lm_head/embed_tokens tensors "
+        add(
+            "no_lm_head_or_embeddings",
+            f"the weights hold lm_head/embed_tokens tensors "
             f"({special[:3]}{' ...' if len(special) > 3 else ''}); vLLM/NIM adapters may only touch "
-            f"{', '.join(SERVABLE_MODULES)}. Remove them from lora.target_modules / modules_to_save")
+            f"{', '.join(SERVABLE_MODULES)}. Remove them from lora.target_modules / modules_to_save",
+        )
     bias = cfg.get("bias", "none")
     if bias != "none":
-        add("bias_none", f"bias is {bias!r}; vLLM and NIM need bias \"none\" (trained biases are not "
-            "loaded). Retrain with bias \"none\"")
+        add(
+            "bias_none",
+            f'bias is {bias!r}; vLLM and NIM need bias "none" (trained biases are not '
+            'loaded). Retrain with bias "none"',
+        )
     if cfg.get("lora_bias"):
         add("bias_none", "lora_bias is true; vLLM and NIM do not load LoRA bias terms")
 
@@ -145,33 +171,49 @@ def lint_adapter(
     ranks = {r, *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
     bad = sorted(x for x in ranks if x not in VLLM_LORA_RANKS)
     if bad:
-        add("rank_allowed", f"LoRA rank {bad if len(bad) > 1 else bad[0]} is not one vLLM/NIM "
+        add(
+            "rank_allowed",
+            f"LoRA rank {bad if len(bad) > 1 else bad[0]} is not one vLLM/NIM "
             f"accept ({', '.join(map(str, VLLM_LORA_RANKS))}); set lora.r to one of them, e.g. "
-            f"{required_max_lora_rank(max(bad)) if max(bad) <= VLLM_LORA_RANKS[-1] else 512}")
+            f"{required_max_lora_rank(max(bad)) if max(bad) <= VLLM_LORA_RANKS[-1] else 512}",
+        )
     top = max(ranks)
     if "vllm" in targets and top > max_lora_rank:
         default = " (vLLM's default)" if max_lora_rank == VLLM_DEFAULT_MAX_LORA_RANK else ""
         need = required_max_lora_rank(top) if top <= VLLM_LORA_RANKS[-1] else top
-        add("max_lora_rank", f"LoRA rank {top} exceeds max_lora_rank {max_lora_rank}{default}; "
+        add(
+            "max_lora_rank",
+            f"LoRA rank {top} exceeds max_lora_rank {max_lora_rank}{default}; "
             f"vLLM refuses the adapter unless started with `--max-lora-rank {need}` (and set "
             f"export.max_lora_rank: {need} in the recipe), or retrain with lora.r <= {max_lora_rank}",
-            only=("vllm",))
+            only=("vllm",),
+        )
     if "nim" in targets and top > VLLM_DEFAULT_MAX_LORA_RANK:
-        add("max_lora_rank", f"LoRA rank {top} is above 16; start NIM with a max LoRA rank >= {top} "
-            "(NIM_MAX_LORA_RANK, passed to vLLM as --max-lora-rank)", severity="warning", only=("nim",))
+        add(
+            "max_lora_rank",
+            f"LoRA rank {top} is above 16; start NIM with a max LoRA rank >= {top} "
+            "(NIM_MAX_LORA_RANK, passed to vLLM as --max-lora-rank)",
+            severity="warning",
+            only=("nim",),
+        )
 
     tm = cfg.get("target_modules") or []
     if isinstance(tm, str):
         declared = {tm} if tm in SERVABLE_MODULES else set()
         if not declared and not keys:
-            add("target_modules", f"target_modules is the regex {tm!r}; give a list of module names "
-                f"within {', '.join(SERVABLE_MODULES)}")
+            add(
+                "target_modules",
+                f"target_modules is the regex {tm!r}; give a list of module names within {', '.join(SERVABLE_MODULES)}",
+            )
     else:
         declared = set(tm)
     outside = sorted((declared | _module_names_in_weights(keys)) - set(SERVABLE_MODULES))
     if outside:
-        add("target_modules", f"adapter targets {outside}; vLLM and NIM serve LoRA on "
-            f"{', '.join(SERVABLE_MODULES)} only. Set lora.target_modules to a subset of those")
+        add(
+            "target_modules",
+            f"adapter targets {outside}; vLLM and NIM serve LoRA on "
+            f"{', '.join(SERVABLE_MODULES)} only. Set lora.target_modules to a subset of those",
+        )
     return findings
 
 
@@ -201,8 +243,10 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (ValueError, OSError) as exc:
-        raise ExportError(f"{path} is unreadable ({exc}); restore it from the run, or delete it "
-                          "(export then takes the run's metadata from what else it finds)") from None
+        raise ExportError(
+            f"{path} is unreadable ({exc}); restore it from the run, or delete it "
+            "(export then takes the run's metadata from what else it finds)"
+        ) from None
     if not isinstance(data, dict):
         raise ExportError(f"{path} is not a JSON object; restore it from the run")
     return data
@@ -213,8 +257,10 @@ def resolve_run(src: str | Path) -> RunInfo:
 
     src = Path(src)
     if not src.is_dir():
-        raise ExportError(f"{src} is not a directory; give a run directory (with adapter/ and "
-                          "run.json) or a checkpoint directory (<run>/checkpoints/step_N)")
+        raise ExportError(
+            f"{src} is not a directory; give a run directory (with adapter/ and "
+            "run.json) or a checkpoint directory (<run>/checkpoints/step_N)"
+        )
     model_dir = None
     adapter_dir = adapter.locate(src)
     if adapter_dir is None:
@@ -223,8 +269,10 @@ def resolve_run(src: str | Path) -> RunInfo:
                 model_dir = cand
                 break
     if adapter_dir is None and model_dir is None:
-        raise ExportError(f"{src} holds no adapter (adapter/adapter_config.json) and no full model "
-                          "(model/config.json); has the run finished? (see run.json `status`)")
+        raise ExportError(
+            f"{src} holds no adapter (adapter/adapter_config.json) and no full model "
+            "(model/config.json); has the run finished? (see run.json `status`)"
+        )
     run_path = _find_up(src, "run.json")
     run = _read_json(run_path) if run_path else {}
     recipe_path = _find_up(src, "recipe.yaml")
@@ -245,8 +293,9 @@ def resolve_run(src: str | Path) -> RunInfo:
 
 def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
     if missing := adapter.missing_files(adapter_dir):
-        raise ExportError(f"{adapter_dir / missing[0]} is missing; an exported adapter needs "
-                          f"{' + '.join(adapter.FILES)}")
+        raise ExportError(
+            f"{adapter_dir / missing[0]} is missing; an exported adapter needs {' + '.join(adapter.FILES)}"
+        )
     adapter.copy(adapter_dir, dest)
 
 
@@ -256,8 +305,10 @@ def _base_model(info: RunInfo) -> str:
         cfg = _read_json(info.adapter_dir / adapter.CONFIG_FILE)
         base = cfg.get("base_model_name_or_path")
     if not base:
-        raise ExportError("cannot tell the base model: run.json has no `base_model` and "
-                          "adapter_config.json no `base_model_name_or_path`")
+        raise ExportError(
+            "cannot tell the base model: run.json has no `base_model` and "
+            "adapter_config.json no `base_model_name_or_path`"
+        )
     return str(base)
 
 
@@ -275,9 +326,11 @@ def _export_merged(info: RunInfo, base: str, dest: Path) -> None:
             model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
         except (OSError, ValueError) as exc:  # missing directory or hub id (HFValidationError is a ValueError)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
-            raise ExportError(f"--format merged needs the base model {base!r} (run.json `base_model`), "
-                              f"which cannot be loaded: {first}. Make it available at that path "
-                              "(or log in for a gated hub model), or export --format adapter") from None
+            raise ExportError(
+                f"--format merged needs the base model {base!r} (run.json `base_model`), "
+                f"which cannot be loaded: {first}. Make it available at that path "
+                "(or log in for a gated hub model), or export --format adapter"
+            ) from None
         model = PeftModel.from_pretrained(model, str(info.adapter_dir)).merge_and_unload()
         tok_src = info.adapter_dir if (info.adapter_dir / "tokenizer_config.json").exists() else base
     model.save_pretrained(dest, safe_serialization=True)
@@ -295,9 +348,18 @@ def _export_vllm(adapter_dir: Path, out: Path, name: str, base: str, r: int, *, 
     max_rank = required_max_lora_rank(r)
     module = {"name": name, "path": str(final.resolve() / "vllm" / name), "base_model_name": base}
     (vdir / "lora_modules.json").write_text(
-        json.dumps({"lora_modules": [module], "max_lora_rank": max_rank}, indent=2) + "\n")
-    cmd = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(max_rank),
-           "--lora-modules", json.dumps(module)]
+        json.dumps({"lora_modules": [module], "max_lora_rank": max_rank}, indent=2) + "\n"
+    )
+    cmd = [
+        "vllm",
+        "serve",
+        base,
+        "--enable-lora",
+        "--max-lora-rank",
+        str(max_rank),
+        "--lora-modules",
+        json.dumps(module),
+    ]
     (vdir / "serve_command.txt").write_text(shlex.join(cmd) + "\n")
 
 
@@ -342,26 +404,33 @@ def export_run(
     allow = allow_incompatible or bool(ecfg.get("allow_incompatible", False))
     name = adapter_name or ecfg.get("adapter_name") or info.run.get("run_name") or info.src.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-        raise ExportUsageError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-' (it is a "
-                               "directory and a served model name); pass --adapter-name")
+        raise ExportUsageError(
+            f"adapter name {name!r} must be letters, digits, '.', '_' or '-' (it is a "
+            "directory and a served model name); pass --adapter-name"
+        )
     base = _base_model(info)
 
     adapter_formats = [f for f in formats if f in ("adapter", "vllm", "nim")]
     if info.adapter_dir is None and adapter_formats:
-        raise ExportUsageError(f"{info.src} is a full fine-tuning run (model/, no adapter); formats "
-                               f"{adapter_formats} need an adapter: use --format merged")
+        raise ExportUsageError(
+            f"{info.src} is a full fine-tuning run (model/, no adapter); formats "
+            f"{adapter_formats} need an adapter: use --format merged"
+        )
     if info.adapter_dir is not None:
         unreadable = adapter.unreadable_files(info.adapter_dir)
         if unreadable:  # not a lint finding: --allow-incompatible cannot export a broken file
             raise ExportError("; ".join(unreadable))
-    findings = lint_adapter(info.adapter_dir, targets, max_lora_rank=max_lora_rank) \
-        if info.adapter_dir is not None else []
+    findings = (
+        lint_adapter(info.adapter_dir, targets, max_lora_rank=max_lora_rank) if info.adapter_dir is not None else []
+    )
     errors = [f for f in findings if f.severity == "error"]
     if errors and not allow:
         lines = "\n".join(f"  - {f}" for f in findings)
-        raise ExportRefused(f"adapter {info.adapter_dir} is not servable by {targets}:\n{lines}\n"
-                            "Fix the recipe and retrain, export --format merged, or pass "
-                            "--allow-incompatible (recipe: export.allow_incompatible: true)")
+        raise ExportRefused(
+            f"adapter {info.adapter_dir} is not servable by {targets}:\n{lines}\n"
+            "Fix the recipe and retrain, export --format merged, or pass "
+            "--allow-incompatible (recipe: export.allow_incompatible: true)"
+        )
 
     r = 0
     if info.adapter_dir is not None:
@@ -373,7 +442,9 @@ def export_run(
     try:
         tmp = _staging_dir(out)
     except OSError as exc:
-        raise ExportError(f"cannot write next to --out {out} ({exc.strerror or exc}); choose a writable --out") from None
+        raise ExportError(
+            f"cannot write next to --out {out} ({exc.strerror or exc}); choose a writable --out"
+        ) from None
     try:
         for fmt in formats:
             if fmt == "adapter":
@@ -384,14 +455,15 @@ def export_run(
                 _export_vllm(info.adapter_dir, tmp, name, base, r, final=out)
             elif fmt == "nim":
                 _copy_adapter(info.adapter_dir, tmp / "nim" / name)
-        manifest = _manifest(info, tmp, name=name, base=base, formats=formats, targets=targets, r=r,
-                             findings=findings)
+        manifest = _manifest(info, tmp, name=name, base=base, formats=formats, targets=targets, r=r, findings=findings)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             _move_into_place(tmp, out)
         except OSError as exc:
-            raise ExportError(f"cannot move the export into --out {out} ({exc.strerror or exc}); "
-                              "nothing there was changed unless this names a file") from None
+            raise ExportError(
+                f"cannot move the export into --out {out} ({exc.strerror or exc}); "
+                "nothing there was changed unless this names a file"
+            ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
     return manifest
@@ -402,13 +474,16 @@ def _check_out(out: Path, src: Path, *, force: bool) -> None:
     o, s = out.resolve(), src.resolve()
     if o == s or s in o.parents or o in s.parents:
         where = "the source" if o == s else "inside the source" if s in o.parents else "a parent of the source"
-        raise ExportUsageError(f"--out {out} is {where} {src}; export to a directory outside the run, "
-                               f"e.g. --out exports/{s.name}")
+        raise ExportUsageError(
+            f"--out {out} is {where} {src}; export to a directory outside the run, e.g. --out exports/{s.name}"
+        )
     if out.exists() and not out.is_dir():
         raise ExportUsageError(f"--out {out} is an existing file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportUsageError(f"--out {out} already holds files (an earlier export?); pass --force to "
-                               "replace it as a whole, or choose another --out")
+        raise ExportUsageError(
+            f"--out {out} already holds files (an earlier export?); pass --force to "
+            "replace it as a whole, or choose another --out"
+        )
 
 
 def _staging_dir(out: Path) -> Path:
@@ -456,26 +531,43 @@ def _move_into_place(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _manifest(info: RunInfo, root: Path, *, name: str, base: str, formats: list[str], targets: list[str],
-              r: int, findings: list[Finding]) -> dict:
+def _manifest(
+    info: RunInfo,
+    root: Path,
+    *,
+    name: str,
+    base: str,
+    formats: list[str],
+    targets: list[str],
+    r: int,
+    findings: list[Finding],
+) -> dict:
     files = {
         str(p.relative_to(root)): adapter.sha256_file(p)
-        for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
     }
     recipe_sha = info.run.get("recipe_sha256") or (
-        hashlib.sha256(info.recipe_text.encode()).hexdigest() if info.recipe_text else None)
+        hashlib.sha256(info.recipe_text.encode()).hexdigest() if info.recipe_text else None
+    )
     if info.checkpoint_state is not None:
         # run.json's step, loss and final eval describe the end of the run, not these weights;
         # a checkpoint records its step (and the eval before training), not a loss.
-        metrics = {"status": "checkpoint", "global_step": info.checkpoint_state.get("step"),
-                   "train_loss": info.checkpoint_state.get("train_loss"),
-                   "eval": {"before": info.checkpoint_state.get("eval_before") or
-                            (info.run.get("eval") or {}).get("before")}}
+        metrics = {
+            "status": "checkpoint",
+            "global_step": info.checkpoint_state.get("step"),
+            "train_loss": info.checkpoint_state.get("train_loss"),
+            "eval": {"before": info.checkpoint_state.get("eval_before") or (info.run.get("eval") or {}).get("before")},
+        }
         if isinstance(metrics["eval"]["before"], dict):
             metrics["eval"]["before"] = {k: v for k, v in metrics["eval"]["before"].items() if k != "examples"}
     else:
-        metrics = {"status": info.run.get("status"), "global_step": info.run.get("global_step"),
-                   "train_loss": info.run.get("train_loss"), "eval": info.run.get("eval")}
+        metrics = {
+            "status": info.run.get("status"),
+            "global_step": info.run.get("global_step"),
+            "train_loss": info.run.get("train_loss"),
+            "eval": info.run.get("eval"),
+        }
     return {
         "llama_train_version": _version(),
         "source": str(info.src.resolve()),

@@ -120,11 +120,14 @@ def resolve_candidate(ref: str, *, tracking_uri: str | None, report_dir: Path | 
 
             missing = is_not_found(exc)
             why = f"version {version} does not exist on model {name}" if missing else _first_line(exc)
-            raise GateError(f"{ref}: {why} (registry {tracking_uri or 'from the environment'}); "
-                            "check the name and version, or pass --tracking-uri") from None
+            raise GateError(
+                f"{ref}: {why} (registry {tracking_uri or 'from the environment'}); "
+                "check the name and version, or pass --tracking-uri"
+            ) from None
         manifest, error = _read_manifest(local / "manifest.json")
-        return Candidate(ref, local, manifest, report_dir or Path.cwd() / "gate-report", name, version,
-                         manifest_error=error)
+        return Candidate(
+            ref, local, manifest, report_dir or Path.cwd() / "gate-report", name, version, manifest_error=error
+        )
     path = Path(ref)
     if not path.is_dir():
         raise GateError(f"candidate {ref} is neither a directory nor a models:/NAME/VERSION reference")
@@ -190,12 +193,22 @@ def check_format(c: Candidate, recipe: Recipe) -> Check:
     # rather than crashing the lint or the load check.
     unreadable = adapter.unreadable_files(c.adapter_dir)
     problems += unreadable
-    findings = [] if unreadable else [
-        f for f in lint_adapter(c.adapter_dir, recipe.export.targets, max_lora_rank=recipe.export.max_lora_rank)
-        if f.severity == "error"]
+    findings = (
+        []
+        if unreadable
+        else [
+            f
+            for f in lint_adapter(c.adapter_dir, recipe.export.targets, max_lora_rank=recipe.export.max_lora_rank)
+            if f.severity == "error"
+        ]
+    )
     problems += [str(f) for f in findings]
-    figures = {"manifest": c.manifest is not None, "lint_errors": len(findings), "tampered": tampered,
-               "unreadable": len(unreadable)}
+    figures = {
+        "manifest": c.manifest is not None,
+        "lint_errors": len(findings),
+        "tampered": tampered,
+        "unreadable": len(unreadable),
+    }
     if problems:
         return Check("format", "failed", "; ".join(problems), figures)
     note = "" if c.manifest is not None else " (no manifest.json: hashes not checked)"
@@ -228,12 +241,23 @@ def check_load(c: Candidate, recipe: Recipe) -> tuple[Check, Loaded | None]:
     except Exception as exc:  # shape mismatch, missing keys, unreadable config
         return Check("load", "failed", f"PEFT could not load the adapter on {base_path}: {_first_line(exc)}"), None
     if bad:
-        return Check("load", "failed", f"non-finite (NaN/Inf) values in {len(bad)} tensor(s), e.g. {bad[0]}",
-                     {"non_finite_tensors": len(bad)}), None
+        return Check(
+            "load",
+            "failed",
+            f"non-finite (NaN/Inf) values in {len(bad)} tensor(s), e.g. {bad[0]}",
+            {"non_finite_tensors": len(bad)},
+        ), None
     model.eval()
     n = sum(v.numel() for v in weights.values())
-    return (Check("load", "passed", f"{len(weights)} tensors ({n:,} values) loaded on {base_path}, all finite",
-                  {"tensors": len(weights), "values": n}), Loaded(model, tokenizer, base_path))
+    return (
+        Check(
+            "load",
+            "passed",
+            f"{len(weights)} tensors ({n:,} values) loaded on {base_path}, all finite",
+            {"tensors": len(weights), "values": n},
+        ),
+        Loaded(model, tokenizer, base_path),
+    )
 
 
 def _first_line(exc: Exception) -> str:
@@ -251,11 +275,22 @@ def _eval_adapter(loaded: Loaded, recipe: Recipe, data, adapter: str | None) -> 
         d = recipe.dpo
         if adapter is not None:
             loaded.model.set_adapter(adapter)
-        module = DPOModule(loaded.model, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
-                           policy_is_reference=adapter is None, chunk_size=recipe.train.loss_chunk_size)
-        return eval_preferences(module, data.eval, pad_id=loaded.tokenizer.pad_token_id,
-                                batch_size=recipe.train.micro_batch_size, device="cpu",
-                                attn_implementation=getattr(loaded.model.config, "_attn_implementation", None) or "sdpa")
+        module = DPOModule(
+            loaded.model,
+            beta=d.beta,
+            loss=d.loss,
+            label_smoothing=d.label_smoothing,
+            policy_is_reference=adapter is None,
+            chunk_size=recipe.train.loss_chunk_size,
+        )
+        return eval_preferences(
+            module,
+            data.eval,
+            pad_id=loaded.tokenizer.pad_token_id,
+            batch_size=recipe.train.micro_batch_size,
+            device="cpu",
+            attn_implementation=getattr(loaded.model.config, "_attn_implementation", None) or "sdpa",
+        )
     module = TrainModule(loaded.model, chunk_size=recipe.train.loss_chunk_size)
     if adapter is None:
         with loaded.model.disable_adapter():
@@ -273,8 +308,10 @@ def check_quality(loaded: Loaded, recipe: Recipe, champion_dir: Path | None) -> 
     data = load_data(recipe, loaded.tokenizer)
     if not data.eval:
         return Check("quality", "failed", "the recipe has no held-out eval data (data.eval)"), {}
-    figures = {"candidate": _eval_adapter(loaded, recipe, data, "candidate"),
-               "base": _eval_adapter(loaded, recipe, data, None)}
+    figures = {
+        "candidate": _eval_adapter(loaded, recipe, data, "candidate"),
+        "base": _eval_adapter(loaded, recipe, data, None),
+    }
     if champion_dir is not None:
         loaded.model.load_adapter(str(champion_dir), adapter_name="champion")
         figures["champion"] = _eval_adapter(loaded, recipe, data, "champion")
@@ -285,18 +322,26 @@ def check_quality(loaded: Loaded, recipe: Recipe, champion_dir: Path | None) -> 
     cand, base = figures["candidate"][metric], figures["base"][metric]
     problems = []
     if not cand - base >= g.min_improvement_over_base:
-        problems.append(f"{metric} {cand:.4f} does not beat the base ({base:.4f}) by "
-                        f"gate.min_improvement_over_base={g.min_improvement_over_base}")
+        problems.append(
+            f"{metric} {cand:.4f} does not beat the base ({base:.4f}) by "
+            f"gate.min_improvement_over_base={g.min_improvement_over_base}"
+        )
     if "champion" in figures:
         champ = figures["champion"][metric]
         if champ - cand > g.max_regression_vs_champion:
-            problems.append(f"{metric} {cand:.4f} regresses the champion ({champ:.4f}) by more than "
-                            f"gate.max_regression_vs_champion={g.max_regression_vs_champion}")
+            problems.append(
+                f"{metric} {cand:.4f} regresses the champion ({champ:.4f}) by more than "
+                f"gate.max_regression_vs_champion={g.max_regression_vs_champion}"
+            )
     if not math.isfinite(figures["candidate"]["loss"]):
         problems.append("candidate eval loss is not finite")
     summary = ", ".join(f"{who} {metric} {f[metric]:.4f} loss {f['loss']:.4f}" for who, f in figures.items())
-    return Check("quality", "failed" if problems else "passed", "; ".join(problems) or summary,
-                 {who: {metric: f[metric], "loss": f["loss"]} for who, f in figures.items()}), figures
+    return Check(
+        "quality",
+        "failed" if problems else "passed",
+        "; ".join(problems) or summary,
+        {who: {metric: f[metric], "loss": f["loss"]} for who, f in figures.items()},
+    ), figures
 
 
 def check_behaviour(loaded: Loaded, recipe: Recipe, *, num_prompts: int = 8) -> Check:
@@ -320,12 +365,17 @@ def check_behaviour(loaded: Loaded, recipe: Recipe, *, num_prompts: int = 8) -> 
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
         with torch.no_grad():
-            out = loaded.model.generate(input_ids=ids, attention_mask=mask,
-                                        max_new_tokens=recipe.gate.max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id, eos_token_id=sorted(stops))
+            out = loaded.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=recipe.gate.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=sorted(stops),
+            )
         for row in out[:, width:].tolist():
             text = tok.decode(row, skip_special_tokens=True).strip()
             empty += not text
@@ -334,8 +384,13 @@ def check_behaviour(loaded: Loaded, recipe: Recipe, *, num_prompts: int = 8) -> 
     if not convs:
         return Check("behaviour", "failed", "no chat eval rows to generate from", figures)
     if empty or unstopped:
-        return Check("behaviour", "failed", f"{empty} empty and {unstopped} without end-of-turn within "
-                     f"{recipe.gate.max_new_tokens} tokens, of {len(convs)} generations", figures)
+        return Check(
+            "behaviour",
+            "failed",
+            f"{empty} empty and {unstopped} without end-of-turn within "
+            f"{recipe.gate.max_new_tokens} tokens, of {len(convs)} generations",
+            figures,
+        )
     return Check("behaviour", "passed", f"{len(convs)} generations non-empty and stopped at end-of-turn", figures)
 
 
@@ -351,8 +406,19 @@ def check_serving(loaded: Loaded, c: Candidate, *, timeout_s: float = 120.0) -> 
 
     port = _free_port()
     env = dict(os.environ, LLAMA_TRAIN_API_KEY="gate-smoke-key")
-    cmd = [sys.executable, "-m", "llama_train.serve", "--base", loaded.base_path,
-           "--adapter", f"candidate={c.adapter_dir}", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_train.serve",
+        "--base",
+        loaded.base_path,
+        "--adapter",
+        f"candidate={c.adapter_dir}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -372,13 +438,18 @@ def check_serving(loaded: Loaded, c: Candidate, *, timeout_s: float = 120.0) -> 
 
         client = OpenAI(base_url=f"{url}/v1", api_key="gate-smoke-key", max_retries=0, timeout=60)
         models = [m.id for m in client.models.list().data]
-        reply = client.chat.completions.create(model="candidate", max_tokens=16, temperature=0,
-                                               messages=[{"role": "user", "content": "Sort: 321"}])
+        reply = client.chat.completions.create(
+            model="candidate", max_tokens=16, temperature=0, messages=[{"role": "user", "content": "Sort: 321"}]
+        )
         text = reply.choices[0].message.content or ""
         if "candidate" not in models or not text.strip():
             return Check("serving", "failed", f"models {models}; reply {text!r}")
-        return Check("serving", "passed", f"server answered as `candidate`: {text.strip()[:40]!r}",
-                     {"models": models, "completion_tokens": reply.usage.completion_tokens})
+        return Check(
+            "serving",
+            "passed",
+            f"server answered as `candidate`: {text.strip()[:40]!r}",
+            {"models": models, "completion_tokens": reply.usage.completion_tokens},
+        )
     except Exception as exc:
         return Check("serving", "failed", f"OpenAI client call failed: {_first_line(exc)}")
     finally:
@@ -409,8 +480,15 @@ def _champion(recipe: Recipe, c: Candidate, tracking_uri: str | None) -> tuple[s
     return version, download_adapter(f"models:/{name}/{version}", uri=tracking_uri)
 
 
-def run_gate(ref: str, *, recipe_path: str | None = None, promote: bool = False, serving: bool = True,
-             tracking_uri: str | None = None, report_dir: Path | None = None) -> GateReport:
+def run_gate(
+    ref: str,
+    *,
+    recipe_path: str | None = None,
+    promote: bool = False,
+    serving: bool = True,
+    tracking_uri: str | None = None,
+    report_dir: Path | None = None,
+) -> GateReport:
     if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
         raise GateError(f"--report-dir {report_dir} is an existing file; give a directory")
     c = resolve_candidate(ref, tracking_uri=tracking_uri, report_dir=report_dir)
@@ -423,15 +501,22 @@ def run_gate(ref: str, *, recipe_path: str | None = None, promote: bool = False,
     # Usage problems are found before the checks (minutes on a real model), not after them.
     if recipe is None:
         report = GateReport(candidate=ref, adapter_dir=str(c.adapter_dir), model_version=c.version)
-        report.checks = [Check("format", "failed", f"{c.manifest_error} (without it no recipe was found: "
-                               "pass --recipe to run the other format checks)")]
-        report.checks += [Check(s, "skipped", "an earlier check failed") for s in STAGES[1:]
-                          if s != "serving" or serving]
+        report.checks = [
+            Check(
+                "format",
+                "failed",
+                f"{c.manifest_error} (without it no recipe was found: pass --recipe to run the other format checks)",
+            )
+        ]
+        report.checks += [
+            Check(s, "skipped", "an earlier check failed") for s in STAGES[1:] if s != "serving" or serving
+        ]
         _write_report(report, c.report_dir)
         return report
     if promote and not (c.registry_name or recipe.tracking.registered_model_name):
-        raise GateError("--promote needs a registered model: a models:/ candidate or "
-                        "tracking.registered_model_name in the recipe")
+        raise GateError(
+            "--promote needs a registered model: a models:/ candidate or tracking.registered_model_name in the recipe"
+        )
     try:
         c.report_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -455,8 +540,9 @@ def run_gate(ref: str, *, recipe_path: str | None = None, promote: bool = False,
         if checks[-1].status == "passed" and serving:
             checks.append(check_serving(loaded, c))
     done = {ch.name for ch in checks}
-    checks += [Check(s, "skipped", "an earlier check failed") for s in STAGES
-               if s not in done and (s != "serving" or serving)]
+    checks += [
+        Check(s, "skipped", "an earlier check failed") for s in STAGES if s not in done and (s != "serving" or serving)
+    ]
     report.passed = all(ch.status == "passed" for ch in checks)
     if report.passed and promote:
         report.promoted = _promote(c, recipe, tracking_uri, report)
@@ -476,8 +562,9 @@ def _promote(c: Candidate, recipe: Recipe, tracking_uri: str, report: GateReport
 
     name = c.registry_name or recipe.tracking.registered_model_name
     if not name:
-        raise GateError("--promote needs a registered model: a models:/ candidate or "
-                        "tracking.registered_model_name in the recipe")
+        raise GateError(
+            "--promote needs a registered model: a models:/ candidate or tracking.registered_model_name in the recipe"
+        )
     version = c.version or _register_export(c, recipe, name, tracking_uri)
     report.model_version = version
     return promote(name, version, uri=tracking_uri)
@@ -488,8 +575,13 @@ def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str)
     from llama_train.tracking.client import resolve_experiment
     from llama_train.tracking.registry import register_export
 
-    return register_export(c.adapter_dir, name=name, uri=tracking_uri, experiment=resolve_experiment(recipe),
-                           run_name=f"gate-{c.adapter_dir.name}")
+    return register_export(
+        c.adapter_dir,
+        name=name,
+        uri=tracking_uri,
+        experiment=resolve_experiment(recipe),
+        run_name=f"gate-{c.adapter_dir.name}",
+    )
 
 
 def _write_report(report: GateReport, out: Path) -> None:
@@ -514,8 +606,11 @@ def _log_report(report: GateReport, c: Candidate, recipe: Recipe, tracking_uri: 
 
         client = mlflow_client(tracking_uri)  # short HTTP timeouts: a dead server costs seconds
         exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
-        run = client.create_run(exp_id, run_name="gate", tags={"llama_train.gate.candidate": report.candidate,
-                                                               "llama_train.gate.passed": str(report.passed)})
+        run = client.create_run(
+            exp_id,
+            run_name="gate",
+            tags={"llama_train.gate.candidate": report.candidate, "llama_train.gate.passed": str(report.passed)},
+        )
         for who, figs in report.figures.items():
             for k, v in figs.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

@@ -36,13 +36,17 @@ def resolve_base_path(recipe: Recipe) -> str:
     built_seed = tiny_seed_of(path)
     if built_seed is not None and built_seed != m.tiny_seed:
         # Never rebuild in place: runs, checkpoints and exports in this directory were trained on it.
-        raise RecipeError(f"model.tiny_seed={m.tiny_seed}, but {path} holds the tiny model built with seed "
-                          f"{built_seed}; keep model.tiny_seed={built_seed}, or set a new output_dir "
-                          "(or model.path) for the other base model")
+        raise RecipeError(
+            f"model.tiny_seed={m.tiny_seed}, but {path} holds the tiny model built with seed "
+            f"{built_seed}; keep model.tiny_seed={built_seed}, or set a new output_dir "
+            "(or model.path) for the other base model"
+        )
     if not (built_seed is not None and (path / "model.safetensors").exists()):
         if path.exists() and any(path.iterdir()) and not marker.exists():
-            raise RecipeError(f"model.path {path} exists and is not a tiny model directory; "
-                              "point model.path elsewhere or use model.source: hf")
+            raise RecipeError(
+                f"model.path {path} exists and is not a tiny model directory; "
+                "point model.path elsewhere or use model.source: hf"
+            )
         build_tiny(path, seed=m.tiny_seed)
     return str(path)
 
@@ -66,8 +70,10 @@ def load_tokenizer(recipe: Recipe, base_path: str):
             base_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:  # not a directory, not a valid hub id, or offline without a cache
-        raise RecipeError(f"cannot load model.path {base_path!r}: {str(exc).splitlines()[0]} (a local model "
-                          "directory, or a hub id that is in the HF cache or reachable)") from None
+        raise RecipeError(
+            f"cannot load model.path {base_path!r}: {str(exc).splitlines()[0]} (a local model "
+            "directory, or a hub id that is in the HF cache or reachable)"
+        ) from None
     if recipe.data.chat_template:
         _check_template_syntax(recipe.data.chat_template)
         tok.chat_template = recipe.data.chat_template
@@ -112,12 +118,15 @@ def load_base_model(recipe: Recipe, base_path: str, *, device: torch.device | No
     )
     if m.quantization == "nf4":
         if not torch.cuda.is_available():
-            raise PreflightError("model.quantization: nf4 (QLoRA) needs a CUDA GPU; none is visible. "
-                                 "Use model.quantization: none on CPU")
+            raise PreflightError(
+                "model.quantization: nf4 (QLoRA) needs a CUDA GPU; none is visible. Use model.quantization: none on CPU"
+            )
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     try:
@@ -149,8 +158,9 @@ def apply_finetuning(model, recipe: Recipe):
     names = [name for name, _ in model.named_modules()]
     unknown = [m for m in lc.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
     if unknown:  # peft would silently train nothing for them
-        raise RecipeError(f"lora.modules_to_save {unknown}: no module of the model has that name "
-                          "(for Llama: lm_head, embed_tokens)")
+        raise RecipeError(
+            f"lora.modules_to_save {unknown}: no module of the model has that name (for Llama: lm_head, embed_tokens)"
+        )
     config = peft.LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
@@ -213,8 +223,7 @@ def compile_decoder_layers(model) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = [m for m in base.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
-        raise RecipeError(f"train.compile: no decoder layers found in {type(base).__name__}; "
-                          "set train.compile: false")
+        raise RecipeError(f"train.compile: no decoder layers found in {type(base).__name__}; set train.compile: false")
     model.enable_input_require_grads()
     for layer in layers:
         layer.compile()
@@ -243,8 +252,14 @@ class TrainModule(torch.nn.Module):
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         from llama_train.loss import causal_lm_loss
 
-        loss_sum, n = causal_lm_loss(self.inner, input_ids, labels, attention_mask=attention_mask,
-                                     position_ids=position_ids, chunk_size=self.chunk_size)
+        loss_sum, n = causal_lm_loss(
+            self.inner,
+            input_ids,
+            labels,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            chunk_size=self.chunk_size,
+        )
         return loss_sum, torch.tensor(n)
 
     def generate(self, **kwargs):

@@ -73,8 +73,10 @@ def init_distributed(recipe: Recipe) -> DistContext:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return DistContext(device=device)
     if strategy == "single":
-        raise PreflightError(f"launched with WORLD_SIZE={world} but parallel.strategy is `single`; "
-                             "set parallel.strategy: ddp | fsdp | deepspeed")
+        raise PreflightError(
+            f"launched with WORLD_SIZE={world} but parallel.strategy is `single`; "
+            "set parallel.strategy: ddp | fsdp | deepspeed"
+        )
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = recipe.parallel.backend
@@ -97,8 +99,9 @@ def init_distributed(recipe: Recipe) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def check_master_reachable(timeout_s: float, *, addr: str | None = None, port: int | None = None,
-                           who: str | None = None) -> None:
+def check_master_reachable(
+    timeout_s: float, *, addr: str | None = None, port: int | None = None, who: str | None = None
+) -> None:
     """Fail with the address in the message instead of hanging in init_process_group."""
     import socket
     import time
@@ -115,7 +118,8 @@ def check_master_reachable(timeout_s: float, *, addr: str | None = None, port: i
                 raise InfrastructureError(
                     f"{who or 'rank ' + os.environ.get('RANK', '?')} cannot reach the master at {addr}:{port} after {timeout_s:.0f} s "
                     f"({exc}); check --master-addr/--master-port (MASTER_ADDR/MASTER_PORT), that node rank 0 "
-                    "is up, and that the port is open between nodes") from None
+                    "is up, and that the port is open between nodes"
+                ) from None
             time.sleep(1)
 
 
@@ -213,8 +217,9 @@ class Strategy:
         from safetensors.torch import load_file
 
         self.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False,
-                                                  map_location=self.ctx.device))
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", weights_only=False, map_location=self.ctx.device)
+        )
 
 
 class FSDPStrategy(Strategy):
@@ -260,8 +265,11 @@ class FSDPStrategy(Strategy):
 
     def load_state(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         state = self._sharded_state()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
@@ -326,12 +334,18 @@ class DeepSpeedStrategy(Strategy):
 
     def save_state(self, path: Path) -> None:
         """DeepSpeed's own format: each rank writes its optimizer/parameter partitions."""
-        self.model.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
-                                   exclude_frozen_parameters=True)
+        self.model.save_checkpoint(
+            str(path / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load_state(self, path: Path) -> None:
-        load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        load_path, _ = self.model.load_checkpoint(
+            str(path / "deepspeed"),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
 
@@ -353,8 +367,14 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
             import copy
 
             reference = copy.deepcopy(inner).eval().requires_grad_(False)
-        model = DPOModule(inner, beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
-                          reference_model=reference, chunk_size=recipe.train.loss_chunk_size)
+        model = DPOModule(
+            inner,
+            beta=d.beta,
+            loss=d.loss,
+            label_smoothing=d.label_smoothing,
+            reference_model=reference,
+            chunk_size=recipe.train.loss_chunk_size,
+        )
     else:
         model = TrainModule(inner, chunk_size=recipe.train.loss_chunk_size)
     if strategy in ("single", "ddp"):
@@ -404,7 +424,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": round(math.log2(t.loss_scale_init))},
         "zero_allow_untested_optimizer": True,  # the client optimizer is torch AdamW
-        "zero_force_ds_cpu_optimizer": False,   # ... also with optimizer offload
+        "zero_force_ds_cpu_optimizer": False,  # ... also with optimizer offload
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -426,8 +446,10 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     for key, (recipe_key, value) in owned.items():
         given = cfg.get(key, "auto")
         if given != "auto" and given != value:
-            raise PreflightError(f"parallel.deepspeed_config sets {key}={given!r} but the recipe gives {value!r} "
-                                 f"({recipe_key}); remove it from the JSON or use \"auto\"")
+            raise PreflightError(
+                f"parallel.deepspeed_config sets {key}={given!r} but the recipe gives {value!r} "
+                f'({recipe_key}); remove it from the JSON or use "auto"'
+            )
         cfg[key] = value
     cfg["managed_gradient_accumulation"] = False  # our loop: N x backward, one step()
     return cfg
@@ -451,8 +473,7 @@ def _apply_deepspeed(model, inner, recipe: Recipe, ctx: DistContext) -> DeepSpee
     cfg = deepspeed_config(recipe, ctx.world_size)
     stage = cfg["zero_optimization"].get("stage", 0)
     optimizer = make_optimizer(model, recipe.train, fused=False)  # ZeRO partitions the parameters itself
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, dist_init_required=False)
     if stage == 3:
         # The chunked loss reads lm_head.weight outside lm_head.forward: have ZeRO-3 gather it for
         # the whole TrainModule forward, or it sees an empty partition.

@@ -21,13 +21,17 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def check_world(recipe: Recipe, world_size: int) -> None:
     t, p = recipe.train, recipe.parallel
     if world_size > 1 and p.strategy == "single":
-        raise PreflightError(f"world size {world_size} needs parallel.strategy ddp | fsdp | deepspeed "
-                             "(parallel.strategy is `single`)")
+        raise PreflightError(
+            f"world size {world_size} needs parallel.strategy ddp | fsdp | deepspeed (parallel.strategy is `single`)"
+        )
     product = t.micro_batch_size * t.grad_accum_steps * world_size
     if t.global_batch_size is not None and t.global_batch_size != product:
         per = t.micro_batch_size * world_size
-        hint = (f"set train.grad_accum_steps={t.global_batch_size // per}" if t.global_batch_size % per == 0
-                else f"train.global_batch_size must be a multiple of train.micro_batch_size x world size = {per}")
+        hint = (
+            f"set train.grad_accum_steps={t.global_batch_size // per}"
+            if t.global_batch_size % per == 0
+            else f"train.global_batch_size must be a multiple of train.micro_batch_size x world size = {per}"
+        )
         raise PreflightError(
             f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) "
             f"x train.grad_accum_steps ({t.grad_accum_steps}) x world size ({world_size}) = {product}; {hint}"
@@ -38,8 +42,10 @@ def check_hardware(recipe: Recipe) -> None:
     cuda = torch.cuda.is_available()
     m, p = recipe.model, recipe.parallel
     if m.quantization != "none" and not cuda:
-        raise PreflightError("model.quantization: nf4 (QLoRA) needs a CUDA GPU and bitsandbytes; this machine "
-                             "has no CUDA. Use model.quantization: none (plain LoRA) here")
+        raise PreflightError(
+            "model.quantization: nf4 (QLoRA) needs a CUDA GPU and bitsandbytes; this machine "
+            "has no CUDA. Use model.quantization: none (plain LoRA) here"
+        )
     if m.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise PreflightError("model.quantization: nf4 needs bitsandbytes: pip install 'llama_train[qlora]'")
     if m.attn_implementation == "flash_attention_2" and not cuda:
@@ -49,8 +55,10 @@ def check_hardware(recipe: Recipe) -> None:
     if p.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise PreflightError("parallel.strategy: deepspeed needs DeepSpeed: pip install 'llama_train[deepspeed]'")
     if recipe.train.precision == "fp16" and p.strategy == "deepspeed" and not cuda:
-        raise PreflightError("train.precision: fp16 with parallel.strategy deepspeed needs CUDA GPUs (DeepSpeed's "
-                             "CPU accelerator has no fp16); use bf16 or fp32 here, or strategy ddp/fsdp")
+        raise PreflightError(
+            "train.precision: fp16 with parallel.strategy deepspeed needs CUDA GPUs (DeepSpeed's "
+            "CPU accelerator has no fp16); use bf16 or fp32 here, or strategy ddp/fsdp"
+        )
 
 
 def _model_shape(recipe: Recipe) -> dict | None:
@@ -79,8 +87,11 @@ def _shard_factors(recipe: Recipe, world_size: int) -> dict[str, int]:
     DDP: none. ZeRO-1: optimizer. ZeRO-2: + gradients. ZeRO-3 and FSDP: + weights."""
     p = recipe.parallel
     level = {"single": 0, "ddp": 0, "fsdp": 3, "deepspeed": p.zero_stage}[p.strategy]
-    return {"optimizer": world_size if level >= 1 else 1, "gradients": world_size if level >= 2 else 1,
-            "weights": world_size if level >= 3 else 1}
+    return {
+        "optimizer": world_size if level >= 1 else 1,
+        "gradients": world_size if level >= 2 else 1,
+        "weights": world_size if level >= 3 else 1,
+    }
 
 
 def estimate_memory(recipe: Recipe, world_size: int) -> dict | None:
@@ -96,8 +107,15 @@ def estimate_memory(recipe: Recipe, world_size: int) -> dict | None:
     wbytes = 0.55 if recipe.model.quantization == "nf4" else BYTES[recipe.model.dtype]
     lc = recipe.lora
     if lc.enabled:
-        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        dims = {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
         trainable = L * sum(lc.r * (a + b) for name, (a, b) in dims.items() if name in lc.target_modules)
     else:
         trainable = params
@@ -139,14 +157,19 @@ def preflight(recipe: Recipe, *, world_size: int | None = None, local: bool = Tr
         from llama_train.parallel import deepspeed_config
 
         deepspeed_config(recipe, world)  # a user JSON that contradicts the recipe fails here
-    lines = [f"strategy {recipe.parallel.strategy} on {world} rank(s); global batch "
-             f"{recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world} samples"]
+    lines = [
+        f"strategy {recipe.parallel.strategy} on {world} rank(s); global batch "
+        f"{recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world} samples"
+    ]
     est = estimate_memory(recipe, world)
     if est:
         gib = {k: v / 2**30 for k, v in est.items()}
         host = gib.pop("cpu_offloaded")
-        lines.append("device memory per rank (estimate, GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in gib.items())
-                     + (f"; host RAM for offloaded state {host:.2f}" if host else ""))
+        lines.append(
+            "device memory per rank (estimate, GiB): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in gib.items())
+            + (f"; host RAM for offloaded state {host:.2f}" if host else "")
+        )
     else:
         lines.append("memory estimate: base model config not on disk (hub id); skipped")
     if not local:

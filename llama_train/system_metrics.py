@@ -21,8 +21,9 @@ MB = 2**20
 
 
 class SystemSampler:
-    def __init__(self, log: Callable[[dict[str, float], int], None], *, first_step: int = 0,
-                 interval_s: float | None = None):
+    def __init__(
+        self, log: Callable[[dict[str, float], int], None], *, first_step: int = 0, interval_s: float | None = None
+    ):
         import psutil
 
         self._psutil = psutil

@@ -31,8 +31,8 @@ CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\n' }}"
     "{%- if messages[0]['role'] == 'system' %}{{- (messages[0]['content'] | trim) + '\\n' }}{%- endif %}"
     "{{- 'Given the following functions, please respond with a JSON for a function call with its proper "
-    "arguments that best answers the given prompt.\\n\\nRespond in the format {\"name\": function name, "
-    "\"parameters\": dictionary of argument name and its value}. Do not use variables.\\n\\n' }}"
+    'arguments that best answers the given prompt.\\n\\nRespond in the format {"name": function name, '
+    '"parameters": dictionary of argument name and its value}. Do not use variables.\\n\\n\' }}'
     "{%- for t in tools %}{{- (t | tojson) + '\\n\\n' }}{%- endfor %}"
     "{{- '<|eot_id|>' }}"
     "{%- endif %}"
@@ -162,8 +162,7 @@ def build_tiny(out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_random_lora(base: str | Path, out_dir: str | Path, *, seed: int = 1, r: int = 8,
-                      scale: float = 10.0) -> Path:
+def build_random_lora(base: str | Path, out_dir: str | Path, *, seed: int = 1, r: int = 8, scale: float = 10.0) -> Path:
     """A rank-`r` LoRA on all projections of `base` with random (non-zero) B matrices scaled by
     `scale`, so greedy outputs visibly differ from the base's (serving tests and benchmarks)."""
     import peft
@@ -171,8 +170,10 @@ def build_random_lora(base: str | Path, out_dir: str | Path, *, seed: int = 1, r
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
-        r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=ALL_PROJECTIONS))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        peft.LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=ALL_PROJECTIONS),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     allow = "--allow-recipe-change" in args
     args = [a for a in args if a != "--allow-recipe-change"]
     if not args or args[0].startswith("-"):
-        print("usage: python -m llama_train.train RECIPE [section.key=value ...] [--allow-recipe-change]",
-              file=sys.stderr)
+        print(
+            "usage: python -m llama_train.train RECIPE [section.key=value ...] [--allow-recipe-change]", file=sys.stderr
+        )
         return 2
     return run_training(args[0], args[1:], allow_recipe_change=allow)
 

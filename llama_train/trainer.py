@@ -54,8 +54,8 @@ from llama_train.model import (
     load_tokenizer,
     resolve_base_path,
 )
-from llama_train.parallel import DistContext, apply_strategy, init_distributed
 from llama_train.optim import lr_lambda
+from llama_train.parallel import DistContext, apply_strategy, init_distributed
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preflight import preflight
 from llama_train.progress import Progress
@@ -92,11 +92,11 @@ def _autocast(recipe: Recipe, device: torch.device):
 
 @dataclass
 class StepResult:
-    loss: float          # mean loss per supervised token of the step, all ranks
+    loss: float  # mean loss per supervised token of the step, all ranks
     grad_norm: float
-    tokens: int          # non-pad tokens of the step, all ranks
-    supervised: int      # supervised tokens of the step, all ranks
-    skipped: bool        # non-finite loss or grad norm on some rank: no update anywhere
+    tokens: int  # non-pad tokens of the step, all ranks
+    supervised: int  # supervised tokens of the step, all ranks
+    skipped: bool  # non-finite loss or grad norm on some rank: no update anywhere
     bad_ranks: list[int]  # ranks whose own loss was non-finite
     overflow: bool = False  # fp16: finite loss, non-finite gradients (the loss scaler backs off)
     metrics: dict | None = None  # train.objective dpo: TRL's rewards/* and logps/* means of the step
@@ -133,8 +133,9 @@ class LossScaler:
                 self.state["loss_scale_good_steps"] = 0
 
 
-def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: bool = False,
-                   scaler: LossScaler | None = None) -> StepResult:
+def optimizer_step(
+    strategy, micro: list[dict], *, recipe: Recipe, inject_nan: bool = False, scaler: LossScaler | None = None
+) -> StepResult:
     """Forward/backward every micro batch, clip, step (or skip on NaN/Inf everywhere), zero grads.
     `inject_nan` is a test hook (see Faults): this rank's loss becomes NaN. `scaler`: fp16 loss scaling."""
     ctx = strategy.ctx
@@ -171,8 +172,7 @@ def optimizer_step(strategy, micro: list[dict], *, recipe: Recipe, inject_nan: b
         stats = [sum(col) for col in zip(*ctx.all_gather_object(stats_local))]
         metrics = step_metrics(stats)
     grad_norm, applied = strategy.clip_and_step(recipe.train.max_grad_norm, grad_scale=loss_scale)
-    bad_ranks = [r for r in ctx.all_gather_object(None if math.isfinite(loss_sum_local) else ctx.rank)
-                 if r is not None]
+    bad_ranks = [r for r in ctx.all_gather_object(None if math.isfinite(loss_sum_local) else ctx.rank) if r is not None]
     tokens = ctx.all_reduce(sum(int(b["num_tokens"]) for b in micro))
     # fp16 (ours or DeepSpeed's scaler): gradients overflowed although every loss was finite
     overflow = recipe.train.precision == "fp16" and not applied and not bad_ranks
@@ -282,9 +282,11 @@ def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
     except RuntimeError as exc:  # DistError, or gloo's plain RuntimeError: a peer died or a collective timed out
         if not _is_collective_failure(exc):
             raise
-        raise InfrastructureError(f"rank {ctx.rank}: collective failed ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); a rank died or hung "
-                                  f"(parallel.timeout_s={recipe.parallel.timeout_s})") from exc
+        raise InfrastructureError(
+            f"rank {ctx.rank}: collective failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); a rank died or hung "
+            f"(parallel.timeout_s={recipe.parallel.timeout_s})"
+        ) from exc
     finally:
         if ctx.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -293,7 +295,8 @@ def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
 def _is_collective_failure(exc: RuntimeError) -> bool:
     text = str(exc)
     return isinstance(exc, torch.distributed.DistError) or any(
-        s in text for s in ("gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "timed out"))
+        s in text for s in ("gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "timed out")
+    )
 
 
 @dataclass
@@ -341,10 +344,17 @@ class Run:
             # take a checkpoint as well as a finished run (gathering the adapter is collective).
             weights = self.strategy.trainable_state_dict()
             extra = lambda tmp: write_adapter(tmp / "adapter", self.strategy.module, weights)  # noqa: E731
-        ckpt.save_checkpoint(self.ckpt_root, self.state["step"], strategy=self.strategy, scheduler=self.scheduler,
-                             state=payload, recipe_yaml=self.recipe_yaml,
-                             keep_last_k=self.recipe.checkpoint.keep_last_k, fault=self.faults.in_checkpoint,
-                             extra=extra)
+        ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.state["step"],
+            strategy=self.strategy,
+            scheduler=self.scheduler,
+            state=payload,
+            recipe_yaml=self.recipe_yaml,
+            keep_last_k=self.recipe.checkpoint.keep_last_k,
+            fault=self.faults.in_checkpoint,
+            extra=extra,
+        )
         self.saved_step = self.state["step"]
 
 
@@ -402,24 +412,59 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
         model.peft_config["default"].base_model_name_or_path = served_base_name(recipe, base_path)
     num_trainable, num_frozen = count_params(model)
     matmul_trainable, matmul_frozen = matmul_param_counts(model)
-    step_flops = flops_per_token(model.config, num_trainable=matmul_trainable, num_frozen=matmul_frozen,
-                                 seq_len=recipe.data.seq_len, lora=recipe.lora.enabled)
+    step_flops = flops_per_token(
+        model.config,
+        num_trainable=matmul_trainable,
+        num_frozen=matmul_frozen,
+        seq_len=recipe.data.seq_len,
+        lora=recipe.lora.enabled,
+    )
     # Before DDP/FSDP wrap the layers (the order torchtitan uses); compilation itself is lazy.
     compiled = compile_decoder_layers(model) if t.compile else 0
     strategy = apply_strategy(model, recipe, ctx)
-    loader = StepLoader(len(data.train), micro_batch_size=t.micro_batch_size,
-                        grad_accum_steps=t.grad_accum_steps, world_size=ctx.world_size, rank=ctx.rank,
-                        seed=t.seed, shuffle=recipe.data.shuffle, group_by_length=recipe.data.group_by_length,
-                        # unpacked rows: also to finish an epoch begun grouped (resume, recipe change)
-                        lengths=None if recipe.data.packing else row_lengths(data.train))
+    loader = StepLoader(
+        len(data.train),
+        micro_batch_size=t.micro_batch_size,
+        grad_accum_steps=t.grad_accum_steps,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
+        seed=t.seed,
+        shuffle=recipe.data.shuffle,
+        group_by_length=recipe.data.group_by_length,
+        # unpacked rows: also to finish an epoch begun grouped (resume, recipe change)
+        lengths=None if recipe.data.packing else row_lengths(data.train),
+    )
     steps = total_steps(recipe, len(data.train), loader.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe.train, steps))
-    state = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "eval_before": None,
-             "tracking_run_id": None, "recipe_sha256": recipe.sha256(), "world_size": ctx.world_size,
-             "dataset_fingerprint": dataset_fingerprint(data.train)}
-    run = Run(recipe, ctx, out, dump_recipe(recipe), base_path, tokenizer, data, strategy, loader, scheduler,
-              steps, state, tracker=None, faults=Faults(ctx.rank), ledger=Ledger(out, ctx.rank),
-              flops_per_token=step_flops, peak_flops=peak_flops(ctx.device))
+    state = {
+        "step": 0,
+        "consumed_samples": 0,
+        "consumed_tokens": 0,
+        "eval_before": None,
+        "tracking_run_id": None,
+        "recipe_sha256": recipe.sha256(),
+        "world_size": ctx.world_size,
+        "dataset_fingerprint": dataset_fingerprint(data.train),
+    }
+    run = Run(
+        recipe,
+        ctx,
+        out,
+        dump_recipe(recipe),
+        base_path,
+        tokenizer,
+        data,
+        strategy,
+        loader,
+        scheduler,
+        steps,
+        state,
+        tracker=None,
+        faults=Faults(ctx.rank),
+        ledger=Ledger(out, ctx.rank),
+        flops_per_token=step_flops,
+        peak_flops=peak_flops(ctx.device),
+    )
     resume_dir = _resume(run, allow_recipe_change=allow_recipe_change)
     if resume_dir is None and ctx.is_main:
         _set_aside_metrics(ctx, out)
@@ -427,20 +472,38 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     if state["step"] == 0:
         run.ledger.write({"step": 0, "digest": strategy.local_digest()})
     run.tracker = make_tracker(recipe, rank=ctx.rank)
-    tags = {"llama_train.dataset_fingerprint": state["dataset_fingerprint"],
-            "llama_train.world_size": str(ctx.world_size), "llama_train.strategy": recipe.parallel.strategy}
-    derived = derived_params(global_batch_size=loader.global_batch, world_size=ctx.world_size,
-                             num_trainable=num_trainable, num_total=num_trainable + num_frozen, total_steps=steps,
-                             num_train_rows=len(data.train), num_eval_rows=len(data.eval))
+    tags = {
+        "llama_train.dataset_fingerprint": state["dataset_fingerprint"],
+        "llama_train.world_size": str(ctx.world_size),
+        "llama_train.strategy": recipe.parallel.strategy,
+    }
+    derived = derived_params(
+        global_batch_size=loader.global_batch,
+        world_size=ctx.world_size,
+        num_trainable=num_trainable,
+        num_total=num_trainable + num_frozen,
+        total_steps=steps,
+        num_train_rows=len(data.train),
+        num_eval_rows=len(data.eval),
+    )
     state["tracking_run_id"] = run.tracker.start(params=derived, tags=tags, resume_run_id=state["tracking_run_id"])
-    run.tracker.log_datasets(dataset_records(recipe, fingerprint=state["dataset_fingerprint"],
-                                             num_train_rows=len(data.train), num_eval_rows=len(data.eval)))
+    run.tracker.log_datasets(
+        dataset_records(
+            recipe,
+            fingerprint=state["dataset_fingerprint"],
+            num_train_rows=len(data.train),
+            num_eval_rows=len(data.eval),
+        )
+    )
     if ctx.is_main:
         (out / "recipe.yaml").write_text(run.recipe_yaml)
-    _log(ctx, f"model {base_path}: {num_trainable:,} trainable / {num_frozen:,} frozen params; "
-              f"{len(data.train)} train rows ({data.stats}), {len(data.eval)} eval rows; "
-              f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)"
-              + (f"; train.compile: {compiled} decoder layers compiled" if compiled else ""))
+    _log(
+        ctx,
+        f"model {base_path}: {num_trainable:,} trainable / {num_frozen:,} frozen params; "
+        f"{len(data.train)} train rows ({data.stats}), {len(data.eval)} eval rows; "
+        f"{steps} steps of {loader.global_batch} samples on {ctx.world_size} rank(s)"
+        + (f"; train.compile: {compiled} decoder layers compiled" if compiled else ""),
+    )
     if resume_dir:
         _log(ctx, f"resumed from {resume_dir.name}")
     return run
@@ -469,11 +532,15 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
     for recipe in (saved, current):
         recipe.get("checkpoint", {}).pop("resume", None)
     if kernels[0] != kernels[1]:
-        _log(run.ctx, f"resuming {resume_dir.name} with model.attn_implementation {kernels[1]} (the checkpoint's "
-            f"run used {kernels[0]}): the same attention, another kernel")
+        _log(
+            run.ctx,
+            f"resuming {resume_dir.name} with model.attn_implementation {kernels[1]} (the checkpoint's "
+            f"run used {kernels[0]}): the same attention, another kernel",
+        )
     if saved != current and not allow_recipe_change:
         raise CheckpointError(
-            f"the recipe changed since checkpoint {resume_dir}:\n  " + "\n  ".join(diff_recipes(saved, current))
+            f"the recipe changed since checkpoint {resume_dir}:\n  "
+            + "\n  ".join(diff_recipes(saved, current))
             + "\nrerun with --allow-recipe-change to resume anyway, or start over in a new output_dir"
         )
     try:
@@ -485,7 +552,8 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
                 f"the training data changed since checkpoint {resume_dir} (dataset fingerprint "
                 f"{saved_data} -> {run.state['dataset_fingerprint']}, same recipe): a data file was edited, "
                 "or the tokenizer or llama-train's data pipeline version differs. Restore them, rerun with "
-                "--allow-recipe-change to resume on the new rows anyway, or start over in a new output_dir")
+                "--allow-recipe-change to resume on the new rows anyway, or start over in a new output_dir"
+            )
         fingerprint = run.state["dataset_fingerprint"]
         run.state.update(ckpt.load_checkpoint(resume_dir, strategy=run.strategy, scheduler=run.scheduler))
         run.state["dataset_fingerprint"] = fingerprint  # the data this run trains on from here
@@ -505,11 +573,18 @@ def _resume(run: Run, *, allow_recipe_change: bool) -> Path | None:
         st = saved.get("train", {})
         saved_batch = st.get("micro_batch_size", 0) * st.get("grad_accum_steps", 1) * saved_world
         same = saved_batch == run.loader.global_batch
-        _log(run.ctx, f"resuming {resume_dir.name} (written by {saved_world} rank(s)) on {run.ctx.world_size}: "
-                      f"global batch {saved_batch} -> {run.loader.global_batch}"
-                      + ("" if same else " (the batch size changes from here on; to keep it, set "
-                                         "train.grad_accum_steps so that micro x accum x ranks is equal, "
-                                         "or pin train.global_batch_size)"))
+        _log(
+            run.ctx,
+            f"resuming {resume_dir.name} (written by {saved_world} rank(s)) on {run.ctx.world_size}: "
+            f"global batch {saved_batch} -> {run.loader.global_batch}"
+            + (
+                ""
+                if same
+                else " (the batch size changes from here on; to keep it, set "
+                "train.grad_accum_steps so that micro x accum x ranks is equal, "
+                "or pin train.global_batch_size)"
+            ),
+        )
     run.state["world_size"] = run.ctx.world_size
     return resume_dir
 
@@ -527,8 +602,11 @@ def _finished_summary(run: Run) -> dict | None:
     if not isinstance(summary, dict):
         return None
     output = run.out / ("adapter" if run.recipe.lora.enabled else "model")  # here, even if the directory moved
-    same = (summary.get("status") == "completed" and summary.get("global_step") == run.state["step"]
-            and summary.get("recipe_sha256") in _recipe_hashes_any_kernel(run.recipe))
+    same = (
+        summary.get("status") == "completed"
+        and summary.get("global_step") == run.state["step"]
+        and summary.get("recipe_sha256") in _recipe_hashes_any_kernel(run.recipe)
+    )
     return summary if same and output.exists() else None
 
 
@@ -538,8 +616,10 @@ def _recipe_hashes_any_kernel(recipe: Recipe) -> set[str]:
     from typing import get_args
 
     field = type(recipe.model).model_fields["attn_implementation"]
-    return {recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": k})}).sha256()
-            for k in get_args(field.annotation)}
+    return {
+        recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": k})}).sha256()
+        for k in get_args(field.annotation)
+    }
 
 
 def _refuse_starting_over(run: Run) -> None:
@@ -550,11 +630,15 @@ def _refuse_starting_over(run: Run) -> None:
         earlier.append("run.json")
     if earlier:
         resume = run.recipe.checkpoint.resume
-        why = (f"checkpoint.resume={resume} starts a new one" if resume == "never" else
-               "it has no checkpoint to resume, so this would train it again")
+        why = (
+            f"checkpoint.resume={resume} starts a new one"
+            if resume == "never"
+            else "it has no checkpoint to resume, so this would train it again"
+        )
         raise CheckpointError(
             f"output_dir {run.out} holds an earlier run ({', '.join(earlier)}) and {why}: set a new "
-            "output_dir, or delete the earlier run's files to start over in this one")
+            "output_dir, or delete the earlier run's files to start over in this one"
+        )
 
 
 def _set_aside_metrics(ctx: DistContext, out: Path) -> None:
@@ -575,17 +659,24 @@ def _is_damage(exc: Exception) -> bool:
         return True  # JSONDecodeError and UnicodeDecodeError are ValueErrors
     text = str(exc)
     return type(exc).__name__ == "SafetensorError" or (
-        isinstance(exc, RuntimeError) and not _is_collective_failure(exc)
-        and any(s in text for s in ("PytorchStreamReader", "central directory", "unexpected EOF", "file too short")))
+        isinstance(exc, RuntimeError)
+        and not _is_collective_failure(exc)
+        and any(s in text for s in ("PytorchStreamReader", "central directory", "unexpected EOF", "file too short"))
+    )
 
 
 def _damaged(run: Run, resume_dir: Path, exc: Exception) -> CheckpointError:
     older = [d.name for d in ckpt.complete_checkpoints(run.ckpt_root) if d != resume_dir]
-    fix = (f"checkpoint.resume={run.ckpt_root / older[-1]} (the newest other complete checkpoint)"
-           if older else "checkpoint.resume=never in a new output_dir")
+    fix = (
+        f"checkpoint.resume={run.ckpt_root / older[-1]} (the newest other complete checkpoint)"
+        if older
+        else "checkpoint.resume=never in a new output_dir"
+    )
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    return CheckpointError(f"checkpoint {resume_dir} cannot be loaded ({type(exc).__name__}: {detail[:300]}); "
-                           f"it is damaged or incomplete. Resume from another one with {fix}")
+    return CheckpointError(
+        f"checkpoint {resume_dir} cannot be loaded ({type(exc).__name__}: {detail[:300]}); "
+        f"it is damaged or incomplete. Resume from another one with {fix}"
+    )
 
 
 def _loop(run: Run) -> tuple[str, list[float]]:
@@ -613,10 +704,16 @@ def _loop(run: Run) -> tuple[str, list[float]]:
                     run.tracker.log_metrics(eval_metrics(_evaluate(run)), step=state["step"])
                 else:
                     with _eager(run):
-                        ev = eval_loss(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
-                                       batch_size=max(t.micro_batch_size, 16), device=ctx.device)
-                    run.tracker.log_metrics({"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))},
-                                            step=state["step"])
+                        ev = eval_loss(
+                            run.strategy.model,
+                            run.data.eval,
+                            pad_id=run.tokenizer.pad_token_id,
+                            batch_size=max(t.micro_batch_size, 16),
+                            device=ctx.device,
+                        )
+                    run.tracker.log_metrics(
+                        {"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))}, step=state["step"]
+                    )
             if every and state["step"] % every == 0 and state["step"] < run.steps:
                 run.save_checkpoint()
     return "completed", losses
@@ -627,13 +724,20 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     state, data = run.state, run.data.train
     t0 = time.perf_counter()
     indices = run.loader.next_step()
-    micro = [collate([as_filler(data[sample_index(i)]) if is_filler(i) else data[i] for i in idx],
-                     pad_id=run.tokenizer.pad_token_id, attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
-                     mask_dtype=DTYPES[run.recipe.model.dtype], pairs=run.recipe.train.objective == "dpo")
-             for idx in indices]
+    micro = [
+        collate(
+            [as_filler(data[sample_index(i)]) if is_filler(i) else data[i] for i in idx],
+            pad_id=run.tokenizer.pad_token_id,
+            attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
+            mask_dtype=DTYPES[run.recipe.model.dtype],
+            pairs=run.recipe.train.objective == "dpo",
+        )
+        for idx in indices
+    ]
     lr = run.scheduler.get_last_lr()[0]
-    res = optimizer_step(run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1),
-                         scaler=run.scaler)
+    res = optimizer_step(
+        run.strategy, micro, recipe=run.recipe, inject_nan=run.faults.nan(state["step"] + 1), scaler=run.scaler
+    )
     run.scheduler.step()
     state["step"] += 1
     state["consumed_samples"] += run.loader.last_step_samples
@@ -641,10 +745,23 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     if not res.skipped:  # the loss of the weights a checkpoint holds (export's manifest reports it)
         state["train_loss"] = res.loss
     if run.ledger.enabled:
-        ids = [x for idx in indices for i in idx if not is_filler(i)
-               for x in (data[i].get("ids") or [data[i].get("id", i)])]
-        run.ledger.write({"step": state["step"], "ids": ids, "lr": lr, "loss": res.loss, "skipped": res.skipped,
-                          "digest": run.strategy.local_digest()})
+        ids = [
+            x
+            for idx in indices
+            for i in idx
+            if not is_filler(i)
+            for x in (data[i].get("ids") or [data[i].get("id", i)])
+        ]
+        run.ledger.write(
+            {
+                "step": state["step"],
+                "ids": ids,
+                "lr": lr,
+                "loss": res.loss,
+                "skipped": res.skipped,
+                "digest": run.strategy.local_digest(),
+            }
+        )
     dt = time.perf_counter() - t0
     run.runtime_s += dt
     run.supervised_total += res.supervised
@@ -653,12 +770,17 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
 
 def _log_skip(run: Run, res: StepResult, skips: int) -> None:
     t = run.recipe.train
-    _log(run.ctx, f"step {run.state['step']}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
-                  f"{res.grad_norm}, non-finite loss on rank(s) {res.bad_ranks or 'none'}); update skipped on "
-                  f"all ranks ({skips} in a row)")
+    _log(
+        run.ctx,
+        f"step {run.state['step']}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
+        f"{res.grad_norm}, non-finite loss on rank(s) {res.bad_ranks or 'none'}); update skipped on "
+        f"all ranks ({skips} in a row)",
+    )
     if skips >= t.max_nonfinite_skips:
-        raise NonFiniteError(f"{skips} consecutive non-finite steps up to step {run.state['step']} "
-                             f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); lower train.lr or check the data")
+        raise NonFiniteError(
+            f"{skips} consecutive non-finite steps up to step {run.state['step']} "
+            f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); lower train.lr or check the data"
+        )
 
 
 MAX_OVERFLOWS = 32  # halvings: from the default 2^16 down to 2^-16
@@ -666,12 +788,17 @@ MAX_OVERFLOWS = 32  # halvings: from the default 2^16 down to 2^-16
 
 def _log_overflow(run: Run, res: StepResult, overflows: int) -> None:
     scale = f"; loss scale now {run.scaler.scale:g}" if run.scaler else " (DeepSpeed lowers its loss scale)"
-    _log(run.ctx, f"step {run.state['step']}: fp16 gradient overflow (loss {res.loss:.4f} is finite); update "
-                  f"skipped on all ranks{scale} ({overflows} in a row)")
+    _log(
+        run.ctx,
+        f"step {run.state['step']}: fp16 gradient overflow (loss {res.loss:.4f} is finite); update "
+        f"skipped on all ranks{scale} ({overflows} in a row)",
+    )
     if overflows >= MAX_OVERFLOWS:
-        raise NonFiniteError(f"{overflows} consecutive fp16 gradient overflows up to step {run.state['step']}: "
-                             "the gradients are not finite at any loss scale; use train.precision: bf16 "
-                             "(or fp32), or lower train.lr")
+        raise NonFiniteError(
+            f"{overflows} consecutive fp16 gradient overflows up to step {run.state['step']}: "
+            "the gradients are not finite at any loss scale; use train.precision: bf16 "
+            "(or fp32), or lower train.lr"
+        )
 
 
 def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Progress) -> None:
@@ -680,12 +807,18 @@ def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Prog
         # FLOP/s and MFU per device: the step's tokens are counted over all ranks.
         flops_per_s = res.tokens / dt * run.flops_per_token / run.ctx.world_size
         metrics = {
-            "train/loss": res.loss, "train/lr": lr, "train/grad_norm": res.grad_norm,
-            "train/tokens_per_s": res.tokens / dt, "train/supervised_tokens": res.supervised,
-            "train/supervised_tokens_per_s": res.supervised / dt, "train/consumed_samples": state["consumed_samples"],
-            "train/tflops_per_device": flops_per_s / 1e12, **_memory_metrics(run.ctx.device),
+            "train/loss": res.loss,
+            "train/lr": lr,
+            "train/grad_norm": res.grad_norm,
+            "train/tokens_per_s": res.tokens / dt,
+            "train/supervised_tokens": res.supervised,
+            "train/supervised_tokens_per_s": res.supervised / dt,
+            "train/consumed_samples": state["consumed_samples"],
+            "train/tflops_per_device": flops_per_s / 1e12,
+            **_memory_metrics(run.ctx.device),
             # passes over the training rows (fractional): the x axis people think in
-            "train/epoch": state["consumed_samples"] / max(len(run.data.train), 1)}
+            "train/epoch": state["consumed_samples"] / max(len(run.data.train), 1),
+        }
         if run.peak_flops:
             metrics["train/mfu"] = flops_per_s / run.peak_flops
         if run.scaler:
@@ -718,13 +851,24 @@ def _evaluate(run: Run) -> dict:
         from llama_train.dpo import eval_preferences
 
         with _eager(run):
-            return eval_preferences(run.strategy.model, run.data.eval, pad_id=run.tokenizer.pad_token_id,
-                                    batch_size=run.recipe.train.micro_batch_size, device=run.ctx.device,
-                                    attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
-                                    mask_dtype=DTYPES[run.recipe.model.dtype])
+            return eval_preferences(
+                run.strategy.model,
+                run.data.eval,
+                pad_id=run.tokenizer.pad_token_id,
+                batch_size=run.recipe.train.micro_batch_size,
+                device=run.ctx.device,
+                attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
+                mask_dtype=DTYPES[run.recipe.model.dtype],
+            )
     with _eager(run):
-        return evaluate(run.strategy.model, run.tokenizer, run.data.eval, run.data.eval_rows, recipe=run.recipe,
-                        device=run.ctx.device)
+        return evaluate(
+            run.strategy.model,
+            run.tokenizer,
+            run.data.eval,
+            run.data.eval_rows,
+            recipe=run.recipe,
+            device=run.ctx.device,
+        )
 
 
 def _finish(run: Run, losses: list[float]) -> dict:
@@ -771,15 +915,26 @@ def _finish(run: Run, losses: list[float]) -> dict:
         if recipe.tracking.registered_model_name:
             base = base_model_label(recipe, run.base_path)
             summary["registered_version"] = register_adapter(
-                tracker, summary["adapter_dir"], name=recipe.tracking.registered_model_name,
-                tags=version_tags(base_model=base, recipe_sha256=summary["recipe_sha256"],
-                                  dataset_fingerprint=state["dataset_fingerprint"],
-                                  eval_before=state["eval_before"], eval_after=eval_after),
+                tracker,
+                summary["adapter_dir"],
+                name=recipe.tracking.registered_model_name,
+                tags=version_tags(
+                    base_model=base,
+                    recipe_sha256=summary["recipe_sha256"],
+                    dataset_fingerprint=state["dataset_fingerprint"],
+                    eval_before=state["eval_before"],
+                    eval_after=eval_after,
+                ),
                 description=version_description(
-                    base_model=base, recipe_sha256=summary["recipe_sha256"], run_name=summary["run_name"],
-                    eval_before=state["eval_before"], eval_after=eval_after,
+                    base_model=base,
+                    recipe_sha256=summary["recipe_sha256"],
+                    run_name=summary["run_name"],
+                    eval_before=state["eval_before"],
+                    eval_after=eval_after,
                     metric="preference_accuracy" if recipe.train.objective == "dpo" else recipe.gate.metric,
-                    global_step=state["step"]))
+                    global_step=state["step"],
+                ),
+            )
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracker.log_artifact(out / "run.json")
     tracker.log_artifact(out / "recipe.yaml")
@@ -802,8 +957,9 @@ def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) 
         module.config.save_pretrained(str(tmp))
         if getattr(module, "generation_config", None) is not None:
             module.generation_config.save_pretrained(str(tmp))
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)
@@ -814,8 +970,7 @@ def _write_outputs(out: Path, module, weights: dict, tokenizer, recipe: Recipe) 
 def _fmt_eval(ev: dict) -> str:
     parts = [f"loss {ev['loss']:.4f}"]
     if "preference_accuracy" in ev:
-        parts += [f"preference accuracy {ev['preference_accuracy']:.3f}",
-                  f"reward margin {ev['reward_margin']:.4f}"]
+        parts += [f"preference accuracy {ev['preference_accuracy']:.3f}", f"reward margin {ev['reward_margin']:.4f}"]
     if "exact_match" in ev:
         parts.append(f"exact_match {ev['exact_match']:.3f}")
     return ", ".join(parts) + f" on {ev['num_samples']} rows"

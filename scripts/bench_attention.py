@@ -67,13 +67,19 @@ def main() -> None:
     model_dir = pull(args.model, log=lambda m: print(m, file=sys.stderr))
     attention.register()
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     model.train()
     rows = packed_rows(args.rows, base.config.vocab_size, args.seed)
-    kernels = {"doc_sdpa": attention.resolve("auto") if not torch.cuda.is_available() else "doc_sdpa",
-               "sdpa": "sdpa"}
+    kernels = {"doc_sdpa": attention.resolve("auto") if not torch.cuda.is_available() else "doc_sdpa", "sdpa": "sdpa"}
     batches = {k: collate(rows, pad_id=0, attn_implementation=v) for k, v in kernels.items()}
     tokens = sum(len(r["input_ids"]) for r in rows)
 
@@ -99,21 +105,37 @@ def main() -> None:
             losses[k].append(loss)
             this[k] = dt
         ratios.append(this["sdpa"] / this["doc_sdpa"])
-        print(json.dumps({"round": rnd, "order": order, **{f"{k}_s": round(v, 3) for k, v in this.items()}}),
-              file=sys.stderr)
-    print(f"\n{args.model}, LoRA r16 all projections, float32, {args.rows} packed row(s) of {SEQ} "
-          f"({tokens} tokens, {sum(len(r['doc_lens']) for r in rows)} documents), forward + backward, "
-          f"{args.threads} threads, {args.rounds} alternating rounds\n")
+        print(
+            json.dumps({"round": rnd, "order": order, **{f"{k}_s": round(v, 3) for k, v in this.items()}}),
+            file=sys.stderr,
+        )
+    print(
+        f"\n{args.model}, LoRA r16 all projections, float32, {args.rows} packed row(s) of {SEQ} "
+        f"({tokens} tokens, {sum(len(r['doc_lens']) for r in rows)} documents), forward + backward, "
+        f"{args.threads} threads, {args.rounds} alternating rounds\n"
+    )
     print("| kernel | median s/step | tokens/s | loss |")
     print("|---|---:|---:|---:|")
     for k in kernels:
         med = statistics.median(results[k])
         print(f"| {k} ({kernels[k]}) | {med:.3f} | {tokens / med:.0f} | {losses[k][0]:.6f} |")
-    print(f"\nper-round speed-up of doc_sdpa over sdpa: {', '.join(f'{r:.2f}x' for r in ratios)}; "
-          f"median {statistics.median(ratios):.2f}x")
+    print(
+        f"\nper-round speed-up of doc_sdpa over sdpa: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+        f"median {statistics.median(ratios):.2f}x"
+    )
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "seconds": results,
-                                        "losses": losses, "ratios": ratios, "tokens": tokens}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "seconds": results,
+                    "losses": losses,
+                    "ratios": ratios,
+                    "tokens": tokens,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,25 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "you", "are", "a", "helpful", "assistant", "answer", "with", "result", "only"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    "assistant",
+    "answer",
+    "with",
+    "result",
+    "only",
+]
 
 
 def make_rows(n: int, *, seed: int, tokens_per_word: float) -> list[dict]:
@@ -42,17 +60,32 @@ def bench_ours(rows, model_dir: Path, tok, args, tmp: Path) -> dict:
 
     path = tmp / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = recipe_from_dict({
-        "output_dir": str(tmp / "run"), "model": {"source": "tiny", "path": str(model_dir)},
-        "train": {"max_steps": 1}, "tracking": {"enabled": False},
-        "data": {"sources": [{"path": str(path), "format": "completion"}], "seq_len": args.seq_len,
-                 "packing": True, "overlength": "truncate", "num_proc": args.num_proc, "cache": False}})
+    recipe = recipe_from_dict(
+        {
+            "output_dir": str(tmp / "run"),
+            "model": {"source": "tiny", "path": str(model_dir)},
+            "train": {"max_steps": 1},
+            "tracking": {"enabled": False},
+            "data": {
+                "sources": [{"path": str(path), "format": "completion"}],
+                "seq_len": args.seq_len,
+                "packing": True,
+                "overlength": "truncate",
+                "num_proc": args.num_proc,
+                "cache": False,
+            },
+        }
+    )
     t0 = time.perf_counter()
     out = prepare(recipe, tok)
     dt = time.perf_counter() - t0
     lens = [len(x) for x in out.train["input_ids"]]
-    return {"seconds": dt, "tokens": sum(lens), "packed_rows": len(lens),
-            "efficiency": sum(lens) / (len(lens) * args.seq_len)}
+    return {
+        "seconds": dt,
+        "tokens": sum(lens),
+        "packed_rows": len(lens),
+        "efficiency": sum(lens) / (len(lens) * args.seq_len),
+    }
 
 
 def bench_trl(rows, model_dir: Path, tok, args, tmp: Path) -> dict:
@@ -60,18 +93,36 @@ def bench_trl(rows, model_dir: Path, tok, args, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    ds = datasets.Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}],
-         "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    cfg = SFTConfig(output_dir=str(tmp / "trl"), max_length=args.seq_len, packing=True, packing_strategy="bfd",
-                    dataset_num_proc=args.num_proc, completion_only_loss=True, report_to=[], use_cpu=True)
+    cfg = SFTConfig(
+        output_dir=str(tmp / "trl"),
+        max_length=args.seq_len,
+        packing=True,
+        packing_strategy="bfd",
+        dataset_num_proc=args.num_proc,
+        completion_only_loss=True,
+        report_to=[],
+        use_cpu=True,
+    )
     t0 = time.perf_counter()
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     dt = time.perf_counter() - t0
     lens = [len(x) for x in trainer.train_dataset["input_ids"]]
-    return {"seconds": dt, "tokens": sum(lens), "packed_rows": len(lens),
-            "efficiency": sum(lens) / (len(lens) * args.seq_len)}
+    return {
+        "seconds": dt,
+        "tokens": sum(lens),
+        "packed_rows": len(lens),
+        "efficiency": sum(lens) / (len(lens) * args.seq_len),
+    }
 
 
 def main() -> None:
@@ -93,16 +144,21 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(model_dir)
         probe = make_rows(200, seed=args.seed + 1, tokens_per_word=1.0)
         tpw = sum(len(tok(r["prompt"] + " " + r["completion"]).input_ids) for r in probe) / sum(
-            len((r["prompt"] + " " + r["completion"]).split()) for r in probe)
+            len((r["prompt"] + " " + r["completion"]).split()) for r in probe
+        )
         rows = make_rows(args.rows, seed=args.seed, tokens_per_word=tpw)
-        results = {"llama_train": bench_ours(rows, model_dir, tok, args, tmp),
-                   f"trl {trl.__version__}": bench_trl(rows, model_dir, tok, args, tmp)}
+        results = {
+            "llama_train": bench_ours(rows, model_dir, tok, args, tmp),
+            f"trl {trl.__version__}": bench_trl(rows, model_dir, tok, args, tmp),
+        }
     print(f"{args.rows} rows, seq_len {args.seq_len}, num_proc {args.num_proc}, tiny Llama tokenizer\n")
     print("| pipeline | seconds | rows/s | tokens/s | packed rows | tokens | packing efficiency |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['seconds']:.1f} | {args.rows / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} "
-              f"| {r['packed_rows']} | {r['tokens']:,} | {r['efficiency']:.4f} |")
+        print(
+            f"| {name} | {r['seconds']:.1f} | {args.rows / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} "
+            f"| {r['packed_rows']} | {r['tokens']:,} | {r['efficiency']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import (HP, LORA_TARGETS, RESULT_TAG, StepClock, emit, hf_training_args,  # noqa: E402
-                         step_timer)
+from bench_train import HP, LORA_TARGETS, RESULT_TAG, StepClock, emit, hf_training_args, step_timer  # noqa: E402
 
 BETA = 0.1
 FRAMEWORKS = ("llama_train", "trl")
@@ -47,8 +46,7 @@ def make_pairs(path: Path, *, num_pairs: int, tasks: list[str]) -> dict:
     from llama_train.data.builtin import generate_preference_splits
 
     rows, _ = generate_preference_splits(num_train=num_pairs, num_eval=1, seed=0, tasks=tuple(tasks))
-    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "chosen", "rejected")}) + "\n"
-                            for r in rows))
+    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "chosen", "rejected")}) + "\n" for r in rows))
     return {"pairs": len(rows), "tasks": tasks}
 
 
@@ -63,12 +61,25 @@ def child_llama_train(work: Path, args) -> dict:
     recipe = {
         "output_dir": str(out),
         "model": {"source": "tiny" if base == work / "tiny" else "hf", "path": str(base)},
-        "data": {"sources": [{"path": str(work / "pairs.jsonl"), "format": "preference"}],
-                 "seq_len": args.seq_len, "cache_dir": str(work / "llama_train_cache"), "shuffle": False},
+        "data": {
+            "sources": [{"path": str(work / "pairs.jsonl"), "format": "preference"}],
+            "seq_len": args.seq_len,
+            "cache_dir": str(work / "llama_train_cache"),
+            "shuffle": False,
+        },
         "lora": {"r": HP["r"], "alpha": HP["alpha"], "dropout": 0.0, "target_modules": LORA_TARGETS},
-        "train": {"objective": "dpo", "epochs": 1, "micro_batch_size": args.batch, "lr": HP["lr"],
-                  "lr_scheduler": "cosine", "warmup_steps": 0, "max_grad_norm": HP["max_grad_norm"],
-                  "seed": HP["seed"], "num_threads": args.threads, "log_every_n_steps": 1},
+        "train": {
+            "objective": "dpo",
+            "epochs": 1,
+            "micro_batch_size": args.batch,
+            "lr": HP["lr"],
+            "lr_scheduler": "cosine",
+            "warmup_steps": 0,
+            "max_grad_norm": HP["max_grad_norm"],
+            "seed": HP["seed"],
+            "num_threads": args.threads,
+            "log_every_n_steps": 1,
+        },
         "dpo": {"beta": BETA, "loss": "sigmoid"},
         "tracking": {"uri": f"sqlite:///{work}/mlruns.db", "log_system_metrics": False},
         "checkpoint": {"save_final": False, "resume": "never"},
@@ -88,10 +99,14 @@ def child_llama_train(work: Path, args) -> dict:
         raise SystemExit("llama_train failed")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["metrics"] for r in rows if "train/loss" in r["metrics"]]
-    return {"framework": "llama_train", "steps": len(steps),
-            "supervised_tokens": int(sum(m["train/supervised_tokens"] for m in steps)), **clock.result(),
-            "mean_loss": sum(m["train/loss"] for m in steps) / len(steps),
-            "final_margin": steps[-1]["train/rewards/margins"]}
+    return {
+        "framework": "llama_train",
+        "steps": len(steps),
+        "supervised_tokens": int(sum(m["train/supervised_tokens"] for m in steps)),
+        **clock.result(),
+        "mean_loss": sum(m["train/loss"] for m in steps) / len(steps),
+        "final_margin": steps[-1]["train/rewards/margins"],
+    }
 
 
 def child_trl(work: Path, args) -> dict:
@@ -107,32 +122,71 @@ def child_trl(work: Path, args) -> dict:
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa", dtype=torch.float32)
     torch.manual_seed(HP["seed"])
-    lora = peft.LoraConfig(r=HP["r"], lora_alpha=HP["alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
-                           bias="none", task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(
+        r=HP["r"],
+        lora_alpha=HP["alpha"],
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     clock = StepClock()
-    targs = hf_training_args(DPOConfig, work / f"trl_run_round{args.round}", batch=args.batch, accum=1,
-                             beta=BETA, loss_type=["sigmoid"], max_length=args.seq_len)
-    trainer = DPOTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, peft_config=lora,
-                         callbacks=[step_timer(clock)])
+    targs = hf_training_args(
+        DPOConfig,
+        work / f"trl_run_round{args.round}",
+        batch=args.batch,
+        accum=1,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=args.seq_len,
+    )
+    trainer = DPOTrainer(
+        model=model, args=targs, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[step_timer(clock)]
+    )
     supervised = sum(int(b["completion_mask"][:, 1:].sum()) for b in trainer.get_train_dataloader())
     out = trainer.train()
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
-    return {"framework": "trl", "steps": trainer.state.global_step, "supervised_tokens": supervised,
-            **clock.result(), "mean_loss": out.training_loss, "final_margin": margins[-1] if margins else None}
+    return {
+        "framework": "trl",
+        "steps": trainer.state.global_step,
+        "supervised_tokens": supervised,
+        **clock.result(),
+        "mean_loss": out.training_loss,
+        "final_margin": margins[-1] if margins else None,
+    }
 
 
 def spawn(name: str, work: Path, args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--threads", str(args.threads),
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--round", str(args.round)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--work",
+        str(work),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--round",
+        str(args.round),
+    ]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
         return {"framework": name, "error": f"exit {proc.returncode}", "log_tail": (proc.stdout + proc.stderr)[-3000:]}
-    result = json.loads(lines[-1][len(RESULT_TAG):])
+    result = json.loads(lines[-1][len(RESULT_TAG) :])
     result["load_avg_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return result
 
@@ -179,8 +233,22 @@ def main(argv=None) -> int:
         base = pull(args.model)
     (work / "model_dir.txt").write_text(str(base))
     data = make_pairs(work / "pairs.jsonl", num_pairs=args.pairs, tasks=args.tasks.split(","))
-    print(json.dumps({"env": {"trl": trl.__version__, "model": args.model, "data": data, "batch": args.batch,
-                              "threads": args.threads, "argv": sys.argv[1:], "work": str(work)}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "env": {
+                    "trl": trl.__version__,
+                    "model": args.model,
+                    "data": data,
+                    "batch": args.batch,
+                    "threads": args.threads,
+                    "argv": sys.argv[1:],
+                    "work": str(work),
+                }
+            }
+        ),
+        flush=True,
+    )
     rounds = []
     for k in range(args.repeats):
         args.round = k
@@ -188,19 +256,23 @@ def main(argv=None) -> int:
         rounds.append({name: spawn(name, work, args) for name in order})
         for name in order:
             print(json.dumps({"round": k, **rounds[-1][name]}), flush=True)
-    lines = ["| round | llama_train tokens/s | trl tokens/s | ratio | llama_train tokens/s (median step) | "
-             "trl (median step) | ratio (median step) | supervised tokens (llama_train / trl) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| round | llama_train tokens/s | trl tokens/s | ratio | llama_train tokens/s (median step) | "
+        "trl (median step) | ratio (median step) | supervised tokens (llama_train / trl) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for k, rnd in enumerate(rounds):
         a, b = rnd["llama_train"], rnd["trl"]
         if "error" in a or "error" in b:
             lines.append(f"| {k} | {a.get('error', '')} | {b.get('error', '')} | | | | | |")
             continue
-        lines.append(f"| {k} | {a['tokens_per_s']:,.2f} | {b['tokens_per_s']:,.2f} | "
-                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['tokens_per_s_median_step']:,.2f} | "
-                     f"{b['tokens_per_s_median_step']:,.2f} | "
-                     f"{a['tokens_per_s_median_step'] / b['tokens_per_s_median_step']:.2f}x | "
-                     f"{a['supervised_tokens']:,} / {b['supervised_tokens']:,} |")
+        lines.append(
+            f"| {k} | {a['tokens_per_s']:,.2f} | {b['tokens_per_s']:,.2f} | "
+            f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['tokens_per_s_median_step']:,.2f} | "
+            f"{b['tokens_per_s_median_step']:,.2f} | "
+            f"{a['tokens_per_s_median_step'] / b['tokens_per_s_median_step']:.2f}x | "
+            f"{a['supervised_tokens']:,} / {b['supervised_tokens']:,} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:

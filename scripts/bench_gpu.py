@@ -49,8 +49,18 @@ from llama_train.model import compile_decoder_layers, isolate_inductor_cache  # 
 from llama_train.perf import flops_per_token, matmul_param_counts, mfu, peak_flops  # noqa: E402
 
 IGNORE = -100
-ALL_VARIANTS = ("hf_packed", "hf_causal", "fast", "fast_ckpt", "hf_packed_compile", "fast_compile",
-                "fast_compile_loop", "fast_compile_ckpt", "trainer_compile", "hf_trainer")
+ALL_VARIANTS = (
+    "hf_packed",
+    "hf_causal",
+    "fast",
+    "fast_ckpt",
+    "hf_packed_compile",
+    "fast_compile",
+    "fast_compile_loop",
+    "fast_compile_ckpt",
+    "trainer_compile",
+    "hf_trainer",
+)
 
 
 # --------------------------------------------------------------------------- attention
@@ -75,13 +85,28 @@ def build_model(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.tiny:
-        cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq)
+        cfg = LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=args.seq,
+        )
     else:  # Llama-3.1-8B architecture
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                          num_hidden_layers=getattr(args, "layers", None) or 32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=getattr(args, "layers", None) or 32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     old = torch.get_default_dtype()
@@ -91,8 +116,13 @@ def build_model(args, device):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = get_peft_model(model, lora)  # adapters float32 (PEFT's autocast_adapter_dtype default)
     model.train()
     return model, cfg
@@ -137,8 +167,9 @@ def hf_loss(model, batch, *, use_cache_false):
 
 def fast_loss(model, batch, chunk_size):
     input_ids, labels, position_ids, extra, _ = batch
-    loss_sum, num_tokens = causal_lm_loss(model, input_ids, labels, position_ids=position_ids,
-                                          chunk_size=chunk_size, **extra)
+    loss_sum, num_tokens = causal_lm_loss(
+        model, input_ids, labels, position_ids=position_ids, chunk_size=chunk_size, **extra
+    )
     return loss_sum / num_tokens
 
 
@@ -182,8 +213,11 @@ def run_variant(name, model, cfg, args, device, flops_tok, peak):
                 setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
         # Embedding output requiring grad makes layer 0 see the same input as layers 1..L-1,
         # so one graph serves every layer instead of two.
-        hook = model.get_base_model().get_input_embeddings().register_forward_hook(
-            lambda mod, inp, out: out.requires_grad_(True))
+        hook = (
+            model.get_base_model()
+            .get_input_embeddings()
+            .register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        )
         isolate_inductor_cache()
         if name == "trainer_compile":
             compile_decoder_layers(model)  # what train.compile does (attention stays eager)
@@ -260,8 +294,9 @@ def run_hf_trainer(model, cfg, args, device, flops_tok, peak):
     rows = []
     for step in range(n):
         input_ids, labels, position_ids, _, _ = make_batch(args, torch.device("cpu"), cfg.vocab_size, step)
-        rows += [{"input_ids": input_ids[i], "labels": labels[i], "position_ids": position_ids[i]}
-                 for i in range(args.batch)]
+        rows += [
+            {"input_ids": input_ids[i], "labels": labels[i], "position_ids": position_ids[i]} for i in range(args.batch)
+        ]
     times: list[float] = []
     losses: list[float] = []
 
@@ -281,12 +316,26 @@ def run_hf_trainer(model, cfg, args, device, flops_tok, peak):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             targs = TrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=n, learning_rate=1e-5,
-                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", bf16=True,
-                gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
-                dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, seed=0,
-                use_cpu=device.type == "cpu")
+                output_dir=tmp,
+                per_device_train_batch_size=args.batch,
+                max_steps=n,
+                learning_rate=1e-5,
+                lr_scheduler_type="constant",
+                warmup_steps=0,
+                weight_decay=0.0,
+                max_grad_norm=1.0,
+                optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+                bf16=True,
+                gradient_checkpointing=False,
+                logging_steps=1,
+                save_strategy="no",
+                report_to="none",
+                dataloader_num_workers=0,
+                disable_tqdm=True,
+                remove_unused_columns=False,
+                seed=0,
+                use_cpu=device.type == "cpu",
+            )
             stack = lambda feats: {k: torch.stack([f[k] for f in feats]) for k in feats[0]}  # noqa: E731
             t0 = time.perf_counter()
             Trainer(model=model, args=targs, train_dataset=rows, data_collator=stack, callbacks=[Clock()]).train()
@@ -295,11 +344,14 @@ def run_hf_trainer(model, cfg, args, device, flops_tok, peak):
     elapsed = times[-1] - times[args.warmup - 1] if args.warmup else times[-1] - t0
     tps = args.steps * args.batch * args.seq / elapsed
     return {
-        "variant": "hf_trainer", "tokens_per_s": round(tps, 1), "step_s": round(elapsed / args.steps, 4),
+        "variant": "hf_trainer",
+        "tokens_per_s": round(tps, 1),
+        "step_s": round(elapsed / args.steps, 4),
         "mfu": None if peak is None else round(mfu(tps, flops_tok, peak), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "warmup_s": round((times[args.warmup - 1] if args.warmup else t0) - t0, 1),
-        "last_loss": losses[-1] if losses else None, "optimizer_steps": len(times),
+        "last_loss": losses[-1] if losses else None,
+        "optimizer_steps": len(times),
     }
 
 
@@ -334,8 +386,8 @@ def main(argv=None):
     args.steps = args.steps or (3 if args.tiny else 10)
     start = time.perf_counter()
 
-    import transformers
     import peft
+    import transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attention = register_attention()
@@ -347,11 +399,22 @@ def main(argv=None):
     peak = peak_flops(device)
     env = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(), "seq": args.seq, "batch": args.batch, "warmup": args.warmup,
-        "steps": args.steps, "chunk_size": args.chunk_size, "fast_attention": attention,
-        "trainable_params": trainable, "frozen_matmul_params": frozen, "flops_per_token": flops_tok,
-        "peak_flops": peak, "build_s": round(build_s, 1), "argv": sys.argv[1:],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "seq": args.seq,
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "chunk_size": args.chunk_size,
+        "fast_attention": attention,
+        "trainable_params": trainable,
+        "frozen_matmul_params": frozen,
+        "flops_per_token": flops_tok,
+        "peak_flops": peak,
+        "build_s": round(build_s, 1),
+        "argv": sys.argv[1:],
     }
     print(json.dumps({"env": env}), flush=True)
     check = loss_check(model, cfg, args, device)
@@ -380,7 +443,9 @@ def main(argv=None):
     for r in results:
         if "tokens_per_s" in r:
             m = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            print(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {m} | {r['step_s']} | {r['peak_mem_gib']} | {r['warmup_s']} |")
+            print(
+                f"| {r['variant']} | {r['tokens_per_s']:.0f} | {m} | {r['step_s']} | {r['peak_mem_gib']} | {r['warmup_s']} |"
+            )
         else:
             print(f"| {r['variant']} | {r.get('error') or r.get('skipped')} | | | | |")
     if args.out:

@@ -86,21 +86,29 @@ def main(argv=None):
     for variant in VARIANTS:
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), *passthrough, "--child", variant],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     naive = results[0]
-    print(f"\nseq {args.seq} x vocab {args.vocab} x hidden {args.hidden}, {args.dtype}, chunk {args.chunk_size}, "
-          f"lm_head {'trained' if args.train_head else 'frozen'}\n")
-    print("| variant | peak memory over inputs (MiB) | vs naive | loss (sum) | rel. loss diff | |grad h| rel. diff | time (s) |")
+    print(
+        f"\nseq {args.seq} x vocab {args.vocab} x hidden {args.hidden}, {args.dtype}, chunk {args.chunk_size}, "
+        f"lm_head {'trained' if args.train_head else 'frozen'}\n"
+    )
+    print(
+        "| variant | peak memory over inputs (MiB) | vs naive | loss (sum) | rel. loss diff | |grad h| rel. diff | time (s) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         rel = abs(r["loss"] - naive["loss"]) / abs(naive["loss"])
         grel = abs(r["grad_hidden_norm"] - naive["grad_hidden_norm"]) / naive["grad_hidden_norm"]
         ratio = naive["peak_delta_mib"] / r["peak_delta_mib"]
-        print(f"| {r['variant']} | {r['peak_delta_mib']:.0f} | {ratio:.1f}x lower | {r['loss']:.4f} | {rel:.1e} | "
-              f"{grel:.1e} | {r['seconds']} |")
+        print(
+            f"| {r['variant']} | {r['peak_delta_mib']:.0f} | {ratio:.1f}x lower | {r['loss']:.4f} | {rel:.1e} | "
+            f"{grel:.1e} | {r['seconds']} |"
+        )
     return 0
 
 

@@ -42,17 +42,34 @@ def build_fixtures(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(1)
     model = peft.get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
-        peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        peft.LoraConfig(
+            r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+    )
     model.save_pretrained(root / "adapter")
     return base, root / "adapter"
 
 
 def start_server(base: Path, adapter: Path, port: int, log_path: Path, max_batch: int):
-    argv = [sys.executable, "-m", "llama_train.serve", "--base", str(base),
-            "--served-model-name", "tiny", "--adapter", f"tiny-lora={adapter}",
-            "--port", str(port), "--max-concurrency", "64", "--max-batch-size", str(max_batch),
-            "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-m",
+        "llama_train.serve",
+        "--base",
+        str(base),
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"tiny-lora={adapter}",
+        "--port",
+        str(port),
+        "--max-concurrency",
+        "64",
+        "--max-batch-size",
+        str(max_batch),
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "LLAMA_TRAIN_API_KEY": "bench"}
     proc = subprocess.Popen(argv, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180
@@ -82,9 +99,13 @@ def run_level(url: str, concurrency: int, num_requests: int, max_tokens: int) ->
                     i = next(counter, None)
                 if i is None:
                     return
-                body = {"model": "tiny-lora", "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True,
-                        "messages": [{"role": "user", "content": f"Request {i}: add 12 and {i}."}]}
+                body = {
+                    "model": "tiny-lora",
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "messages": [{"role": "user", "content": f"Request {i}: add 12 and {i}."}],
+                }
                 t0 = time.perf_counter()
                 r = http.post(f"{url}/v1/chat/completions", json=body)
                 dt = time.perf_counter() - t0
@@ -92,8 +113,14 @@ def run_level(url: str, concurrency: int, num_requests: int, max_tokens: int) ->
                     (latencies.append(dt) if r.status_code == 200 else errors.append(r.text[:200]))
 
     wall = run_clients(client, concurrency)
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "rps": len(latencies) / wall, "tok_s": len(latencies) * max_tokens / wall, **quantiles(latencies)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "rps": len(latencies) / wall,
+        "tok_s": len(latencies) * max_tokens / wall,
+        **quantiles(latencies),
+    }
 
 
 def run_clients(client, concurrency: int) -> float:
@@ -135,14 +162,18 @@ def main() -> None:
             proc.wait(timeout=30)
     import torch
 
-    print(f"\nTiny Llama + LoRA adapter (tiny-lora), {args.requests} chat requests per level, "
-          f"{args.max_tokens} generated tokens each, greedy; CPU: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}\n")
+    print(
+        f"\nTiny Llama + LoRA adapter (tiny-lora), {args.requests} chat requests per level, "
+        f"{args.max_tokens} generated tokens each, greedy; CPU: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}\n"
+    )
     print("| concurrent clients | requests/s | output tokens/s | p50 latency (s) | p95 latency (s) | errors |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['rps']:.2f} | {r['tok_s']:.0f} | {r['p50']:.3f} | "
-              f"{r['p95']:.3f} | {r['errors']} |")
+        print(
+            f"| {r['concurrency']} | {r['rps']:.2f} | {r['tok_s']:.0f} | {r['p50']:.3f} | "
+            f"{r['p95']:.3f} | {r['errors']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,16 +53,43 @@ class Server:
     def __init__(self, kind: str, model_dir: Path, log_dir: Path, args):
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "LLAMA_TRAIN_API_KEY": KEY,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "LLAMA_TRAIN_API_KEY": KEY,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
         if kind == "llama_train":
-            argv = [sys.executable, "-m", "llama_train.serve", "--base", str(model_dir),
-                    "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--max-concurrency", "64", "--max-batch-size", "32", "--log-level", "WARNING"]
+            argv = [
+                sys.executable,
+                "-m",
+                "llama_train.serve",
+                "--base",
+                str(model_dir),
+                "--served-model-name",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--max-concurrency",
+                "64",
+                "--max-batch-size",
+                "32",
+                "--log-level",
+                "WARNING",
+            ]
             self.model, ready = "smollm2", "/ready"
         else:
-            argv = ["transformers", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-                    *(["--continuous-batching"] if args.hf_continuous_batching else [])]
+            argv = [
+                "transformers",
+                "serve",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *(["--continuous-batching"] if args.hf_continuous_batching else []),
+            ]
             self.model, ready = str(model_dir), "/health"
         self.log_path = log_dir / f"{kind}-{self.port}.log"
         self.proc = subprocess.Popen(argv, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -87,8 +114,13 @@ class Server:
             self.proc.kill()
 
     def body(self, content: str, max_tokens: int, stream: bool = False) -> dict:
-        return {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
-                "messages": [{"role": "user", "content": content}]}
+        return {
+            "model": self.model,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+            "messages": [{"role": "user", "content": content}],
+        }
 
 
 def throughput(server: Server, concurrency: int, num_requests: int, max_tokens: int) -> dict:
@@ -111,15 +143,23 @@ def throughput(server: Server, concurrency: int, num_requests: int, max_tokens: 
                         errors.append(f"{r.status_code} {r.text[:200]}")
 
     wall = run_clients(client, concurrency)
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "error_samples": errors[:3], "rps": len(latencies) / wall, "tok_s": sum(tokens) / wall,
-            "tokens": sum(tokens), **quantiles(latencies)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "rps": len(latencies) / wall,
+        "tok_s": sum(tokens) / wall,
+        "tokens": sum(tokens),
+        **quantiles(latencies),
+    }
 
 
 def first_token_seconds(http: httpx.Client, server: Server, content: str, max_tokens: int) -> float:
     t0 = time.perf_counter()
-    with http.stream("POST", f"{server.url}/v1/chat/completions",
-                     json=server.body(content, max_tokens, stream=True)) as r:
+    with http.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=server.body(content, max_tokens, stream=True)
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data:") and line != "data: [DONE]":
@@ -131,8 +171,9 @@ def first_token_seconds(http: httpx.Client, server: Server, content: str, max_to
 
 def ttft_under_long_prompts(server: Server, long_clients: int, probes: int) -> dict:
     """Median time to first token of short prompts sent while long prompts are served."""
-    long_text = "Summarize the following log. " + " ".join(f"line {i}: the job step {i} finished ok."
-                                                          for i in range(150))  # ~1,500 tokens
+    long_text = "Summarize the following log. " + " ".join(
+        f"line {i}: the job step {i} finished ok." for i in range(150)
+    )  # ~1,500 tokens
     done = threading.Event()
 
     def long_client():
@@ -184,31 +225,48 @@ def main() -> None:
                     ttft = ttft_under_long_prompts(server, args.long_clients, args.probes)
                 finally:
                     server.stop()
-                row = {"round": rnd, "framework": kind, "levels": levels, **ttft,
-                       "load_before": load_before, "load_after": os.getloadavg()[0]}
+                row = {
+                    "round": rnd,
+                    "framework": kind,
+                    "levels": levels,
+                    **ttft,
+                    "load_before": load_before,
+                    "load_after": os.getloadavg()[0],
+                }
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
     import torch
 
-    print(f"\n{args.model}, {args.requests} greedy chat requests per level, max_tokens {args.max_tokens}; "
-          f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| round | framework | " + " | ".join(f"req/s @{c} | tok/s @{c} | p95 s @{c}" for c in args.concurrency)
-          + " | TTFT short alone s | TTFT short under long prompts s | errors | load before/after |")
+    print(
+        f"\n{args.model}, {args.requests} greedy chat requests per level, max_tokens {args.max_tokens}; "
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n"
+    )
+    print(
+        "| round | framework | "
+        + " | ".join(f"req/s @{c} | tok/s @{c} | p95 s @{c}" for c in args.concurrency)
+        + " | TTFT short alone s | TTFT short under long prompts s | errors | load before/after |"
+    )
     print("|---:|---|" + "---:|" * (3 * len(args.concurrency) + 4))
     for r in results:
         cells = " | ".join(f"{lv['rps']:.2f} | {lv['tok_s']:.1f} | {lv['p95']:.2f}" for lv in r["levels"])
         errors = sum(lv["errors"] for lv in r["levels"])
-        print(f"| {r['round']} | {r['framework']} | {cells} | {r['ttft_short_alone']:.2f} | "
-              f"{r['ttft_short_under_long']:.2f} | {errors} | {r['load_before']:.2f} / {r['load_after']:.2f} |")
+        print(
+            f"| {r['round']} | {r['framework']} | {cells} | {r['ttft_short_alone']:.2f} | "
+            f"{r['ttft_short_under_long']:.2f} | {errors} | {r['load_before']:.2f} / {r['load_after']:.2f} |"
+        )
     if set(kinds) == {"llama_train", "transformers"}:
-        print("\n| round | " + " | ".join(f"tok/s ratio @{c}" for c in args.concurrency)
-              + " | TTFT under long prompts ratio (transformers / llama_train) |")
+        print(
+            "\n| round | "
+            + " | ".join(f"tok/s ratio @{c}" for c in args.concurrency)
+            + " | TTFT under long prompts ratio (transformers / llama_train) |"
+        )
         print("|---:|" + "---:|" * (len(args.concurrency) + 1))
         for rnd in range(args.rounds):
             a = next(r for r in results if r["round"] == rnd and r["framework"] == "llama_train")
             b = next(r for r in results if r["round"] == rnd and r["framework"] == "transformers")
-            ratios = " | ".join(f"{x['tok_s'] / y['tok_s']:.2f}x" if y["tok_s"] else "n/a"
-                                for x, y in zip(a["levels"], b["levels"]))
+            ratios = " | ".join(
+                f"{x['tok_s'] / y['tok_s']:.2f}x" if y["tok_s"] else "n/a" for x, y in zip(a["levels"], b["levels"])
+            )
             print(f"| {rnd} | {ratios} | {b['ttft_short_under_long'] / a['ttft_short_under_long']:.2f}x |")
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=1))

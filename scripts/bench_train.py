@@ -81,11 +81,18 @@ RESULT_TAG = "BENCH_RESULT "
 
 
 # ------------------------------------------------------------------------------- data
-def make_data(path: Path, tokenizer, *, num_rows: int, seed: int, mean_user: float = 110.0,
-              mean_answer: float = 80.0, sigma: float = 0.7) -> dict:
+def make_data(
+    path: Path,
+    tokenizer,
+    *,
+    num_rows: int,
+    seed: int,
+    mean_user: float = 110.0,
+    mean_answer: float = 80.0,
+    sigma: float = 0.7,
+) -> dict:
     """Write `num_rows` conversations; return token-length stats (rendered with the chat template)."""
-    vocab = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha()
-                   and t[1:].isascii())
+    vocab = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and t[1:].isascii())
     rng = random.Random(seed)
 
     def lognormal(mean: float) -> int:  # E[exp(N(mu, s^2))] = exp(mu + s^2/2)
@@ -99,8 +106,10 @@ def make_data(path: Path, tokenizer, *, num_rows: int, seed: int, mean_user: flo
         for i in range(num_rows):
             n_user, n_answer = lognormal(mean_user), lognormal(mean_answer)
             while True:
-                msgs = [{"role": "user", "content": f"q{i} " + text(n_user)},
-                        {"role": "assistant", "content": text(n_answer)}]
+                msgs = [
+                    {"role": "user", "content": f"q{i} " + text(n_user)},
+                    {"role": "assistant", "content": text(n_answer)},
+                ]
                 n = len(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
                 if n <= SEQ_LEN:
                     break
@@ -108,8 +117,14 @@ def make_data(path: Path, tokenizer, *, num_rows: int, seed: int, mean_user: flo
             lengths.append(n)
             fh.write(json.dumps({"messages": msgs}) + "\n")
     lengths.sort()
-    return {"rows": num_rows, "tokens": sum(lengths), "mean": round(sum(lengths) / num_rows, 1),
-            "median": lengths[num_rows // 2], "p95": lengths[int(num_rows * 0.95)], "max": lengths[-1]}
+    return {
+        "rows": num_rows,
+        "tokens": sum(lengths),
+        "mean": round(sum(lengths) / num_rows, 1),
+        "median": lengths[num_rows // 2],
+        "p95": lengths[int(num_rows * 0.95)],
+        "max": lengths[-1],
+    }
 
 
 def read_conversations(path: Path) -> list[list[dict]]:
@@ -147,8 +162,11 @@ class StepClock:
 
     def result(self) -> dict:
         steps = sorted(b - a for a, b in zip(self.wall, self.wall[1:]))
-        return {"loop_s": loop_seconds(self.wall), "loop_cpu_s": loop_seconds(self.cpu),
-                "median_step_s": steps[len(steps) // 2]}
+        return {
+            "loop_s": loop_seconds(self.wall),
+            "loop_cpu_s": loop_seconds(self.cpu),
+            "median_step_s": steps[len(steps) // 2],
+        }
 
 
 def step_timer(clock: StepClock):
@@ -173,21 +191,43 @@ def lora_model(model_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     torch.manual_seed(HP["seed"])
-    cfg = peft.LoraConfig(r=HP["r"], lora_alpha=HP["alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS,
-                          bias="none", task_type="CAUSAL_LM")
+    cfg = peft.LoraConfig(
+        r=HP["r"],
+        lora_alpha=HP["alpha"],
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(model, cfg)
 
 
 def hf_training_args(cls, out: Path, *, batch: int, accum: int, **extra):
     return cls(
-        output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-        num_train_epochs=1, learning_rate=HP["lr"], lr_scheduler_type="cosine", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=HP["max_grad_norm"], optim="adamw_torch", seed=HP["seed"],
-        data_seed=HP["seed"], logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=1,
+        learning_rate=HP["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=HP["max_grad_norm"],
+        optim="adamw_torch",
+        seed=HP["seed"],
+        data_seed=HP["seed"],
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
         # Same numerics and memory policy as the llama-train recipe: fp32, no activation
         # checkpointing (TRL's SFTConfig defaults to bf16=True and gradient_checkpointing=True).
-        bf16=False, fp16=False, gradient_checkpointing=False, **extra,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        **extra,
     )
 
 
@@ -212,17 +252,34 @@ def child_llama_train(work: Path, args, *, variant: str = "") -> dict:
     out = run_dir(work, args, name)
     recipe = {
         "output_dir": str(out),
-        "model": {"source": "tiny" if model_dir(work) == work / "tiny" else "hf", "path": str(model_dir(work)),
-                  **({"attn_implementation": "sdpa"} if variant == "sdpa" else {})},
-        "data": {"sources": [{"path": str(work / "chat.jsonl"), "format": "messages"}], "packing": packed,
-                 "group_by_length": variant == "grouped",
-                 "seq_len": SEQ_LEN, "cache_dir": str(work / "llama_train_cache")},
+        "model": {
+            "source": "tiny" if model_dir(work) == work / "tiny" else "hf",
+            "path": str(model_dir(work)),
+            **({"attn_implementation": "sdpa"} if variant == "sdpa" else {}),
+        },
+        "data": {
+            "sources": [{"path": str(work / "chat.jsonl"), "format": "messages"}],
+            "packing": packed,
+            "group_by_length": variant == "grouped",
+            "seq_len": SEQ_LEN,
+            "cache_dir": str(work / "llama_train_cache"),
+        },
         "lora": {"r": HP["r"], "alpha": HP["alpha"], "dropout": 0.0, "target_modules": LORA_TARGETS},
-        "train": {"epochs": 1, "micro_batch_size": args.packed_rows if packed else args.hf_batch,
-                  "grad_accum_steps": 1, "lr": HP["lr"],
-                  "lr_scheduler": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
-                  "max_grad_norm": HP["max_grad_norm"], "seed": HP["seed"], "precision": "fp32",
-                  "num_threads": args.threads, "log_every_n_steps": 1, "compile": compiled},
+        "train": {
+            "epochs": 1,
+            "micro_batch_size": args.packed_rows if packed else args.hf_batch,
+            "grad_accum_steps": 1,
+            "lr": HP["lr"],
+            "lr_scheduler": "cosine",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "max_grad_norm": HP["max_grad_norm"],
+            "seed": HP["seed"],
+            "precision": "fp32",
+            "num_threads": args.threads,
+            "log_every_n_steps": 1,
+            "compile": compiled,
+        },
         "tracking": {"uri": f"sqlite:///{work}/mlruns.db", "log_system_metrics": False},
         "checkpoint": {"save_final": False, "resume": "never"},
     }
@@ -258,13 +315,19 @@ def child_llama_train(work: Path, args, *, variant: str = "") -> dict:
     steps = [r for r in rows if "train/loss" in r["metrics"]]
     run = json.loads((out / "run.json").read_text())
     losses = [r["metrics"]["train/loss"] for r in steps]
-    return {"framework": name, "steps": len(steps), "note": note,
-            "supervised_tokens": int(sum(r["metrics"]["train/supervised_tokens"] for r in steps)),
-            **clock.result(), "metrics_jsonl_loop_s": loop_seconds([r["time"] for r in steps]),
-            "train_runtime_s": run.get("train_runtime_s"),
-            "supervised_tokens_total": run.get("supervised_tokens_total"),
-            "mean_loss": sum(losses) / len(losses), "final_loss": losses[-1],
-            "train_rows": run.get("data", {}).get("train_rows")}
+    return {
+        "framework": name,
+        "steps": len(steps),
+        "note": note,
+        "supervised_tokens": int(sum(r["metrics"]["train/supervised_tokens"] for r in steps)),
+        **clock.result(),
+        "metrics_jsonl_loop_s": loop_seconds([r["time"] for r in steps]),
+        "train_runtime_s": run.get("train_runtime_s"),
+        "supervised_tokens_total": run.get("supervised_tokens_total"),
+        "mean_loss": sum(losses) / len(losses),
+        "final_loss": losses[-1],
+        "train_rows": run.get("data", {}).get("train_rows"),
+    }
 
 
 def _tokenize_hf(tokenizer, conversations):
@@ -276,11 +339,12 @@ def _tokenize_hf(tokenizer, conversations):
     rows = []
     for msgs in conversations:
         full = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
-                                               return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
         assert full[: len(prompt)] == prompt
         end = max(j for j in range(len(full)) if full[j] in eot) + 1
-        labels = [-100] * len(prompt) + full[len(prompt):end] + [-100] * (len(full) - end)
+        labels = [-100] * len(prompt) + full[len(prompt) : end] + [-100] * (len(full) - end)
         rows.append({"input_ids": full, "labels": labels})
     return rows
 
@@ -300,14 +364,25 @@ def child_hf(work: Path, args) -> dict:
     clock = StepClock()
     timer = step_timer(clock)
     targs = hf_training_args(TrainingArguments, run_dir(work, args, "hf"), batch=args.hf_batch, accum=1)
-    trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=[timer],
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=ds,
+        callbacks=[timer],
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+    )
     supervised = supervised_in_loader(trainer.get_train_dataloader())
     out = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"framework": "hf", "steps": trainer.state.global_step, "supervised_tokens": supervised,
-            **clock.result(), "train_runtime_s": out.metrics.get("train_runtime"),
-            "mean_loss": out.training_loss, "final_loss": losses[-1] if losses else None}
+    return {
+        "framework": "hf",
+        "steps": trainer.state.global_step,
+        "supervised_tokens": supervised,
+        **clock.result(),
+        "train_runtime_s": out.metrics.get("train_runtime"),
+        "mean_loss": out.training_loss,
+        "final_loss": losses[-1] if losses else None,
+    }
 
 
 def child_trl(work: Path, args) -> dict:
@@ -321,21 +396,41 @@ def child_trl(work: Path, args) -> dict:
     model = lora_model(model_dir(work))
     clock = StepClock()
     timer = step_timer(clock)
-    targs = hf_training_args(SFTConfig, run_dir(work, args, "trl"), batch=args.packed_rows, accum=1,
-                             max_length=SEQ_LEN, packing=True, completion_only_loss=True)
+    targs = hf_training_args(
+        SFTConfig,
+        run_dir(work, args, "trl"),
+        batch=args.packed_rows,
+        accum=1,
+        max_length=SEQ_LEN,
+        packing=True,
+        completion_only_loss=True,
+    )
     trainer = SFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok, callbacks=[timer])
     supervised = supervised_in_loader(trainer.get_train_dataloader())
     out = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"framework": "trl", "steps": trainer.state.global_step, "supervised_tokens": supervised,
-            **clock.result(), "train_runtime_s": out.metrics.get("train_runtime"),
-            "mean_loss": out.training_loss, "final_loss": losses[-1] if losses else None,
-            "packing_strategy": targs.packing_strategy, "padding_free": trainer.padding_free}
+    return {
+        "framework": "trl",
+        "steps": trainer.state.global_step,
+        "supervised_tokens": supervised,
+        **clock.result(),
+        "train_runtime_s": out.metrics.get("train_runtime"),
+        "mean_loss": out.training_loss,
+        "final_loss": losses[-1] if losses else None,
+        "packing_strategy": targs.packing_strategy,
+        "padding_free": trainer.padding_free,
+    }
 
 
-CHILDREN = {"llama_train": child_llama_train, "hf": child_hf, "trl": child_trl,
-            **{f"llama_train_{v}": functools.partial(child_llama_train, variant=v)
-               for v in ("compiled", "padded", "grouped", "sdpa")}}
+CHILDREN = {
+    "llama_train": child_llama_train,
+    "hf": child_hf,
+    "trl": child_trl,
+    **{
+        f"llama_train_{v}": functools.partial(child_llama_train, variant=v)
+        for v in ("compiled", "padded", "grouped", "sdpa")
+    },
+}
 
 
 def run_child(name: str, work: Path, args) -> dict:
@@ -356,20 +451,39 @@ def run_child(name: str, work: Path, args) -> dict:
 
 # ------------------------------------------------------------------------------- parent
 def spawn(name: str, work: Path, args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--threads", str(args.threads),
-           "--packed-rows", str(args.packed_rows), "--hf-batch", str(args.hf_batch), "--round", str(args.round)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--work",
+        str(work),
+        "--threads",
+        str(args.threads),
+        "--packed-rows",
+        str(args.packed_rows),
+        "--hf-batch",
+        str(args.hf_batch),
+        "--round",
+        str(args.round),
+    ]
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s,
-                          check=False)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         return {"framework": name, "error": f"exit {proc.returncode}", "log_tail": tail}
-    result = json.loads(lines[-1][len(RESULT_TAG):])
+    result = json.loads(lines[-1][len(RESULT_TAG) :])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
@@ -377,10 +491,14 @@ def spawn(name: str, work: Path, args) -> dict:
 
 def markdown(results: list[dict], base: str = "llama_train") -> str:
     ok = {r["framework"]: r for r in results if "error" not in r}
-    lines = [("| framework | optimizer steps | supervised tokens | loop s | supervised tokens/s | "
-              f"{base} speed-up | median step s | tokens/s at median step | {base} speed-up (median) | "
-              "peak RSS MiB | mean train loss | load avg before/after |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        (
+            "| framework | optimizer steps | supervised tokens | loop s | supervised tokens/s | "
+            f"{base} speed-up | median step s | tokens/s at median step | {base} speed-up (median) | "
+            "peak RSS MiB | mean train loss | load avg before/after |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['framework']} | failed: {r['error']} |" + " |" * 10)
@@ -388,10 +506,12 @@ def markdown(results: list[dict], base: str = "llama_train") -> str:
         b = ok.get(base)
         wall = b["tokens_per_s"] / r["tokens_per_s"] if b else float("nan")
         med = b["tokens_per_s_median_step"] / r["tokens_per_s_median_step"] if b else float("nan")
-        lines.append(f"| {r['framework']} | {r['steps']} | {r['supervised_tokens']:,} | {r['loop_s']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {wall:.2f}x | {r['median_step_s']:.3f} | "
-                     f"{r['tokens_per_s_median_step']:,.0f} | {med:.2f}x | {r['peak_rss_mib']:,.0f} | "
-                     f"{r['mean_loss']:.3f} | {r['load_avg_1min'][0]} / {r['load_avg_1min'][1]} |")
+        lines.append(
+            f"| {r['framework']} | {r['steps']} | {r['supervised_tokens']:,} | {r['loop_s']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {wall:.2f}x | {r['median_step_s']:.3f} | "
+            f"{r['tokens_per_s_median_step']:,.0f} | {med:.2f}x | {r['peak_rss_mib']:,.0f} | "
+            f"{r['mean_loss']:.3f} | {r['load_avg_1min'][0]} / {r['load_avg_1min'][1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -400,19 +520,26 @@ def median_result(runs: list[dict]) -> dict:
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["tokens_per_s"])
     if not ok:
         return runs[0]
-    return {**ok[(len(ok) - 1) // 2], "rounds": len(runs), "rounds_ok": len(ok),
-            "tokens_per_s_all_rounds": [round(r["tokens_per_s"]) for r in ok]}
+    return {
+        **ok[(len(ok) - 1) // 2],
+        "rounds": len(runs),
+        "rounds_ok": len(ok),
+        "tokens_per_s_all_rounds": [round(r["tokens_per_s"]) for r in ok],
+    }
 
 
 def round_ratios(rounds: list[dict], names: list[str], base: str = "llama_train") -> str:
     """llama-train's speed-up over each other framework, round by round (same round = same conditions)."""
     others = [n for n in names if n != base]
-    lines = ["| round | " + " | ".join(f"{base} / {n}" for n in others) + " |",
-             "|---:|" + "---:|" * len(others)]
+    lines = ["| round | " + " | ".join(f"{base} / {n}" for n in others) + " |", "|---:|" + "---:|" * len(others)]
     for k, rnd in enumerate(rounds):
         b = rnd.get(base, {})
-        cells = [f"{b['tokens_per_s'] / rnd[n]['tokens_per_s']:.2f}x"
-                 if "error" not in b and "error" not in rnd.get(n, {"error": 1}) and b else "-" for n in others]
+        cells = [
+            f"{b['tokens_per_s'] / rnd[n]['tokens_per_s']:.2f}x"
+            if "error" not in b and "error" not in rnd.get(n, {"error": 1}) and b
+            else "-"
+            for n in others
+        ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -425,15 +552,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every framework")
     # One packed row (~4.4 conversations) per step, matching hf's 4 samples. With k > 1 the last
     # step of the epoch is topped up with filler rows (no labels), so the supervised tokens match.
-    ap.add_argument("--packed-rows", type=int, default=1, help="packed rows of 1024 per optimizer step (llama_train, trl)")
+    ap.add_argument(
+        "--packed-rows", type=int, default=1, help="packed rows of 1024 per optimizer step (llama_train, trl)"
+    )
     ap.add_argument("--hf-batch", type=int, default=4, help="padded samples per optimizer step (hf)")
-    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS),
-                    help=f"comma-separated, from {', '.join(FRAMEWORKS + OPTIONAL)}")
+    ap.add_argument(
+        "--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated, from {', '.join(FRAMEWORKS + OPTIONAL)}"
+    )
     ap.add_argument("--timeout-s", type=int, default=900, help="per framework")
     ap.add_argument("--work", default=None, help="working directory (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="rounds of all frameworks; the order rotates per round and the table shows medians")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of all frameworks; the order rotates per round and the table shows medians",
+    )
     ap.add_argument("--child", choices=FRAMEWORKS + OPTIONAL, help=argparse.SUPPRESS)
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -460,25 +594,39 @@ def main(argv=None) -> int:
 
         base = pull(args.model)
     (work / "model_dir.txt").write_text(str(base))
-    data = make_data(work / "chat.jsonl", AutoTokenizer.from_pretrained(base), num_rows=args.rows,
-                     seed=args.data_seed)
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-           "trl": trl.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-           "threads": args.threads, "packed_rows_per_step": args.packed_rows, "hf_samples_per_step": args.hf_batch,
-           "data": data, "model": args.model, "argv": sys.argv[1:], "work": str(work)}
+    data = make_data(work / "chat.jsonl", AutoTokenizer.from_pretrained(base), num_rows=args.rows, seed=args.data_seed)
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "packed_rows_per_step": args.packed_rows,
+        "hf_samples_per_step": args.hf_batch,
+        "data": data,
+        "model": args.model,
+        "argv": sys.argv[1:],
+        "work": str(work),
+    }
     print(json.dumps({"env": env}), flush=True)
     names = args.frameworks.split(",")
     rounds = []
     for k in range(args.repeats):
         # Rotate the order, so that no framework always runs first (cold caches) or last.
         args.round = k
-        order = names[k % len(names):] + names[:k % len(names)]
+        order = names[k % len(names) :] + names[: k % len(names)]
         rounds.append({name: spawn(name, work, args) for name in order})
         for name in order:
             print(json.dumps({"round": k, **rounds[-1][name]}), flush=True)
     results = [median_result([r[name] for r in rounds]) for name in names]
-    counts = {r["supervised_tokens"] for rnd in rounds for name, r in rnd.items() if "error" not in r
-              and (args.model == "tiny" or name != "trl")}  # TRL trains ChatML's "\n" after <|im_end|>
+    counts = {
+        r["supervised_tokens"]
+        for rnd in rounds
+        for name, r in rnd.items()
+        if "error" not in r and (args.model == "tiny" or name != "trl")
+    }  # TRL trains ChatML's "\n" after <|im_end|>
     status = 0
     if len(counts) > 1:
         print(f"ERROR: supervised token counts differ between frameworks or rounds: {counts}", file=sys.stderr)

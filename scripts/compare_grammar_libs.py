@@ -34,16 +34,24 @@ FEATURES = {
     "format date-time": {"type": "string", "format": "date-time"},
     "integer min/max": {"type": "integer", "minimum": 3, "maximum": 17},
     "number exclusiveMinimum": {"type": "number", "exclusiveMinimum": 0},
-    "enum + const": {"type": "object", "properties": {"a": {"enum": [1, "x"]}, "b": {"const": "k"}},
-                     "required": ["a", "b"]},
+    "enum + const": {
+        "type": "object",
+        "properties": {"a": {"enum": [1, "x"]}, "b": {"const": "k"}},
+        "required": ["a", "b"],
+    },
     "anyOf": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
     "oneOf": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
-    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
-                        {"required": ["a"]}]},
-    "$defs + $ref": {"$defs": {"p": {"type": "integer"}}, "type": "object",
-                     "properties": {"x": {"$ref": "#/$defs/p"}}, "required": ["x"]},
-    "recursive $ref": {"$defs": {"n": {"type": "object", "properties": {"kids": {
-        "type": "array", "items": {"$ref": "#/$defs/n"}}}}}, "$ref": "#/$defs/n"},
+    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}, {"required": ["a"]}]},
+    "$defs + $ref": {
+        "$defs": {"p": {"type": "integer"}},
+        "type": "object",
+        "properties": {"x": {"$ref": "#/$defs/p"}},
+        "required": ["x"],
+    },
+    "recursive $ref": {
+        "$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}},
+        "$ref": "#/$defs/n",
+    },
     "array minItems/maxItems": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3},
     "additionalProperties schema": {"type": "object", "additionalProperties": {"type": "integer"}},
     "object min/maxProperties": {"type": "object", "minProperties": 1, "maxProperties": 2},
@@ -70,6 +78,7 @@ def bench_llguidance(tok, ids):
         g = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
         is_error, _ = llguidance.LLMatcher.validate_grammar_with_warnings(g, lltok)
         return not is_error
+
     return compile_s, per_token, compiles
 
 
@@ -93,6 +102,7 @@ def bench_xgrammar(tok, ids):
     def compiles(schema):
         compiler.compile_json_schema(json.dumps(schema))
         return True
+
     return compile_s, per_token, compiles
 
 
@@ -124,6 +134,7 @@ def bench_outlines(tok, ids):
     def compiles(schema):
         build_regex_from_schema(json.dumps(schema))
         return True
+
     return compile_s, per_token, compiles
 
 
@@ -137,8 +148,7 @@ def main() -> None:
     text = json.dumps(INSTANCE, separators=(", ", ": "))
     ids = tok(text, add_special_tokens=False)["input_ids"]
     print(f"tokenizer {args.tokenizer}: vocabulary {len(tok)}; instance {len(ids)} tokens: {text}")
-    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar),
-                     ("outlines-core", bench_outlines)):
+    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar), ("outlines-core", bench_outlines)):
         try:
             compile_s, per_token, compiles = fn(tok, ids)
         except ImportError as exc:
@@ -154,8 +164,10 @@ def main() -> None:
             except Exception:  # noqa: BLE001
                 pass
         missing = sorted(set(FEATURES) - set(ok))
-        print(f"{name}: compile {compile_s * 1e3:.1f} ms; mask {per_token * 1e6:.0f} us/token; "
-              f"features {len(ok)}/{len(FEATURES)}; not compiled: {missing or 'none'}")
+        print(
+            f"{name}: compile {compile_s * 1e3:.1f} ms; mask {per_token * 1e6:.0f} us/token; "
+            f"features {len(ok)}/{len(FEATURES)}; not compiled: {missing or 'none'}"
+        )
 
 
 if __name__ == "__main__":

@@ -75,13 +75,17 @@ def loss_of(model, batch, *, bf16: bool, device) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny config (the default without CUDA)")
-    ap.add_argument("--arch", choices=["tiny", "8b"], default=None,
-                    help="model architecture (default: 8b on CUDA, tiny elsewhere)")
+    ap.add_argument(
+        "--arch", choices=["tiny", "8b"], default=None, help="model architecture (default: 8b on CUDA, tiny elsewhere)"
+    )
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the 8b architecture (default 32)")
     ap.add_argument("--seq", type=int, default=None, help="packed row length (default 4096; tiny 512)")
     ap.add_argument("--attn", default=None, help="doc_varlen on CUDA, doc_sdpa elsewhere (default)")
-    ap.add_argument("--no-fp32", action="store_true",
-                    help="skip the float32 reference (it doubles the memory: 32 layers of 8B do not fit 24 GiB)")
+    ap.add_argument(
+        "--no-fp32",
+        action="store_true",
+        help="skip the float32 reference (it doubles the memory: 32 layers of 8B do not fit 24 GiB)",
+    )
     ap.add_argument("--lora-b-std", type=float, default=0.02)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -102,9 +106,15 @@ def main(argv=None) -> int:
     batch = make_batch(args, device, cfg.vocab_size, step=0)
     taps = tap_layers(model)
     outputs = {}
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "attn": attn, "seq": args.seq, "documents": len(batch[4]), "layers": cfg.num_hidden_layers,
-           "hidden": cfg.hidden_size}
+    res = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "attn": attn,
+        "seq": args.seq,
+        "documents": len(batch[4]),
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+    }
     res["eager_bf16"] = loss_of(model, batch, bf16=True, device=device)
     outputs["eager_bf16"], taps[:] = list(taps), []
     compile_decoder_layers(model)

@@ -26,9 +26,20 @@ def download() -> None:
     pins = {"pydantic": pydantic.VERSION}
     pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", WHEEL_DIR]
     for minor in ("310", "311", "312", "313"):
-        subprocess.run(pip + ["--only-binary=:all:", "--python-version", minor,
-                              "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-                              f"pydantic-core=={pydantic_core.__version__}"], check=True)
+        subprocess.run(
+            pip
+            + [
+                "--only-binary=:all:",
+                "--python-version",
+                minor,
+                "--platform",
+                "manylinux_2_17_x86_64",
+                "--platform",
+                "manylinux2014_x86_64",
+                f"pydantic-core=={pydantic_core.__version__}",
+            ],
+            check=True,
+        )
     subprocess.run(pip + [f"{p}=={pins[p]}" if p in pins else p for p in PURE], check=True)
 
 

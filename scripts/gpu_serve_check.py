@@ -33,29 +33,72 @@ def build(work: Path) -> tuple[Path, Path]:
 def requests(tok) -> list[dict]:
     """(name, prompt ids, SamplingParams kwargs, adapter, deterministic)."""
     prompt = tok("Question: what is the capital of France? Answer:")["input_ids"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "Reverse the word banana"}],
-                                   add_generation_prompt=True, tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Reverse the word banana"}], add_generation_prompt=True, tokenize=False
+    )
     chat_ids = tok(chat, add_special_tokens=False)["input_ids"]
     some = tok("the and of is")["input_ids"][:4]
     return [
         {"name": "greedy_logprobs", "ids": chat_ids, "p": {"max_tokens": 12, "temperature": 0, "logprobs": 3}},
-        {"name": "adapter_greedy", "ids": chat_ids, "adapter": "lora",
-         "p": {"max_tokens": 12, "temperature": 0, "logprobs": 2}},
-        {"name": "penalties_and_bias", "ids": prompt,
-         "p": {"max_tokens": 10, "temperature": 0, "frequency_penalty": 1.0, "presence_penalty": 0.5,
-               "repetition_penalty": 1.3, "logit_bias": {some[0]: 3.0}, "min_tokens": 4, "ignore_eos": True,
-               "logprobs": 1}},
-        {"name": "echo_prompt_logprobs", "ids": prompt,
-         "p": {"max_tokens": 1, "temperature": 0, "logprobs": 2, "prompt_logprobs": True,
-               "report_stop_token": True}},
-        {"name": "echo_only", "ids": prompt,
-         "p": {"max_tokens": 0, "temperature": 0, "logprobs": 0, "prompt_logprobs": True}},
-        {"name": "allowed_and_stop_ids", "ids": prompt,
-         "p": {"max_tokens": 8, "temperature": 0, "allowed_token_ids": some, "stop_token_ids": [some[-1]],
-               "logprobs": 0, "report_stop_token": True}},
-        {"name": "sampled_n2", "ids": chat_ids, "deterministic": False,
-         "p": {"max_tokens": 8, "temperature": 0.8, "top_k": 20, "min_p": 0.05, "top_p": 0.9, "seed": 5,
-               "n": 2, "ignore_eos": True, "logprobs": 2}},
+        {
+            "name": "adapter_greedy",
+            "ids": chat_ids,
+            "adapter": "lora",
+            "p": {"max_tokens": 12, "temperature": 0, "logprobs": 2},
+        },
+        {
+            "name": "penalties_and_bias",
+            "ids": prompt,
+            "p": {
+                "max_tokens": 10,
+                "temperature": 0,
+                "frequency_penalty": 1.0,
+                "presence_penalty": 0.5,
+                "repetition_penalty": 1.3,
+                "logit_bias": {some[0]: 3.0},
+                "min_tokens": 4,
+                "ignore_eos": True,
+                "logprobs": 1,
+            },
+        },
+        {
+            "name": "echo_prompt_logprobs",
+            "ids": prompt,
+            "p": {"max_tokens": 1, "temperature": 0, "logprobs": 2, "prompt_logprobs": True, "report_stop_token": True},
+        },
+        {
+            "name": "echo_only",
+            "ids": prompt,
+            "p": {"max_tokens": 0, "temperature": 0, "logprobs": 0, "prompt_logprobs": True},
+        },
+        {
+            "name": "allowed_and_stop_ids",
+            "ids": prompt,
+            "p": {
+                "max_tokens": 8,
+                "temperature": 0,
+                "allowed_token_ids": some,
+                "stop_token_ids": [some[-1]],
+                "logprobs": 0,
+                "report_stop_token": True,
+            },
+        },
+        {
+            "name": "sampled_n2",
+            "ids": chat_ids,
+            "deterministic": False,
+            "p": {
+                "max_tokens": 8,
+                "temperature": 0.8,
+                "top_k": 20,
+                "min_p": 0.05,
+                "top_p": 0.9,
+                "seed": 5,
+                "n": 2,
+                "ignore_eos": True,
+                "logprobs": 2,
+            },
+        },
     ]
 
 
@@ -82,16 +125,24 @@ async def run_all(engine, specs: list[dict], base_id: str) -> list[dict]:
                 texts[idx] += text
                 entries[idx] += lps
                 finish[idx] = fin or finish[idx]
-        out.append({"texts": texts, "finish": finish, "entries": entries,
-                    "prompt_logprobs": gen.prompt_logprobs, "completion_tokens": gen.completion_tokens})
+        out.append(
+            {
+                "texts": texts,
+                "finish": finish,
+                "entries": entries,
+                "prompt_logprobs": gen.prompt_logprobs,
+                "completion_tokens": gen.completion_tokens,
+            }
+        )
     return out
 
 
 def serve(device: str, base: Path, adapter: Path, specs: list[dict]) -> tuple[list[dict], float]:
     from llama_train.serve.engine import Engine
 
-    engine = Engine(str(base), {"lora": str(adapter)}, served_model_name="tiny", dtype="float32",
-                    device=device, batch_wait_ms=50)
+    engine = Engine(
+        str(base), {"lora": str(adapter)}, served_model_name="tiny", dtype="float32", device=device, batch_wait_ms=50
+    )
     engine.start()
     engine.ready.wait(600)
     if engine.load_error is not None:
@@ -116,11 +167,17 @@ def compare(spec: dict, ref: dict, got: dict, atol: float) -> dict:
     if spec.get("deterministic", True):
         a, b = logprob_values(ref), logprob_values(got)
         row["same_text"] = ref["texts"] == got["texts"] and ref["finish"] == got["finish"]
-        row["same_tokens"] = [[e["bytes"] for e in c] for c in ref["entries"]] == \
-            [[e["bytes"] for e in c] for c in got["entries"]]
+        row["same_tokens"] = [[e["bytes"] for e in c] for c in ref["entries"]] == [
+            [e["bytes"] for e in c] for c in got["entries"]
+        ]
         row["max_logprob_diff"] = max((abs(x - y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else None
-        row["ok"] = (row["same_text"] and row["same_tokens"] and row["finite"]
-                     and row["max_logprob_diff"] is not None and row["max_logprob_diff"] <= atol)
+        row["ok"] = (
+            row["same_text"]
+            and row["same_tokens"]
+            and row["finite"]
+            and row["max_logprob_diff"] is not None
+            and row["max_logprob_diff"] <= atol
+        )
     else:
         row["ok"] = row["finite"] and all(f is not None for f in got["finish"])
     return row
@@ -144,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         ref, cpu_s = serve("cpu", base, adapter, specs)
         got, dev_s = serve(args.device, base, adapter, specs)
     rows = [compare(spec, r, g, args.atol) for spec, r, g in zip(specs, ref, got)]
-    report = {"device": args.device, "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "seconds": {"cpu": round(cpu_s, 2), args.device: round(dev_s, 2)},
-              "ok": all(r["ok"] for r in rows), "requests": rows}
+    report = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "seconds": {"cpu": round(cpu_s, 2), args.device: round(dev_s, 2)},
+        "ok": all(r["ok"] for r in rows),
+        "requests": rows,
+    }
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -15,8 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # hold on every CPU kernel family, so .ci/run runs them a second time under
 # ATEN_CPU_CAPABILITY=default (`pytest -m numeric`), whatever the host's own family is.
 NUMERIC_MODULES = {
-    "test_train_step", "test_attention", "test_data_packing", "test_loss", "test_fp16", "test_export",
-    "test_pad_is_eos", "test_serve_sampling", "test_precision", "test_distributed", "test_dpo", "test_dpo_distributed",
+    "test_train_step",
+    "test_attention",
+    "test_data_packing",
+    "test_loss",
+    "test_fp16",
+    "test_export",
+    "test_pad_is_eos",
+    "test_serve_sampling",
+    "test_precision",
+    "test_distributed",
+    "test_dpo",
+    "test_dpo_distributed",
 }
 
 
@@ -63,8 +73,14 @@ def tiny_recipe(tmp_path, tiny_dir=None, **sections):
         "output_dir": str(tmp_path / "run"),
         "model": {"source": "tiny", **({"path": str(tiny_dir)} if tiny_dir else {})},
         "data": {"builtin": {"num_train": 64, "num_eval": 4}, "seq_len": 64},
-        "train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3, "seed": 0, "warmup_steps": 0,
-                  "lr_scheduler": "constant"},
+        "train": {
+            "max_steps": 2,
+            "micro_batch_size": 8,
+            "lr": 1e-3,
+            "seed": 0,
+            "warmup_steps": 0,
+            "lr_scheduler": "constant",
+        },
         "tracking": {"enabled": False},
         "checkpoint": {"save_final": False},
     }
@@ -113,6 +129,10 @@ def quickstart_run(tmp_path_factory):
         if json.loads((Path(given) / "run.json").read_text()).get("status") == "completed":
             return Path(given).resolve()
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    subprocess.run([sys.executable, "-m", "llama_train.cli", "run", "recipes/quickstart.yaml", f"output_dir={out}"],
-                   cwd=ROOT, check=True, timeout=1800)
+    subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", "run", "recipes/quickstart.yaml", f"output_dir={out}"],
+        cwd=ROOT,
+        check=True,
+        timeout=1800,
+    )
     return out

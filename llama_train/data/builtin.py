@@ -14,8 +14,20 @@ from pathlib import Path
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TASKS = ("reverse", "sort", "add")  # the default mix (the tiny model's tokenizer is trained on it)
 ALL_TASKS = (*TASKS, "date")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 
 def _example(rng: random.Random, task: str) -> tuple[str, str]:
@@ -102,9 +114,12 @@ def to_preference(row: dict) -> dict | None:
     rejected = _rejected(row["task"], prompt, answer)
     if rejected == answer:
         return None
-    return {"id": row["id"], "prompt": [{"role": "user", "content": prompt}],
-            "chosen": [{"role": "assistant", "content": answer}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
+    return {
+        "id": row["id"],
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": answer}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def generate_preference_splits(*, num_train: int, num_eval: int, seed: int, tasks=TASKS):

@@ -28,8 +28,15 @@ from llama_train.data.pipeline import Prepared, prepare
 
 PIPELINE_VERSION = 4  # bump when the pipeline's output for the same inputs changes (3: ChatML spans end at <|im_end|>; 4: pairs: empty-prompt first tokens unscored, implicit prompts)
 COMPLETE = "COMPLETE"
-NOT_KEYED = {"cache", "cache_dir", "num_proc", "max_dropped_fraction", "min_packing_efficiency", "shuffle",
-             "group_by_length"}
+NOT_KEYED = {
+    "cache",
+    "cache_dir",
+    "num_proc",
+    "max_dropped_fraction",
+    "min_packing_efficiency",
+    "shuffle",
+    "group_by_length",
+}
 
 
 def cache_root(recipe: Recipe) -> Path:
@@ -57,8 +64,17 @@ def tokenizer_digest(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         getattr(tokenizer, "chat_template", None)], default=str).encode())
+    h.update(
+        json.dumps(
+            [
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                getattr(tokenizer, "chat_template", None),
+            ],
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -81,8 +97,13 @@ def save(prepared: Prepared, out: Path) -> None:
     out.mkdir(parents=True)
     prepared.train.save_to_disk(str(out / "train"))
     np.save(out / "lengths.npy", prepared.lengths)
-    meta = {"counts": prepared.counts, "examples": prepared.examples, "sources": prepared.sources,
-            "eval_rows": prepared.eval_rows, "eval": prepared.eval}
+    meta = {
+        "counts": prepared.counts,
+        "examples": prepared.examples,
+        "sources": prepared.sources,
+        "eval_rows": prepared.eval_rows,
+        "eval": prepared.eval,
+    }
     (out / "meta.json").write_text(json.dumps(meta))
     (out / COMPLETE).write_text("")
 
@@ -91,9 +112,15 @@ def load(path: Path) -> Prepared:
     import datasets
 
     meta = json.loads((path / "meta.json").read_text())
-    return Prepared(train=datasets.load_from_disk(str(path / "train")), eval_rows=meta["eval_rows"],
-                    eval=meta["eval"], counts=meta["counts"], examples=meta["examples"],
-                    lengths=np.load(path / "lengths.npy"), sources=meta["sources"])
+    return Prepared(
+        train=datasets.load_from_disk(str(path / "train")),
+        eval_rows=meta["eval_rows"],
+        eval=meta["eval"],
+        counts=meta["counts"],
+        examples=meta["examples"],
+        lengths=np.load(path / "lengths.npy"),
+        sources=meta["sources"],
+    )
 
 
 def _try_load(path: Path) -> Prepared | None:

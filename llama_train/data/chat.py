@@ -45,12 +45,17 @@ def render_ids(tokenizer, messages, *, add_generation_prompt=False, chat_templat
 
 
 def render_text(tokenizer, messages, *, add_generation_prompt=False, chat_template=None, tools=None) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template, tools=tools)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools
+    )
 
 
 def tokenize_messages(
-    messages: list[dict], tokenizer, *, train_on: str = "assistant", chat_template: str | None = None,
+    messages: list[dict],
+    tokenizer,
+    *,
+    train_on: str = "assistant",
+    chat_template: str | None = None,
     tools: list[dict] | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels for one conversation. `train_on`: assistant | last_assistant | all.
@@ -66,8 +71,9 @@ def tokenize_messages(
     # special tokens, as apply_chat_template(tokenize=True) does).
     texts = [render_text(tokenizer, messages, chat_template=chat_template, tools=tools)]
     for i in turns:
-        texts.append(render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template,
-                                 tools=tools))
+        texts.append(
+            render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template, tools=tools)
+        )
         texts.append(render_text(tokenizer, messages[: i + 1], chat_template=chat_template, tools=tools))
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     ids = list(encoded[0])

@@ -30,8 +30,7 @@ def _prepare(recipe: Path, overrides: list[str] | None, *, rebuild: bool = False
 @data_app.command("check")
 def check_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", show_default=False),
-    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: data.seq_len=512",
-                                                    show_default=False),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: data.seq_len=512", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Preflight the recipe's data: bad rows per category, token lengths, packing efficiency.

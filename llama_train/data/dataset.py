@@ -34,12 +34,24 @@ def check_data(recipe: Recipe, tokenizer, *, rebuild: bool = False) -> tuple[Tok
     threshold failures (see `report["failures"]`)."""
     prepared, info = build_or_load(recipe, tokenizer, rebuild=rebuild)
     report = build_report(recipe, prepared, cache=info)
-    stats = {"rows": report["rows"], "kept": report["kept"], "dropped": report["dropped"],
-             **{k: v for k, v in report["counts"].items() if v}, "truncated": report["truncated"],
-             "train_rows": report["train_rows"], "efficiency": round(report["efficiency"], 4)}
+    stats = {
+        "rows": report["rows"],
+        "kept": report["kept"],
+        "dropped": report["dropped"],
+        **{k: v for k, v in report["counts"].items() if v},
+        "truncated": report["truncated"],
+        "train_rows": report["train_rows"],
+        "efficiency": round(report["efficiency"], 4),
+    }
     prepared.train._llama_train_key = info["key"][:16]  # read by dataset_fingerprint
-    data = Tokenized(train=prepared.train, eval_rows=prepared.eval_rows, eval=prepared.eval, stats=stats,
-                     report=report, fingerprint=info["key"][:16])
+    data = Tokenized(
+        train=prepared.train,
+        eval_rows=prepared.eval_rows,
+        eval=prepared.eval,
+        stats=stats,
+        report=report,
+        fingerprint=info["key"][:16],
+    )
     return data, report
 
 
@@ -47,8 +59,9 @@ def load_data(recipe: Recipe, tokenizer) -> Tokenized:
     """Data for training; raises DataError (exit 3) when the preflight checks fail."""
     data, report = check_data(recipe, tokenizer)
     if not report["ok"]:
-        raise DataError("data preflight failed (run `llama-train data check RECIPE` for the full report):\n"
-                        + format_report(report))
+        raise DataError(
+            "data preflight failed (run `llama-train data check RECIPE` for the full report):\n" + format_report(report)
+        )
     return data
 
 

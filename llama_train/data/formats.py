@@ -29,12 +29,16 @@ from llama_train.errors import DataError
 
 FORMATS = ("messages", "alpaca", "sharegpt", "completion", "text")
 ROLES = {"system", "user", "assistant", "tool"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Fields of each format, in the order they are checked; `columns` in the recipe renames them.
-FIELDS = {"messages": ("messages",), "alpaca": ("instruction", "input", "output"),
-          "sharegpt": ("conversations",), "completion": ("prompt", "completion"), "text": ("text",)}
+FIELDS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "input", "output"),
+    "sharegpt": ("conversations",),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+}
 
 
 class RowError(Exception):
@@ -56,8 +60,9 @@ def _text(value, name: str) -> str:
     return value
 
 
-def _turns(items, name: str, role_key: str, text_key: str, role_map: dict, *,
-           optional_text: bool = False) -> list[dict]:
+def _turns(
+    items, name: str, role_key: str, text_key: str, role_map: dict, *, optional_text: bool = False
+) -> list[dict]:
     if not isinstance(items, list):
         raise RowError("wrong_type", f"`{name}` must be a list, got {type(items).__name__}")
     if not items:
@@ -93,7 +98,7 @@ def tool_call(call, where: str) -> dict:
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise _bad_call(where, 'must be {"type": "function", "function": {"name", "arguments"}}')
     if call.get("type", "function") != "function":
-        raise _bad_call(f"{where}.type", f"is {call.get('type')!r}; only \"function\" is supported")
+        raise _bad_call(f"{where}.type", f'is {call.get("type")!r}; only "function" is supported')
     fn = call["function"]
     name, args = fn.get("name"), fn.get("arguments", {})
     if not isinstance(name, str) or not name.strip():
@@ -134,8 +139,9 @@ def _messages(row: dict) -> list[dict] | dict:
     if tools is None:
         return conv
     if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
-            for t in tools):
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+        for t in tools
+    ):
         raise RowError("wrong_type", '`tools` must be a list of {"type": "function", "function": {"name", ...}}')
     return {"messages": conv, "tools": tools}
 
@@ -147,8 +153,7 @@ def normalize(row, fmt: str) -> list[dict] | dict | str:
     if fmt == "messages":
         return _messages(row)
     if fmt == "sharegpt":
-        return _check_responses(_turns(_field(row, "conversations"), "conversations", "from", "value",
-                                       SHAREGPT_ROLES))
+        return _check_responses(_turns(_field(row, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES))
     if fmt == "alpaca":
         instruction = _text(_field(row, "instruction"), "instruction")
         extra = _field(row, "input", optional=True)
@@ -158,8 +163,7 @@ def normalize(row, fmt: str) -> list[dict] | dict | str:
     if fmt == "completion":
         prompt = _text(_field(row, "prompt"), "prompt")
         completion = _text(_field(row, "completion"), "completion")
-        return _check_responses([{"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": completion}])
+        return _check_responses([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
     if fmt == "text":
         text = _text(_field(row, "text"), "text")
         if not text.strip():
@@ -183,16 +187,24 @@ def _rename(row, columns: dict[str, str]):
     return {inverse.get(k, k): v for k, v in row.items()}
 
 
-def iter_raw(path: str, *, columns: dict[str, str] | None = None, split: str = "train",
-             revision: str | None = None, key: str = "data.sources") -> Iterator[tuple[int, object]]:
+def iter_raw(
+    path: str,
+    *,
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    key: str = "data.sources",
+) -> Iterator[tuple[int, object]]:
     """(row number, row) for every row of a file or hub dataset; a row that is not valid JSON is
     yielded as a RowError (jsonl only: other readers reject a malformed file as a whole).
     Row numbers are 1-based lines for jsonl, 0-based indices otherwise."""
     columns = columns or {}
     p = Path(path)
     if p.suffix in FILE_KINDS and not p.exists():
-        raise DataError(f"{key} path {path} does not exist; fix the path (relative paths are resolved "
-                        f"from the working directory {Path.cwd()})")
+        raise DataError(
+            f"{key} path {path} does not exist; fix the path (relative paths are resolved "
+            f"from the working directory {Path.cwd()})"
+        )
     if p.suffix == ".jsonl":
         with p.open(encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, start=1):
@@ -211,8 +223,9 @@ def iter_raw(path: str, *, columns: dict[str, str] | None = None, split: str = "
         if p.exists():
             kind = FILE_KINDS.get(p.suffix)
             if kind is None:
-                raise DataError(f"{key} path {path}: unsupported file type {p.suffix!r}; "
-                                "use .jsonl, .json, .parquet or .csv")
+                raise DataError(
+                    f"{key} path {path}: unsupported file type {p.suffix!r}; use .jsonl, .json, .parquet or .csv"
+                )
             extra = {}
             if kind == "csv":  # every cell is text: an answer "12" must not become the integer 12
                 import csv
@@ -226,13 +239,18 @@ def iter_raw(path: str, *, columns: dict[str, str] | None = None, split: str = "
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001  a malformed file or an unknown hub id: name the key and the file
-        raise DataError(f"{key} path {path}: cannot be read ({type(exc).__name__}: {exc}); check the "
-                        "file (one JSON object per line for .jsonl) or the hub dataset id") from None
+        raise DataError(
+            f"{key} path {path}: cannot be read ({type(exc).__name__}: {exc}); check the "
+            "file (one JSON object per line for .jsonl) or the hub dataset id"
+        ) from None
     for n, row in enumerate(ds):
         yield n, _rename(row, columns)
 
 
 def read_rows(src) -> list[dict]:
     """Raw rows of a `DataSource`, columns renamed to the format's names (invalid JSON skipped)."""
-    return [r for _, r in iter_raw(src.path, columns=src.columns, split=src.split,
-                                   revision=getattr(src, "revision", None)) if not isinstance(r, RowError)]
+    return [
+        r
+        for _, r in iter_raw(src.path, columns=src.columns, split=src.split, revision=getattr(src, "revision", None))
+        if not isinstance(r, RowError)
+    ]

@@ -71,9 +71,19 @@ class LoaderState:
 
 
 class StepLoader:
-    def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum_steps: int,
-                 world_size: int, rank: int, seed: int, shuffle: bool = True, lengths=None,
-                 group_by_length: bool = False):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        lengths=None,
+        group_by_length: bool = False,
+    ):
         if lengths is not None and len(lengths) != num_samples:
             raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
         if group_by_length and lengths is None:
@@ -107,8 +117,10 @@ class StepLoader:
                 random.Random(self.seed * 1_000_003 + state.epoch).shuffle(order)
             if state.group:
                 if self.lengths is None:
-                    raise ValueError("this epoch was begun grouped by length (data.group_by_length); "
-                                     "the loader needs the rows' lengths to finish it")
+                    raise ValueError(
+                        "this epoch was begun grouped by length (data.group_by_length); "
+                        "the loader needs the rows' lengths to finish it"
+                    )
                 order = group_by_length(order, self.lengths, state.group)
             self._perm, self._perm_key = order, key
         return self._perm
@@ -154,21 +166,37 @@ class StepLoader:
         self.state = LoaderState(**state)
 
 
-def padded_efficiency(lengths, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
-                      seed: int, shuffle: bool = True, group_by_length: bool = False) -> float:
+def padded_efficiency(
+    lengths,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool = True,
+    group_by_length: bool = False,
+) -> float:
     """Real tokens / slots over the first epoch of unpacked rows as the trainer batches them: the
     same loader (order, grouping, fillers), every micro batch padded to its longest row."""
     if not len(lengths):
         return 0.0
-    loader = StepLoader(len(lengths), micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                        world_size=world_size, rank=0, seed=seed, shuffle=shuffle, lengths=lengths,
-                        group_by_length=group_by_length)
+    loader = StepLoader(
+        len(lengths),
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        world_size=world_size,
+        rank=0,
+        seed=seed,
+        shuffle=shuffle,
+        lengths=lengths,
+        group_by_length=group_by_length,
+    )
     real = slots = 0
     for _ in range(loader.steps_per_epoch()):
         batch = loader.step_indices_all_ranks()
         loader.next_step()
         for start in range(0, len(batch), micro_batch_size):
-            micro = batch[start:start + micro_batch_size]
+            micro = batch[start : start + micro_batch_size]
             slots += max(int(lengths[sample_index(i)]) for i in micro) * len(micro)
             real += sum(int(lengths[i]) for i in micro if not is_filler(i))
     return real / max(1, slots)
@@ -184,8 +212,14 @@ def as_filler(row: dict) -> dict:
     return {**row, "labels": [IGNORE_INDEX] * len(row["labels"]), "filler": True}
 
 
-def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
-            mask_dtype: torch.dtype = torch.float32, pairs: bool = False) -> dict:
+def collate(
+    rows: list[dict],
+    *,
+    pad_id: int,
+    attn_implementation: str = "sdpa",
+    mask_dtype: torch.dtype = torch.float32,
+    pairs: bool = False,
+) -> dict:
     """Right-pad to the longest row; labels are -100 on pad. Besides the model inputs, `num_tokens`
     counts the real (non-pad) tokens of the rows that are not fillers (`as_filler`).
 
@@ -207,8 +241,11 @@ def collate(rows: list[dict], *, pad_id: int, attn_implementation: str = "sdpa",
         ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
         labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
         real[i, :n] = 1
-    batch = {"input_ids": ids, "labels": labels,
-             "num_tokens": sum(len(r["input_ids"]) for r in rows if not r.get("filler"))}
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "num_tokens": sum(len(r["input_ids"]) for r in rows if not r.get("filler")),
+    }
     if not any("doc_lens" in r for r in rows):
         batch["attention_mask"] = real
         return batch

@@ -70,13 +70,15 @@ def pack_table(table, bins: list[list[int]]):
     tok_offsets = np.concatenate([[0], np.cumsum(sample_lens)])[sample_offsets].astype(np.int32)
     row_ids = docs.column("id").combine_chunks()
     first = [f"pack{n}:{row_ids[int(s)].as_py()}" for n, s in enumerate(sample_offsets[:-1])]
-    return pa.table({
-        "input_ids": pa.ListArray.from_arrays(pa.array(tok_offsets), flat_ids),
-        "labels": pa.ListArray.from_arrays(pa.array(tok_offsets), pa.array(labels, type=flat_ids.type)),
-        "id": pa.array(first, type=pa.string()),
-        "ids": pa.ListArray.from_arrays(pa.array(sample_offsets), row_ids),
-        "doc_lens": pa.ListArray.from_arrays(pa.array(doc_offsets), pa.array(doc_lens, type=pa.int32())),
-    })
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(pa.array(tok_offsets), flat_ids),
+            "labels": pa.ListArray.from_arrays(pa.array(tok_offsets), pa.array(labels, type=flat_ids.type)),
+            "id": pa.array(first, type=pa.string()),
+            "ids": pa.ListArray.from_arrays(pa.array(sample_offsets), row_ids),
+            "doc_lens": pa.ListArray.from_arrays(pa.array(doc_offsets), pa.array(doc_lens, type=pa.int32())),
+        }
+    )
 
 
 def packing_efficiency(lengths, bins: list[list[int]], capacity: int) -> float:
@@ -97,12 +99,12 @@ def group_by_length(order: list[int], lengths, group_size: int, window: int = GR
     size = max(1, window * group_size)
     out: list[int] = []
     for start in range(0, len(order), size):
-        out += sorted(order[start:start + size], key=lambda i: -int(lengths[i]))
+        out += sorted(order[start : start + size], key=lambda i: -int(lengths[i]))
     if out:
         head = max(range(0, len(out), size), key=lambda j: int(lengths[out[j]]))
         span = min(group_size, len(out) - head)  # a whole batch, unless the epoch's last is short
         if head and span == min(group_size, len(out)):
-            out[:span], out[head:head + span] = out[head:head + span], out[:span]
+            out[:span], out[head : head + span] = out[head : head + span], out[:span]
         elif head:
             out[0], out[head] = out[head], out[0]
     return out

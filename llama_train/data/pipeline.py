@@ -32,26 +32,37 @@ from llama_train.errors import DataError
 # pool must not be live when datasets.map forks its workers.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CATEGORIES = ("invalid_json", "missing_field", "wrong_type", "empty_response", "malformed_tool_call", "duplicate",
-              "template", "overlength", "no_supervised")
+CATEGORIES = (
+    "invalid_json",
+    "missing_field",
+    "wrong_type",
+    "empty_response",
+    "malformed_tool_call",
+    "duplicate",
+    "template",
+    "overlength",
+    "no_supervised",
+)
 PAIR_CATEGORIES = ("identical_pair",)  # preference data (train.objective: dpo) only
 
 
 def categories(recipe: Recipe) -> tuple[str, ...]:
     """The drop categories preflight reports for this recipe's data."""
     return CATEGORIES + (PAIR_CATEGORIES if recipe.train.objective == "dpo" else ())
+
+
 TEMPLATE_ERROR = "template:"  # status prefix of a row the chat template refused (raise_exception)
 MAX_EXAMPLES = 5  # bad rows quoted per category in the report
 
 
 @dataclass
 class Prepared:
-    train: object                  # datasets.Dataset of train rows (packed or not)
-    eval_rows: list[dict]          # {"id", "messages" (None for text)} for generation
-    eval: list[dict]               # tokenized eval rows (never packed)
-    counts: dict                   # rows read, kept, per category (see CATEGORIES), truncated
-    examples: dict                 # category → ["file:row: why", ...]
-    lengths: np.ndarray            # tokens per kept train sample, before truncation and packing
+    train: object  # datasets.Dataset of train rows (packed or not)
+    eval_rows: list[dict]  # {"id", "messages" (None for text)} for generation
+    eval: list[dict]  # tokenized eval rows (never packed)
+    counts: dict  # rows read, kept, per category (see CATEGORIES), truncated
+    examples: dict  # category → ["file:row: why", ...]
+    lengths: np.ndarray  # tokens per kept train sample, before truncation and packing
     sources: list[dict] = field(default_factory=list)  # per source: rows read, valid, used
 
 
@@ -64,8 +75,9 @@ def tokenize_sample(conv, tokenizer, *, train_on: str, chat_template: str | None
         ids = list(tokenizer(conv).input_ids) + [tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids)}
     if isinstance(conv, dict):  # messages with the tools they may call
-        return tokenize_messages(conv["messages"], tokenizer, train_on=train_on, chat_template=chat_template,
-                                 tools=conv["tools"])
+        return tokenize_messages(
+            conv["messages"], tokenizer, train_on=train_on, chat_template=chat_template, tools=conv["tools"]
+        )
     return tokenize_messages(conv, tokenizer, train_on=train_on, chat_template=chat_template)
 
 
@@ -91,8 +103,13 @@ def _tokenize_batch(batch, *, tokenizer, train_on, chat_template, seq_len, polic
         try:
             tok = tokenize_sample(json.loads(conv_json), tokenizer, train_on=train_on, chat_template=chat_template)
         except TemplateError as exc:  # the template's raise_exception (e.g. roles must alternate): this row only
-            for key, value in (("input_ids", []), ("labels", []), ("doc_lens", []), ("length", 0),
-                               ("status", TEMPLATE_ERROR + str(exc)[:300])):
+            for key, value in (
+                ("input_ids", []),
+                ("labels", []),
+                ("doc_lens", []),
+                ("length", 0),
+                ("status", TEMPLATE_ERROR + str(exc)[:300]),
+            ):
                 out[key].append(value)
             continue
         n = len(tok["input_ids"])
@@ -121,8 +138,9 @@ def _source_rows(recipe: Recipe, src):
     """(where, id, row-or-RowError) of one source; built-in rows are generated."""
     if src.path == BUILTIN_PREFERENCES:
         b = recipe.data.builtin
-        rows, _ = generate_preference_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed,
-                                             tasks=tuple(b.tasks))
+        rows, _ = generate_preference_splits(
+            num_train=b.num_train, num_eval=b.num_eval, seed=b.seed, tasks=tuple(b.tasks)
+        )
         for n, r in enumerate(rows):
             yield f"{BUILTIN_PREFERENCES}[{n}]", r["id"], r
         return
@@ -134,8 +152,7 @@ def _source_rows(recipe: Recipe, src):
         return
     name = Path(src.path).name if Path(src.path).exists() else src.path
     line = "line" if src.path.endswith(".jsonl") else "row"
-    for n, row in iter_raw(src.path, columns=src.columns, split=src.split, revision=src.revision,
-                           key="data.sources"):
+    for n, row in iter_raw(src.path, columns=src.columns, split=src.split, revision=src.revision, key="data.sources"):
         rid = row.get("id") if isinstance(row, dict) else None
         yield f"{src.path} {line} {n}", str(rid) if rid is not None else f"{name}:{n}", row
 
@@ -185,8 +202,9 @@ def _eval_split(recipe: Recipe, pool: list[dict]) -> tuple[list[dict], list[dict
                     raise row
                 conv = normalize_pair(row) if fmt == "preference" else normalize(row, fmt)
             except RowError as exc:
-                raise DataError(f"data.eval.path {d.eval.path} row {n}: {exc}; fix the row or the "
-                                f"format (data.eval.format={fmt})") from None
+                raise DataError(
+                    f"data.eval.path {d.eval.path} row {n}: {exc}; fix the row or the format (data.eval.format={fmt})"
+                ) from None
             rid = row.get("id")
             ev.append({"id": str(rid) if rid is not None else f"eval-{n}", "conv": conv})
         return pool, ev
@@ -194,12 +212,12 @@ def _eval_split(recipe: Recipe, pool: list[dict]) -> tuple[list[dict], list[dict
         order = list(range(len(pool)))
         random.Random(recipe.train.seed).shuffle(order)
         held = set(order[: max(1, int(len(pool) * d.eval.fraction))])
-        return ([s for i, s in enumerate(pool) if i not in held],
-                [s for i, s in enumerate(pool) if i in held])
+        return ([s for i, s in enumerate(pool) if i not in held], [s for i, s in enumerate(pool) if i in held])
     if any(s.path == BUILTIN_PREFERENCES for s in d.sources):
         b = d.builtin
-        _, rows = generate_preference_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed,
-                                             tasks=tuple(b.tasks))
+        _, rows = generate_preference_splits(
+            num_train=b.num_train, num_eval=b.num_eval, seed=b.seed, tasks=tuple(b.tasks)
+        )
         return pool, [{"id": r["id"], "conv": {k: r[k] for k in ("prompt", "chosen", "rejected")}} for r in rows]
     if any(s.path == BUILTIN_DATA for s in d.sources):
         b = d.builtin
@@ -219,22 +237,46 @@ def tokenize_pool(recipe: Recipe, tokenizer, pool: list[dict], *, fingerprint: s
     import datasets
 
     d = recipe.data
-    ds = datasets.Dataset.from_dict({
-        "id": [s["id"] for s in pool], "src": [s["src"] for s in pool],
-        "conv": [json.dumps(s["conv"], ensure_ascii=False) for s in pool]})
-    kwargs = {"tokenizer": tokenizer, "train_on": d.train_on, "chat_template": d.chat_template,
-              "seq_len": d.seq_len, "policy": d.overlength}
-    features = datasets.Features({
-        "id": datasets.Value("string"), "src": datasets.Value("int64"),
-        "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
-        "doc_lens": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"), "status": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [s["id"] for s in pool],
+            "src": [s["src"] for s in pool],
+            "conv": [json.dumps(s["conv"], ensure_ascii=False) for s in pool],
+        }
+    )
+    kwargs = {
+        "tokenizer": tokenizer,
+        "train_on": d.train_on,
+        "chat_template": d.chat_template,
+        "seq_len": d.seq_len,
+        "policy": d.overlength,
+    }
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "src": datasets.Value("int64"),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "doc_lens": datasets.List(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "status": datasets.Value("string"),
+        }
+    )
     if not pool:
         return features.arrow_schema.empty_table()
     environ = os.environ
     try:
-        out = ds.map(_tokenize_batch, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=["conv"],
-                     num_proc=_num_proc(recipe, len(pool)), features=features, new_fingerprint=fingerprint,
-                     desc="tokenize")
+        out = ds.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=256,
+            fn_kwargs=kwargs,
+            remove_columns=["conv"],
+            num_proc=_num_proc(recipe, len(pool)),
+            features=features,
+            new_fingerprint=fingerprint,
+            desc="tokenize",
+        )
     finally:
         _rebind_environ(environ)
     return out.with_format("arrow")[:]
@@ -285,8 +327,13 @@ def _tokenize_eval(recipe: Recipe, tokenizer, ev: list[dict]) -> tuple[list[dict
         else:
             if isinstance(conv, dict):  # evaluation prompts the messages without the tool definitions
                 conv = conv["messages"]
-            eval_rows.append({"id": s["id"], "messages": None if isinstance(conv, str) else conv,
-                              **({"text": conv} if isinstance(conv, str) else {})})
+            eval_rows.append(
+                {
+                    "id": s["id"],
+                    "messages": None if isinstance(conv, str) else conv,
+                    **({"text": conv} if isinstance(conv, str) else {}),
+                }
+            )
         policy = "drop" if is_pair(conv) else "truncate" if d.overlength == "error" else d.overlength
         kept, _ = apply_length_policy(tok, seq_len=d.seq_len, policy=policy)
         if kept:
@@ -308,21 +355,25 @@ def prepare(recipe: Recipe, tokenizer, *, fingerprint: str = "llama_train") -> P
     status = np.array(full.column("status").to_pylist(), dtype=object)
     all_lengths = full.column("length").to_numpy()
     where = [s["where"] for s in pool]
-    whys = {"overlength": "{n} tokens > seq_len {seq_len}",
-            "no_supervised": "no token carries loss (data.train_on={train_on})",
-            "truncated_no_supervised": "{n} tokens truncated to seq_len {seq_len} left no token with loss"}
+    whys = {
+        "overlength": "{n} tokens > seq_len {seq_len}",
+        "no_supervised": "no token carries loss (data.train_on={train_on})",
+        "truncated_no_supervised": "{n} tokens truncated to seq_len {seq_len} left no token with loss",
+    }
     if recipe.train.objective == "dpo":
         whys["overlength"] = "{n} tokens (prompt + chosen, prompt + rejected: one row) > seq_len {seq_len}"
     for i in np.flatnonzero(np.isin(status, list(whys))):
         n = int(all_lengths[i])
         if status[i] == "overlength" and d.overlength == "error":
-            raise DataError(f"{where[i]} has {n} tokens > data.seq_len={d.seq_len}; raise data.seq_len "
-                            "or set data.overlength: drop | truncate")
+            raise DataError(
+                f"{where[i]} has {n} tokens > data.seq_len={d.seq_len}; raise data.seq_len "
+                "or set data.overlength: drop | truncate"
+            )
         category = "overlength" if status[i] == "overlength" else "no_supervised"
         tally.drop(category, where[i], whys[status[i]].format(n=n, seq_len=d.seq_len, train_on=d.train_on))
     for i, st in enumerate(status):
         if st.startswith(TEMPLATE_ERROR):
-            tally.drop("template", where[i], f"the chat template refused it: {st[len(TEMPLATE_ERROR):]}")
+            tally.drop("template", where[i], f"the chat template refused it: {st[len(TEMPLATE_ERROR) :]}")
     tally.counts["truncated"] = int(np.isin(status, ["truncated", "truncated_no_supervised"]).sum())
     keep = np.flatnonzero((status == "ok") | (status == "truncated"))
     table = full.take(pa.array(keep))
@@ -339,13 +390,28 @@ def prepare(recipe: Recipe, tokenizer, *, fingerprint: str = "llama_train") -> P
         table = pack_table(table, best_fit_decreasing(ntok, d.seq_len))
     else:
         ids = table.column("id").combine_chunks()
-        table = table.append_column("ids", pa.ListArray.from_arrays(pa.array(np.arange(len(ids) + 1, dtype=np.int32)), ids))
+        table = table.append_column(
+            "ids", pa.ListArray.from_arrays(pa.array(np.arange(len(ids) + 1, dtype=np.int32)), ids)
+        )
         if pairs:  # a pair is a row of two documents even unpacked (collate isolates them)
             table = table.select(["input_ids", "labels", "id", "ids", "doc_lens"])
     eval_rows, tok_eval = _tokenize_eval(recipe, tokenizer, ev)
-    counts = {"rows": int(tally.counts["rows"]), "kept": int(keep.size),
-              **{c: int(tally.counts[c]) for c in categories(recipe)}, "truncated": tally.counts["truncated"],
-              "train_samples": int(mixed.size), "train_rows": table.num_rows, "eval_held_out": len(ev)}
+    counts = {
+        "rows": int(tally.counts["rows"]),
+        "kept": int(keep.size),
+        **{c: int(tally.counts[c]) for c in categories(recipe)},
+        "truncated": tally.counts["truncated"],
+        "train_samples": int(mixed.size),
+        "train_rows": table.num_rows,
+        "eval_held_out": len(ev),
+    }
     counts["dropped"] = sum(counts[c] for c in categories(recipe))
-    return Prepared(train=datasets.Dataset(table), eval_rows=eval_rows, eval=tok_eval, counts=counts,
-                    examples=tally.examples, lengths=np.asarray(lengths, dtype=np.int64), sources=per_source)
+    return Prepared(
+        train=datasets.Dataset(table),
+        eval_rows=eval_rows,
+        eval=tok_eval,
+        counts=counts,
+        examples=tally.examples,
+        lengths=np.asarray(lengths, dtype=np.int64),
+        sources=per_source,
+    )

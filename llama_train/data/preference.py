@@ -35,7 +35,7 @@ def _side(row: dict, name: str):
     out = []
     for k, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowError("wrong_type", f"`{name}[{k}]` must be {{\"role\": str, \"content\": str}}")
+            raise RowError("wrong_type", f'`{name}[{k}]` must be {{"role": str, "content": str}}')
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -67,8 +67,9 @@ def normalize_pair(row) -> dict:
     pair = {name: _side(row, name) for name in SIDES}
     kinds = {type(v) for v in pair.values()}
     if len(kinds) != 1:
-        raise RowError("wrong_type", "`prompt`, `chosen` and `rejected` must all be strings or all be "
-                                     "lists of messages")
+        raise RowError(
+            "wrong_type", "`prompt`, `chosen` and `rejected` must all be strings or all be lists of messages"
+        )
     for name in SIDES:
         if _empty(pair[name]):
             raise RowError("empty_response", f"`{name}` is empty")
@@ -121,5 +122,4 @@ def tokenize_pair(pair: dict, tokenizer, *, chat_template: str | None = None) ->
         if not prompt and side:  # nothing precedes it in its document: unscored (as in TRL), and the
             side[0] = IGNORE_INDEX  # rejected side's first token is not predicted from the chosen side
         labels += side
-    return {"input_ids": ids, "labels": labels,
-            "doc_lens": [len(prompt) + len(chosen), len(prompt) + len(rejected)]}
+    return {"input_ids": ids, "labels": labels, "doc_lens": [len(prompt) + len(chosen), len(prompt) + len(rejected)]}

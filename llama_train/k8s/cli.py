@@ -65,8 +65,19 @@ def render(
     from llama_train.k8s.render import to_yaml
 
     # Counts are taken as text so that `--gpus-per-node eight` is a RecipeError naming the flag.
-    text = to_yaml(_render(recipe, overrides, kind=kind, nodes=nodes, gpus_per_node=gpus_per_node,
-                           image=image, namespace=namespace, queue=queue, name=name))
+    text = to_yaml(
+        _render(
+            recipe,
+            overrides,
+            kind=kind,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            image=image,
+            namespace=namespace,
+            queue=queue,
+            name=name,
+        )
+    )
     if output:
         _write(output, text, flag="-o/--output")
         typer.echo(f"wrote {output}", err=True)
@@ -89,18 +100,33 @@ def submit(
     """Render and create the objects in the current cluster."""
     from llama_train.k8s import client
 
-    objects = _render(recipe, overrides, kind=kind, nodes=nodes, gpus_per_node=gpus_per_node,
-                      image=image, namespace=namespace, queue=queue, name=name)
+    objects = _render(
+        recipe,
+        overrides,
+        kind=kind,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        image=image,
+        namespace=namespace,
+        queue=queue,
+        name=name,
+    )
     for ref in client.submit(objects):
         typer.echo(f"created {ref}")
     job = objects[-1]["metadata"]
-    typer.echo(f"follow with: llama-train k8s logs {job['name']} -n {job['namespace']} "
-               f"--kind {objects[-1]['kind'].lower()} --follow")
+    typer.echo(
+        f"follow with: llama-train k8s logs {job['name']} -n {job['namespace']} "
+        f"--kind {objects[-1]['kind'].lower()} --follow"
+    )
 
 
 @app.command()
-def status(name: str, namespace: str = JobNs, kind: str = JobKindOpt,
-           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def status(
+    name: str,
+    namespace: str = JobNs,
+    kind: str = JobKindOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
     """State, conditions and replica counts of a job."""
     from llama_train.k8s import client
 
@@ -116,9 +142,13 @@ def status(name: str, namespace: str = JobNs, kind: str = JobKindOpt,
 
 
 @app.command()
-def logs(name: str, namespace: str = JobNs, kind: str = JobKindOpt,
-         follow: bool = typer.Option(False, "--follow", "-f", help="Stream the first pod's log."),
-         tail: int | None = typer.Option(None, "--tail", help="Last N lines per pod.")) -> None:
+def logs(
+    name: str,
+    namespace: str = JobNs,
+    kind: str = JobKindOpt,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream the first pod's log."),
+    tail: int | None = typer.Option(None, "--tail", help="Last N lines per pod."),
+) -> None:
     """Logs of the job's training containers."""
     from llama_train.k8s import client
 
@@ -127,8 +157,12 @@ def logs(name: str, namespace: str = JobNs, kind: str = JobKindOpt,
 
 
 @app.command()
-def wait(name: str, namespace: str = JobNs, kind: str = JobKindOpt,
-         timeout: float = typer.Option(3600, "--timeout", help="Seconds to wait.")) -> None:
+def wait(
+    name: str,
+    namespace: str = JobNs,
+    kind: str = JobKindOpt,
+    timeout: float = typer.Option(3600, "--timeout", help="Seconds to wait."),
+) -> None:
     """Wait for the job to finish; exit 0 when it succeeded, 1 when it failed."""
     from llama_train.k8s import client
 

@@ -32,10 +32,24 @@ class JobKind:
 
 
 KINDS = {
-    "pytorchjob": JobKind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob",
-                          "training.kubeflow.org/job-name={name}", "pytorch", ("Succeeded", "Failed")),
-    "trainjob": JobKind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob",
-                        "jobset.sigs.k8s.io/jobset-name={name}", "node", ("Complete", "Failed")),
+    "pytorchjob": JobKind(
+        "kubeflow.org",
+        "v1",
+        "pytorchjobs",
+        "PyTorchJob",
+        "training.kubeflow.org/job-name={name}",
+        "pytorch",
+        ("Succeeded", "Failed"),
+    ),
+    "trainjob": JobKind(
+        "trainer.kubeflow.org",
+        "v1alpha1",
+        "trainjobs",
+        "TrainJob",
+        "jobset.sigs.k8s.io/jobset-name={name}",
+        "node",
+        ("Complete", "Failed"),
+    ),
 }
 
 
@@ -96,8 +110,10 @@ def submit(objects: list[dict]) -> list[str]:
                     custom.create_namespaced_custom_object(k.group, k.version, ns, k.plural, obj)
                 except ApiException as exc:
                     if exc.status == 409:
-                        raise ClusterError(f"{kind} {ns}/{name} already exists; `llama-train k8s "
-                                           f"delete {name} -n {ns}` first, or set k8s.name") from None
+                        raise ClusterError(
+                            f"{kind} {ns}/{name} already exists; `llama-train k8s "
+                            f"delete {name} -n {ns}` first, or set k8s.name"
+                        ) from None
                     raise
         except ApiException as exc:
             raise _api_error(f"creating {kind} {ns}/{name}", exc) from None
@@ -132,14 +148,16 @@ def status(name: str, *, namespace: str, kind: str = "pytorchjob") -> dict:
         "namespace": namespace,
         "kind": job_kind(kind).kind,
         "state": job_state(job),
-        "conditions": [{k: c.get(k) for k in ("type", "status", "reason", "message")}
-                       for c in st.get("conditions") or []],
+        "conditions": [
+            {k: c.get(k) for k in ("type", "status", "reason", "message")} for c in st.get("conditions") or []
+        ],
         "replicas": st.get("replicaStatuses") or st.get("jobsStatus") or {},
     }
 
 
-def logs(name: str, *, namespace: str, kind: str = "pytorchjob", follow: bool = False,
-         tail_lines: int | None = None) -> Iterator[str]:
+def logs(
+    name: str, *, namespace: str, kind: str = "pytorchjob", follow: bool = False, tail_lines: int | None = None
+) -> Iterator[str]:
     """Log lines of every pod of the job, prefixed with the pod name (follow: first pod only)."""
     client = _client()
     from kubernetes.client.rest import ApiException
@@ -159,21 +177,20 @@ def logs(name: str, *, namespace: str, kind: str = "pytorchjob", follow: bool = 
             if follow:
                 from kubernetes import watch
 
-                stream = watch.Watch().stream(core.read_namespaced_pod_log, pod_name, namespace,
-                                              container=k.container, tail_lines=tail_lines)
+                stream = watch.Watch().stream(
+                    core.read_namespaced_pod_log, pod_name, namespace, container=k.container, tail_lines=tail_lines
+                )
                 for line in stream:
                     yield f"[{pod_name}] {line}"
             else:
-                text = core.read_namespaced_pod_log(pod_name, namespace, container=k.container,
-                                                    tail_lines=tail_lines)
+                text = core.read_namespaced_pod_log(pod_name, namespace, container=k.container, tail_lines=tail_lines)
                 for line in text.splitlines():
                     yield f"[{pod_name}] {line}"
         except ApiException as exc:
             raise _api_error(f"reading logs of {pod_name}", exc) from None
 
 
-def wait(name: str, *, namespace: str, kind: str = "pytorchjob", timeout_s: float = 3600,
-         poll_s: float = 10) -> str:
+def wait(name: str, *, namespace: str, kind: str = "pytorchjob", timeout_s: float = 3600, poll_s: float = 10) -> str:
     """Block until the job succeeds or fails; returns the final state. Raises on timeout."""
     k = job_kind(kind)
     deadline = time.monotonic() + timeout_s
@@ -195,7 +212,8 @@ def delete(name: str, *, namespace: str, kind: str = "pytorchjob") -> list[str]:
     deleted = []
     try:
         client.CustomObjectsApi().delete_namespaced_custom_object(
-            k.group, k.version, namespace, k.plural, name, propagation_policy="Foreground")
+            k.group, k.version, namespace, k.plural, name, propagation_policy="Foreground"
+        )
         deleted.append(f"{kind}/{name}")
     except ApiException as exc:
         raise _api_error(f"deleting {k.kind} {namespace}/{name}", exc) from None

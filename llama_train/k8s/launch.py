@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         rank, failure = root_cause(exc.failures)
         if rank != exc.get_first_failure()[0]:  # torchrun's summary above names another rank
-            print(f"llama_train.k8s.launch: root cause is rank {rank} (exitcode {failure.exitcode}); "
-                  "the other ranks failed after it", file=sys.stderr)
+            print(
+                f"llama_train.k8s.launch: root cause is rank {rank} (exitcode {failure.exitcode}); "
+                "the other ranks failed after it",
+                file=sys.stderr,
+            )
         return exit_code_of_failure(failure.exitcode)
     except SignalException as exc:
         return 128 + int(exc.sigval)

@@ -35,8 +35,13 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 # CLI flag -> recipe key, so errors name both.
 FLAGS = {
-    "kind": "--kind", "nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "image": "--image",
-    "namespace": "--namespace", "queue": "--queue", "name": "--name",
+    "kind": "--kind",
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "image": "--image",
+    "namespace": "--namespace",
+    "queue": "--queue",
+    "name": "--name",
 }
 
 
@@ -87,18 +92,23 @@ def _check_counts(values: dict) -> None:
 def _check_settings(recipe: Recipe, cfg: K8sConfig) -> None:
     errors: list[str] = []
     if not cfg.image or not cfg.image.strip():
-        errors.append("k8s.image is not set: pass --image REGISTRY/llama-train-trainer:TAG or set "
-                      "k8s.image in the recipe")
+        errors.append(
+            "k8s.image is not set: pass --image REGISTRY/llama-train-trainer:TAG or set k8s.image in the recipe"
+        )
     elif any(c.isspace() for c in cfg.image):
         errors.append(f"{_where('image')}: image reference {cfg.image!r} contains whitespace")
     if not _DNS1123_LABEL.match(cfg.namespace) or len(cfg.namespace) > 63:
-        errors.append(f"{_where('namespace')}: {cfg.namespace!r} is not a DNS-1123 label "
-                      "(lowercase letters, digits and '-', at most 63 characters)")
+        errors.append(
+            f"{_where('namespace')}: {cfg.namespace!r} is not a DNS-1123 label "
+            "(lowercase letters, digits and '-', at most 63 characters)"
+        )
     if cfg.name is not None:
         limit = max_job_name_length(cfg)
         if not _DNS1035_LABEL.match(cfg.name) or len(cfg.name) > limit:
-            errors.append(f"k8s.name: {cfg.name!r} is not a DNS-1035 label of at most {limit} characters "
-                          "(starts with a letter; lowercase letters, digits and '-')")
+            errors.append(
+                f"k8s.name: {cfg.name!r} is not a DNS-1035 label of at most {limit} characters "
+                "(starts with a letter; lowercase letters, digits and '-')"
+            )
     for key in ("pvc", "service_account", "hf_token_secret", "priority_class", "runtime"):
         value = getattr(cfg, key)
         if value is not None and (not _DNS1123_SUBDOMAIN.match(value) or len(value) > 253):
@@ -116,11 +126,15 @@ def _check_settings(recipe: Recipe, cfg: K8sConfig) -> None:
         elif RESERVED_ENV.match(key):
             errors.append(f"k8s.env: {key} is set by the operator/torchrun; remove it")
     if cfg.gpus_per_node and cfg.nproc_per_node not in (None, cfg.gpus_per_node):
-        errors.append(f"k8s.nproc_per_node ({cfg.nproc_per_node}) must equal --gpus-per-node / "
-                      f"k8s.gpus_per_node ({cfg.gpus_per_node}) on GPU nodes; unset it")
+        errors.append(
+            f"k8s.nproc_per_node ({cfg.nproc_per_node}) must equal --gpus-per-node / "
+            f"k8s.gpus_per_node ({cfg.gpus_per_node}) on GPU nodes; unset it"
+        )
     if cfg.gpus_per_node == 0 and recipe.parallel.backend == "nccl":
-        errors.append("parallel.backend is nccl but --gpus-per-node / k8s.gpus_per_node is 0; "
-                      "set parallel.backend: gloo (or auto) or request GPUs")
+        errors.append(
+            "parallel.backend is nccl but --gpus-per-node / k8s.gpus_per_node is 0; "
+            "set parallel.backend: gloo (or auto) or request GPUs"
+        )
     if cfg.gpus_per_node == 0 and cfg.gpu_product:
         errors.append("k8s.gpu_product is set but --gpus-per-node / k8s.gpus_per_node is 0")
     errors += _check_elastic(cfg)
@@ -133,13 +147,16 @@ def _check_elastic(cfg: K8sConfig) -> list[str]:
         return []
     errors = []
     if cfg.kind == "trainjob":
-        errors.append("k8s.min_nodes/k8s.max_nodes (elastic training) need --kind pytorchjob; "
-                      "TrainJob v1alpha1 has no elastic policy")
+        errors.append(
+            "k8s.min_nodes/k8s.max_nodes (elastic training) need --kind pytorchjob; "
+            "TrainJob v1alpha1 has no elastic policy"
+        )
     low = cfg.min_nodes or cfg.nodes
     high = cfg.max_nodes or cfg.nodes
     if not low <= cfg.nodes <= high:
-        errors.append(f"elastic bounds need k8s.min_nodes ({low}) <= --nodes / k8s.nodes "
-                      f"({cfg.nodes}) <= k8s.max_nodes ({high})")
+        errors.append(
+            f"elastic bounds need k8s.min_nodes ({low}) <= --nodes / k8s.nodes ({cfg.nodes}) <= k8s.max_nodes ({high})"
+        )
     return errors
 
 
@@ -207,16 +224,19 @@ def env_vars(recipe: Recipe, cfg: K8sConfig) -> list[dict]:
         uri = tracked if tracked.startswith(("http://", "https://")) else "http://mlflow:5000"
     env = [
         {"name": "MLFLOW_TRACKING_URI", "value": uri},
-        {"name": "MLFLOW_EXPERIMENT_NAME",
-         "value": cfg.mlflow_experiment or recipe.tracking.experiment or DEFAULT_EXPERIMENT},
+        {
+            "name": "MLFLOW_EXPERIMENT_NAME",
+            "value": cfg.mlflow_experiment or recipe.tracking.experiment or DEFAULT_EXPERIMENT,
+        },
         {"name": "HF_HOME", "value": f"{mount}/cache/huggingface"},
         {"name": "XDG_CACHE_HOME", "value": f"{mount}/cache"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if cfg.hf_token_secret:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": cfg.hf_token_secret, "key": cfg.hf_token_key}}})
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": cfg.hf_token_secret, "key": cfg.hf_token_key}}}
+        )
     env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
     return env
 
@@ -303,21 +323,24 @@ def pod_template(recipe: Recipe, cfg: K8sConfig, name: str) -> dict:
     if cfg.priority_class:
         spec["priorityClassName"] = cfg.priority_class
     if cfg.preprocess:
-        spec["initContainers"] = [{
-            "name": "preprocess",
-            "image": cfg.image,
-            "imagePullPolicy": cfg.image_pull_policy,
-            "command": preprocess_command(cfg, name),
-            "env": env,
-            "resources": resources(cfg, gpus=False),
-            "volumeMounts": mounts,
-            "securityContext": container_security_context(),
-        }]
+        spec["initContainers"] = [
+            {
+                "name": "preprocess",
+                "image": cfg.image,
+                "imagePullPolicy": cfg.image_pull_policy,
+                "command": preprocess_command(cfg, name),
+                "env": env,
+                "resources": resources(cfg, gpus=False),
+                "volumeMounts": mounts,
+                "securityContext": container_security_context(),
+            }
+        ]
     spec["containers"] = [container]
     spec["volumes"] = volumes(cfg, name)
-    return {"metadata": {"labels": labels(recipe, name),
-                         "annotations": {"llama-train/recipe-sha256": recipe.sha256()}},
-            "spec": spec}
+    return {
+        "metadata": {"labels": labels(recipe, name), "annotations": {"llama-train/recipe-sha256": recipe.sha256()}},
+        "spec": spec,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,14 +351,17 @@ def _metadata(recipe: Recipe, cfg: K8sConfig, name: str, *, queue: bool = False)
     meta_labels = labels(recipe, name)
     if queue and cfg.queue:
         meta_labels[QUEUE_LABEL] = cfg.queue
-    return {"name": name, "namespace": cfg.namespace, "labels": meta_labels,
-            "annotations": {"llama-train/recipe-sha256": recipe.sha256()}}
+    return {
+        "name": name,
+        "namespace": cfg.namespace,
+        "labels": meta_labels,
+        "annotations": {"llama-train/recipe-sha256": recipe.sha256()},
+    }
 
 
 def render_configmap(recipe: Recipe, cfg: K8sConfig, name: str) -> dict:
     meta = _metadata(recipe, cfg, f"{name}-recipe")
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {"recipe.yaml": dump_recipe(recipe)}}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"recipe.yaml": dump_recipe(recipe)}}
 
 
 def render_pvc(cfg: K8sConfig) -> dict:
@@ -346,10 +372,12 @@ def render_pvc(cfg: K8sConfig) -> dict:
     }
     if cfg.storage_class:
         spec["storageClassName"] = cfg.storage_class
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": cfg.pvc, "namespace": cfg.namespace,
-                         "labels": {"app.kubernetes.io/name": "llama-train"}},
-            "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": cfg.pvc, "namespace": cfg.namespace, "labels": {"app.kubernetes.io/name": "llama-train"}},
+        "spec": spec,
+    }
 
 
 def render_pytorchjob(recipe: Recipe, **flags: Any) -> dict:
@@ -381,8 +409,12 @@ def _pytorchjob(recipe: Recipe, cfg: K8sConfig, name: str) -> dict:
         spec["pytorchReplicaSpecs"] = {"Master": {"replicas": 1, **replica}}
         if cfg.nodes > 1:
             spec["pytorchReplicaSpecs"]["Worker"] = {"replicas": cfg.nodes - 1, **replica}
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": _metadata(recipe, cfg, name, queue=True), "spec": spec}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(recipe, cfg, name, queue=True),
+        "spec": spec,
+    }
 
 
 def render_trainjob(recipe: Recipe, **flags: Any) -> dict:
@@ -405,18 +437,35 @@ def _trainjob(recipe: Recipe, cfg: K8sConfig, name: str) -> dict:
         "terminationGracePeriodSeconds": cfg.termination_grace_period_seconds,
         **scheduling(cfg),
         "volumes": volumes(cfg, name),
-        "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": volume_mounts(cfg),
-                        "securityContext": container_security_context()}],
+        "containers": [
+            {
+                "name": TRAINJOB_CONTAINER,
+                "volumeMounts": volume_mounts(cfg),
+                "securityContext": container_security_context(),
+            }
+        ],
     }
     patch = {
         "manager": "llama-train",
-        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
-            "name": "node",
-            "template": {"spec": {"template": {
-                "metadata": {"labels": labels(recipe, name)},
-                "spec": pod_patch,
-            }}},
-        }]}}},
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {
+                            "name": "node",
+                            "template": {
+                                "spec": {
+                                    "template": {
+                                        "metadata": {"labels": labels(recipe, name)},
+                                        "spec": pod_patch,
+                                    }
+                                }
+                            },
+                        }
+                    ]
+                }
+            }
+        },
     }
     spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": cfg.runtime},
@@ -432,8 +481,12 @@ def _trainjob(recipe: Recipe, cfg: K8sConfig, name: str) -> dict:
     }
     if cfg.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = cfg.active_deadline_seconds
-    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
-            "metadata": _metadata(recipe, cfg, name, queue=True), "spec": spec}
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": _metadata(recipe, cfg, name, queue=True),
+        "spec": spec,
+    }
 
 
 def render_manifests(recipe: Recipe, *, kind: str | None = None, **flags: Any) -> list[dict]:
@@ -449,8 +502,9 @@ def render_manifests(recipe: Recipe, *, kind: str | None = None, **flags: Any) -
     try:
         check_world(recipe, world)
     except PreflightError as exc:
-        raise PreflightError(f"{exc} (world size {world} = --nodes {cfg.nodes} x {nproc_per_node(cfg)} "
-                             "process(es) per node)") from None
+        raise PreflightError(
+            f"{exc} (world size {world} = --nodes {cfg.nodes} x {nproc_per_node(cfg)} process(es) per node)"
+        ) from None
     name = job_name(recipe, cfg)
     job = _pytorchjob(recipe, cfg, name) if cfg.kind == "pytorchjob" else _trainjob(recipe, cfg, name)
     objects = [render_configmap(recipe, cfg, name)]

@@ -127,8 +127,10 @@ def _schema_errors(obj: dict, schema: dict) -> list[str]:
     import jsonschema
 
     validator = jsonschema.Draft7Validator(schema)
-    return [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-            for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +141,10 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
     """(where, PodTemplateSpec-like dict) for every pod the object creates."""
     kind = obj.get("kind")
     if kind == "PyTorchJob":
-        return [(f"spec.pytorchReplicaSpecs.{r}.template", s["template"])
-                for r, s in obj["spec"]["pytorchReplicaSpecs"].items()]
+        return [
+            (f"spec.pytorchReplicaSpecs.{r}.template", s["template"])
+            for r, s in obj["spec"]["pytorchReplicaSpecs"].items()
+        ]
     if kind == "TrainJob":
         return [("spec.trainer + runtimePatches (node)", trainjob_pod_template(obj))]
     if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
@@ -161,9 +165,13 @@ def trainjob_pod_template(job: dict) -> dict:
                 patch = copy.deepcopy(rj["template"]["spec"]["template"])
     spec = patch.get("spec", {})
     patched = {c["name"]: c for c in spec.pop("containers", [])}
-    container = {"name": "node", "image": trainer.get("image", "pytorch/pytorch"),
-                 "command": trainer.get("command"), "env": trainer.get("env", []),
-                 "resources": trainer.get("resourcesPerNode", {})}
+    container = {
+        "name": "node",
+        "image": trainer.get("image", "pytorch/pytorch"),
+        "command": trainer.get("command"),
+        "env": trainer.get("env", []),
+        "resources": trainer.get("resourcesPerNode", {}),
+    }
     container.update({k: v for k, v in patched.get("node", {}).items() if k != "name"})
     container = {k: v for k, v in container.items() if v is not None}
     spec["containers"] = [container]
@@ -201,9 +209,12 @@ def pod_errors(template: dict, *, k8s_version: str | None = None) -> list[str]:
     """Validate a pod template as a core v1 Pod with kubernetes-validate (strict: unknown fields fail)."""
     import kubernetes_validate
 
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "check", **(template.get("metadata") or {})},
-           "spec": template.get("spec") or {}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "check", **(template.get("metadata") or {})},
+        "spec": template.get("spec") or {},
+    }
     version = k8s_version or kubernetes_validate.latest_version()
     try:
         kubernetes_validate.validate(pod, version, strict=True)
@@ -228,10 +239,12 @@ def mount_errors(template: dict) -> list[str]:
                 top = outer["mountPath"].rstrip("/") + "/"
                 for inner in mounts:
                     if inner is not outer and inner["mountPath"].startswith(top):
-                        errors.append(f"{kind}[{c.get('name')}].volumeMounts: {inner['mountPath']} lies inside "
-                                      f"the read-only mount {outer['mountPath']}; the runtime cannot create its "
-                                      "mount point there (read-only file system). Mount them side by side, or "
-                                      "drop the outer mount")
+                        errors.append(
+                            f"{kind}[{c.get('name')}].volumeMounts: {inner['mountPath']} lies inside "
+                            f"the read-only mount {outer['mountPath']}; the runtime cannot create its "
+                            "mount point there (read-only file system). Mount them side by side, or "
+                            "drop the outer mount"
+                        )
     return errors
 
 
@@ -258,7 +271,6 @@ def all_errors(obj: dict, *, schemas: Path | None = None, check_crd: bool = True
         errors += crd_errors(obj, schemas)
     errors += resource_errors(obj)
     for where, template in pod_templates(obj):
-        errors += [f"{where}: {e}" for e in pod_errors(template) + restricted_errors(template)
-                   + mount_errors(template)]
+        errors += [f"{where}: {e}" for e in pod_errors(template) + restricted_errors(template) + mount_errors(template)]
     ref = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
     return [f"{ref}: {e}" for e in errors]

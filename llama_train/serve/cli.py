@@ -44,8 +44,10 @@ def check_flags(*, base: str, host: str, port: int, dtype: str, device: str, log
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(addr)
     except OSError as exc:  # socket.gaierror (an unknown --host) is an OSError too
-        raise LlamaTrainError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}; "
-                              "check --host, or another server may use the port: choose another --port") from None
+        raise LlamaTrainError(
+            f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}; "
+            "check --host, or another server may use the port: choose another --port"
+        ) from None
 
 
 def _check_base(base: str) -> None:
@@ -54,16 +56,19 @@ def _check_base(base: str) -> None:
     path = Path(base).expanduser()
     if path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1:
         if not (path / "config.json").is_file():
-            raise LlamaTrainError(f"--base {base}: no model directory there (no config.json); give a "
-                                  "directory with config.json + safetensors, or a hub id")
+            raise LlamaTrainError(
+                f"--base {base}: no model directory there (no config.json); give a "
+                "directory with config.json + safetensors, or a hub id"
+            )
         return
     # A hub id is downloaded at startup unless offline (HF_HUB_OFFLINE=1): then it must be cached.
     import os
 
     from huggingface_hub import try_to_load_from_cache
 
-    if not any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    if not any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
         return
 
     try:
@@ -71,58 +76,95 @@ def _check_base(base: str) -> None:
     except ValueError:  # not a valid repo id
         cached = None
     if not isinstance(cached, str):
-        raise LlamaTrainError(f"--base {base}: neither a local directory nor a model in the Hugging Face "
-                              f"cache; download it first (`huggingface-cli download {base}`, with HF_TOKEN "
-                              "for gated models) or give a directory")
+        raise LlamaTrainError(
+            f"--base {base}: neither a local directory nor a model in the Hugging Face "
+            f"cache; download it first (`huggingface-cli download {base}`, with HF_TOKEN "
+            "for gated models) or give a directory"
+        )
 
 
 def serve_command(
-    base: Annotated[str, typer.Option(
-        "--base", help="Base model: a local directory or a hub id (from the HF cache when HF_HUB_OFFLINE=1).")],
-    adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", help="Repeatable NAME=DIR: a PEFT adapter served as model NAME; or "
-        "NAME=models:/MODEL@ALIAS (followed: the server switches when the alias moves) or "
-        "NAME=models:/MODEL/VERSION from the MLflow registry (--registry-uri).")] = None,
-    canary: Annotated[list[str] | None, typer.Option(
-        "--canary", help="Repeatable NAME=REF:FRACTION: serve FRACTION (between 0 and 1) of adapter NAME's "
-        "requests from REF (models:/MODEL@ALIAS, followed like --adapter, or a directory), e.g. "
-        "support=models:/support@candidate:0.1.")] = None,
-    registry_uri: Annotated[str | None, typer.Option(
-        help="MLflow registry for models:/ adapters (default: $MLFLOW_TRACKING_URI).")] = None,
-    registry_poll_s: Annotated[float, typer.Option(
-        help="How often followed aliases are checked, in seconds.")] = 30.0,
+    base: Annotated[
+        str,
+        typer.Option(
+            "--base", help="Base model: a local directory or a hub id (from the HF cache when HF_HUB_OFFLINE=1)."
+        ),
+    ],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="Repeatable NAME=DIR: a PEFT adapter served as model NAME; or "
+            "NAME=models:/MODEL@ALIAS (followed: the server switches when the alias moves) or "
+            "NAME=models:/MODEL/VERSION from the MLflow registry (--registry-uri).",
+        ),
+    ] = None,
+    canary: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--canary",
+            help="Repeatable NAME=REF:FRACTION: serve FRACTION (between 0 and 1) of adapter NAME's "
+            "requests from REF (models:/MODEL@ALIAS, followed like --adapter, or a directory), e.g. "
+            "support=models:/support@candidate:0.1.",
+        ),
+    ] = None,
+    registry_uri: Annotated[
+        str | None, typer.Option(help="MLflow registry for models:/ adapters (default: $MLFLOW_TRACKING_URI).")
+    ] = None,
+    registry_poll_s: Annotated[float, typer.Option(help="How often followed aliases are checked, in seconds.")] = 30.0,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in a container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_concurrency: Annotated[int, typer.Option(
-        help="Generation requests in flight; more are answered 429.")] = 32,
-    request_timeout_s: Annotated[float, typer.Option(
-        help="Per-request limit, queueing included, in seconds; then 504.")] = 120.0,
-    json_logs: Annotated[bool, typer.Option(
-        "--json-logs", help="One JSON object per log line (ELK, Loki).")] = False,
-    upstream: Annotated[list[str] | None, typer.Option(
-        "--upstream", help="Repeatable NAME=URL or NAME=URL#REMOTE_MODEL: proxy model NAME to an "
-        "OpenAI-compatible base URL (e.g. http://vllm:8000/v1). Key: "
-        "$LLAMA_TRAIN_UPSTREAM_KEY_<NAME> or $LLAMA_TRAIN_UPSTREAM_API_KEY.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(
-        help="Name of the base model in the API (default: --base as given, like vLLM).")] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Generation requests in flight; more are answered 429.")] = 32,
+    request_timeout_s: Annotated[
+        float, typer.Option(help="Per-request limit, queueing included, in seconds; then 504.")
+    ] = 120.0,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="One JSON object per log line (ELK, Loki).")] = False,
+    upstream: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--upstream",
+            help="Repeatable NAME=URL or NAME=URL#REMOTE_MODEL: proxy model NAME to an "
+            "OpenAI-compatible base URL (e.g. http://vllm:8000/v1). Key: "
+            "$LLAMA_TRAIN_UPSTREAM_KEY_<NAME> or $LLAMA_TRAIN_UPSTREAM_API_KEY.",
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Name of the base model in the API (default: --base as given, like vLLM).")
+    ] = None,
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
-    batch_wait_ms: Annotated[float, typer.Option(
-        help="How long the worker gathers requests into a batch, in milliseconds.")] = 5.0,
-    prefill_chunk_tokens: Annotated[int, typer.Option(
-        help="Longer prompts are prefilled this many tokens at a time between decode steps, so "
-        "one long prompt does not stall other requests (0: whole prompts at once).")] = 256,
-    default_max_tokens: Annotated[int, typer.Option(
-        help="max_tokens when a chat request sends none.")] = 256,
-    chat_template: Annotated[str | None, typer.Option(
-        help="A Jinja chat template file used instead of the tokenizer's (as vLLM's --chat-template), "
-        "e.g. one that renders `tools` for a model whose own template does not.")] = None,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long the worker gathers requests into a batch, in milliseconds.")
+    ] = 5.0,
+    prefill_chunk_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Longer prompts are prefilled this many tokens at a time between decode steps, so "
+            "one long prompt does not stall other requests (0: whole prompts at once)."
+        ),
+    ] = 256,
+    default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a chat request sends none.")] = 256,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="A Jinja chat template file used instead of the tokenizer's (as vLLM's --chat-template), "
+            "e.g. one that renders `tools` for a model whose own template does not."
+        ),
+    ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 4 << 20,
-    body_timeout_s: Annotated[float, typer.Option(
-        help="A request body must arrive within this many seconds, else 408 (read before a "
-        "concurrency slot is taken).")] = 30.0,
-    drain_timeout_s: Annotated[float, typer.Option(
-        help="On SIGTERM, how long in-flight requests may take to finish before they are cut, in seconds "
-        "(keep it below the pod's terminationGracePeriodSeconds, 30 s by default).")] = 20.0,
+    body_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="A request body must arrive within this many seconds, else 408 (read before a "
+            "concurrency slot is taken)."
+        ),
+    ] = 30.0,
+    drain_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM, how long in-flight requests may take to finish before they are cut, in seconds "
+            "(keep it below the pod's terminationGracePeriodSeconds, 30 s by default)."
+        ),
+    ] = 20.0,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
@@ -164,20 +206,34 @@ def serve_command(
     logging.config.dictConfig(cfg)  # before create_app, so its warnings use the format
     logging.captureWarnings(True)  # library warnings become log records (one JSON line each)
     try:
-        engine = Engine(base, adapters, served_model_name=served_model_name, dtype=dtype,
-                        device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                        prefill_chunk_tokens=prefill_chunk_tokens,
-                        default_max_tokens=default_max_tokens, adapter_info=adapter_info,
-                        chat_template=template)
+        engine = Engine(
+            base,
+            adapters,
+            served_model_name=served_model_name,
+            dtype=dtype,
+            device=device,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+            default_max_tokens=default_max_tokens,
+            adapter_info=adapter_info,
+            chat_template=template,
+        )
         engine.follower, follower.engine = follower, engine
         _install_canaries(engine, follower, canaries)
-        app = create_app(engine, upstreams=upstreams, max_concurrency=max_concurrency,
-                         request_timeout_s=request_timeout_s, max_body_bytes=max_body_bytes,
-                         body_timeout_s=body_timeout_s)
+        app = create_app(
+            engine,
+            upstreams=upstreams,
+            max_concurrency=max_concurrency,
+            request_timeout_s=request_timeout_s,
+            max_body_bytes=max_body_bytes,
+            body_timeout_s=body_timeout_s,
+        )
     except ValueError as exc:
         raise LlamaTrainError(str(exc)) from None
-    config = uvicorn.Config(app, host=host, port=port, log_config=cfg, access_log=False,
-                            timeout_graceful_shutdown=drain_timeout_s)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=cfg, access_log=False, timeout_graceful_shutdown=drain_timeout_s
+    )
     _draining_server_class()(config).run()
 
 
@@ -197,8 +253,10 @@ def _parse_canaries(items: list[str] | None, adapters: dict[str, str]) -> dict[s
         except ValueError:
             share = -1.0
         if not ref or not 0 < share < 1:
-            raise UsageError(f"--canary {name}={value}: end it with :FRACTION between 0 and 1, e.g. "
-                             f"{name}=models:/{name}@candidate:0.1")
+            raise UsageError(
+                f"--canary {name}={value}: end it with :FRACTION between 0 and 1, e.g. "
+                f"{name}=models:/{name}@candidate:0.1"
+            )
         if name not in adapters:
             raise UsageError(f"--canary {name}: no --adapter {name} to split; serve it with --adapter {name}=...")
         out[name] = (ref, share)
@@ -225,8 +283,9 @@ def _install_canaries(engine, follower, canaries: dict[str, tuple[str, float]]) 
 
         def report(future, name=name, ref=ref):
             if future.exception() is not None:
-                log.error("canary adapter did not load", extra={"model": name, "ref": ref,
-                                                                "error": repr(future.exception())})
+                log.error(
+                    "canary adapter did not load", extra={"model": name, "ref": ref, "error": repr(future.exception())}
+                )
 
         engine.install_adapter(name, path, source=ref, info=info, canary_fraction=share).add_done_callback(report)
 
@@ -237,23 +296,23 @@ def _fetch(follower, flag: str, ref: str):
     except LlamaTrainError as exc:
         raise LlamaTrainError(f"{flag}={ref}: {exc}") from None
     except Exception as exc:  # noqa: BLE001  (MlflowException, connection errors)
-        raise LlamaTrainError(f"{flag}={ref}: fetching it from the registry {follower.uri} failed "
-                              f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
-                              "$MLFLOW_TRACKING_URI and that the MLflow server is up") from None
+        raise LlamaTrainError(
+            f"{flag}={ref}: fetching it from the registry {follower.uri} failed "
+            f"({type(exc).__name__}: {str(exc)[:300]}); check --registry-uri / "
+            "$MLFLOW_TRACKING_URI and that the MLflow server is up"
+        ) from None
 
 
-def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], uri: str | None,
-                               poll_s: float):
+def _resolve_registry_adapters(refs: dict[str, str], adapters: dict[str, str], uri: str | None, poll_s: float):
     """Download and verify the models:/ adapters now (replacing their entries in `adapters` by
     local directories), so a bad reference stops the server at the start; the follower then
     follows the aliases."""
     import os
 
-    from llama_train.tracking.registry import parse_model_ref
     from llama_train.serve.follow import RegistryFollower
+    from llama_train.tracking.registry import parse_model_ref
 
-    follower = RegistryFollower(None, uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
-                                poll_s=poll_s)
+    follower = RegistryFollower(None, uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or None, poll_s=poll_s)
     info = {}
     for name, ref in refs.items():
         try:

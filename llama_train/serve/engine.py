@@ -75,9 +75,15 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
-                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None
-                    or self.grammar is not None)
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.logit_bias
+            or self.min_tokens
+            or self.allowed_token_ids is not None
+            or self.grammar is not None
+        )
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM): dividing by them overflows
@@ -116,8 +122,16 @@ class Event:
 class GenRequest:
     """One HTTP request: n sequences of the same prompt, for one model (base or adapter)."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, model: str,
-                 adapter: str | None, loop: asyncio.AbstractEventLoop, *, deadline: float | None = None):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        model: str,
+        adapter: str | None,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        deadline: float | None = None,
+    ):
         self.prompt_ids = prompt_ids
         self.deadline = deadline  # time.monotonic() by which the client gets its 504
         self.params = params
@@ -147,11 +161,21 @@ class GenRequest:
 class Engine:
     """Loads the base (+ adapters) and serves GenRequests from a background worker thread."""
 
-    def __init__(self, base: str, adapters: dict[str, str] | None = None, *,
-                 served_model_name: str | None = None, dtype: str = "auto",
-                 device: str = "cpu", max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256, prefill_chunk_tokens: int = 256,
-                 adapter_info: dict[str, dict] | None = None, chat_template: str | None = None):
+    def __init__(
+        self,
+        base: str,
+        adapters: dict[str, str] | None = None,
+        *,
+        served_model_name: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 5.0,
+        default_max_tokens: int = 256,
+        prefill_chunk_tokens: int = 256,
+        adapter_info: dict[str, dict] | None = None,
+        chat_template: str | None = None,
+    ):
         self.base = base
         self.chat_template = chat_template  # replaces the tokenizer's (--chat-template)
         # Prompts longer than this are prefilled this many tokens per engine iteration, between
@@ -267,7 +291,8 @@ class Engine:
             self.eos_ids.add(tok.eos_token_id)
         self._byte_decoder = _BYTE_DECODER if _is_byte_level(tok) else None
         self.special_tokens = set(tok.all_special_tokens) | {
-            t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+            t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special
+        }
         self.model, self.tokenizer = model, tok
         from llama_train.serve.structured import Grammars
 
@@ -277,10 +302,14 @@ class Engine:
                 self.grammars.ll_tokenizer  # noqa: B018  (a cached property: built here, not in a request)
             except Exception as exc:  # noqa: BLE001  (serve without constrained decoding, say why)
                 self.grammars.error = exc
-                log.warning("constrained decoding unavailable: llguidance cannot read this tokenizer",
-                            extra={"error": repr(exc)})
-        log.info("model loaded", extra={"base": self.base, "adapters": list(self.adapters),
-                                        "load_s": round(time.monotonic() - t0, 2)})
+                log.warning(
+                    "constrained decoding unavailable: llguidance cannot read this tokenizer",
+                    extra={"error": repr(exc)},
+                )
+        log.info(
+            "model loaded",
+            extra={"base": self.base, "adapters": list(self.adapters), "load_s": round(time.monotonic() - t0, 2)},
+        )
 
     def _run(self) -> None:
         try:
@@ -377,10 +406,18 @@ class Engine:
         otherwise it stays first in the queue."""
         batch: list[GenRequest] = []
         rows = sum(g.num_rows for g in groups.values())
-        running = [Pending(r.req.params.max_tokens - len(r.ids), r.req.deadline)
-                   for g in groups.values() for r in g.rows if not r.done]
-        running += [Pending(c.req.params.max_tokens, c.req.deadline)
-                    for g in groups.values() for c in g.prefilling for _ in range(c.req.params.n)]
+        running = [
+            Pending(r.req.params.max_tokens - len(r.ids), r.req.deadline)
+            for g in groups.values()
+            for r in g.rows
+            if not r.done
+        ]
+        running += [
+            Pending(c.req.params.max_tokens, c.req.deadline)
+            for g in groups.values()
+            for c in g.prefilling
+            for _ in range(c.req.params.n)
+        ]
         deadline = time.monotonic() + self.batch_wait_s
         while True:
             if self._overflow:
@@ -403,10 +440,17 @@ class Engine:
                 break
             if req.cancelled:
                 continue
-            if rows > 0 and (rows + req.params.n > self.max_batch_size or not admits(
-                    self.step_times, running, new_rows=req.params.n, new_prompt_tokens=len(req.prompt_ids),
-                    now=time.monotonic(), admitted_prompt_tokens=sum(len(q.prompt_ids) * q.params.n
-                                                                      for q in batch))):
+            if rows > 0 and (
+                rows + req.params.n > self.max_batch_size
+                or not admits(
+                    self.step_times,
+                    running,
+                    new_rows=req.params.n,
+                    new_prompt_tokens=len(req.prompt_ids),
+                    now=time.monotonic(),
+                    admitted_prompt_tokens=sum(len(q.prompt_ids) * q.params.n for q in batch),
+                )
+            ):
                 self._overflow.insert(0, req)  # next iteration, when rows have finished
                 break
             batch.append(req)
@@ -469,9 +513,16 @@ class Engine:
         if self._retiring:
             self._drop_retired(groups)
 
-    def install_adapter(self, name: str, path: str | Path, *, source: str | None = None,
-                        info: dict | None = None, canary_fraction: float | None = None,
-                        still_wanted=None) -> concurrent.futures.Future:
+    def install_adapter(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        source: str | None = None,
+        info: dict | None = None,
+        canary_fraction: float | None = None,
+        still_wanted=None,
+    ) -> concurrent.futures.Future:
         """Load `path` beside the served adapters, then route served name `name` to it (or, with
         `canary_fraction`, that fraction of `name`'s requests). Whatever `name` used before is
         deleted when its requests have finished. The future fails (nothing is switched) when
@@ -519,8 +570,10 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.add_models([name])
                 self.metrics.set_adapter_version(name, self.adapter_info.get(name, {}), self.canary.get(name))
-            log.info("adapter switched", extra={"model": name, "version": version, "internal": internal,
-                                                "canary_fraction": canary_fraction})
+            log.info(
+                "adapter switched",
+                extra={"model": name, "version": version, "internal": internal, "canary_fraction": canary_fraction},
+            )
             return internal
 
         return self.in_worker(install)
@@ -577,8 +630,7 @@ class Engine:
 
     # ------------------------------------------------------------------ tokenization
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                  tools=tools)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, tools=tools)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
@@ -603,11 +655,13 @@ class Engine:
             hit = self._pieces[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return hit
 
-    def logprob_entry(self, token_id: int, logprob: float | None, top: list[tuple[int, float]],
-                      as_ids: bool = False) -> dict:
+    def logprob_entry(
+        self, token_id: int, logprob: float | None, top: list[tuple[int, float]], as_ids: bool = False
+    ) -> dict:
         """OpenAI chat-shaped entry: the token, its logprob, its bytes and the `top` alternatives
         ((token id, logprob) pairs). `as_ids`: token strings are "token_id:N" (vLLM's
         return_tokens_as_token_ids), the bytes stay the token's own."""
+
         def item(tid: int, lp: float | None) -> dict:
             text, raw = self.token_piece(tid)
             if lp is not None and not lp >= -9999.0:  # -inf and NaN are not JSON (OpenAI: -9999)
@@ -618,8 +672,7 @@ class Engine:
         entry["top_logprobs"] = [item(t, v) for t, v in top]
         return entry
 
-    def logprob_entries(self, logits, token_ids: list[int], tops: list[int],
-                        as_ids: list[bool]) -> list[dict]:
+    def logprob_entries(self, logits, token_ids: list[int], tops: list[int], as_ids: list[bool]) -> list[dict]:
         """Entries for row i of `logits` [rows, vocab] choosing token_ids[i], with tops[i]
         alternatives: log-softmax, gather and top-k on the logits' device, one copy to the host."""
         import torch
@@ -627,10 +680,12 @@ class Engine:
         lsm = torch.log_softmax(logits.float(), -1)
         chosen = lsm.gather(1, torch.tensor(token_ids, device=lsm.device)[:, None])[:, 0].tolist()
         k = min(max(tops), lsm.shape[-1])
-        vals, ids = (lsm.topk(k, -1) if k > 0 else (lsm[:, :0], lsm[:, :0].long()))
+        vals, ids = lsm.topk(k, -1) if k > 0 else (lsm[:, :0], lsm[:, :0].long())
         vals, ids = vals.tolist(), ids.tolist()
-        return [self.logprob_entry(t, lp, list(zip(ids[i][:top], vals[i][:top])), a)
-                for i, (t, lp, top, a) in enumerate(zip(token_ids, chosen, tops, as_ids))]
+        return [
+            self.logprob_entry(t, lp, list(zip(ids[i][:top], vals[i][:top])), a)
+            for i, (t, lp, top, a) in enumerate(zip(token_ids, chosen, tops, as_ids))
+        ]
 
     def prompt_logprobs(self, logits, prompt_ids: list[int], top: int, as_ids: bool) -> list[dict]:
         """Entries for every prompt token (the first has logprob None) from the prefill logits
@@ -638,9 +693,10 @@ class Engine:
         chunks, so no [len, vocab] float32 copy is made at once."""
         out = [self.logprob_entry(prompt_ids[0], None, [], as_ids)]
         for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROB_CHUNK):
-            targets = prompt_ids[start + 1:start + 1 + PROMPT_LOGPROB_CHUNK]
-            out += self.logprob_entries(logits[start:start + len(targets)], targets,
-                                        [top] * len(targets), [as_ids] * len(targets))
+            targets = prompt_ids[start + 1 : start + 1 + PROMPT_LOGPROB_CHUNK]
+            out += self.logprob_entries(
+                logits[start : start + len(targets)], targets, [top] * len(targets), [as_ids] * len(targets)
+            )
         return out
 
 
@@ -733,22 +789,28 @@ class _Group:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids = r.req.prompt_ids
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            mask[i, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
         echo = reqs[0] if reqs[0].params.prompt_logprobs else None  # then alone (see admit)
         t0 = time.monotonic()
         with torch.inference_mode():
-            out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                                    use_cache=True, logits_to_keep=0 if echo else 1)
+            out = self.engine.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=0 if echo else 1,
+            )
         if echo is None:  # what admission predicts prefill from (full-logit echo prefills are not typical)
             self.engine.step_times.add_prefill(int(mask.sum()), time.monotonic() - t0)
         with torch.inference_mode():
             if echo is not None:  # one prompt (n rows of it, left-padding-free): row 0's logits
                 p = echo.params
                 echo.prompt_logprobs = self.engine.prompt_logprobs(
-                    out.logits[0, :-1], echo.prompt_ids, p.logprobs or 0, p.tokens_as_ids)
+                    out.logits[0, :-1], echo.prompt_ids, p.logprobs or 0, p.tokens_as_ids
+                )
                 if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
                     echo.post(Event([(r.index, "", "length", []) for r in rows]))
                     return
@@ -775,16 +837,21 @@ class _Group:
         if c.done == 0:
             self._started([req])
         n, dev = req.params.n, self.engine.device
-        ids = torch.tensor(req.prompt_ids[c.done:c.done + size], device=dev)[None].expand(n, -1)
+        ids = torch.tensor(req.prompt_ids[c.done : c.done + size], device=dev)[None].expand(n, -1)
         end = c.done + ids.shape[1]
         mask = torch.ones((n, end), dtype=torch.long, device=dev)
         pos = torch.arange(c.done, end, device=dev)[None].expand(n, -1)
         t0 = time.monotonic()
         try:
             with torch.inference_mode():
-                out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                        use_cache=True, logits_to_keep=1,
-                                        **({self.engine.cache_kw: c.cache} if c.cache is not None else {}))
+                out = self.engine.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **({self.engine.cache_kw: c.cache} if c.cache is not None else {}),
+                )
         except Exception as exc:  # as in admit: this request fails, the running batch is intact
             log.exception("prefill failed")
             self.prefilling.pop(0)
@@ -795,8 +862,13 @@ class _Group:
         if end == len(req.prompt_ids):
             self.prefilling.pop(0)
             try:
-                self._merge([_Row(req, i, self.engine.grammars) for i in range(n)], c.cache, mask, pos[:, -1:],
-                            out.logits[:, -1, :].float())
+                self._merge(
+                    [_Row(req, i, self.engine.grammars) for i in range(n)],
+                    c.cache,
+                    mask,
+                    pos[:, -1:],
+                    out.logits[:, -1, :].float(),
+                )
             except BaseException as exc:  # in neither rows nor prefilling now: answer it here; the
                 req.post(Event([], error=exc))  # batch may be half-merged, so the group fails too
                 raise
@@ -812,8 +884,9 @@ class _Group:
         else:
             t = max(self.mask.shape[1], mask.shape[1])
             _merge_caches(self.cache, cache, t - self.mask.shape[1], t - mask.shape[1])
-            self.mask = torch.cat([_left_pad(self.mask, t - self.mask.shape[1], 1),
-                                   _left_pad(mask, t - mask.shape[1], 1)], dim=0)
+            self.mask = torch.cat(
+                [_left_pad(self.mask, t - self.mask.shape[1], 1), _left_pad(mask, t - mask.shape[1], 1)], dim=0
+            )
             self.pos = torch.cat([self.pos, pos], dim=0)
             self.logits = torch.cat([self.logits, logits], dim=0)
         self.rows += rows
@@ -849,9 +922,13 @@ class _Group:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.pos = self.pos + 1
         with torch.inference_mode():
-            out = self.engine.model(input_ids=nxt[:, None].to(self.mask.device),
-                                    attention_mask=self.mask, position_ids=self.pos, use_cache=True,
-                                    **{self.engine.cache_kw: self.cache})
+            out = self.engine.model(
+                input_ids=nxt[:, None].to(self.mask.device),
+                attention_mask=self.mask,
+                position_ids=self.pos,
+                use_cache=True,
+                **{self.engine.cache_kw: self.cache},
+            )
         self.cache, self.logits = _cache_of(out), out.logits[:, -1, :].float()
 
     def _pick(self, logits):
@@ -901,8 +978,11 @@ class _Group:
         if want:
             params = [self.rows[i].req.params for i in want]
             entries = self.engine.logprob_entries(
-                self.logits[want], [int(tokens[i]) for i in want], [p.logprobs for p in params],
-                [p.tokens_as_ids for p in params])
+                self.logits[want],
+                [int(tokens[i]) for i in want],
+                [p.logprobs for p in params],
+                [p.tokens_as_ids for p in params],
+            )
             for i, entry in zip(want, entries):
                 out[i] = entry
         return out
@@ -930,8 +1010,7 @@ class _Group:
         if p.repetition_penalty != 1.0:
             seen = r.seen.clone()
             seen[[t for t in r.ids if t < vocab]] = True
-            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
-                                                row * p.repetition_penalty), row)
+            row = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty), row)
         if r.ids and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(r.ids, device=row.device), minlength=vocab)[:vocab].float()
             row -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
@@ -985,23 +1064,21 @@ class _Group:
             found = []
             if len(r.ids) >= p.min_tokens:  # only text new since the last step (as vLLM): a stop
                 # string that appeared before min_tokens was reached does not count later
-                found = [(i, s) for s in p.stop if s
-                         for i in [text.find(s, max(0, r.scanned - len(s) + 1))] if i >= 0]
+                found = [(i, s) for s in p.stop if s for i in [text.find(s, max(0, r.scanned - len(s) + 1))] if i >= 0]
             r.scanned = len(text)
             if found:
                 cut, stop = min(found)
-                text, finish = text[:cut + (len(stop) if p.include_stop_str_in_output else 0)], "stop"
+                text, finish = text[: cut + (len(stop) if p.include_stop_str_in_output else 0)], "stop"
             elif finish is None and len(r.ids) >= p.max_tokens:
                 finish = "length"
             if finish is None:
                 text = _hold_back(text, p.stop)
-            delta = text[len(r.sent):] if text.startswith(r.sent) else ""
+            delta = text[len(r.sent) :] if text.startswith(r.sent) else ""
             r.sent += delta
             if finish:
                 r.done = True
             if delta or finish:
-                per_req.setdefault(id(r.req), (r.req, []))[1].append(
-                    (r.index, delta, finish, r.lp_pending))
+                per_req.setdefault(id(r.req), (r.req, []))[1].append((r.index, delta, finish, r.lp_pending))
                 r.lp_pending = []
         if m is not None and generated and self.rows:
             m.generation_tokens.labels(self.rows[0].req.model).inc(generated)  # one model per group
@@ -1138,8 +1215,10 @@ def check_adapter_dirs(adapters: dict[str, str]) -> None:
         if not Path(d).is_dir():
             raise ValueError(f"--adapter {name}={d}: no such directory")
         for f in missing_files(Path(d)):
-            raise ValueError(f"--adapter {name}={d}: no {f} in {d}; give a PEFT adapter directory "
-                             "(`llama-train export RUN --format adapter` writes one)")
+            raise ValueError(
+                f"--adapter {name}={d}: no {f} in {d}; give a PEFT adapter directory "
+                "(`llama-train export RUN --format adapter` writes one)"
+            )
         problems = unreadable_files(Path(d))
         if problems:
             raise ValueError(f"--adapter {name}={d}: {'; '.join(problems)}")

@@ -50,8 +50,7 @@ class Followed:
 
 
 class RegistryFollower:
-    def __init__(self, engine: Any, *, uri: str | None, poll_s: float = 30.0,
-                 cache_dir: str | Path | None = None):
+    def __init__(self, engine: Any, *, uri: str | None, poll_s: float = 30.0, cache_dir: str | Path | None = None):
         self.engine, self.uri, self.poll_s = engine, uri, poll_s
         # MLflow's download progress bars on stderr would break JSON log lines
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -66,8 +65,10 @@ class RegistryFollower:
     @property
     def client(self):
         if self.uri is None:
-            raise LlamaTrainError("a models:/ adapter needs the MLflow registry: set $MLFLOW_TRACKING_URI "
-                                  "or pass --registry-uri (e.g. http://mlflow:5000)")
+            raise LlamaTrainError(
+                "a models:/ adapter needs the MLflow registry: set $MLFLOW_TRACKING_URI "
+                "or pass --registry-uri (e.g. http://mlflow:5000)"
+            )
         if self._client is None:
             from llama_train.tracking.client import mlflow_client
 
@@ -96,15 +97,20 @@ class RegistryFollower:
             raise
         if not verified:
             log.warning("adapter has no export manifest: not verified", extra={"ref": ref, "version": version})
-        return path, {"registry_name": name, "version": version, "alias": alias, "source": ref,
-                      "verified": verified}
+        return path, {"registry_name": name, "version": version, "alias": alias, "source": ref, "verified": verified}
 
     # ------------------------------------------------------------------ followed names
-    def follow(self, name: str, ref: str, version: str | None, path: Path | None = None, *,
-               canary_fraction: float | None = None) -> None:
+    def follow(
+        self,
+        name: str,
+        ref: str,
+        version: str | None,
+        path: Path | None = None,
+        *,
+        canary_fraction: float | None = None,
+    ) -> None:
         with self._lock:
-            self._entries[(name, canary_fraction is not None)] = Followed(
-                name, ref, version, path, canary_fraction)
+            self._entries[(name, canary_fraction is not None)] = Followed(name, ref, version, path, canary_fraction)
 
     def unfollow(self, name: str, *, canary: bool = True, main: bool = True) -> None:
         self.release(self.detach(name, canary=canary, main=main))
@@ -167,8 +173,10 @@ class RegistryFollower:
                 name, version = resolve_model_ref(entry.ref, client=self.client)
             except LlamaTrainError as exc:  # the alias was deleted: keep serving what we have
                 if not entry.missing:
-                    log.warning("registry alias not found; serving the current version",
-                                extra={"model": entry.name, "ref": entry.ref, "error": str(exc)})
+                    log.warning(
+                        "registry alias not found; serving the current version",
+                        extra={"model": entry.name, "ref": entry.ref, "error": str(exc)},
+                    )
                 entry.missing = True
                 continue
             except Exception as exc:  # noqa: BLE001  (unreachable: try again next poll)
@@ -196,13 +204,20 @@ class RegistryFollower:
                 return self._entries.get(key) is entry
 
         try:
-            self.engine.install_adapter(entry.name, path, source=entry.ref, info=info,
-                                        canary_fraction=entry.canary_fraction,
-                                        still_wanted=still_wanted).result(timeout=600)
+            self.engine.install_adapter(
+                entry.name,
+                path,
+                source=entry.ref,
+                info=info,
+                canary_fraction=entry.canary_fraction,
+                still_wanted=still_wanted,
+            ).result(timeout=600)
         except Superseded:
             self._discard(path)
-            log.info("registry switch dropped: the adapter was unloaded or replaced meanwhile",
-                     extra={"model": entry.name, "ref": entry.ref, "version": version})
+            log.info(
+                "registry switch dropped: the adapter was unloaded or replaced meanwhile",
+                extra={"model": entry.name, "ref": entry.ref, "version": version},
+            )
             return
         except Exception as exc:  # noqa: BLE001  (does not load: refused, the old one serves on)
             self._discard(path)
@@ -212,23 +227,34 @@ class RegistryFollower:
         self._discard(old)
         if metrics is not None:
             metrics.adapter_switches.labels(entry.name, "switched").inc()
-        log.info("adapter follows the registry", extra={"model": entry.name, "ref": entry.ref,
-                                                        "version": version, "verified": info["verified"]})
+        log.info(
+            "adapter follows the registry",
+            extra={"model": entry.name, "ref": entry.ref, "version": version, "verified": info["verified"]},
+        )
 
     def _failed(self, entry: Followed, version: str, exc: BaseException) -> None:
         entry.failed.add(version)
         if self.engine.metrics is not None:
             self.engine.metrics.adapter_switches.labels(entry.name, "failed").inc()
-        log.error("adapter version refused; the current one keeps serving",
-                  extra={"model": entry.name, "ref": entry.ref, "version": version,
-                         "serving": entry.version, "error": f"{type(exc).__name__}: {exc}"})
+        log.error(
+            "adapter version refused; the current one keeps serving",
+            extra={
+                "model": entry.name,
+                "ref": entry.ref,
+                "version": version,
+                "serving": entry.version,
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+        )
 
     def _unreachable(self, exc: BaseException) -> None:
         if self.engine.metrics is not None:
             self.engine.metrics.registry_errors.inc()
         if not self._down:
-            log.warning("registry unreachable; serving the current adapters and polling again",
-                        extra={"uri": self.uri, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            log.warning(
+                "registry unreachable; serving the current adapters and polling again",
+                extra={"uri": self.uri, "error": f"{type(exc).__name__}: {str(exc)[:300]}"},
+            )
         self._down = True
 
     def _reachable(self) -> None:

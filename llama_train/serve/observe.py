@@ -77,49 +77,83 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.requests = Counter("llama_train_requests_total", "HTTP requests by route and status.",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("llama_train_request_latency_seconds",
-                                 "Request latency, first byte received to last byte sent.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("llama_train_tokens_total", "Tokens of finished requests.", ["kind"],
-                              registry=r)
-        self.inflight = Gauge("llama_train_inflight_requests", "Generation requests in flight.",
-                              registry=r)
-        self.running = Gauge("llama_train_num_requests_running", "Requests being decoded.", ["model"],
-                             registry=r)
-        self.waiting = Gauge("llama_train_num_requests_waiting", "Requests queued for the engine.",
-                             ["model"], registry=r)
-        self.prompt_tokens = Counter("llama_train_prompt_tokens", "Prompt tokens prefilled.", ["model"],
-                                     registry=r)
-        self.generation_tokens = Counter("llama_train_generation_tokens",
-                                         "Tokens generated, counted every decode step.", ["model"],
-                                         registry=r)
-        self.ttft = Histogram("llama_train_time_to_first_token_seconds",
-                              "Time from queueing to the first generated token.", ["model"],
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("llama_train_inter_token_latency_seconds",
-                             "Time between two tokens of one sequence.", ["model"], buckets=ITL_BUCKETS,
-                             registry=r)
-        self.queue_time = Histogram("llama_train_request_queue_time_seconds",
-                                    "Time from queueing to the start of prefill.", ["model"],
-                                    buckets=TTFT_BUCKETS, registry=r)
-        self.e2e = Histogram("llama_train_e2e_request_latency_seconds",
-                             "Time from accepting a generation request to its last token.", ["model"],
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.finished = Counter("llama_train_requests_finished", "Finished choices by finish reason.",
-                                ["model", "finish_reason"], registry=r)
-        self.adapter_requests = Counter("llama_train_adapter_requests", "Requests routed to each adapter "
-                                        "version of a served model.", ["model", "version"], registry=r)
-        self.adapter_info = Gauge("llama_train_adapter_info", "Adapter versions served now (value 1).",
-                                  ["model", "role", "version", "registry_name"], registry=r)
-        self.adapter_switches = Counter("llama_train_adapter_switches", "Adapter version changes by result.",
-                                        ["model", "result"], registry=r)
-        self.registry_errors = Counter("llama_train_registry_poll_errors", "Registry polls that failed.",
-                                       registry=r)
+        self.requests = Counter(
+            "llama_train_requests_total", "HTTP requests by route and status.", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "llama_train_request_latency_seconds",
+            "Request latency, first byte received to last byte sent.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("llama_train_tokens_total", "Tokens of finished requests.", ["kind"], registry=r)
+        self.inflight = Gauge("llama_train_inflight_requests", "Generation requests in flight.", registry=r)
+        self.running = Gauge("llama_train_num_requests_running", "Requests being decoded.", ["model"], registry=r)
+        self.waiting = Gauge(
+            "llama_train_num_requests_waiting", "Requests queued for the engine.", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter("llama_train_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r)
+        self.generation_tokens = Counter(
+            "llama_train_generation_tokens", "Tokens generated, counted every decode step.", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            "llama_train_time_to_first_token_seconds",
+            "Time from queueing to the first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "llama_train_inter_token_latency_seconds",
+            "Time between two tokens of one sequence.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "llama_train_request_queue_time_seconds",
+            "Time from queueing to the start of prefill.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "llama_train_e2e_request_latency_seconds",
+            "Time from accepting a generation request to its last token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "llama_train_requests_finished",
+            "Finished choices by finish reason.",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.adapter_requests = Counter(
+            "llama_train_adapter_requests",
+            "Requests routed to each adapter version of a served model.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.adapter_info = Gauge(
+            "llama_train_adapter_info",
+            "Adapter versions served now (value 1).",
+            ["model", "role", "version", "registry_name"],
+            registry=r,
+        )
+        self.adapter_switches = Counter(
+            "llama_train_adapter_switches", "Adapter version changes by result.", ["model", "result"], registry=r
+        )
+        self.registry_errors = Counter("llama_train_registry_poll_errors", "Registry polls that failed.", registry=r)
         self._adapter_series: dict[str, list[tuple]] = {}
-        self.build_info = Gauge("llama_train_build_info", "Versions of this server (value 1).",
-                                ["version", "python", "torch", "transformers"], registry=r)
+        self.build_info = Gauge(
+            "llama_train_build_info",
+            "Versions of this server (value 1).",
+            ["version", "python", "torch", "transformers"],
+            registry=r,
+        )
         self.build_info.labels(**_versions()).set(1)
         for route in COUNTED_ROUTES:
             self.latency.labels(route)
@@ -150,8 +184,16 @@ class Metrics:
             if m in self.models:
                 continue
             self.models.append(m)
-            for metric in (self.running, self.waiting, self.prompt_tokens, self.generation_tokens,
-                           self.ttft, self.itl, self.queue_time, self.e2e):
+            for metric in (
+                self.running,
+                self.waiting,
+                self.prompt_tokens,
+                self.generation_tokens,
+                self.ttft,
+                self.itl,
+                self.queue_time,
+                self.e2e,
+            ):
                 metric.labels(m)
             for reason in FINISH_REASONS:
                 self.finished.labels(m, reason)
@@ -176,8 +218,12 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             return "unknown"
 
-    return {"version": v("llama-train"), "python": platform.python_version(), "torch": v("torch"),
-            "transformers": v("transformers")}
+    return {
+        "version": v("llama-train"),
+        "python": platform.python_version(),
+        "torch": v("torch"),
+        "transformers": v("transformers"),
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -187,8 +233,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -203,8 +248,7 @@ class JsonFormatter(logging.Formatter):
 
 def log_config(json_logs: bool, level: str = "INFO") -> dict:
     """dictConfig for uvicorn.run(log_config=...): our logger and uvicorn's, one format."""
-    fmt = {"()": JsonFormatter} if json_logs else {
-        "format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    fmt = {"()": JsonFormatter} if json_logs else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
     return {
         "version": 1,
@@ -223,9 +267,17 @@ def log_config(json_logs: bool, level: str = "INFO") -> dict:
 
 async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -233,8 +285,16 @@ class GatewayMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware) so streaming responses are timed to their last byte
     and the in-flight slot is held until the stream ends or the client goes away."""
 
-    def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_concurrency: int,
-                 max_body_bytes: int, body_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        app,
+        *,
+        metrics: Metrics,
+        api_key: str | None,
+        max_concurrency: int,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+    ):
         self.app = app
         self.body_timeout_s = body_timeout_s
         self.metrics = metrics
@@ -269,10 +329,16 @@ class GatewayMiddleware:
             if rejection is None and scope.get("method") in ("POST", "PUT", "PATCH"):
                 try:
                     receive = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
-                except asyncio.TimeoutError:
-                    rejection = (408, error_body(
-                        f"the request body did not arrive within {self.body_timeout_s:g} s "
-                        "(server --body-timeout-s)", code="request_timeout"), [(b"connection", b"close")])
+                except TimeoutError:
+                    rejection = (
+                        408,
+                        error_body(
+                            f"the request body did not arrive within {self.body_timeout_s:g} s "
+                            "(server --body-timeout-s)",
+                            code="request_timeout",
+                        ),
+                        [(b"connection", b"close")],
+                    )
                 except _BodyAbandoned:  # the client left before its body was complete
                     status["code"] = 499
                     return
@@ -281,10 +347,16 @@ class GatewayMiddleware:
                         rejection = (413, self._too_large(), [])
             if rejection is None and route in GENERATION_ROUTES:
                 if self.inflight >= self.max_concurrency:
-                    rejection = (429, error_body(
-                        f"server is at its concurrency limit ({self.max_concurrency} requests in "
-                        "flight); retry after a short backoff", type="rate_limit_error",
-                        code="rate_limit_exceeded"), [(b"retry-after", b"1")])
+                    rejection = (
+                        429,
+                        error_body(
+                            f"server is at its concurrency limit ({self.max_concurrency} requests in "
+                            "flight); retry after a short backoff",
+                            type="rate_limit_error",
+                            code="rate_limit_exceeded",
+                        ),
+                        [(b"retry-after", b"1")],
+                    )
                 else:
                     holds_slot = True
                     self.inflight += 1
@@ -304,14 +376,21 @@ class GatewayMiddleware:
                 self.metrics.latency.labels(route).observe(elapsed)
             level = logging.DEBUG if route in UNCOUNTED_ROUTES else logging.INFO
             if log.isEnabledFor(level):
-                log.log(level, "request", extra={
-                    "request_id": request_id, "method": scope.get("method"), "path": path,
-                    "status": status["code"], "latency_ms": round(elapsed * 1000, 1),
-                    "client": (scope.get("client") or ("", 0))[0]})
+                log.log(
+                    level,
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": scope.get("method"),
+                        "path": path,
+                        "status": status["code"],
+                        "latency_ms": round(elapsed * 1000, 1),
+                        "client": (scope.get("client") or ("", 0))[0],
+                    },
+                )
 
     def _too_large(self) -> dict:
-        return error_body(f"request body is larger than {self.max_body_bytes} bytes",
-                          code="request_too_large")
+        return error_body(f"request body is larger than {self.max_body_bytes} bytes", code="request_too_large")
 
     def _check(self, path: str, headers: dict):
         length = headers.get(b"content-length")
@@ -320,10 +399,10 @@ class GatewayMiddleware:
         if path.startswith("/v1/") and self.api_key:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     self.api_key.encode()):
-                msg = ("missing API key: send `Authorization: Bearer <key>`" if not auth else
-                       "incorrect API key provided")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                msg = (
+                    "missing API key: send `Authorization: Bearer <key>`" if not auth else "incorrect API key provided"
+                )
                 return 401, error_body(msg, code="invalid_api_key"), [(b"www-authenticate", b"Bearer")]
         return None
 

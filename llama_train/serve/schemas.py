@@ -12,8 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -21,8 +28,9 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -33,8 +41,12 @@ def from_validation_error(exc: ValidationError) -> APIError:
     got = e.get("input")
     got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) and e["type"] != "missing" else ""
     more = f" (and {len(exc.errors()) - 1} more errors)" if len(exc.errors()) > 1 else ""
-    return APIError(400, f"{param}: {e['msg']}{got_s}{more}", param=param, code="invalid_value"
-                    if e["type"] != "missing" else "missing_required_parameter")
+    return APIError(
+        400,
+        f"{param}: {e['msg']}{got_s}{more}",
+        param=param,
+        code="invalid_value" if e["type"] != "missing" else "missing_required_parameter",
+    )
 
 
 class _Body(BaseModel):
@@ -48,7 +60,7 @@ class _Body(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -95,18 +107,26 @@ class _Body(BaseModel):
             if name == "best_of" and value in (1, self.n):
                 continue
             if value not in (None, False, [], 0, {}):
-                raise APIError(400, f"{name} is not supported by this server", param=name,
-                               code="unsupported_parameter")
+                raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true",
-                           param="stream_options", code="invalid_value")
+            raise APIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
+            )
         most = self.effective_max_tokens()
         if self.min_tokens and most is not None and self.min_tokens > most:
-            raise APIError(400, f"min_tokens ({self.min_tokens}) is larger than max_tokens ({most})",
-                           param="min_tokens", code="invalid_value")
+            raise APIError(
+                400,
+                f"min_tokens ({self.min_tokens}) is larger than max_tokens ({most})",
+                param="min_tokens",
+                code="invalid_value",
+            )
         if most == 0 and not getattr(self, "echo", False):
-            raise APIError(400, "max_tokens 0 only scores the prompt: it needs echo: true (and logprobs)",
-                           param="max_tokens", code="invalid_value")
+            raise APIError(
+                400,
+                "max_tokens 0 only scores the prompt: it needs echo: true (and logprobs)",
+                param="max_tokens",
+                code="invalid_value",
+            )
 
     def token_biases(self, vocab: int) -> dict[int, float]:
         biases = {int(k): v for k, v in (self.logit_bias or {}).items()}
@@ -156,8 +176,12 @@ def _encodable(text: str) -> bool:
 def check_token_ids(ids, vocab: int, param: str) -> None:
     bad = sorted({t for t in ids if not 0 <= t < vocab})
     if bad:
-        raise APIError(400, f"{param} token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                       param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"{param} token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+            param=param,
+            code="invalid_value",
+        )
 
 
 class ChatMessage(BaseModel):
@@ -172,8 +196,12 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"message content part of type {part.get('type')!r} is not "
-                               "supported (text only)", param="messages", code="invalid_value")
+                raise APIError(
+                    400,
+                    f"message content part of type {part.get('type')!r} is not supported (text only)",
+                    param="messages",
+                    code="invalid_value",
+                )
             parts.append(part["text"])
         return "".join(parts)
 
@@ -191,8 +219,9 @@ class ChatCompletionRequest(_Body):
         extra = self.model_extra or {}
         # "none" asks for no tool call, which is what happens without tools (vLLM accepts it too)
         if extra.get("tool_choice") not in (None, "none") and not extra.get("tools"):
-            raise APIError(400, "tool_choice is only allowed when tools are specified",
-                           param="tool_choice", code="invalid_value")
+            raise APIError(
+                400, "tool_choice is only allowed when tools are specified", param="tool_choice", code="invalid_value"
+            )
         super().reject_unsupported(names)
 
     def effective_max_tokens(self) -> int | None:
@@ -201,8 +230,7 @@ class ChatCompletionRequest(_Body):
     def logprob_params(self) -> tuple[int | None, bool]:
         """(how many alternatives per token, None = no logprobs; prompt logprobs)."""
         if self.top_logprobs and not self.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
-                           code="invalid_value")
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         return (self.top_logprobs or 0) if self.logprobs else None, False
 
 
@@ -221,8 +249,17 @@ class CompletionRequest(_Body):
 
 
 # Parameters that would change the result: rejected (400) rather than silently ignored.
-UNSUPPORTED = ("best_of", "use_beam_search", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar", "structured_outputs", "prompt_logprobs", "bad_words",
-               "logits_processors")
+UNSUPPORTED = (
+    "best_of",
+    "use_beam_search",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "prompt_logprobs",
+    "bad_words",
+    "logits_processors",
+)
 CHAT_UNSUPPORTED = ("functions", "audio", "echo", "continue_final_message", "chat_template")
 COMPLETION_UNSUPPORTED = ("suffix", "response_format")  # chat has it (structured.py)

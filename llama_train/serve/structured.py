@@ -40,12 +40,12 @@ def _bad(param: str, message: str) -> APIError:
 class ToolPlan:
     """What one chat request asks for: tools to render, whether to read calls back, the grammar."""
 
-    tools: list[dict] | None = None       # OpenAI tool definitions, for the template
-    parse_calls: bool = False             # read the output back as tool calls (tools, choice != none)
-    grammar: str | None = None            # llguidance grammar (JSON), None = unconstrained
+    tools: list[dict] | None = None  # OpenAI tool definitions, for the template
+    parse_calls: bool = False  # read the output back as tool calls (tools, choice != none)
+    grammar: str | None = None  # llguidance grammar (JSON), None = unconstrained
     call_format: str = LLAMA_JSON
     tool_names: set[str] = field(default_factory=set)
-    forced: bool = False                  # the grammar makes the output one call (streamed as it comes)
+    forced: bool = False  # the grammar makes the output one call (streamed as it comes)
 
 
 def call_format(chat_template: str | None) -> str:
@@ -65,14 +65,15 @@ def plan(extra: dict, chat_template: str | None) -> ToolPlan:
     out = ToolPlan()
     if tools:
         if not isinstance(tools, list):
-            raise _bad("tools", "must be a list of {\"type\": \"function\", \"function\": {...}}")
+            raise _bad("tools", 'must be a list of {"type": "function", "function": {...}}')
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None
             if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
                 raise _bad(f"tools.{i}", 'must be {"type": "function", "function": {"name", "parameters"?}}')
             if not isinstance(fn.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", fn["name"]):
-                raise _bad(f"tools.{i}.function.name", "must be 1-64 letters, digits, _ . or -"
-                           f" (got {fn.get('name')!r})")
+                raise _bad(
+                    f"tools.{i}.function.name", f"must be 1-64 letters, digits, _ . or - (got {fn.get('name')!r})"
+                )
             params = fn.get("parameters", {"type": "object"})
             if not isinstance(params, dict):
                 raise _bad(f"tools.{i}.function.parameters", "must be a JSON Schema object")
@@ -80,18 +81,23 @@ def plan(extra: dict, chat_template: str | None) -> ToolPlan:
         if len(set(names)) != len(names):
             raise _bad("tools", f"function names must be unique (got {names})")
         if not template_renders_tools(chat_template):
-            raise APIError(400, "tools: this model's chat template does not render tools (it never reads "
-                           "the `tools` variable), so the model would not see them; serve a model whose "
-                           "template supports tools (Llama 3.1 and later, Hermes-style `<tool_call>`)",
-                           param="tools", code="unsupported_parameter")
+            raise APIError(
+                400,
+                "tools: this model's chat template does not render tools (it never reads "
+                "the `tools` variable), so the model would not see them; serve a model whose "
+                "template supports tools (Llama 3.1 and later, Hermes-style `<tool_call>`)",
+                param="tools",
+                code="unsupported_parameter",
+            )
         out.tools, out.tool_names = tools, set(names)
         out.call_format = call_format(chat_template)
     choice = "auto" if choice is None and tools else (choice or "none")
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
         if not isinstance(name, str):
-            raise _bad("tool_choice", 'must be "none", "auto", "required" or {"type": "function", '
-                       '"function": {"name": ...}}')
+            raise _bad(
+                "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+            )
         if name not in out.tool_names:
             raise _bad("tool_choice", f"function {name!r} is not among the tools ({sorted(out.tool_names)})")
         forced = [t for t in tools if t["function"]["name"] == name]
@@ -103,8 +109,10 @@ def plan(extra: dict, chat_template: str | None) -> ToolPlan:
     schema = _response_schema(fmt)
     if forced:
         if schema is not None:
-            raise _bad("response_format", "cannot be combined with tool_choice required or a named "
-                       "function (the output is then a tool call)")
+            raise _bad(
+                "response_format",
+                "cannot be combined with tool_choice required or a named function (the output is then a tool call)",
+            )
         out.grammar = _call_grammar(forced, out.call_format)
         out.forced = True
     elif schema is not None:
@@ -143,10 +151,18 @@ def _json_grammar(schema: dict) -> str:
 
 def _call_schema(tools: list[dict], args_key: str) -> dict:
     """One call of one of `tools`: {"name": <const>, <args_key>: <its parameters schema>}."""
-    options = [{"type": "object", "additionalProperties": False, "required": ["name", args_key],
-                "properties": {"name": {"const": t["function"]["name"]},
-                               args_key: t["function"].get("parameters") or {"type": "object"}}}
-               for t in tools]
+    options = [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", args_key],
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                args_key: t["function"].get("parameters") or {"type": "object"},
+            },
+        }
+        for t in tools
+    ]
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
@@ -154,7 +170,9 @@ def _call_grammar(tools: list[dict], fmt: str) -> str:
     import llguidance
 
     if fmt == LLAMA_JSON:
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_with_layout(_call_schema(tools, "parameters"))))
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(_with_layout(_call_schema(tools, "parameters")))
+        )
     call = json.dumps(_with_layout(_call_schema(tools, "arguments")))
     return llguidance.LLMatcher.grammar_from_lark(f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {call}')
 
@@ -168,7 +186,7 @@ def parse_calls(text: str, fmt: str, names: set[str]) -> tuple[str | None, list[
         calls = [_call(body, "arguments", names) for body in found]
         if not found or any(c is None for c in calls):
             return None
-        content = text[:text.index("<tool_call>")].strip()
+        content = text[: text.index("<tool_call>")].strip()
         return content or None, calls
     body = text.strip().removeprefix("<|python_tag|>").strip()
     call = _call(body, "parameters", names)
@@ -189,15 +207,19 @@ def _call(body: str, args_key: str, names: set[str]) -> dict | None:
     # which sends that text as it comes, and the whole response agree), else re-serialized
     m = _CALL_LAYOUT.fullmatch(body.strip())
     raw = m.group(2) if m and m.group(1) == doc["name"] else None
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": doc["name"], "arguments": raw or json.dumps(args, ensure_ascii=False)}}
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": doc["name"], "arguments": raw or json.dumps(args, ensure_ascii=False)},
+    }
 
 
 _CALL_LAYOUT = re.compile(r'\{"name": "([A-Za-z0-9_.-]+)", "(?:parameters|arguments)": (\{.*\})\}', re.S)
 # Forced calls as the grammar writes them: (the text before the arguments, what follows them)
-_STREAM_LAYOUT = {LLAMA_JSON: (re.compile(r'\{"name": "([A-Za-z0-9_.-]+)", "parameters": '), "}"),
-                  HERMES: (re.compile(r'<tool_call>\n\{"name": "([A-Za-z0-9_.-]+)", "arguments": '),
-                           "}\n</tool_call>")}
+_STREAM_LAYOUT = {
+    LLAMA_JSON: (re.compile(r'\{"name": "([A-Za-z0-9_.-]+)", "parameters": '), "}"),
+    HERMES: (re.compile(r'<tool_call>\n\{"name": "([A-Za-z0-9_.-]+)", "arguments": '), "}\n</tool_call>"),
+}
 
 
 def new_call_id() -> str:
@@ -222,7 +244,7 @@ class CallStream:
                 return None, ""
             self.name, self.start, new_name = m.group(1), m.end(), m.group(1)
         end = len(text) - len(self.tail)
-        piece = text[self.start + self.sent:max(end, self.start + self.sent)]
+        piece = text[self.start + self.sent : max(end, self.start + self.sent)]
         self.sent += len(piece)
         return new_name, piece
 
@@ -231,7 +253,7 @@ class CallStream:
         what was held as possibly the closing characters is argument text after all."""
         if self.name is None:
             return ""
-        piece = text[self.start + self.sent:]
+        piece = text[self.start + self.sent :]
         self.sent += len(piece)
         return piece
 
@@ -246,8 +268,9 @@ def history_message(m: dict) -> dict:
     for i, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _bad("messages", f"tool_calls[{i}] must be {{\"id\", \"type\": \"function\", "
-                       "\"function\": {\"name\", \"arguments\"}}")
+            raise _bad(
+                "messages", f'tool_calls[{i}] must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}'
+            )
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
             try:
@@ -284,8 +307,13 @@ class Grammars:
         import llguidance
 
         if self.error is not None:
-            raise APIError(400, f"{param}: constrained decoding is unavailable for this model (llguidance "
-                           f"cannot read its tokenizer: {self.error})", param=param, code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"{param}: constrained decoding is unavailable for this model (llguidance "
+                f"cannot read its tokenizer: {self.error})",
+                param=param,
+                code="unsupported_parameter",
+            )
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
         if is_error:
             raise _bad(param, f"not a schema this server can enforce: {'; '.join(messages)}")

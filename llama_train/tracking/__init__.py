@@ -1,10 +1,10 @@
 """Experiment tracking and the model registry (MLflow). Imports go one way, down this list:
 
-  params    run params, tags and registry descriptions derived from a recipe (no MLflow)
-  datasets  dataset lineage records of a run
-  store     the local SQLite store after a move (relocate)
-  client    the MLflow client (HTTP timeouts), store URI and experiment, error kinds
-  sync      the files beside a run (metrics.jsonl, tracking.json) and their upload (`track sync`)
-  tracker   the live tracker of a training run (rank 0), never fatal to training
-  registry  registered adapters, aliases (candidate, champion, previous), verified downloads
+params    run params, tags and registry descriptions derived from a recipe (no MLflow)
+datasets  dataset lineage records of a run
+store     the local SQLite store after a move (relocate)
+client    the MLflow client (HTTP timeouts), store URI and experiment, error kinds
+sync      the files beside a run (metrics.jsonl, tracking.json) and their upload (`track sync`)
+tracker   the live tracker of a training run (rank 0), never fatal to training
+registry  registered adapters, aliases (candidate, champion, previous), verified downloads
 """

@@ -54,14 +54,20 @@ def _error_code(exc: BaseException) -> str:
 def is_not_found(exc: BaseException) -> bool:
     """An MLflow error saying the run, model, version or alias does not exist. A REST server
     sends the code RESOURCE_DOES_NOT_EXIST; some local stores only say so in the message."""
-    return _error_code(exc) == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in str(exc) \
+    return (
+        _error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+        or "RESOURCE_DOES_NOT_EXIST" in str(exc)
         or "not found" in str(exc).lower()
+    )
 
 
 def is_already_exists(exc: BaseException) -> bool:
     """An MLflow error saying the experiment or registered model exists already."""
-    return _error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "RESOURCE_ALREADY_EXISTS" in str(exc) \
+    return (
+        _error_code(exc) == "RESOURCE_ALREADY_EXISTS"
+        or "RESOURCE_ALREADY_EXISTS" in str(exc)
         or "already exists" in str(exc)
+    )
 
 
 def resolve_uri(recipe: Recipe) -> str:
@@ -122,12 +128,12 @@ def _follow_moved_store(client: MlflowClient, exp, uri: str):
     from llama_train.tracking.store import relocate
 
     moved = relocate(db)
-    warn(f"{db} was moved: artifact locations now point at {moved['artifacts']} "
-         f"(were {', '.join(moved['from'])})")
+    warn(f"{db} was moved: artifact locations now point at {moved['artifacts']} (were {', '.join(moved['from'])})")
     return client.get_experiment(exp.experiment_id)
 
 
-def create_run(client: MlflowClient, *, uri: str, experiment: str, run_name: str, tags: dict,
-               start_time_ms: int | None = None) -> str:
+def create_run(
+    client: MlflowClient, *, uri: str, experiment: str, run_name: str, tags: dict, start_time_ms: int | None = None
+) -> str:
     experiment_id = ensure_experiment(client, experiment, uri=uri)
     return client.create_run(experiment_id, run_name=run_name, tags=tags, start_time=start_time_ms).info.run_id

@@ -28,9 +28,16 @@ TRAINING_SECTIONS = ("model", "data", "lora", "train", "parallel")
 # Inside those sections: knobs that change speed, caching, logging or preflight thresholds, but
 # not the trained weights (a run with another value is the same experiment).
 NOT_TRAINING = {
-    "data.cache", "data.cache_dir", "data.num_proc", "data.max_dropped_fraction",
-    "data.min_packing_efficiency", "train.num_threads", "train.log_every_n_steps",
-    "train.eval_every_n_steps", "train.max_nonfinite_skips", "parallel.timeout_s",
+    "data.cache",
+    "data.cache_dir",
+    "data.num_proc",
+    "data.max_dropped_fraction",
+    "data.min_packing_efficiency",
+    "train.num_threads",
+    "train.log_every_n_steps",
+    "train.eval_every_n_steps",
+    "train.max_nonfinite_skips",
+    "parallel.timeout_s",
     "parallel.backend",
 }
 # The builtin generator's settings shape the data only when a source is `builtin:tasks`.
@@ -97,9 +104,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def derived_params(*, global_batch_size: int, world_size: int, num_trainable: int,
-                   num_total: int, total_steps: int, num_train_rows: int,
-                   num_eval_rows: int) -> dict[str, str]:
+def derived_params(
+    *,
+    global_batch_size: int,
+    world_size: int,
+    num_trainable: int,
+    num_total: int,
+    total_steps: int,
+    num_train_rows: int,
+    num_eval_rows: int,
+) -> dict[str, str]:
     """Values computed at setup that runs are compared by (and the library versions)."""
     params = {
         "train.effective_global_batch_size": global_batch_size,
@@ -154,8 +168,9 @@ def source_tags() -> dict[str, str]:
         user = os.environ.get("LLAMA_TRAIN_USER") or getpass.getuser()
     except (KeyError, OSError):  # a container user with no passwd entry
         user = os.environ.get("USER") or f"uid-{os.getuid()}"
-    in_job = bool(os.environ.get("KUBEFLOW_JOB_NAME") or os.environ.get("JOB_NAME")
-                  or os.environ.get("TORCHELASTIC_RUN_ID"))
+    in_job = bool(
+        os.environ.get("KUBEFLOW_JOB_NAME") or os.environ.get("JOB_NAME") or os.environ.get("TORCHELASTIC_RUN_ID")
+    )
     command = _command_line()
     return {
         "mlflow.user": user,
@@ -194,13 +209,25 @@ def hub_id_of(path: str) -> str | None:
     return None
 
 
-def version_description(*, base_model: str, recipe_sha256: str, run_name: str,
-                        eval_before: dict | None, eval_after: dict | None, metric: str,
-                        global_step: int | None = None) -> str:
+def version_description(
+    *,
+    base_model: str,
+    recipe_sha256: str,
+    run_name: str,
+    eval_before: dict | None,
+    eval_after: dict | None,
+    metric: str,
+    global_step: int | None = None,
+) -> str:
     """Markdown shown on the model version page: what this adapter is and how much it improved."""
-    lines = [f"LoRA adapter trained by llama-train run `{run_name}`"
-             + (f" ({global_step} steps)" if global_step else "") + ".", "",
-             f"- base model: `{base_model}`", f"- recipe sha256: `{recipe_sha256}`"]
+    lines = [
+        f"LoRA adapter trained by llama-train run `{run_name}`"
+        + (f" ({global_step} steps)" if global_step else "")
+        + ".",
+        "",
+        f"- base model: `{base_model}`",
+        f"- recipe sha256: `{recipe_sha256}`",
+    ]
     for key in (metric, "loss"):
         before = (eval_before or {}).get(key)
         after = (eval_after or {}).get(key)
@@ -213,8 +240,14 @@ def _num(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
 
 
-def version_tags(*, base_model: str, recipe_sha256: str, dataset_fingerprint: str | None,
-                 eval_before: dict | None, eval_after: dict | None) -> dict[str, str]:
+def version_tags(
+    *,
+    base_model: str,
+    recipe_sha256: str,
+    dataset_fingerprint: str | None,
+    eval_before: dict | None,
+    eval_after: dict | None,
+) -> dict[str, str]:
     """One tag per fact on a model version (no metric copies, no training noise)."""
     tags = {"llama_train.base_model": base_model, "llama_train.recipe_sha256": recipe_sha256}
     if dataset_fingerprint:
@@ -228,21 +261,24 @@ def version_tags(*, base_model: str, recipe_sha256: str, dataset_fingerprint: st
 
 def eval_metrics(ev: dict | None) -> dict[str, float]:
     """`eval/<name>` metrics of an `evaluate` result (its numbers; the examples go to a table)."""
-    return {f"eval/{k}": float(v) for k, v in (ev or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        f"eval/{k}": float(v) for k, v in (ev or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """End-of-training totals, logged once at the last step (the runs table's summary columns)."""
-    keys = {"summary/train_runtime_s": "train_runtime_s",
-            "summary/total_tokens": "consumed_tokens",
-            "summary/supervised_tokens": "supervised_tokens_total",
-            "summary/supervised_tokens_per_s": "supervised_tokens_per_s",
-            "summary/consumed_samples": "consumed_samples",
-            "summary/train_loss": "train_loss"}
+    keys = {
+        "summary/train_runtime_s": "train_runtime_s",
+        "summary/total_tokens": "consumed_tokens",
+        "summary/supervised_tokens": "supervised_tokens_total",
+        "summary/supervised_tokens_per_s": "supervised_tokens_per_s",
+        "summary/consumed_samples": "consumed_samples",
+        "summary/train_loss": "train_loss",
+    }
     out = {k: float(summary[v]) for k, v in keys.items() if isinstance(summary.get(v), (int, float))}
-    before = ((summary.get("eval") or {}).get("before") or {})
-    after = ((summary.get("eval") or {}).get("after") or {})
+    before = (summary.get("eval") or {}).get("before") or {}
+    after = (summary.get("eval") or {}).get("after") or {}
     for key in ("loss", "exact_match", "contains", "preference_accuracy", "reward_margin"):
         if isinstance(before.get(key), (int, float)) and isinstance(after.get(key), (int, float)):
             out[f"summary/eval_{key}_change"] = float(after[key]) - float(before[key])

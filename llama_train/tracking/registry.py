@@ -47,16 +47,10 @@ def register_adapter(
     With a tracker, the version also gets the run's recipe hash and base model tags and one
     `eval_after.<metric>` tag per final `eval/<metric>` value (not copies of every metric)."""
     tracker = None if isinstance(tracker_or_run_id, str) else tracker_or_run_id
-    run_id = (
-        tracker_or_run_id
-        if isinstance(tracker_or_run_id, str)
-        else getattr(tracker, "run_id", None)
-    )
+    run_id = tracker_or_run_id if isinstance(tracker_or_run_id, str) else getattr(tracker, "run_id", None)
     if not run_id:
         if isinstance(tracker, MlflowTracker):
-            warn(
-                f"adapter not registered as {name}: the run has no MLflow id (server was unreachable)"
-            )
+            warn(f"adapter not registered as {name}: the run has no MLflow id (server was unreachable)")
         return None
     all_tags = dict(tags or {})
     if isinstance(tracker, MlflowTracker):
@@ -79,7 +73,11 @@ def register_adapter(
                 raise
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
         version = client.create_model_version(
-            name, source, run_id=run_id, tags=tag_items(all_tags), description=description,
+            name,
+            source,
+            run_id=run_id,
+            tags=tag_items(all_tags),
+            description=description,
             await_creation_for=60,
         )
         client.set_registered_model_alias(name, CANDIDATE, version.version)
@@ -89,8 +87,9 @@ def register_adapter(
         return None
 
 
-def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment: str,
-                    run_name: str | None = None) -> str:
+def register_export(
+    adapter_dir: str | Path, *, name: str, uri: str, experiment: str, run_name: str | None = None
+) -> str:
     """Register an exported adapter as a new version of `name` (through a run holding its files:
     `adapter/` and, when the export has one, `manifest.json` beside it, as in the export, so a
     server can verify its download). Returns the version. Raises on registry errors."""
@@ -98,8 +97,9 @@ def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment:
     adapter_dir = Path(adapter_dir)
     client = mlflow_client(uri)
     exp_id = ensure_experiment(client, experiment, uri=uri)
-    run = client.create_run(exp_id, run_name=run_name or f"register-{adapter_dir.name}",
-                            tags={"llama_train.gate": "register"})
+    run = client.create_run(
+        exp_id, run_name=run_name or f"register-{adapter_dir.name}", tags={"llama_train.gate": "register"}
+    )
     client.log_artifacts(run.info.run_id, str(adapter_dir), artifact_path=ADAPTER_ARTIFACT_PATH)
     manifest = adapter_dir.parent / "manifest.json"
     if manifest.is_file():
@@ -110,8 +110,9 @@ def register_export(adapter_dir: str | Path, *, name: str, uri: str, experiment:
     except Exception as exc:
         if not is_already_exists(exc):
             raise
-    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/{ADAPTER_ARTIFACT_PATH}",
-                                     run_id=run.info.run_id, await_creation_for=60)
+    mv = client.create_model_version(
+        name, f"runs:/{run.info.run_id}/{ADAPTER_ARTIFACT_PATH}", run_id=run.info.run_id, await_creation_for=60
+    )
     return str(mv.version)
 
 
@@ -147,14 +148,10 @@ def promote(
     return {CHAMPION: str(version), PREVIOUS: get_alias_version(name, PREVIOUS, client=client)}
 
 
-def download_adapter(
-    model_uri: str, *, dst: str | Path | None = None, uri: str | None = None
-) -> Path:
+def download_adapter(model_uri: str, *, dst: str | Path | None = None, uri: str | None = None) -> Path:
     """Local directory of a registered adapter: `models:/name/3` or `models:/name@alias`."""
     if not model_uri.startswith("models:/"):
-        raise LlamaTrainError(
-            f"{model_uri!r} is not a registry URI; use models:/NAME/VERSION or models:/NAME@ALIAS"
-        )
+        raise LlamaTrainError(f"{model_uri!r} is not a registry URI; use models:/NAME/VERSION or models:/NAME@ALIAS")
     ref = model_uri.removeprefix("models:/").strip("/")
     client = mlflow_client(uri or _default_uri())
     # Resolved here rather than by mlflow.artifacts.download_artifacts, which (mlflow 3.17) looks
@@ -166,9 +163,7 @@ def download_adapter(
         name, version = ref.rsplit("/", 1)
         mv = client.get_model_version(name, version)
     else:
-        raise LlamaTrainError(
-            f"{model_uri!r} names no version or alias (models:/NAME/3, models:/NAME@champion)"
-        )
+        raise LlamaTrainError(f"{model_uri!r} names no version or alias (models:/NAME/3, models:/NAME@champion)")
     import mlflow
 
     if dst is not None:
@@ -205,8 +200,10 @@ def parse_model_ref(ref: str, *, flag: str = "models:/ reference") -> tuple[str,
             name, _, version = body.rpartition("/")
             if name and version.isdigit():
                 return name, version, None
-    raise LlamaTrainError(f"{flag} {ref!r}: use models:/NAME/VERSION (e.g. models:/support/3) or "
-                          "models:/NAME@ALIAS (e.g. models:/support@champion)")
+    raise LlamaTrainError(
+        f"{flag} {ref!r}: use models:/NAME/VERSION (e.g. models:/support/3) or "
+        "models:/NAME@ALIAS (e.g. models:/support@champion)"
+    )
 
 
 def resolve_model_ref(ref: str, *, client: MlflowClient) -> tuple[str, str]:
@@ -216,8 +213,10 @@ def resolve_model_ref(ref: str, *, client: MlflowClient) -> tuple[str, str]:
     if alias is not None:
         version = get_alias_version(name, alias, client=client)
         if version is None:
-            raise LlamaTrainError(f"{ref}: model {name} has no alias `{alias}` (or no such model); "
-                                  "promote a version first (`llama-train gate ... --promote`)")
+            raise LlamaTrainError(
+                f"{ref}: model {name} has no alias `{alias}` (or no such model); "
+                "promote a version first (`llama-train gate ... --promote`)"
+            )
         return name, version
     try:
         client.get_model_version(name, version)
@@ -248,13 +247,19 @@ def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowCl
     parent, _, folder = source.rpartition("/")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=False)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst / "adapter"),
-                                                     tracking_uri=client.tracking_uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dst / "adapter"), tracking_uri=client.tracking_uri
+        )
+    )
     manifest_path = None
     listing = mlflow.artifacts.list_artifacts(artifact_uri=parent, tracking_uri=client.tracking_uri)
     if any(Path(f.path).name == "manifest.json" for f in listing or []):
-        manifest_path = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{parent}/manifest.json", dst_path=str(dst), tracking_uri=client.tracking_uri))
+        manifest_path = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{parent}/manifest.json", dst_path=str(dst), tracking_uri=client.tracking_uri
+            )
+        )
     if not (local / adapter.CONFIG_FILE).is_file():
         raise VerificationError(f"models:/{name}/{version} ({source}) holds no adapter_config.json")
     if manifest_path is None:
@@ -263,16 +268,20 @@ def fetch_verified(name: str, version: str, dst: str | Path, *, client: MlflowCl
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise VerificationError(f"models:/{name}/{version}: manifest.json is unreadable ({exc})") from None
-    expected = {rel.removeprefix(f"{folder}/"): digest for rel, digest in files.items()
-                if rel.startswith(f"{folder}/")}
+    expected = {rel.removeprefix(f"{folder}/"): digest for rel, digest in files.items() if rel.startswith(f"{folder}/")}
     present = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
     problems = [f"{rel}: missing" for rel in sorted(set(expected) - present)]
     problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(expected))]
-    problems += [f"{rel}: sha256 mismatch" for rel in sorted(present & set(expected))
-                 if sha256_file(local / rel) != expected[rel]]
+    problems += [
+        f"{rel}: sha256 mismatch"
+        for rel in sorted(present & set(expected))
+        if sha256_file(local / rel) != expected[rel]
+    ]
     if problems:
-        raise VerificationError(f"models:/{name}/{version} does not match its export manifest "
-                                f"({'; '.join(problems)}): the registry artifact changed after export")
+        raise VerificationError(
+            f"models:/{name}/{version} does not match its export manifest "
+            f"({'; '.join(problems)}): the registry artifact changed after export"
+        )
     return local, True
 
 
@@ -284,9 +293,11 @@ def rollback(name: str, *, client: MlflowClient | None = None, uri: str | None =
     old = get_alias_version(name, CHAMPION, client=client)
     target = get_alias_version(name, PREVIOUS, client=client)
     if target is None:
-        raise LlamaTrainError(f"model {name} has no `{PREVIOUS}` alias: nothing to roll back to "
-                              f"(champion is {old or 'unset'}); set one with MLflow "
-                              "(set_registered_model_alias) or promote a version with the gate")
+        raise LlamaTrainError(
+            f"model {name} has no `{PREVIOUS}` alias: nothing to roll back to "
+            f"(champion is {old or 'unset'}); set one with MLflow "
+            "(set_registered_model_alias) or promote a version with the gate"
+        )
     client.set_registered_model_alias(name, CHAMPION, target)
     client.delete_registered_model_alias(name, PREVIOUS)
     if old is not None and old != target:

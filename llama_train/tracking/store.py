@@ -51,8 +51,12 @@ def _old_roots(conn: sqlite3.Connection, new_root: str, artifacts: Path) -> set[
             root = location.rstrip("/")
             if root == new_root:
                 continue
-            runs = [r for (r,) in conn.execute("SELECT run_uuid FROM runs WHERE substr(artifact_uri, 1, ?) = ?",
-                                               (len(root) + 1, root + "/"))]
+            runs = [
+                r
+                for (r,) in conn.execute(
+                    "SELECT run_uuid FROM runs WHERE substr(artifact_uri, 1, ?) = ?", (len(root) + 1, root + "/")
+                )
+            ]
             if not runs or any((artifacts / run).is_dir() for run in runs):
                 roots.add(root)
     return roots
@@ -85,8 +89,7 @@ def relocate(directory: Path) -> dict:
                     updated += cur.rowcount
     finally:
         conn.close()
-    return {"db": str(db), "artifacts": str(artifacts), "from": sorted(old_roots),
-            "num_rows_updated": updated}
+    return {"db": str(db), "artifacts": str(artifacts), "from": sorted(old_roots), "num_rows_updated": updated}
 
 
 def _path_of(uri: str) -> str:
@@ -96,8 +99,10 @@ def _path_of(uri: str) -> str:
 def relocation_message(result: dict) -> str:
     if result["from"]:
         moved = ", ".join(_path_of(r) for r in result["from"])
-        return (f"{result['db']}: artifact locations moved from {moved} to {result['artifacts']} "
-                f"({result['num_rows_updated']} rows)")
+        return (
+            f"{result['db']}: artifact locations moved from {moved} to {result['artifacts']} "
+            f"({result['num_rows_updated']} rows)"
+        )
     return f"{result['db']}: artifact locations already point at {result['artifacts']}"
 
 
@@ -108,5 +113,15 @@ def ui_argv(result: dict, *, host: str, port: int) -> list[str]:
         raise UsageError("the mlflow CLI is not on PATH: pip install mlflow")
     # --artifacts-destination: what the UI server itself stores goes beside the db too (its default
     # is ./mlartifacts of whatever directory this runs in)
-    return [mlflow, "ui", "--backend-store-uri", f"sqlite:///{result['db']}",
-            "--artifacts-destination", result["artifacts"], "--host", host, "--port", str(port)]
+    return [
+        mlflow,
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{result['db']}",
+        "--artifacts-destination",
+        result["artifacts"],
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]

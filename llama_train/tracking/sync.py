@@ -49,9 +49,7 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
             warn(f"some params were not logged (already logged with another value?): {exc}")
 
 
-def log_metric_batch(
-    client: MlflowClient, run_id: str, rows: list[tuple[str, float, int, int]]
-) -> None:
+def log_metric_batch(client: MlflowClient, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
     """rows: (key, value, timestamp_ms, step)."""
     from mlflow.entities import Metric
 
@@ -79,9 +77,7 @@ def read_metrics_file(output_dir: Path) -> list[dict]:
     return rows
 
 
-def upload_artifact(
-    client: MlflowClient, run_id: str, path: Path, artifact_path: str | None
-) -> None:
+def upload_artifact(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
     if path.is_dir():
         client.log_artifacts(run_id, str(path), artifact_path)
     else:
@@ -91,9 +87,7 @@ def upload_artifact(
 def read_state(output_dir: Path) -> dict:
     path = Path(output_dir) / STATE_FILE
     if not path.exists():
-        raise LlamaTrainError(
-            f"{path} not found: was {output_dir} trained with tracking.enabled on rank 0?"
-        )
+        raise LlamaTrainError(f"{path} not found: was {output_dir} trained with tracking.enabled on rank 0?")
     return json.loads(path.read_text())
 
 
@@ -139,9 +133,7 @@ def sync_run(
     rows = []
     for key, by_step in local.items():
         have = {m.step for m in client.get_metric_history(run_id, key)}
-        rows += [
-            (key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have
-        ]
+        rows += [(key, v, ts, step) for step, (v, ts) in sorted(by_step.items()) if step not in have]
     log_metric_batch(client, run_id, rows)
 
     uploaded = []
@@ -153,8 +145,7 @@ def sync_run(
         record["uploaded"] = True
         uploaded.append(str(path))
     if (
-        state.get("status") in ("FINISHED", "FAILED", "KILLED")
-        and client.get_run(run_id).info.status == "RUNNING"
+        state.get("status") in ("FINISHED", "FAILED", "KILLED") and client.get_run(run_id).info.status == "RUNNING"
     ):  # the recorded end time: a 5-minute run synced an hour later still lasted 5 minutes
         client.set_terminated(run_id, state["status"], end_time=state.get("end_time_ms"))
     write_json(output_dir / STATE_FILE, state)

@@ -75,9 +75,7 @@ K8S_TAG_ENV = {
 class Tracker(Protocol):
     run_id: str | None
 
-    def start(
-        self, *, params: dict, tags: dict, resume_run_id: str | None = None
-    ) -> str | None: ...
+    def start(self, *, params: dict, tags: dict, resume_run_id: str | None = None) -> str | None: ...
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_datasets(self, records: list[dict]) -> None: ...
@@ -113,9 +111,7 @@ def _git_commit() -> str | None:
     if os.environ.get("LLAMA_TRAIN_GIT_COMMIT"):
         return os.environ["LLAMA_TRAIN_GIT_COMMIT"]
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -300,9 +296,7 @@ class MlflowTracker:
         client, run_id = self._client, self.run_id
         self._submit(lambda: log_params(client, run_id, all_params), "log params")
         if self.recipe_yaml:
-            self._submit(
-                lambda: client.log_text(run_id, self.recipe_yaml, "recipe.yaml"), "log recipe"
-            )
+            self._submit(lambda: client.log_text(run_id, self.recipe_yaml, "recipe.yaml"), "log recipe")
         return self.run_id
 
     def _resumed_start_ms(self, resume_run_id: str | None) -> int | None:
@@ -346,12 +340,8 @@ class MlflowTracker:
         try:
             from llama_train.system_metrics import SystemSampler
 
-            first = 1 + max(
-                (s for k, s in self.last_steps.items() if k.startswith("system/")), default=-1
-            )
-            self._sampler = SystemSampler(
-                lambda metrics, step: self.log_metrics(metrics, step=step), first_step=first
-            )
+            first = 1 + max((s for k, s in self.last_steps.items() if k.startswith("system/")), default=-1)
+            self._sampler = SystemSampler(lambda metrics, step: self.log_metrics(metrics, step=step), first_step=first)
             self._sampler.start()
         except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
             warn(f"system metrics are off ({type(exc).__name__}: {exc}); `pip install psutil`")
@@ -538,11 +528,7 @@ class MlflowTracker:
     def _merge_server_last_steps(self, run) -> None:
         objs = getattr(run.data, "_metric_objs", None)
         if objs is None:  # fall back to the public (slower) history API
-            objs = [
-                m
-                for key in run.data.metrics
-                for m in self._client.get_metric_history(run.info.run_id, key)
-            ]
+            objs = [m for key in run.data.metrics for m in self._client.get_metric_history(run.info.run_id, key)]
         for m in objs:
             if m.step > self.last_steps.get(m.key, -1):
                 self.last_steps[m.key] = m.step

@@ -26,9 +26,17 @@ def _run(args: list[str], *, budget_ms: int) -> subprocess.CompletedProcess:
     if exe is None:
         raise RuntimeError("chromium is not installed")
     # run-all-compositor-stages-before-draw: without it, lazily drawn charts are often missing
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--run-all-compositor-stages-before-draw",
-           "--window-size=1400,1000", f"--virtual-time-budget={budget_ms}", *args]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--run-all-compositor-stages-before-draw",
+        "--window-size=1400,1000",
+        f"--virtual-time-budget={budget_ms}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
 
 

@@ -69,8 +69,13 @@ class ServerProcess:
     def client(self, api_key: str | None = None, **kw):
         import openai
 
-        return openai.OpenAI(base_url=self.v1, api_key=api_key or self.api_key or "none",
-                             max_retries=0, timeout=kw.pop("timeout", 120), **kw)
+        return openai.OpenAI(
+            base_url=self.v1,
+            api_key=api_key or self.api_key or "none",
+            max_retries=0,
+            timeout=kw.pop("timeout", 120),
+            **kw,
+        )
 
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=10).text
@@ -85,8 +90,9 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def start_server(args: list[str], log_dir: Path, *, api_key: str | None = API_KEY,
-                 env: dict | None = None) -> ServerProcess:
+def start_server(
+    args: list[str], log_dir: Path, *, api_key: str | None = API_KEY, env: dict | None = None
+) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_TRAIN_")}
@@ -94,8 +100,7 @@ def start_server(args: list[str], log_dir: Path, *, api_key: str | None = API_KE
     full_env.setdefault("OMP_NUM_THREADS", "1")
     if api_key:
         full_env["LLAMA_TRAIN_API_KEY"] = api_key
-    argv = [sys.executable, "-m", "llama_train.serve", "--host", "127.0.0.1", "--port", str(port),
-            *args]
+    argv = [sys.executable, "-m", "llama_train.serve", "--host", "127.0.0.1", "--port", str(port), *args]
     with log_path.open("w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(proc, port, log_path, api_key, argv)
@@ -117,9 +122,20 @@ def start_server(args: list[str], log_dir: Path, *, api_key: str | None = API_KE
 def served(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     """Base + adapter, API key required, max 4 generation requests in flight."""
     server = start_server(
-        ["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-         "--adapter", f"{ADAPTER_NAME}={tiny_adapter_dir}", "--max-concurrency", "4",
-         "--batch-wait-ms", "10", "--json-logs"],
-        tmp_path_factory.mktemp("server_logs"))
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            BASE_NAME,
+            "--adapter",
+            f"{ADAPTER_NAME}={tiny_adapter_dir}",
+            "--max-concurrency",
+            "4",
+            "--batch-wait-ms",
+            "10",
+            "--json-logs",
+        ],
+        tmp_path_factory.mktemp("server_logs"),
+    )
     yield server
     server.stop()

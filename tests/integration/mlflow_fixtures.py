@@ -32,8 +32,9 @@ class MlflowServer:
     """`mlflow server` on a SQLite store in `root`, or, given `command` (argv) and `env`, that
     command, which must serve on `port` (free_port()) of 127.0.0.1."""
 
-    def __init__(self, root: Path, *, command: list[str] | None = None, env: dict | None = None,
-                 port: int | None = None):
+    def __init__(
+        self, root: Path, *, command: list[str] | None = None, env: dict | None = None, port: int | None = None
+    ):
         self.root = root
         self.db = root / "mlflow.db"
         self.artifacts = root / "artifacts"
@@ -61,9 +62,7 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_TRACKING_URI": "", **self.extra_env}
         # Own process group: the server forks uvicorn workers, kill() stops the whole group.
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-            )
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -72,9 +71,7 @@ class MlflowServer:
                 return
             time.sleep(0.5)
         self.kill()
-        raise RuntimeError(
-            f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s: {self.log.read_text()[-3000:]}"
-        )
+        raise RuntimeError(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s: {self.log.read_text()[-3000:]}")
 
     def healthy(self) -> bool:
         try:

@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_script(args: list[str], tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
@@ -37,8 +36,19 @@ def test_compile_check_reports_losses_and_per_layer_errors(tmp_path):
 
 def test_bench_gpu_runs_the_device_call_variants(tmp_path):
     out = tmp_path / "bench.json"
-    run_script(["scripts/bench_gpu.py", "--tiny", "--variants", "trainer_compile,hf_packed,hf_trainer",
-                "--deadline-s", "240", "--out", str(out)], tmp_path)
+    run_script(
+        [
+            "scripts/bench_gpu.py",
+            "--tiny",
+            "--variants",
+            "trainer_compile,hf_packed,hf_trainer",
+            "--deadline-s",
+            "240",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     res = json.loads(out.read_text())
     assert [r["variant"] for r in res["results"]] == ["trainer_compile", "hf_packed", "hf_trainer"]
     assert all(r["tokens_per_s"] > 0 for r in res["results"])

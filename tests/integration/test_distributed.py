@@ -22,7 +22,7 @@ import yaml
 
 from tests.conftest import tiny_recipe
 
-LOSS_ATOL = 1e-5    # absolute, on per-token losses around 2-8
+LOSS_ATOL = 1e-5  # absolute, on per-token losses around 2-8
 WEIGHT_ATOL = 1e-5  # absolute, on exported float32 weights
 RUN_TIMEOUT_S = 300
 MAX_STEPS = 6
@@ -44,15 +44,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_recipe(tmp_path: Path, tiny_dir, *, lora: bool = True, parallel: dict | None = None,
-               micro_batch_size: int = 4, **sections) -> dict:
+def run_recipe(
+    tmp_path: Path, tiny_dir, *, lora: bool = True, parallel: dict | None = None, micro_batch_size: int = 4, **sections
+) -> dict:
     """The recipe shared by the parity and resume tests: 6 steps, cosine LR with warmup, a
     checkpoint every 2 steps, 1 eval row with a 2-token generation (eval is not under test)."""
-    train = {"max_steps": MAX_STEPS, "micro_batch_size": micro_batch_size, "lr": 1e-3 if lora else 1e-4,
-             "lr_scheduler": "cosine", "warmup_steps": 1, "seed": 0}
+    train = {
+        "max_steps": MAX_STEPS,
+        "micro_batch_size": micro_batch_size,
+        "lr": 1e-3 if lora else 1e-4,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
+        "seed": 0,
+    }
     train.update(sections.pop("train", {}))
     recipe = tiny_recipe(
-        tmp_path, tiny_dir,
+        tmp_path,
+        tiny_dir,
         data={"builtin": {"num_train": 32, "num_eval": 1}, "seq_len": 64, "eval": {"max_new_tokens": 2}},
         train=train,
         lora={"enabled": lora, "r": 8, "alpha": 16},
@@ -79,16 +87,38 @@ class Launch:
         return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def torchrun(recipe: dict, workdir: Path, *, nproc: int = 2, fault: str | None = None,
-             extra_args: list[str] | None = None, env: dict | None = None) -> Launch:
+def torchrun(
+    recipe: dict,
+    workdir: Path,
+    *,
+    nproc: int = 2,
+    fault: str | None = None,
+    extra_args: list[str] | None = None,
+    env: dict | None = None,
+) -> Launch:
     """`python -m llama_train.k8s.launch` (torchrun keeping the failing rank's exit code)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "llama_train.k8s.launch", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", *(extra_args or []), "-m", "llama_train.train", str(path)]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_TRAIN_LEDGER="1", HF_HUB_OFFLINE="1",
-                    TOKENIZERS_PARALLELISM="false", **(env or {}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_train.k8s.launch",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        *(extra_args or []),
+        "-m",
+        "llama_train.train",
+        str(path),
+    ]
+    full_env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        LLAMA_TRAIN_LEDGER="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        **(env or {}),
+    )
     full_env.pop("LLAMA_TRAIN_FAULT", None)
     if fault:
         full_env["LLAMA_TRAIN_FAULT"] = fault
@@ -133,10 +163,15 @@ class Runs:
             parallel, lora = STRATEGIES[name]
             extra = {}
             if name == "ddp":  # the run that checks rank-0-only tracking
-                extra["tracking"] = {"enabled": True, "uri": f"sqlite:///{self.root / 'mlruns.db'}",
-                                     "experiment": "dist-test", "log_system_metrics": False}
-            recipe = run_recipe(self.root / name, self.tiny_dir, lora=lora, parallel=parallel,
-                                micro_batch_size=2, **extra)
+                extra["tracking"] = {
+                    "enabled": True,
+                    "uri": f"sqlite:///{self.root / 'mlruns.db'}",
+                    "experiment": "dist-test",
+                    "log_system_metrics": False,
+                }
+            recipe = run_recipe(
+                self.root / name, self.tiny_dir, lora=lora, parallel=parallel, micro_batch_size=2, **extra
+            )
             launch = torchrun(recipe, self.root / name)
             assert launch.returncode == 0, launch.output[-4000:]
             self.cache[name] = launch
@@ -195,13 +230,20 @@ def test_only_rank0_writes_and_tracks(runs):
     top = sorted(p.name for p in out.iterdir())
     # ledger/ is the per-rank test hook; the rest is rank 0's (tracking.py's local metric mirror too)
     # eval_examples.json: the MLflow table of eval examples, kept for `track sync` (issue 24)
-    assert top == ["adapter", "checkpoints", "eval_examples.json", "ledger", "loss_curve.png", "metrics.jsonl",
-                   "recipe.yaml", "run.json", "tracking.json"], top
-    train_steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
-                   if "train/loss" in x]
+    assert top == [
+        "adapter",
+        "checkpoints",
+        "eval_examples.json",
+        "ledger",
+        "loss_curve.png",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "run.json",
+        "tracking.json",
+    ], top
+    train_steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert train_steps == list(range(1, MAX_STEPS + 1))  # one writer: no step logged twice
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json",
-                                                                    "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert [p.name for p in (out / "checkpoints").iterdir() if ".tmp" in p.name] == []
     # progress lines come from rank 0 only: one line per logged step
     assert launch.output.count(f"step {MAX_STEPS}/{MAX_STEPS}") == 1
@@ -214,14 +256,17 @@ def test_only_rank0_writes_and_tracks(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("shutil").which(os.environ.get("CXX", "g++")) is None,
-                    reason="torch.compile on CPU (inductor) needs a C++ compiler")
+@pytest.mark.skipif(
+    __import__("shutil").which(os.environ.get("CXX", "g++")) is None,
+    reason="torch.compile on CPU (inductor) needs a C++ compiler",
+)
 def test_fsdp_with_compiled_layers_matches_single_process(runs, tmp_path):
     """train.compile under FSDP2 (layers compiled, then sharded): the same losses and weights as
     the eager single-process run."""
     parallel, lora = STRATEGIES["fsdp"]
-    recipe = run_recipe(tmp_path, runs.tiny_dir, lora=lora, parallel=parallel, micro_batch_size=2,
-                        train={"compile": True})
+    recipe = run_recipe(
+        tmp_path, runs.tiny_dir, lora=lora, parallel=parallel, micro_batch_size=2, train={"compile": True}
+    )
     launch = torchrun(recipe, tmp_path)
     assert launch.returncode == 0, launch.output[-4000:]
     assert "train.compile: 4 decoder layers compiled" in " ".join(launch.output.split())  # rich wraps lines
@@ -236,15 +281,19 @@ def test_fsdp_with_compiled_layers_matches_single_process(runs, tmp_path):
 def test_epochs_train_every_row_once_with_a_rank_of_fillers(runs, tmp_path):
     """10 rows, global batch 4 (2 ranks x 2), 2 epochs: 3 steps per epoch. The third step has 2 real
     rows, both on rank 0; rank 1 runs filler rows (labels masked) so DDP's collectives still match."""
-    recipe = run_recipe(tmp_path, runs.tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2,
-                        train={"max_steps": None, "epochs": 2},
-                        data={"builtin": {"num_train": 10, "num_eval": 1}, "seq_len": 64,
-                              "eval": {"max_new_tokens": 2}})
+    recipe = run_recipe(
+        tmp_path,
+        runs.tiny_dir,
+        parallel={"strategy": "ddp"},
+        micro_batch_size=2,
+        train={"max_steps": None, "epochs": 2},
+        data={"builtin": {"num_train": 10, "num_eval": 1}, "seq_len": 64, "eval": {"max_new_tokens": 2}},
+    )
     launch = torchrun(recipe, tmp_path)
     assert launch.returncode == 0, launch.output[-3000:]
     ledgers = [launch.ledger(r)[1:] for r in (0, 1)]
     assert [e["step"] for e in ledgers[0]] == list(range(1, 7))
-    epochs = [[i for led in ledgers for e in led[k * 3:(k + 1) * 3] for i in e["ids"]] for k in (0, 1)]
+    epochs = [[i for led in ledgers for e in led[k * 3 : (k + 1) * 3] for i in e["ids"]] for k in (0, 1)]
     assert len(epochs[0]) == len(set(epochs[0])) == 10 and set(epochs[0]) == set(epochs[1])  # once per epoch
     assert [len(e["ids"]) for e in ledgers[1]] == [2, 2, 0, 2, 2, 0]  # rank 1: fillers only in step 3
     assert launch.summary()["consumed_samples"] == 20
@@ -255,8 +304,9 @@ def test_indivisible_batch_fails_before_work(tmp_path, tiny_dir, capsys):
     """`llama-train run --nproc-per-node 2` checks before starting torchrun (every rank re-checks)."""
     from llama_train.launch import launch
 
-    recipe = run_recipe(tmp_path, tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2,
-                        train={"global_batch_size": 6})
+    recipe = run_recipe(
+        tmp_path, tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2, train={"global_batch_size": 6}
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     code = launch(str(path), [], nproc_per_node=2, master_port=free_port())
@@ -271,8 +321,9 @@ def test_preflight_rejects_without_starting(tmp_path, tiny_dir):
     from llama_train.errors import PreflightError
     from llama_train.preflight import preflight
 
-    recipe = recipe_from_dict(run_recipe(tmp_path, tiny_dir, parallel={"strategy": "ddp"},
-                                         train={"global_batch_size": 6}))
+    recipe = recipe_from_dict(
+        run_recipe(tmp_path, tiny_dir, parallel={"strategy": "ddp"}, train={"global_batch_size": 6})
+    )
     with pytest.raises(PreflightError, match="train.global_batch_size"):
         preflight(recipe, world_size=2)
     nccl = recipe_from_dict(run_recipe(tmp_path, tiny_dir, parallel={"strategy": "ddp", "backend": "nccl"}))
@@ -291,8 +342,12 @@ def test_memory_estimate_shrinks_with_zero_stage(tmp_path, tiny_dir):
         r = recipe_from_dict(run_recipe(tmp_path, tiny_dir, lora=False, parallel=parallel))
         return estimate_memory(r, 8)
 
-    ddp, z1, z2, z3 = (est(strategy="ddp"), est(strategy="deepspeed", zero_stage=1),
-                       est(strategy="deepspeed", zero_stage=2), est(strategy="deepspeed", zero_stage=3))
+    ddp, z1, z2, z3 = (
+        est(strategy="ddp"),
+        est(strategy="deepspeed", zero_stage=1),
+        est(strategy="deepspeed", zero_stage=2),
+        est(strategy="deepspeed", zero_stage=3),
+    )
     assert ddp["optimizer"] > z1["optimizer"] and z1["gradients"] > z2["gradients"] and z2["weights"] > z3["weights"]
     off = est(strategy="deepspeed", zero_stage=3, cpu_offload=True)
     assert off["optimizer"] == 0 and off["weights"] == 0 and off["cpu_offloaded"] > 0

@@ -10,21 +10,53 @@ import json
 import pytest
 
 from llama_train.checkpoint import complete_checkpoints
-from tests.integration.test_distributed import (DS_INSTALLED, LOSS_ATOL, MAX_STEPS, assert_weights_close, exported,
-                                                losses, run_recipe, torchrun, train_in_process)
+from tests.integration.test_distributed import (
+    DS_INSTALLED,
+    LOSS_ATOL,
+    MAX_STEPS,
+    assert_weights_close,
+    exported,
+    losses,
+    run_recipe,
+    torchrun,
+    train_in_process,
+)
 from tests.integration.test_resume import KILLED, assert_same_history
 
-STRATEGIES = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"},
-              "zero2": {"strategy": "deepspeed", "zero_stage": 2}, "zero3": {"strategy": "deepspeed", "zero_stage": 3}}
+STRATEGIES = {
+    "ddp": {"strategy": "ddp"},
+    "fsdp": {"strategy": "fsdp"},
+    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
+    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
+}
 
 
 def dpo_recipe(tmp_path, tiny_dir, *, parallel=None, micro_batch_size=4, tracked=False, lora=True) -> dict:
-    tracking = ({"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment": "dpo-test",
-                 "log_system_metrics": False} if tracked else {"enabled": False})
-    recipe = run_recipe(tmp_path, tiny_dir, lora=lora, parallel=parallel, micro_batch_size=micro_batch_size,
-                        train={"objective": "dpo"}, dpo={"beta": 0.5}, tracking=tracking)
-    recipe["data"] = {"sources": [{"path": "builtin:preferences", "format": "preference"}],
-                      "builtin": {"num_train": 32, "num_eval": 4}, "seq_len": 96}
+    tracking = (
+        {
+            "enabled": True,
+            "uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+            "experiment": "dpo-test",
+            "log_system_metrics": False,
+        }
+        if tracked
+        else {"enabled": False}
+    )
+    recipe = run_recipe(
+        tmp_path,
+        tiny_dir,
+        lora=lora,
+        parallel=parallel,
+        micro_batch_size=micro_batch_size,
+        train={"objective": "dpo"},
+        dpo={"beta": 0.5},
+        tracking=tracking,
+    )
+    recipe["data"] = {
+        "sources": [{"path": "builtin:preferences", "format": "preference"}],
+        "builtin": {"num_train": 32, "num_eval": 4},
+        "seq_len": 96,
+    }
     return recipe
 
 
@@ -40,8 +72,9 @@ class DPORuns:
 
     def distributed(self, name):
         if name not in self.cache:
-            recipe = dpo_recipe(self.root / name, self.tiny_dir, parallel=STRATEGIES[name], micro_batch_size=2,
-                                tracked=name == "ddp")
+            recipe = dpo_recipe(
+                self.root / name, self.tiny_dir, parallel=STRATEGIES[name], micro_batch_size=2, tracked=name == "ddp"
+            )
             launch = torchrun(recipe, self.root / name)
             assert launch.returncode == 0, launch.output[-4000:]
             self.cache[name] = launch
@@ -92,8 +125,14 @@ def test_dpo_strategy_matches_single_process(dpo_runs, name):
     # TRL's metrics, over the pairs of both ranks, equal the single process's; MLflow has them
     ours, ref = _dpo_metrics(launch.out), _dpo_metrics(base)
     assert [m["step"] for m in ours] == [m["step"] for m in ref] == list(range(1, MAX_STEPS + 1))
-    for key in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies",
-                "train/rewards/margins", "train/logps/chosen", "train/logps/rejected"):
+    for key in (
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/accuracies",
+        "train/rewards/margins",
+        "train/logps/chosen",
+        "train/logps/rejected",
+    ):
         for a, b in zip(ours, ref):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (key, a["step"])
     from mlflow import MlflowClient
@@ -121,8 +160,9 @@ def test_dpo_kill_rank1_and_resume_exactly(dpo_runs, tmp_path):
 @pytest.mark.slow
 def test_dpo_full_finetuning_ddp_matches_single_process(dpo_runs):
     """Full fine-tuning with the frozen reference copy on each rank: ddp equals one process."""
-    recipe = dpo_recipe(dpo_runs.root / "ddp_full", dpo_runs.tiny_dir, parallel=STRATEGIES["ddp"], micro_batch_size=2,
-                        lora=False)
+    recipe = dpo_recipe(
+        dpo_runs.root / "ddp_full", dpo_runs.tiny_dir, parallel=STRATEGIES["ddp"], micro_batch_size=2, lora=False
+    )
     launch = torchrun(recipe, dpo_runs.root / "ddp_full")
     assert launch.returncode == 0, launch.output[-4000:]
     base = dpo_runs.single(lora=False)

@@ -34,8 +34,13 @@ def gate_env(quickstart_run, tmp_path_factory):
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     good = tmp / "good"
     export_run(quickstart_run, good, formats=["adapter"])
-    return {"tmp": tmp, "recipe": str(recipe_path), "uri": recipe["tracking"]["uri"], "good": good,
-            "run": quickstart_run}
+    return {
+        "tmp": tmp,
+        "recipe": str(recipe_path),
+        "uri": recipe["tracking"]["uri"],
+        "good": good,
+        "run": quickstart_run,
+    }
 
 
 def _gate(env, candidate, **kw):
@@ -123,11 +128,14 @@ def _dora(adapter: Path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("name, mutate, stage, needle", [
-    ("shape", _shape_mismatch, "load", "could not load"),
-    ("nan", _nan, "load", "non-finite"),
-    ("dora", _dora, "format", "DoRA"),
-])
+@pytest.mark.parametrize(
+    "name, mutate, stage, needle",
+    [
+        ("shape", _shape_mismatch, "load", "could not load"),
+        ("nan", _nan, "load", "non-finite"),
+        ("dora", _dora, "format", "DoRA"),
+    ],
+)
 def test_broken_adapters_fail_at_the_right_check(gate_env, promoted, name, mutate, stage, needle):
     before = _aliases(gate_env)
     candidate = _variant(gate_env, name, mutate, allow_incompatible=True)
@@ -147,9 +155,25 @@ def test_tampered_file_fails_format_with_cli_exit_code(gate_env, promoted):
     export_run(gate_env["run"], candidate, formats=["adapter"])
     cfg = candidate / "adapter" / "adapter_config.json"
     cfg.write_text(cfg.read_text().replace('"r": 16', '"r":  16'))  # same meaning, other bytes
-    res = subprocess.run([sys.executable, "-m", "llama_train.cli", "gate", str(candidate), "--recipe",
-                          gate_env["recipe"], "--tracking-uri", gate_env["uri"], "--promote", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_train.cli",
+            "gate",
+            str(candidate),
+            "--recipe",
+            gate_env["recipe"],
+            "--tracking-uri",
+            gate_env["uri"],
+            "--promote",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 10, res.stderr
     report = json.loads(res.stdout)
     fmt = next(c for c in report["checks"] if c["name"] == "format")
@@ -169,12 +193,28 @@ def test_regressed_adapter_trained_on_shuffled_answers_fails_quality(gate_env, p
     data = write_jsonl(train, gate_env["tmp"] / "shuffled.jsonl")
     out = gate_env["tmp"] / "shuffled_run"
     run = json.loads((gate_env["run"] / "run.json").read_text())
-    res = subprocess.run([sys.executable, "-m", "llama_train.cli", "run", "recipes/quickstart.yaml",
-                          f"output_dir={out}", f"model.path={run['base_model']}",
-                          f"data.sources=[{{path: {data}, format: messages}}]", "data.eval.fraction=0.02",
-                          "data.eval.max_samples=8", "train.max_steps=60", "checkpoint.every_n_steps=0",
-                          "checkpoint.save_final=false", "tracking.enabled=false"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_train.cli",
+            "run",
+            "recipes/quickstart.yaml",
+            f"output_dir={out}",
+            f"model.path={run['base_model']}",
+            f"data.sources=[{{path: {data}, format: messages}}]",
+            "data.eval.fraction=0.02",
+            "data.eval.max_samples=8",
+            "train.max_steps=60",
+            "checkpoint.every_n_steps=0",
+            "checkpoint.save_final=false",
+            "tracking.enabled=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     before = _aliases(gate_env)
     candidate = gate_env["tmp"] / "export_shuffled"
@@ -196,11 +236,14 @@ def _break_json(rel):
     return lambda export: (export / rel).write_text('{"r": ')
 
 
-@pytest.mark.parametrize("name, corrupt, needle", [
-    ("truncated", _truncate_weights, "cannot be read as safetensors"),
-    ("bad_config", _break_json("adapter/adapter_config.json"), "adapter_config.json is not valid JSON"),
-    ("bad_manifest", _break_json("manifest.json"), "manifest.json is unreadable"),
-])
+@pytest.mark.parametrize(
+    "name, corrupt, needle",
+    [
+        ("truncated", _truncate_weights, "cannot be read as safetensors"),
+        ("bad_config", _break_json("adapter/adapter_config.json"), "adapter_config.json is not valid JSON"),
+        ("bad_manifest", _break_json("manifest.json"), "manifest.json is unreadable"),
+    ],
+)
 def test_unreadable_files_fail_the_format_check_with_a_report(gate_env, name, corrupt, needle):
     import shutil
 
@@ -237,5 +280,10 @@ def test_usage_errors_stop_the_gate_before_any_check(gate_env, tmp_path, monkeyp
     recipe["tracking"]["registered_model_name"] = None
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     with pytest.raises(GateError, match="--promote needs a registered model"):
-        run_gate(str(gate_env["good"]), recipe_path=str(tmp_path / "r.yaml"), tracking_uri=gate_env["uri"],
-                 promote=True, report_dir=tmp_path / "reports")
+        run_gate(
+            str(gate_env["good"]),
+            recipe_path=str(tmp_path / "r.yaml"),
+            tracking_uri=gate_env["uri"],
+            promote=True,
+            report_dir=tmp_path / "reports",
+        )

@@ -23,11 +23,19 @@ def loaded(smollm2_dir):
 
 
 def _recipe(tmp_path, smollm2_dir, max_new_tokens):
-    return recipe_from_dict({
-        "output_dir": str(tmp_path / "run"), "model": {"source": "hf", "path": str(smollm2_dir)},
-        "data": {"builtin": {"tasks": ["date"], "num_train": 8, "num_eval": 6}, "seq_len": 96,
-                 "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 1}, "gate": {"max_new_tokens": max_new_tokens}})
+    return recipe_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"source": "hf", "path": str(smollm2_dir)},
+            "data": {
+                "builtin": {"tasks": ["date"], "num_train": 8, "num_eval": 6},
+                "seq_len": 96,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "train": {"max_steps": 1},
+            "gate": {"max_new_tokens": max_new_tokens},
+        }
+    )
 
 
 def test_behaviour_passes_when_every_answer_stops(loaded, smollm2_dir, tmp_path):

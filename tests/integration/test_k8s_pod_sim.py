@@ -39,10 +39,15 @@ def _free_port() -> int:
 
 
 def _pods(tmp_path, tiny_dir, *, max_steps: int, every: int = 0):
-    spec = tiny_recipe(tmp_path, tiny_dir, train={"max_steps": max_steps, "micro_batch_size": 4},
-                       parallel={"strategy": "ddp"}, tracking={"enabled": True, "experiment": "podsim"},
-                       checkpoint={"save_final": True, "every_n_steps": every},
-                       k8s={"image": "llama-train:test", "nodes": 2, "gpus_per_node": 0})
+    spec = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        train={"max_steps": max_steps, "micro_batch_size": 4},
+        parallel={"strategy": "ddp"},
+        tracking={"enabled": True, "experiment": "podsim"},
+        checkpoint={"save_final": True, "every_n_steps": every},
+        k8s={"image": "llama-train:test", "nodes": 2, "gpus_per_node": 0},
+    )
     objects = render_manifests(recipe_from_dict(spec), kind="pytorchjob")
     configmap, job = objects[0], objects[-1]
     mount = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["volumeMounts"]
@@ -70,11 +75,15 @@ def _operator_env(job: dict, replica_type: str, index: int, port: int) -> dict[s
     node_rank = 0 if replica_type == "Master" else index + 1
     return {
         "PYTHONUNBUFFERED": "1",
-        "MASTER_ADDR": "127.0.0.1", "PET_MASTER_ADDR": "127.0.0.1",  # <job>-master-0 resolves here
-        "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),
+        "MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_ADDR": "127.0.0.1",  # <job>-master-0 resolves here
+        "MASTER_PORT": str(port),
+        "PET_MASTER_PORT": str(port),
         "WORLD_SIZE": str(replicas * (int(nproc) if nproc.isdigit() else 1)),
-        "RANK": str(node_rank), "PET_NODE_RANK": str(node_rank),
-        "PET_NPROC_PER_NODE": nproc, "PET_NNODES": str(replicas),
+        "RANK": str(node_rank),
+        "PET_NODE_RANK": str(node_rank),
+        "PET_NPROC_PER_NODE": nproc,
+        "PET_NNODES": str(replicas),
     }
 
 
@@ -106,8 +115,12 @@ def _start(job, paths, port, tracking_uri, logs: Path):
                 assert res.returncode == 0, f"init container {init['name']} of {rtype}-{index}: {res.stderr[-1500:]}"
             cmd = [_resolve(a, paths) for a in container["command"] + container.get("args", [])]
             log = open(logs / f"{rtype.lower()}-{index}.log", "w")
-            procs[f"{rtype.lower()}-{index}"] = (subprocess.Popen(
-                _python(cmd), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
+            procs[f"{rtype.lower()}-{index}"] = (
+                subprocess.Popen(
+                    _python(cmd), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                ),
+                log,
+            )
     return procs
 
 

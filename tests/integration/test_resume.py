@@ -15,15 +15,24 @@ import re
 import pytest
 
 from llama_train.checkpoint import clean_incomplete, complete_checkpoints, find_resume
-from tests.integration.test_distributed import (DS_INSTALLED, LOSS_ATOL, MAX_STEPS, STRATEGIES, Launch, exported,
-                                                run_recipe, runs, torchrun)
+from tests.integration.test_distributed import (
+    DS_INSTALLED,
+    LOSS_ATOL,
+    MAX_STEPS,
+    STRATEGIES,
+    Launch,
+    exported,
+    run_recipe,
+    runs,
+    torchrun,
+)
 
 __all__ = ["runs"]  # the session fixture, shared with test_distributed.py
 
 RESUME_ATOL = 1e-6
-KILLED = 137   # 128 + SIGKILL, as llama_train.k8s.launch reports a rank killed by a signal
+KILLED = 137  # 128 + SIGKILL, as llama_train.k8s.launch reports a rank killed by a signal
 PREEMPTED = 143
-INFRA = 130     # llama_train.errors.InfrastructureError
+INFRA = 130  # llama_train.errors.InfrastructureError
 
 
 def assert_same_history(got: Launch, want: Launch) -> None:
@@ -34,7 +43,7 @@ def assert_same_history(got: Launch, want: Launch) -> None:
         a, b = got.ledger(rank), want.ledger(rank)
         assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(MAX_STEPS + 1))
         for x, y in zip(a[1:], b[1:]):
-            assert x["ids"] == y["ids"], (rank, x["step"])             # no sample repeated or skipped
+            assert x["ids"] == y["ids"], (rank, x["step"])  # no sample repeated or skipped
             assert x["lr"] == pytest.approx(y["lr"], abs=1e-12), x["step"]
             assert abs(x["loss"] - y["loss"]) < RESUME_ATOL, (x["step"], x["loss"], y["loss"])
         ids = [i for e in a[1:] for i in e["ids"]]
@@ -51,8 +60,10 @@ def _chain_recipe(runs, name: str, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fsdp", pytest.param("zero2", marks=pytest.mark.skipif(
-    not DS_INSTALLED, reason="deepspeed not installed"))])
+@pytest.mark.parametrize(
+    "name",
+    ["fsdp", pytest.param("zero2", marks=pytest.mark.skipif(not DS_INSTALLED, reason="deepspeed not installed"))],
+)
 def test_kill_rank1_and_resume(runs, name, tmp_path):
     recipe = _chain_recipe(runs, name, tmp_path)
     killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
@@ -88,12 +99,18 @@ def test_kill_during_checkpoint_writes_and_nan_skip(runs, tmp_path):
     start resumes from the newest complete one (checked from the log, and for the last kill with
     find_resume, which is what a next start calls). The first start also gets
     a NaN loss on rank 1 at step 1: that update is skipped on both ranks."""
-    recipe = run_recipe(tmp_path, runs.tiny_dir, parallel={"strategy": "ddp"}, micro_batch_size=2,
-                        train={"max_steps": 4}, checkpoint={"every_n_steps": 1, "keep_last_k": 2, "save_final": True})
+    recipe = run_recipe(
+        tmp_path,
+        runs.tiny_dir,
+        parallel={"strategy": "ddp"},
+        micro_batch_size=2,
+        train={"max_steps": 4},
+        checkpoint={"every_n_steps": 1, "keep_last_k": 2, "save_final": True},
+    )
     faults = [
         "nan:rank=1:step=1,ckpt_kill:rank=1:step=2:phase=weights_written",  # step_2.tmp partly written
-        "ckpt_kill:rank=0:step=3:phase=files_synced",                       # all durable, not renamed
-        "ckpt_kill:rank=0:step=3:phase=renamed",                            # step_3 without COMPLETE
+        "ckpt_kill:rank=0:step=3:phase=files_synced",  # all durable, not renamed
+        "ckpt_kill:rank=0:step=3:phase=renamed",  # step_3 without COMPLETE
     ]
     outputs = []
     for fault, newest in zip(faults, ["step_1", "step_2", "step_2"]):
@@ -113,7 +130,7 @@ def test_kill_during_checkpoint_writes_and_nan_skip(runs, tmp_path):
         ledger = {e["step"]: e for e in launch.ledger(rank)}
         assert sorted(ledger) == [0, 1, 2, 3]  # step 3 ran; the next start rewinds it
         assert ledger[1]["skipped"] and ledger[1]["digest"] == ledger[0]["digest"]  # params unchanged
-        assert ledger[2]["digest"] != ledger[1]["digest"]                           # later steps train
+        assert ledger[2]["digest"] != ledger[1]["digest"]  # later steps train
 
 
 @pytest.mark.slow
@@ -170,8 +187,12 @@ def test_in_place_torchrun_restart_resumes(runs, tmp_path):
     from tests.integration.test_distributed import free_port
 
     recipe = _chain_recipe(runs, "ddp", tmp_path)
-    launch = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3:attempt=0",
-                      extra_args=["--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"])
+    launch = torchrun(
+        recipe,
+        tmp_path,
+        fault="kill:rank=1:step=3:attempt=0",
+        extra_args=["--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"],
+    )
     assert launch.returncode == 0, launch.output[-3000:]
     assert "resumed from step_2" in launch.output
     assert_same_history(launch, runs.distributed("ddp"))

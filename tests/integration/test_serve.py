@@ -56,8 +56,11 @@ def test_chat_non_streaming_has_text_and_usage(served):
 def test_streaming_equals_non_streaming_and_reports_usage(served):
     c = served.client()
     full = c.chat.completions.create(model=ADAPTER_NAME, messages=MSGS, **GREEDY)
-    chunks = list(c.chat.completions.create(model=ADAPTER_NAME, messages=MSGS, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        c.chat.completions.create(
+            model=ADAPTER_NAME, messages=MSGS, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == full.choices[0].message.content
@@ -67,10 +70,17 @@ def test_streaming_equals_non_streaming_and_reports_usage(served):
 
 
 def test_raw_sse_format_ends_with_done(served):
-    body = {"model": BASE_NAME, "prompt": "The quick", "max_tokens": 4, "temperature": 0,
-            "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{served.v1}/completions", json=body, timeout=60,
-                      headers={"authorization": f"Bearer {served.api_key}"}) as r:
+    body = {
+        "model": BASE_NAME,
+        "prompt": "The quick",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream(
+        "POST", f"{served.v1}/completions", json=body, timeout=60, headers={"authorization": f"Bearer {served.api_key}"}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
@@ -89,7 +99,7 @@ def test_adapter_selection_changes_greedy_output(served):
     b = [r.choices[0].message.content for r in base]
     a = [r.choices[0].message.content for r in lora]
     assert b[0] == b[1] and a[0] == a[1]  # greedy is deterministic per model
-    assert a[0] != b[0]                   # and the adapter is really applied
+    assert a[0] != b[0]  # and the adapter is really applied
     assert lora[0].model == ADAPTER_NAME
 
 
@@ -98,14 +108,18 @@ def test_concurrent_batched_requests_match_sequential(served):
     c = served.client()
     jobs = [(m, p) for m in (BASE_NAME, ADAPTER_NAME) for p in ("hi", "Reverse the word banana")]
     sequential = {
-        job: c.chat.completions.create(model=job[0], messages=[{"role": "user", "content": job[1]}],
-                                       **GREEDY).choices[0].message.content for job in jobs}
+        job: c.chat.completions.create(model=job[0], messages=[{"role": "user", "content": job[1]}], **GREEDY)
+        .choices[0]
+        .message.content
+        for job in jobs
+    }
     results, errors = {}, []
 
     def run(job):
         try:
             r = served.client().chat.completions.create(
-                model=job[0], messages=[{"role": "user", "content": job[1]}], **GREEDY)
+                model=job[0], messages=[{"role": "user", "content": job[1]}], **GREEDY
+            )
             results[job] = r.choices[0].message.content
         except Exception as exc:  # noqa: BLE001  (surfaced below)
             errors.append(exc)
@@ -121,18 +135,37 @@ def test_concurrent_batched_requests_match_sequential(served):
 
 def test_completions_sampling_seed_n_and_stop(served):
     c = served.client()
-    kw = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 8, "temperature": 0.9, "top_p": 0.95,
-              "seed": 42, "n": 2, "extra_body": {"ignore_eos": True}}
+    kw = {
+        "model": BASE_NAME,
+        "prompt": "The quick brown",
+        "max_tokens": 8,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 42,
+        "n": 2,
+        "extra_body": {"ignore_eos": True},
+    }
     r1, r2 = c.completions.create(**kw), c.completions.create(**kw)
     assert [ch.text for ch in r1.choices] == [ch.text for ch in r2.choices]  # seeded
     assert [ch.index for ch in r1.choices] == [0, 1]
     assert r1.usage.completion_tokens == 16
-    greedy = c.completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=12,
-                                  temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    greedy = (
+        c.completions.create(
+            model=BASE_NAME, prompt="The quick brown", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = greedy.strip()[2:4] if len(greedy.strip()) >= 4 else None
     if stop:
-        cut = c.completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=12,
-                                   temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+        cut = c.completions.create(
+            model=BASE_NAME,
+            prompt="The quick brown",
+            max_tokens=12,
+            temperature=0,
+            stop=[stop],
+            extra_body={"ignore_eos": True},
+        )
         assert cut.choices[0].finish_reason == "stop"
         assert cut.choices[0].text == greedy[: greedy.find(stop)]
 
@@ -158,13 +191,16 @@ def test_bad_parameters_are_400_and_server_keeps_serving(served):
     assert exc.value.body["code"] == "context_length_exceeded"
     assert "maximum context length is 1024" in exc.value.body["message"]
     with pytest.raises(openai.BadRequestError) as exc:
-        c.chat.completions.create(model=BASE_NAME, messages=MSGS, tools=[{"type": "function", "function": {"name": "f g"}}])
+        c.chat.completions.create(
+            model=BASE_NAME, messages=MSGS, tools=[{"type": "function", "function": {"name": "f g"}}]
+        )
     assert exc.value.body["param"] == "tools.0.function.name"
     headers = {"authorization": f"Bearer {served.api_key}", "content-type": "application/json"}
     r = httpx.post(f"{served.v1}/chat/completions", content=b"{not json", headers=headers)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(f"{served.v1}/completions", headers=headers,
-                   content=json.dumps({"model": BASE_NAME, "prompt": "x" * (5 << 20)}))
+    r = httpx.post(
+        f"{served.v1}/completions", headers=headers, content=json.dumps({"model": BASE_NAME, "prompt": "x" * (5 << 20)})
+    )
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
     ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, temperature=0)
     assert ok.choices[0].message.content is not None
@@ -186,14 +222,24 @@ def test_metrics_count_requests_and_tokens(served):
     after = served.metrics()
     route = "/v1/chat/completions"
     for status, n in (("200", 1), ("404", 1)):
-        assert counter(after, "llama_train_requests_total", route=route, status=status) == \
-            counter(before, "llama_train_requests_total", route=route, status=status) + n
-    assert counter(after, "llama_train_tokens_total", kind="completion") - \
-        counter(before, "llama_train_tokens_total", kind="completion") == r.usage.completion_tokens
-    assert counter(after, "llama_train_tokens_total", kind="prompt") - \
-        counter(before, "llama_train_tokens_total", kind="prompt") == r.usage.prompt_tokens
-    assert counter(after, "llama_train_request_latency_seconds_count", route=route) >= \
-        counter(before, "llama_train_request_latency_seconds_count", route=route) + 2
+        assert (
+            counter(after, "llama_train_requests_total", route=route, status=status)
+            == counter(before, "llama_train_requests_total", route=route, status=status) + n
+        )
+    assert (
+        counter(after, "llama_train_tokens_total", kind="completion")
+        - counter(before, "llama_train_tokens_total", kind="completion")
+        == r.usage.completion_tokens
+    )
+    assert (
+        counter(after, "llama_train_tokens_total", kind="prompt")
+        - counter(before, "llama_train_tokens_total", kind="prompt")
+        == r.usage.prompt_tokens
+    )
+    assert (
+        counter(after, "llama_train_request_latency_seconds_count", route=route)
+        >= counter(before, "llama_train_request_latency_seconds_count", route=route) + 2
+    )
     assert "# TYPE llama_train_request_latency_seconds histogram" in after
     assert "# TYPE llama_train_inflight_requests gauge" in after
 
@@ -210,8 +256,14 @@ def test_over_concurrency_limit_is_429_then_recovers(served):
     streams = []
     try:
         for _ in range(4):
-            s = c.chat.completions.create(model=BASE_NAME, messages=MSGS, stream=True, temperature=0,
-                                          max_tokens=900, extra_body={"ignore_eos": True})
+            s = c.chat.completions.create(
+                model=BASE_NAME,
+                messages=MSGS,
+                stream=True,
+                temperature=0,
+                max_tokens=900,
+                extra_body={"ignore_eos": True},
+            )
             next(iter(s))  # the request is in flight (headers and a first chunk received)
             streams.append(s)
         with pytest.raises(openai.RateLimitError) as exc:
@@ -232,8 +284,19 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny_model_dir, tmp_path):
     """--request-timeout-s 0.5: a 900-token generation gets 504 (non-streaming) or an in-band error
     event after its first chunks (streaming, headers already sent); generation stops for it, the
     in-flight gauge returns to 0, and the next short request is served."""
-    server = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                           "--request-timeout-s", "0.5", "--max-concurrency", "1"], tmp_path)
+    server = start_server(
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            BASE_NAME,
+            "--request-timeout-s",
+            "0.5",
+            "--max-concurrency",
+            "1",
+        ],
+        tmp_path,
+    )
     try:
         long = {"model": BASE_NAME, "messages": MSGS, "max_tokens": 900, "temperature": 0, "ignore_eos": True}
         headers = {"Authorization": f"Bearer {server.api_key}"}
@@ -242,10 +305,11 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny_model_dir, tmp_path):
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "timeout" and "request-timeout-s" in r.json()["error"]["message"]
         assert time.monotonic() - t0 < 30  # answered at the deadline, not after 900 tokens
-        with httpx.stream("POST", f"{server.v1}/chat/completions", json={**long, "stream": True},
-                          headers=headers, timeout=60) as s:
+        with httpx.stream(
+            "POST", f"{server.v1}/chat/completions", json={**long, "stream": True}, headers=headers, timeout=60
+        ) as s:
             assert s.status_code == 200
-            events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
+            events = [line[len("data: ") :] for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
         error = json.loads(events[-2] if events[-1] == "[DONE]" else events[-1])
         assert error["error"]["code"] == "timeout", events[-3:]
@@ -259,8 +323,7 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny_model_dir, tmp_path):
         server.stop()
 
 
-def test_bad_flags_and_files_exit_before_the_server_starts(tiny_model_dir, tiny_adapter_dir, tmp_path,
-                                                           monkeypatch):
+def test_bad_flags_and_files_exit_before_the_server_starts(tiny_model_dir, tiny_adapter_dir, tmp_path, monkeypatch):
     """Checked up front: otherwise the server runs unready (/health 503) with the error in its log."""
     import socket
 

@@ -43,10 +43,14 @@ async def collect(gen: GenRequest, order: list, name: str) -> list:
 def test_short_request_finishes_while_a_long_prompt_is_prefilled(engine):
     async def main():
         loop = asyncio.get_running_loop()
-        long = GenRequest(long_prompt(engine.vocab_size), SamplingParams(max_tokens=2, temperature=0,
-                          ignore_eos=True), "tiny", None, loop)
-        short = GenRequest([1, 7, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
-                           "tiny", None, loop)
+        long = GenRequest(
+            long_prompt(engine.vocab_size),
+            SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+            "tiny",
+            None,
+            loop,
+        )
+        short = GenRequest([1, 7, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), "tiny", None, loop)
         engine.submit(long)
         engine.submit(short)  # the same admission: before the fix, one padded prefill for both
         order: list[str] = []
@@ -68,13 +72,18 @@ def test_chunked_prefill_matches_transformers_generate(engine, tiny_model_dir):
     ids = long_prompt(engine.vocab_size)[:700]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, len(ids) :
+        ].tolist()
 
     async def main():
         loop = asyncio.get_running_loop()
-        gens = [GenRequest(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0,
-                                               n=n), "tiny", None, loop) for n in (1, 2)]
+        gens = [
+            GenRequest(
+                ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0, n=n), "tiny", None, loop
+            )
+            for n in (1, 2)
+        ]
         for g in gens:
             engine.submit(g)
         out = []
@@ -104,8 +113,7 @@ def test_adapter_switches_that_were_overtaken_or_collide_change_nothing(tiny_mod
     internal name never reuses the name of an adapter loaded at start."""
     from llama_train.serve.engine import Superseded
 
-    e = Engine(str(tiny_model_dir), {"x__1": str(tiny_adapter_dir)}, served_model_name="tiny",
-               batch_wait_ms=0)
+    e = Engine(str(tiny_model_dir), {"x__1": str(tiny_adapter_dir)}, served_model_name="tiny", batch_wait_ms=0)
     e.start()
     try:
         assert e.ready.wait(120) and e.load_error is None
@@ -123,6 +131,7 @@ def test_adapter_switches_that_were_overtaken_or_collide_change_nothing(tiny_mod
             gen = GenRequest([1, 7], SamplingParams(max_tokens=1), "gone", "gone", asyncio.get_running_loop())
             e.submit(gen)
             return (await asyncio.wait_for(gen.events.get(), 30)).error
+
         assert isinstance(asyncio.run(unloaded_in_between()), AdapterGone)
     finally:
         e.stop()

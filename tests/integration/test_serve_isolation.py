@@ -23,9 +23,21 @@ MSGS = [{"role": "user", "content": "Reverse the word banana"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                        "--max-concurrency", "4", "--batch-wait-ms", "20", "--body-timeout-s", "3"],
-                       tmp_path_factory.mktemp("isolation_logs"))
+    srv = start_server(
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            BASE_NAME,
+            "--max-concurrency",
+            "4",
+            "--batch-wait-ms",
+            "20",
+            "--body-timeout-s",
+            "3",
+        ],
+        tmp_path_factory.mktemp("isolation_logs"),
+    )
     yield srv
     srv.stop()
 
@@ -48,17 +60,23 @@ def wait_idle(server, within_s: float) -> float:
 def stalled_socket(server, sent: bytes = b'{"mo', length: int = 100) -> socket.socket:
     """A client that announced `length` body bytes and sent only `sent`."""
     s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Authorization: Bearer " + server.api_key.encode() + b"\r\n"
-              b"Content-Length: " + str(length).encode() + b"\r\n\r\n" + sent)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + server.api_key.encode() + b"\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n\r\n" + sent
+    )
     return s
 
 
 def post(server, route: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server.v1}{route}", content=content, timeout=kw.pop("timeout", 120),
-                      headers={"authorization": f"Bearer {server.api_key}",
-                               "content-type": "application/json"}, **kw)
+    return httpx.post(
+        f"{server.v1}{route}",
+        content=content,
+        timeout=kw.pop("timeout", 120),
+        headers={"authorization": f"Bearer {server.api_key}", "content-type": "application/json"},
+        **kw,
+    )
 
 
 def raw(**fields) -> str:
@@ -78,8 +96,13 @@ def test_a_failing_sampler_ends_only_its_own_request(server):
     """Defect 1: a row whose sampling raises (here: repetition_penalty 1e-45 turns logits into inf,
     softmax into NaN) used to post its error to every row of the batch."""
     c = server.client()
-    greedy = {"model": BASE_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 120,
-              "extra_body": {"ignore_eos": True}}
+    greedy = {
+        "model": BASE_NAME,
+        "messages": MSGS,
+        "temperature": 0,
+        "max_tokens": 120,
+        "extra_body": {"ignore_eos": True},
+    }
     want = c.chat.completions.create(**greedy).choices[0].message.content
     out: dict[str, object] = {}
     go = threading.Barrier(3)
@@ -101,8 +124,11 @@ def test_a_failing_sampler_ends_only_its_own_request(server):
     while metric(server, "llama_train_num_requests_running", model=BASE_NAME) < 2:
         assert time.monotonic() - t0 < 60, "the innocent requests never ran together"
         time.sleep(0.01)
-    bad = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "temperature": 1.0,
-                                             "repetition_penalty": 1e-45, "max_tokens": 40})
+    bad = post(
+        server,
+        "/chat/completions",
+        {"model": BASE_NAME, "messages": MSGS, "temperature": 1.0, "repetition_penalty": 1e-45, "max_tokens": 40},
+    )
     for t in threads:
         t.join(120)
     assert out == {"stream": want, "plain": want}
@@ -125,13 +151,31 @@ def test_impossible_constraints_are_400(server, tiny_model_dir):
 
     eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
     for temperature in (0, 1.0):
-        r = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "max_tokens": 5,
-                                               "temperature": temperature, "min_tokens": 2,
-                                               "allowed_token_ids": [eos]})
+        r = post(
+            server,
+            "/chat/completions",
+            {
+                "model": BASE_NAME,
+                "messages": MSGS,
+                "max_tokens": 5,
+                "temperature": temperature,
+                "min_tokens": 2,
+                "allowed_token_ids": [eos],
+            },
+        )
         assert "min_tokens" in assert_400(r, "allowed_token_ids")["message"]
-    r = post(server, "/chat/completions", {"model": BASE_NAME, "messages": MSGS, "max_tokens": 5,
-                                           "min_tokens": 2, "allowed_token_ids": [eos, 7],
-                                           "stop_token_ids": [7]})
+    r = post(
+        server,
+        "/chat/completions",
+        {
+            "model": BASE_NAME,
+            "messages": MSGS,
+            "max_tokens": 5,
+            "min_tokens": 2,
+            "allowed_token_ids": [eos, 7],
+            "stop_token_ids": [7],
+        },
+    )
     assert_400(r, "allowed_token_ids")
 
 
@@ -140,12 +184,15 @@ def test_client_errors_are_400_naming_the_field_and_keep_the_connection(server):
     headers = {"authorization": f"Bearer {server.api_key}", "content-type": "application/json"}
     with httpx.Client(base_url=server.v1, headers=headers, timeout=60) as client:
         cases = [
-            ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": 2 ** 64}, "/completions", "seed"),
-            ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": -2 ** 63 - 1}, "/completions", "seed"),
+            ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": 2**64}, "/completions", "seed"),
+            ({"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": -(2**63) - 1}, "/completions", "seed"),
             (raw(prompt="\\ud800 lone", max_tokens=2), "/completions", "prompt"),
             (raw(prompt=["ok", "\\udfff"], max_tokens=2), "/completions", "prompt.1"),
-            (raw(messages=[{"role": "user", "content": "\\ud800"}], max_tokens=2), "/chat/completions",
-             "messages.0.content"),
+            (
+                raw(messages=[{"role": "user", "content": "\\ud800"}], max_tokens=2),
+                "/chat/completions",
+                "messages.0.content",
+            ),
             (raw(stop=["\\ud800"], prompt="x"), "/completions", "stop.0"),
             ("[" * 100_000 + "]" * 100_000, "/completions", None),
             (raw(prompt="x")[:-1] + ', "user": ' + "[" * 5000 + "]" * 5000 + "}", "/completions", None),
@@ -153,8 +200,10 @@ def test_client_errors_are_400_naming_the_field_and_keep_the_connection(server):
         for body, route, param in cases:
             r = client.post(route, content=body if isinstance(body, str) else json.dumps(body))
             assert_400(r, param)
-        ok = client.post("/completions", json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 2,
-                                               "seed": 2 ** 63 - 1, "n": 2, "temperature": 1})
+        ok = client.post(
+            "/completions",
+            json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "seed": 2**63 - 1, "n": 2, "temperature": 1},
+        )
         assert ok.status_code == 200, ok.text
         assert ok.extensions["network_stream"] is not None  # the same kept-alive connection served all
     assert "Traceback" not in server.log()
@@ -162,8 +211,9 @@ def test_client_errors_are_400_naming_the_field_and_keep_the_connection(server):
 
 def test_max_tokens_0_with_echo_only_echoes(server):
     """Defect 6: echo + max_tokens 0 without logprobs generated a token."""
-    r = server.client().completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=0,
-                                           echo=True, temperature=0)
+    r = server.client().completions.create(
+        model=BASE_NAME, prompt="The quick brown", max_tokens=0, echo=True, temperature=0
+    )
     assert r.choices[0].text == "The quick brown"
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 0
 
@@ -175,8 +225,7 @@ def test_dependent_parameters_without_their_parent_are_400(server):
         c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, tool_choice="auto")
     assert exc.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError) as exc:
-        c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2,
-                                  stream_options={"include_usage": True})
+        c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, stream_options={"include_usage": True})
     assert exc.value.body["param"] == "stream_options"
     with pytest.raises(openai.BadRequestError) as exc:
         c.completions.create(model=BASE_NAME, prompt="x", max_tokens=2, stream_options={"include_usage": True})
@@ -243,8 +292,7 @@ def test_non_stream_request_is_aborted_when_the_client_disconnects(server):
     """Defect 3: the slot stayed held and every token was generated after the client left."""
     wait_idle(server, 60)
     before = metric(server, "llama_train_tokens_total", kind="completion")
-    body = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 1000, "temperature": 0,
-            "ignore_eos": True}
+    body = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         post(server, "/completions", body, timeout=httpx.Timeout(60, read=2))
     wait_idle(server, 30)
@@ -259,8 +307,13 @@ def test_misbehaving_client_beside_well_behaved_ones(server):
     text it gets alone, within its deadline (generous: the point is that none fails or waits
     for the misbehaver)."""
     deadline_s = 60.0
-    greedy = {"model": BASE_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 24,
-              "extra_body": {"ignore_eos": True}}
+    greedy = {
+        "model": BASE_NAME,
+        "messages": MSGS,
+        "temperature": 0,
+        "max_tokens": 24,
+        "extra_body": {"ignore_eos": True},
+    }
     want = server.client().chat.completions.create(**greedy).choices[0].message.content
     stop = threading.Event()  # the misbehaver is done
     failures: list[str] = []
@@ -295,26 +348,52 @@ def test_misbehaving_client_beside_well_behaved_ones(server):
         misbehaved[kind] = misbehaved.get(kind, 0) + 1
 
     def stream_and_leave():
-        with httpx.stream("POST", f"{server.v1}/completions", timeout=30,
-                          headers={"authorization": f"Bearer {server.api_key}"},
-                          json={"model": BASE_NAME, "prompt": "x", "max_tokens": 500, "stream": True,
-                                "ignore_eos": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{server.v1}/completions",
+            timeout=30,
+            headers={"authorization": f"Bearer {server.api_key}"},
+            json={"model": BASE_NAME, "prompt": "x", "max_tokens": 500, "stream": True, "ignore_eos": True},
+        ) as r:
             next(r.iter_lines())  # the first chunk, then the connection is closed
 
     def misbehaver():
         stalled = []
         actions = [
-            ("bad sampling", lambda: post(server, "/chat/completions", {
-                "model": BASE_NAME, "messages": MSGS, "temperature": 1.0, "repetition_penalty": 1e-45,
-                "max_tokens": 24})),
-            ("tiny temperature", lambda: post(server, "/chat/completions", {
-                "model": BASE_NAME, "messages": MSGS, "temperature": 1e-45, "max_tokens": 24})),
+            (
+                "bad sampling",
+                lambda: post(
+                    server,
+                    "/chat/completions",
+                    {
+                        "model": BASE_NAME,
+                        "messages": MSGS,
+                        "temperature": 1.0,
+                        "repetition_penalty": 1e-45,
+                        "max_tokens": 24,
+                    },
+                ),
+            ),
+            (
+                "tiny temperature",
+                lambda: post(
+                    server,
+                    "/chat/completions",
+                    {"model": BASE_NAME, "messages": MSGS, "temperature": 1e-45, "max_tokens": 24},
+                ),
+            ),
             ("stalled body", lambda: stalled.append(stalled_socket(server))),
-            ("malformed", lambda: post(server, "/completions", raw(prompt="\\ud800", seed=2 ** 64))),
+            ("malformed", lambda: post(server, "/completions", raw(prompt="\\ud800", seed=2**64))),
             ("deep json", lambda: post(server, "/completions", "[" * 50_000)),
-            ("non-stream disconnect", lambda: post(server, "/completions", {
-                "model": BASE_NAME, "prompt": "x", "max_tokens": 500, "ignore_eos": True},
-                timeout=httpx.Timeout(30, read=0.3))),
+            (
+                "non-stream disconnect",
+                lambda: post(
+                    server,
+                    "/completions",
+                    {"model": BASE_NAME, "prompt": "x", "max_tokens": 500, "ignore_eos": True},
+                    timeout=httpx.Timeout(30, read=0.3),
+                ),
+            ),
             ("stream disconnect", stream_and_leave),
         ]
         for _ in range(2):
@@ -337,4 +416,3 @@ def test_misbehaving_client_beside_well_behaved_ones(server):
     assert len(served) >= 6
     assert misbehaved == {kind: 2 for kind in misbehaved} and len(misbehaved) == 7, misbehaved
     wait_idle(server, 30)  # nothing the misbehaver did still holds a slot
-

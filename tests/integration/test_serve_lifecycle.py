@@ -65,18 +65,36 @@ CYCLE_SCRIPT = textwrap.dedent("""
 
 def test_engine_start_stop_cycles_join_the_worker_and_exit_cleanly(tiny_model_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", CYCLE_SCRIPT, str(tiny_model_dir), str(CYCLES)],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "cycles ok" in proc.stdout, \
+    proc = subprocess.run(
+        [sys.executable, "-c", CYCLE_SCRIPT, str(tiny_model_dir), str(CYCLES)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "cycles ok" in proc.stdout, (
         f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
 
 
 def test_sigterm_under_load_drains_in_flight_requests_and_exits_0(tiny_model_dir, tmp_path):
-    server = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                           "--max-concurrency", "16", "--drain-timeout-s", "60"], tmp_path)
+    server = start_server(
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            BASE_NAME,
+            "--max-concurrency",
+            "16",
+            "--drain-timeout-s",
+            "60",
+        ],
+        tmp_path,
+    )
     headers = {"authorization": f"Bearer {server.api_key}"}
-    body = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 150, "temperature": 0,
-            "ignore_eos": True}
+    body = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
     results: dict[int, object] = {}
     started = threading.Barrier(7)
 
@@ -91,8 +109,9 @@ def test_sigterm_under_load_drains_in_flight_requests_and_exits_0(tiny_model_dir
     def stream(i):
         started.wait()
         try:
-            with httpx.stream("POST", f"{server.v1}/completions", json={**body, "stream": True},
-                              headers=headers, timeout=120) as r:
+            with httpx.stream(
+                "POST", f"{server.v1}/completions", json={**body, "stream": True}, headers=headers, timeout=120
+            ) as r:
                 lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
             results[i] = (r.status_code, lines[-1])
         except Exception as exc:  # noqa: BLE001
@@ -104,7 +123,7 @@ def test_sigterm_under_load_drains_in_flight_requests_and_exits_0(tiny_model_dir
             t.start()
         started.wait()
         deadline = time.monotonic() + 60  # all six in flight before the signal
-        while 'llama_train_inflight_requests 6.0' not in server.metrics():
+        while "llama_train_inflight_requests 6.0" not in server.metrics():
             assert time.monotonic() < deadline, server.metrics()
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)

@@ -25,16 +25,27 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
     PROMTOOL is None or PROMETHEUS is None,
-    reason="promtool/prometheus not on PATH: `bash scripts/ci_system_deps.sh` installs Debian's prometheus")
+    reason="promtool/prometheus not on PATH: `bash scripts/ci_system_deps.sh` installs Debian's prometheus",
+)
 SCRAPE_S = 2
 MSGS = [{"role": "user", "content": "Reverse the word banana"}]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
-    srv = start_server(["--base", str(tiny_model_dir), "--served-model-name", BASE_NAME,
-                        "--adapter", f"{ADAPTER_NAME}={tiny_adapter_dir}", "--max-concurrency", "8"],
-                       tmp_path_factory.mktemp("prom_server"))
+    srv = start_server(
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            BASE_NAME,
+            "--adapter",
+            f"{ADAPTER_NAME}={tiny_adapter_dir}",
+            "--max-concurrency",
+            "8",
+        ],
+        tmp_path_factory.mktemp("prom_server"),
+    )
     yield srv
     srv.stop()
 
@@ -51,20 +62,25 @@ def samples(text: str) -> dict[str, float]:
 @needs_prometheus
 def test_exposition_passes_promtool_and_has_every_series_before_traffic(server):
     text = server.metrics()
-    proc = subprocess.run([PROMTOOL, "check", "metrics"], check=False, input=text, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [PROMTOOL, "check", "metrics"], check=False, input=text, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = samples(text)
     for route in ("/v1/chat/completions", "/v1/completions", "/v1/models"):
         for status in ("200", "400", "404", "429", "500", "503", "504"):
             assert f'llama_train_requests_total{{route="{route}",status="{status}"}}' in s
     for model in (BASE_NAME, ADAPTER_NAME):
-        for name in ("llama_train_num_requests_running", "llama_train_num_requests_waiting",
-                     "llama_train_generation_tokens_total", "llama_train_prompt_tokens_total",
-                     "llama_train_time_to_first_token_seconds_count",
-                     "llama_train_inter_token_latency_seconds_count",
-                     "llama_train_request_queue_time_seconds_count",
-                     "llama_train_e2e_request_latency_seconds_count"):
+        for name in (
+            "llama_train_num_requests_running",
+            "llama_train_num_requests_waiting",
+            "llama_train_generation_tokens_total",
+            "llama_train_prompt_tokens_total",
+            "llama_train_time_to_first_token_seconds_count",
+            "llama_train_inter_token_latency_seconds_count",
+            "llama_train_request_queue_time_seconds_count",
+            "llama_train_e2e_request_latency_seconds_count",
+        ):
             assert f'{name}{{model="{model}"}}' in s, name
         for reason in ("stop", "length", "abort", "error"):
             assert f'llama_train_requests_finished_total{{finish_reason="{reason}",model="{model}"}}' in s
@@ -78,10 +94,21 @@ def test_generation_tokens_are_counted_while_a_request_runs(server):
     """Per decode step, not at request end: a long stream shows up before it finishes."""
     name = f'llama_train_generation_tokens_total{{model="{BASE_NAME}"}}'
     before = samples(server.metrics())[name]
-    body = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 600, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=120,
-                      headers={"authorization": f"Bearer {server.api_key}"}) as r:
+    body = {
+        "model": BASE_NAME,
+        "prompt": "The quick brown",
+        "max_tokens": 600,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        f"{server.v1}/completions",
+        json=body,
+        timeout=120,
+        headers={"authorization": f"Bearer {server.api_key}"},
+    ) as r:
         lines = r.iter_lines()
         for _ in range(20):  # 20 chunks in
             next(lines)
@@ -111,8 +138,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def grafana_to_promql(expr: str) -> str:
-    return (expr.replace("$namespace", "llama-train").replace("$model", ".*")
-            .replace("$__rate_interval", "20s"))
+    return expr.replace("$namespace", "llama-train").replace("$model", ".*").replace("$__rate_interval", "20s")
 
 
 @needs_prometheus
@@ -120,20 +146,40 @@ def test_real_prometheus_answers_every_dashboard_query(server, tmp_path):
     rules = yaml.safe_load((ROOT / "k8s/monitoring/prometheus-rules.yaml").read_text())
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump({"groups": rules["spec"]["groups"]}))
-    check = subprocess.run([PROMTOOL, "check", "rules", str(rules_file)], check=False,
-                           capture_output=True, text=True)
+    check = subprocess.run([PROMTOOL, "check", "rules", str(rules_file)], check=False, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
-        "rule_files": [str(rules_file)],
-        "scrape_configs": [{"job_name": "llama-train", "static_configs": [{
-            "targets": [f"127.0.0.1:{server.port}"],
-            "labels": {"namespace": "llama-train", "pod": "server-0"}}]}]}))
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prom.log").open("w"))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
+                "rule_files": [str(rules_file)],
+                "scrape_configs": [
+                    {
+                        "job_name": "llama-train",
+                        "static_configs": [
+                            {
+                                "targets": [f"127.0.0.1:{server.port}"],
+                                "labels": {"namespace": "llama-train", "pod": "server-0"},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prom.log").open("w"),
+    )
     api = f"http://127.0.0.1:{port}/api/v1"
 
     def query(expr: str) -> list[dict]:
@@ -170,9 +216,14 @@ def test_real_prometheus_answers_every_dashboard_query(server, tmp_path):
         time.sleep(4 * SCRAPE_S)
         # one burst of client errors, all between two scrapes
         headers = {"authorization": f"Bearer {server.api_key}"}
-        burst = [httpx.post(f"{server.v1}/chat/completions", json={"model": BASE_NAME, "messages": MSGS,
-                                                                   "temperature": 9}, headers=headers)
-                 for _ in range(5)]
+        burst = [
+            httpx.post(
+                f"{server.v1}/chat/completions",
+                json={"model": BASE_NAME, "messages": MSGS, "temperature": 9},
+                headers=headers,
+            )
+            for _ in range(5)
+        ]
         assert [r.status_code for r in burst] == [400] * 5
         time.sleep(4 * SCRAPE_S)
         stop.set()
@@ -191,10 +242,12 @@ def test_real_prometheus_answers_every_dashboard_query(server, tmp_path):
         routes = values(q["Requests / s by route and status (/v1)"].replace("[20s]", w))
         assert any('"/v1/chat/completions"' in k and '"200"' in k for k in routes), routes
         assert any('"400"' in k for k in routes), routes
-        assert not any("/metrics" in k or "/health" in k or "/ready" in k
-                       for k in values("llama_train_requests_total"))
-        for title in ("Time to first token p50 / p95 by model", "Inter-token latency p50 / p95 by model",
-                      "Tokens / s by model (prompt, generation)"):
+        assert not any("/metrics" in k or "/health" in k or "/ready" in k for k in values("llama_train_requests_total"))
+        for title in (
+            "Time to first token p50 / p95 by model",
+            "Inter-token latency p50 / p95 by model",
+            "Tokens / s by model (prompt, generation)",
+        ):
             got = values(q[title].replace("[20s]", w))
             models = {json.loads(k).get("model") for k in got}
             assert {BASE_NAME, ADAPTER_NAME} <= models, (title, got)
@@ -207,9 +260,16 @@ def test_real_prometheus_answers_every_dashboard_query(server, tmp_path):
         for model, n in counts.items():
             assert finished[json.dumps({"model": model})] >= n, (finished, counts)
         for title, expr in dashboard_queries():  # every query also runs over a range, as Grafana does
-            r = httpx.get(f"{api}/query_range", params={
-                "query": grafana_to_promql(expr), "start": time.time() - 60, "end": time.time(),
-                "step": SCRAPE_S}, timeout=30).json()
+            r = httpx.get(
+                f"{api}/query_range",
+                params={
+                    "query": grafana_to_promql(expr),
+                    "start": time.time() - 60,
+                    "end": time.time(),
+                    "step": SCRAPE_S,
+                },
+                timeout=30,
+            ).json()
             assert r["status"] == "success" and r["data"]["result"], (title, r)
         for g in rules["spec"]["groups"]:  # the alert expressions evaluate (and are quiet)
             for rule in g["rules"]:

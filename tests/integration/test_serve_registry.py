@@ -21,7 +21,6 @@ import pytest
 
 from llama_train.export import export_run
 from llama_train.tracking.registry import get_alias_version, promote, register_export
-
 from tests.integration.conftest import start_server
 
 try:
@@ -52,19 +51,42 @@ def env(tiny_model_dir, mlflow_server, tmp_path_factory):  # noqa: F811
     v1 = register_export(exports["A"] / "adapter", name=NAME, uri=uri, experiment="serve-registry")
     promote(NAME, v1, uri=uri)
     server = start_server(
-        ["--base", str(tiny_model_dir), "--served-model-name", "tiny-base",
-         "--adapter", f"support=models:/{NAME}@champion",
-         "--adapter", f"directA={exports['A'] / 'adapter'}", "--adapter", f"directB={exports['B'] / 'adapter'}",
-         "--adapter", f"directC={exports['C'] / 'adapter'}",
-         "--registry-poll-s", str(POLL_S), "--json-logs", "--max-concurrency", "16"],
-        tmp, env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            "tiny-base",
+            "--adapter",
+            f"support=models:/{NAME}@champion",
+            "--adapter",
+            f"directA={exports['A'] / 'adapter'}",
+            "--adapter",
+            f"directB={exports['B'] / 'adapter'}",
+            "--adapter",
+            f"directC={exports['C'] / 'adapter'}",
+            "--registry-poll-s",
+            str(POLL_S),
+            "--json-logs",
+            "--max-concurrency",
+            "16",
+        ],
+        tmp,
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"},
+    )
     try:
         client = server.client()
         out = {k: _say(client, f"direct{k}") for k in "ABC"}
         assert len(set(out.values())) == 3, f"the random adapters must answer differently: {out}"
-        yield {"server": server, "client": client, "uri": uri, "exports": exports, "out": out,
-               "mlflow": mlflow_server, "v1": v1, "tmp": tmp}
+        yield {
+            "server": server,
+            "client": client,
+            "uri": uri,
+            "exports": exports,
+            "out": out,
+            "mlflow": mlflow_server,
+            "v1": v1,
+            "tmp": tmp,
+        }
     finally:
         server.stop()
 
@@ -110,15 +132,19 @@ def _wait_for_output(env, expected: str, timeout_s: float = 60) -> float:
 
 
 def _metric(text: str, name: str, **labels) -> float:
-    want = ",".join(f"{k}=\"{v}\"" for k, v in sorted(labels.items()))  # exposition order
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # exposition order
     m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
 def _card(env, model: str) -> dict:
-    return next(c for c in httpx.get(f"{env['server'].v1}/models", timeout=10,
-                                     headers={"Authorization": f"Bearer {env['server'].api_key}"}).json()["data"]
-                if c["id"] == model)
+    return next(
+        c
+        for c in httpx.get(
+            f"{env['server'].v1}/models", timeout=10, headers={"Authorization": f"Bearer {env['server'].api_key}"}
+        ).json()["data"]
+        if c["id"] == model
+    )
 
 
 def test_started_on_the_champion_with_its_registry_version_listed(env):
@@ -144,8 +170,9 @@ def test_promotion_under_load_switches_without_a_failed_request(env):
     assert _card(env, "support")["registry"]["version"] == v2
     metrics = env["server"].metrics()
     assert _metric(metrics, "llama_train_adapter_switches_total", model="support", result="switched") == 1
-    assert _metric(metrics, "llama_train_adapter_info", model="support", role="main", version=v2,
-                   registry_name=NAME) == 1
+    assert (
+        _metric(metrics, "llama_train_adapter_info", model="support", role="main", version=v2, registry_name=NAME) == 1
+    )
     env["v2"] = v2
 
 
@@ -153,8 +180,12 @@ def test_rollback_cli_under_load_returns_to_the_previous_version(env):
     assert get_alias_version(NAME, "previous", uri=env["uri"]) == env["v1"]
     with Traffic(env["client"]) as traffic:
         time.sleep(1)
-        done = subprocess.run([sys.executable, "-m", "llama_train.cli", "registry", "rollback", NAME,
-                               "--tracking-uri", env["uri"]], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "llama_train.cli", "registry", "rollback", NAME, "--tracking-uri", env["uri"]],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         _wait_for_output(env, env["out"]["A"], timeout_s=30)
         time.sleep(1)
@@ -163,8 +194,12 @@ def test_rollback_cli_under_load_returns_to_the_previous_version(env):
     assert traffic.results[-1][1] == env["out"]["A"]
     assert _card(env, "support")["registry"]["version"] == env["v1"]
     # previous is gone: a second rollback cannot re-promote the version just rolled back
-    again = subprocess.run([sys.executable, "-m", "llama_train.cli", "registry", "rollback", NAME,
-                            "--tracking-uri", env["uri"]], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", "registry", "rollback", NAME, "--tracking-uri", env["uri"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 1 and "has no `previous` alias" in again.stderr
     assert get_alias_version(NAME, "champion", uri=env["uri"]) == env["v1"]
 
@@ -182,14 +217,16 @@ def test_tampered_version_is_refused_and_the_old_one_keeps_serving(env):
     with Traffic(env["client"]) as traffic:
         promote(NAME, v3, uri=env["uri"])
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _metric(env["server"].metrics(), "llama_train_adapter_switches_total",
-                                                      model="support", result="failed") < 1:
+        while (
+            time.monotonic() < deadline
+            and _metric(env["server"].metrics(), "llama_train_adapter_switches_total", model="support", result="failed")
+            < 1
+        ):
             time.sleep(0.3)
         time.sleep(3 * POLL_S)  # refused once, not retried every poll
     assert traffic.errors == []
     assert {o for _, o in traffic.results} == {env["out"]["A"]}
-    assert _metric(env["server"].metrics(), "llama_train_adapter_switches_total", model="support",
-                   result="failed") == 1
+    assert _metric(env["server"].metrics(), "llama_train_adapter_switches_total", model="support", result="failed") == 1
     assert "sha256 mismatch" in env["server"].log() and "adapter_model.safetensors" in env["server"].log()
     assert _card(env, "support")["registry"]["version"] == env["v1"]
     env["v3"] = v3
@@ -217,8 +254,9 @@ def test_registry_outage_keeps_serving_and_the_switch_happens_when_it_is_back(en
 def test_load_and_unload_lora_adapter_with_vllm_request_shapes(env):
     client, server = env["client"], env["server"]
     raw = {"cast_to": httpx.Response}
-    r = client.post("/load_lora_adapter", body={"lora_name": "extra", "lora_path": str(env["exports"]["C"] / "adapter")},
-                    **raw)
+    r = client.post(
+        "/load_lora_adapter", body={"lora_name": "extra", "lora_path": str(env["exports"]["C"] / "adapter")}, **raw
+    )
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'extra' added successfully."
     assert "extra" in [m.id for m in client.models.list().data]
     assert _say(client, "extra") == env["out"]["C"]
@@ -229,17 +267,25 @@ def test_load_and_unload_lora_adapter_with_vllm_request_shapes(env):
     with pytest.raises(openai.BadRequestError, match="lora_path"):
         client.post("/load_lora_adapter", body={"lora_name": "other"}, **raw)
     # in place, from the registry by version: pinned (not followed), listed with its version
-    r = client.post("/load_lora_adapter", body={"lora_name": "extra", "lora_path": f"models:/{NAME}/{env['v2']}",
-                                                "load_inplace": True}, **raw)
+    r = client.post(
+        "/load_lora_adapter",
+        body={"lora_name": "extra", "lora_path": f"models:/{NAME}/{env['v2']}", "load_inplace": True},
+        **raw,
+    )
     assert r.status_code == 200
     assert _say(client, "extra") == env["out"]["B"]
-    assert _card(env, "extra")["registry"] == {"registry_name": NAME, "version": env["v2"], "alias": None,
-                                               "verified": True}
+    assert _card(env, "extra")["registry"] == {
+        "registry_name": NAME,
+        "version": env["v2"],
+        "alias": None,
+        "verified": True,
+    }
     with pytest.raises(openai.BadRequestError, match="does not match its export manifest"):
         client.post("/load_lora_adapter", body={"lora_name": "bad", "lora_path": f"models:/{NAME}/{env['v3']}"}, **raw)
     with pytest.raises(openai.AuthenticationError):
-        server.client(api_key="wrong").post("/load_lora_adapter",
-                                            body={"lora_name": "x", "lora_path": "/nowhere"}, **raw)
+        server.client(api_key="wrong").post(
+            "/load_lora_adapter", body={"lora_name": "x", "lora_path": "/nowhere"}, **raw
+        )
     r = client.post("/unload_lora_adapter", body={"lora_name": "extra"}, **raw)
     assert r.status_code == 200 and r.text == "Success: LoRA adapter 'extra' removed successfully."
     assert "extra" not in [m.id for m in client.models.list().data]
@@ -256,22 +302,38 @@ def test_canary_serves_the_candidate_to_its_fraction_live(env):
 
     MlflowClient(env["uri"]).set_registered_model_alias(NAME, "candidate", env["v1"])  # A as the canary
     _wait_for_output(env, env["out"]["B"])
-    r = client.post("/load_lora_adapter", body={"lora_name": "support", "lora_path": f"models:/{NAME}@candidate",
-                                                "canary_fraction": 0.25}, cast_to=httpx.Response)
+    r = client.post(
+        "/load_lora_adapter",
+        body={"lora_name": "support", "lora_path": f"models:/{NAME}@candidate", "canary_fraction": 0.25},
+        cast_to=httpx.Response,
+    )
     assert r.status_code == 200
-    assert _card(env, "support")["canary"] == {"registry_name": NAME, "version": env["v1"], "alias": "candidate",
-                                               "verified": True, "fraction": 0.25}
-    before = {v: _metric(env["server"].metrics(), "llama_train_adapter_requests_total", model="support", version=v)
-              for v in (env["v1"], env["v2"])}
+    assert _card(env, "support")["canary"] == {
+        "registry_name": NAME,
+        "version": env["v1"],
+        "alias": "candidate",
+        "verified": True,
+        "fraction": 0.25,
+    }
+    before = {
+        v: _metric(env["server"].metrics(), "llama_train_adapter_requests_total", model="support", version=v)
+        for v in (env["v1"], env["v2"])
+    }
     outputs = [_say(client, "support") for _ in range(200)]
     num_canary = outputs.count(env["out"]["A"])
     assert outputs.count(env["out"]["B"]) + num_canary == 200
     assert 0.25 - 0.1 < num_canary / 200 < 0.25 + 0.1  # ~3 standard deviations of 200 draws
     metrics = env["server"].metrics()
-    assert _metric(metrics, "llama_train_adapter_requests_total", model="support", version=env["v1"]) \
-        - before[env["v1"]] == num_canary
-    assert _metric(metrics, "llama_train_adapter_info", model="support", role="canary", version=env["v1"],
-                   registry_name=NAME) == 1
+    assert (
+        _metric(metrics, "llama_train_adapter_requests_total", model="support", version=env["v1"]) - before[env["v1"]]
+        == num_canary
+    )
+    assert (
+        _metric(
+            metrics, "llama_train_adapter_info", model="support", role="canary", version=env["v1"], registry_name=NAME
+        )
+        == 1
+    )
     r = client.post("/unload_lora_adapter", body={"lora_name": "support", "canary_only": True}, cast_to=httpx.Response)
     assert r.status_code == 200
     assert {_say(client, "support") for _ in range(20)} == {env["out"]["B"]}
@@ -280,9 +342,24 @@ def test_canary_serves_the_candidate_to_its_fraction_live(env):
 def _sync(env, *args, extra_env=None):
     import os
 
-    return subprocess.run([sys.executable, "-m", "llama_train.cli", "registry", "sync", f"models:/{NAME}@champion",
-                           "--tracking-uri", env["uri"], "--once", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(extra_env or {})})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_train.cli",
+            "registry",
+            "sync",
+            f"models:/{NAME}@champion",
+            "--tracking-uri",
+            env["uri"],
+            "--once",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(extra_env or {})},
+    )
 
 
 def test_registry_sync_sidecar_loads_the_champion_through_vllms_endpoint(env):
@@ -291,17 +368,35 @@ def test_registry_sync_sidecar_loads_the_champion_through_vllms_endpoint(env):
     champion = env["v2"]
     expected = env["out"]["B"]
     server = env["server"]
-    done = _sync(env, "--dir", str(env["tmp"] / "vllm-adapters"), "--lora-name", "synced",
-                 "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": server.api_key})
+    done = _sync(
+        env,
+        "--dir",
+        str(env["tmp"] / "vllm-adapters"),
+        "--lora-name",
+        "synced",
+        "--vllm-url",
+        server.base_url,
+        extra_env={"VLLM_API_KEY": server.api_key},
+    )
     assert done.returncode == 0, done.stderr
     assert (env["tmp"] / "vllm-adapters" / f"synced-v{champion}" / "adapter_model.safetensors").is_file()
     # a restarted vLLM loads --lora-modules synced=DIR/synced: the same version (from review)
     restart = env["tmp"] / "vllm-adapters" / "synced" / "adapter_model.safetensors"
-    assert restart.read_bytes() == (env["tmp"] / "vllm-adapters" / f"synced-v{champion}"
-                                    / "adapter_model.safetensors").read_bytes()
+    assert (
+        restart.read_bytes()
+        == (env["tmp"] / "vllm-adapters" / f"synced-v{champion}" / "adapter_model.safetensors").read_bytes()
+    )
     assert _say(env["client"], "synced") == expected
-    wrong_key = _sync(env, "--dir", str(env["tmp"] / "vllm2"), "--lora-name", "synced2",
-                      "--vllm-url", server.base_url, extra_env={"VLLM_API_KEY": "wrong"})
+    wrong_key = _sync(
+        env,
+        "--dir",
+        str(env["tmp"] / "vllm2"),
+        "--lora-name",
+        "synced2",
+        "--vllm-url",
+        server.base_url,
+        extra_env={"VLLM_API_KEY": "wrong"},
+    )
     assert wrong_key.returncode == 1 and "answered 401" in wrong_key.stderr
 
 
@@ -327,15 +422,28 @@ def test_canary_flag_at_start(env, tiny_model_dir):
 
     MlflowClient(env["uri"]).set_registered_model_alias(NAME, "candidate", env["v1"])
     assert get_alias_version(NAME, "champion", uri=env["uri"]) == env["v2"]
-    server = start_server(["--base", str(tiny_model_dir), "--served-model-name", "tiny-base",
-                           "--adapter", f"support=models:/{NAME}@champion",
-                           "--canary", f"support=models:/{NAME}@candidate:0.3", "--registry-poll-s", str(POLL_S)],
-                          env["tmp"], env={"MLFLOW_TRACKING_URI": env["uri"]})
+    server = start_server(
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            "tiny-base",
+            "--adapter",
+            f"support=models:/{NAME}@champion",
+            "--canary",
+            f"support=models:/{NAME}@candidate:0.3",
+            "--registry-poll-s",
+            str(POLL_S),
+        ],
+        env["tmp"],
+        env={"MLFLOW_TRACKING_URI": env["uri"]},
+    )
     try:
         client = server.client()
         deadline = time.monotonic() + 30
-        while "canary" not in (card := next(c for c in client.models.list().model_dump()["data"]
-                                            if c["id"] == "support")):
+        while "canary" not in (
+            card := next(c for c in client.models.list().model_dump()["data"] if c["id"] == "support")
+        ):
             assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.2)
         assert card["canary"]["version"] == env["v1"] and card["canary"]["fraction"] == 0.3

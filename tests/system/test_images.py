@@ -34,8 +34,15 @@ def test_images_share_the_base_stage_and_run_as_uid_1000(images):
     assert "8000/health" in " ".join(layers["server"].get("Healthcheck", {}).get("Test", []))
     out = podman("run", "--rm", images["trainer"], "--help", check=False)
     assert out.returncode == 0 and "run" in out.stdout, out.stdout + out.stderr
-    torch = podman("run", "--rm", "--entrypoint", "python", images["trainer"], "-c",
-                   "import torch; print(torch.__version__, torch.cuda.is_available())")
+    torch = podman(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "python",
+        images["trainer"],
+        "-c",
+        "import torch; print(torch.__version__, torch.cuda.is_available())",
+    )
     assert torch.stdout.split() == ["2.13.0+cpu", "False"]
 
 
@@ -46,22 +53,55 @@ def test_server_container_serves_the_quickstart_adapter_to_the_openai_client(ima
     containers.readable(quickstart_run / "adapter")
     port = containers.free_port()
     name = f"lt-serve-{port}"
-    podman("run", "-d", "--name", name, "--user", "1000:1000", "--read-only", "--read-only-tmpfs=false",
-           "--tmpfs", "/tmp:rw,mode=1777", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-           "-p", f"127.0.0.1:{port}:8000", "-e", f"LLAMA_TRAIN_API_KEY={API_KEY}", "-e", "HOME=/tmp",
-           "-v", f"{quickstart_run / 'base_model'}:/models/base:ro",
-           "-v", f"{quickstart_run / 'adapter'}:/models/adapters/quickstart:ro",
-           images["server"], "--base", "/models/base", "--served-model-name", "base",
-           "--adapter", "quickstart=/models/adapters/quickstart", "--host", "0.0.0.0", "--port", "8000")
+    podman(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--user",
+        "1000:1000",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--tmpfs",
+        "/tmp:rw,mode=1777",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "-p",
+        f"127.0.0.1:{port}:8000",
+        "-e",
+        f"LLAMA_TRAIN_API_KEY={API_KEY}",
+        "-e",
+        "HOME=/tmp",
+        "-v",
+        f"{quickstart_run / 'base_model'}:/models/base:ro",
+        "-v",
+        f"{quickstart_run / 'adapter'}:/models/adapters/quickstart:ro",
+        images["server"],
+        "--base",
+        "/models/base",
+        "--served-model-name",
+        "base",
+        "--adapter",
+        "quickstart=/models/adapters/quickstart",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    )
     try:
+
         def running() -> bool:
             return podman("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true"
 
-        containers.wait_ready(f"http://127.0.0.1:{port}/ready", alive=running,
-                              log=lambda: podman("logs", name, check=False).stderr)
+        containers.wait_ready(
+            f"http://127.0.0.1:{port}/ready", alive=running, log=lambda: podman("logs", name, check=False).stderr
+        )
         # the root filesystem really is read-only for the server's user
-        probe = podman("exec", name, "sh", "-c", "id -u; touch /home/llama/x 2>&1; touch /tmp/x && echo tmp-ok",
-                       check=False).stdout
+        probe = podman(
+            "exec", name, "sh", "-c", "id -u; touch /home/llama/x 2>&1; touch /tmp/x && echo tmp-ok", check=False
+        ).stdout
         assert probe.splitlines()[0] == "1000" and "Read-only file system" in probe and "tmp-ok" in probe, probe
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
@@ -80,19 +120,37 @@ def test_trainer_container_runs_a_small_recipe(images, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     work.chmod(0o777)  # written by UID 1000 in the container
-    spec = tiny_recipe(tmp_path, train={"max_steps": 3, "micro_batch_size": 4},
-                       checkpoint={"save_final": True}, output_dir="/work/run")
+    spec = tiny_recipe(
+        tmp_path, train={"max_steps": 3, "micro_batch_size": 4}, checkpoint={"save_final": True}, output_dir="/work/run"
+    )
     spec["tracking"] = {"enabled": True, "uri": "sqlite:////work/mlruns.db", "experiment": "container"}
     (work / "recipe.yaml").write_text(yaml.safe_dump(spec))
     t0 = time.monotonic()
-    proc = podman("run", "--rm", "--user", "1000:1000", "-e", "HOME=/tmp", "-e", "OMP_NUM_THREADS=2",
-                  "-v", f"{work}:/work", images["trainer"], "run", "/work/recipe.yaml", check=False, timeout=900)
+    proc = podman(
+        "run",
+        "--rm",
+        "--user",
+        "1000:1000",
+        "-e",
+        "HOME=/tmp",
+        "-e",
+        "OMP_NUM_THREADS=2",
+        "-v",
+        f"{work}:/work",
+        images["trainer"],
+        "run",
+        "/work/recipe.yaml",
+        check=False,
+        timeout=900,
+    )
     print(f"trainer container: {time.monotonic() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = json.loads((work / "run" / "run.json").read_text())
     assert run["status"] == "completed" and run["global_step"] == 3
     assert sorted(p.name for p in (work / "run" / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert os.stat(work / "run" / "run.json").st_uid == 1000  # written by the image's user, not root
     from mlflow import MlflowClient
 

@@ -78,11 +78,14 @@ class Cluster:
 
 
 def _render(tmp_path: Path, image: str, *, max_steps: int, every: int, save_final: bool = True):
-    spec = tiny_recipe(tmp_path, train={"max_steps": max_steps, "micro_batch_size": 4, "num_threads": 1},
-                       parallel={"strategy": "ddp", "backend": "gloo"},
-                       tracking={"enabled": True, "experiment": "pods"},
-                       checkpoint={"save_final": save_final, "every_n_steps": every},
-                       k8s={"image": image, "nodes": 2, "gpus_per_node": 0, "cpu": "1", "memory": "3Gi"})
+    spec = tiny_recipe(
+        tmp_path,
+        train={"max_steps": max_steps, "micro_batch_size": 4, "num_threads": 1},
+        parallel={"strategy": "ddp", "backend": "gloo"},
+        tracking={"enabled": True, "experiment": "pods"},
+        checkpoint={"save_final": save_final, "every_n_steps": every},
+        k8s={"image": image, "nodes": 2, "gpus_per_node": 0, "cpu": "1", "memory": "3Gi"},
+    )
     objects = render_manifests(recipe_from_dict(spec), kind="pytorchjob")
     configmap, job = objects[0], objects[-1]
     assert configmap["kind"] == "ConfigMap" and job["kind"] == "PyTorchJob"
@@ -102,8 +105,7 @@ def _pod(job: dict, rtype: str, *, master_ip: str, pvc: Path, scratch: Path, pvc
             vol["hostPath"] = {"path": str(pvc), "type": "Directory"}
         elif "emptyDir" in vol:
             vol.pop("emptyDir")
-            vol["hostPath"] = {"path": str(_host_dir(scratch / f"{rtype.lower()}-{vol['name']}")),
-                               "type": "Directory"}
+            vol["hostPath"] = {"path": str(_host_dir(scratch / f"{rtype.lower()}-{vol['name']}")), "type": "Directory"}
     operator = _operator_env(job, rtype, 0, PORT)
     operator.update(MASTER_ADDR=master_ip, PET_MASTER_ADDR=master_ip)
     for container in spec.get("initContainers", []) + spec["containers"]:
@@ -121,8 +123,12 @@ def _pod(job: dict, rtype: str, *, master_ip: str, pvc: Path, scratch: Path, pvc
                         mount["readOnly"] = True
         container["env"] = env
     name = f"{job['metadata']['name']}-{rtype.lower()}-0"
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": template["metadata"].get("labels", {})}, "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": template["metadata"].get("labels", {})},
+        "spec": spec,
+    }
 
 
 def _wait_exit(container: str, timeout: float = 900) -> int:
@@ -141,14 +147,22 @@ def cluster(tmp_path):
     c.close()
 
 
-def _start_job(cluster: Cluster, job: dict, configmap: dict, pvc: Path, *, worker_read_only: bool = False) -> dict[str, str]:
+def _start_job(
+    cluster: Cluster, job: dict, configmap: dict, pvc: Path, *, worker_read_only: bool = False
+) -> dict[str, str]:
     cm_path = cluster.tmp / "configmap.yaml"
     cm_path.write_text(yaml.safe_dump(configmap))
     master_ip, worker_ip = f"{cluster.subnet}.10", f"{cluster.subnet}.11"
     names = {}
     for rtype, ip in (("Master", master_ip), ("Worker", worker_ip)):
-        pod = _pod(job, rtype, master_ip=master_ip, pvc=pvc, scratch=cluster.tmp / "scratch",
-                   pvc_read_only=worker_read_only and rtype == "Worker")
+        pod = _pod(
+            job,
+            rtype,
+            master_ip=master_ip,
+            pvc=pvc,
+            scratch=cluster.tmp / "scratch",
+            pvc_read_only=worker_read_only and rtype == "Worker",
+        )
         cluster.play([pod], ip=ip, configmaps=[cm_path])
         names[rtype] = f"{pod['metadata']['name']}-pytorch"
     return names

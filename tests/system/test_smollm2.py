@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cli(*args, timeout=900):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "llama_train.cli", *args], capture_output=True, text=True,
-                       env=env, timeout=timeout, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     print(f"llama-train {args[0]}: {time.monotonic() - t0:.0f} s")
     return r
 
@@ -36,12 +42,22 @@ def test_smollm2_pull_train_export_gate_serve(smollm2_dir, tmp_path):
     assert Path(r.stdout.strip()) == Path(smollm2_dir)
 
     out = tmp_path / "run"
-    r = _cli("run", "recipes/smollm2.yaml", f"output_dir={out}", "train.max_steps=2", "train.warmup_steps=0",
-             "train.micro_batch_size=4", "data.builtin.num_train=16", "data.builtin.num_eval=4",
-             "data.eval.max_samples=4", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
-             # A 2-step adapter has not learned yet: this checks the mechanics (the full recipe's gate
-             # threshold is the default 0.05, see README); 24 tokens let the base's wordy answers end.
-             "gate.min_improvement_over_base=-1.0", "gate.max_new_tokens=24")
+    r = _cli(
+        "run",
+        "recipes/smollm2.yaml",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.warmup_steps=0",
+        "train.micro_batch_size=4",
+        "data.builtin.num_train=16",
+        "data.builtin.num_eval=4",
+        "data.eval.max_samples=4",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+        # A 2-step adapter has not learned yet: this checks the mechanics (the full recipe's gate
+        # threshold is the default 0.05, see README); 24 tokens let the base's wordy answers end.
+        "gate.min_improvement_over_base=-1.0",
+        "gate.max_new_tokens=24",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["base_model"] == str(smollm2_dir)

@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cli(*args, timeout=1800):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "llama_train.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +37,9 @@ def dpo_run(smollm2_dir, tmp_path_factory) -> Path:
         if json.loads((Path(given) / "run.json").read_text()).get("status") == "completed":
             return Path(given).resolve()
     root = tmp_path_factory.mktemp("smollm2_dpo")
-    r = _cli("run", "recipes/smollm2_dpo.yaml", f"output_dir={root / 'run'}",
-             f"tracking.uri=sqlite:///{root / 'mlruns.db'}")
+    r = _cli(
+        "run", "recipes/smollm2_dpo.yaml", f"output_dir={root / 'run'}", f"tracking.uri=sqlite:///{root / 'mlruns.db'}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run"
 

@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cli(*args, timeout=1800):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "llama_train.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +59,10 @@ def _randomized_copy(export: Path, dest: Path) -> None:
     shutil.copytree(export, dest)
     weights_file = dest / "adapter" / "adapter_model.safetensors"
     gen = torch.Generator().manual_seed(0)
-    weights = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * v.float().std().clamp_min(1e-3)
-               for k, v in load_file(weights_file).items()}
+    weights = {
+        k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * v.float().std().clamp_min(1e-3)
+        for k, v in load_file(weights_file).items()
+    }
     save_file(weights, weights_file, metadata={"format": "pt"})
     manifest = json.loads((dest / "manifest.json").read_text())
     rel = str(weights_file.relative_to(dest))

@@ -5,6 +5,7 @@ and one module owns the adapter directory's file names."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import llama_train.tracking as tracking
@@ -25,7 +26,9 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def test_the_order_is_the_documented_one_and_covers_every_module():
-    documented = [line.split()[0] for line in tracking.__doc__.splitlines()[1:] if line.startswith("  ")]
+    documented = [
+        m.group(1) for line in tracking.__doc__.splitlines()[1:] if (m := re.match(r"\s*(\w+)\s{2,}\S", line))
+    ]
     assert documented == ORDER
     assert sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__") == sorted(ORDER)
 
@@ -51,9 +54,12 @@ def test_no_module_imports_private_names_of_another():
 def test_only_the_adapter_module_spells_the_adapter_file_names():
     """The adapter directory's file set is known in one place (llama_train.adapter)."""
     root = PKG.parent
-    spelled = [str(p.relative_to(root)) for p in root.rglob("*.py")
-               if p.name != "adapter.py" and ('"adapter_model.safetensors"' in p.read_text()
-                                              or '"adapter_config.json"' in p.read_text())]
+    spelled = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if p.name != "adapter.py"
+        and ('"adapter_model.safetensors"' in p.read_text() or '"adapter_config.json"' in p.read_text())
+    ]
     assert spelled == []
 
 

@@ -88,8 +88,9 @@ def test_packed_logits_equal_each_document_alone(model, tiny_dir, tiny_tokenizer
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=use_cache).logits
         # One call per layer, over 3 + 2 documents and the padding of the shorter row.
         assert len(per_doc_calls) == model.config.num_hidden_layers and len(per_doc_calls[0]) == 7
-        ref = sdpa(input_ids=masked["input_ids"], attention_mask=masked["attention_mask"],
-                   position_ids=masked["position_ids"]).logits
+        ref = sdpa(
+            input_ids=masked["input_ids"], attention_mask=masked["attention_mask"], position_ids=masked["position_ids"]
+        ).logits
         ends = assert_packed_docs_match_alone(model, packed, docs, GROUPS, rtol=1e-5)
         for r, end in enumerate(ends):
             # Real tokens agree with the 4D-mask sdpa path (padding positions are never trained).
@@ -114,8 +115,13 @@ def _lora(tiny_dir, attn: str):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn)
     torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          task_type="CAUSAL_LM", init_lora_weights=False)  # B != 0: gradients reach A too
+    cfg = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )  # B != 0: gradients reach A too
     return peft.get_peft_model(base, cfg)
 
 
@@ -131,9 +137,13 @@ def test_lora_loss_and_grads_equal_unpacked(tiny_dir, tiny_tokenizer, per_doc_ca
     results = []
     for attn, batch in (("sdpa", unpacked), ("doc_sdpa", packed)):
         model = _lora(tiny_dir, attn)
-        loss_sum, n = causal_lm_loss(model, batch["input_ids"], batch["labels"],
-                                     attention_mask=batch.get("attention_mask"),
-                                     position_ids=batch.get("position_ids"))
+        loss_sum, n = causal_lm_loss(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+        )
         (loss_sum / n).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         results.append(((loss_sum / n).item(), n, grads))
@@ -179,8 +189,11 @@ def test_default_attention_is_the_per_document_path_and_saves_as_plain_sdpa(tmp_
     assert attention.resolve("sdpa") == "sdpa"
     model = load_base_model(recipe, str(tiny_dir))
     assert model.config._attn_implementation == attention.resolve("auto")
-    batch = collate(_packed(_docs(3), [[0, 1, 2]]), pad_id=0,
-                    attn_implementation=attention.resolve(recipe.model.attn_implementation))
+    batch = collate(
+        _packed(_docs(3), [[0, 1, 2]]),
+        pad_id=0,
+        attn_implementation=attention.resolve(recipe.model.attn_implementation),
+    )
     assert "attention_mask" not in batch and "position_ids" in batch
     model.save_pretrained(tmp_path / "saved")
     assert "doc_" not in (tmp_path / "saved" / "config.json").read_text()

@@ -31,7 +31,7 @@ def test_assistant_turns_and_eot_are_the_only_labels(tiny_tokenizer):
     pieces = _pieces(tiny_tokenizer, ids)
     # The assistant header and everything the user/system said carry no loss.
     first_answer = pieces.index("5")
-    header = pieces[: first_answer]
+    header = pieces[:first_answer]
     assert header[-3:] == ["<|end_header_id|>", "\n", "\n"]
     start = len(header) - 1 - header[::-1].index("<|start_header_id|>")
     assert "".join(header[start + 1 : -3]) == "assistant"
@@ -63,8 +63,10 @@ def test_exact_positions_on_short_example(tiny_tokenizer):
 
 def test_non_prefix_stable_template_is_reported(tiny_tokenizer):
     # A template that renders the last message differently from earlier ones breaks prefix search.
-    tpl = ("{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m['role'] }}: {{ m['content'] }}\n"
-           "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tpl = (
+        "{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(DataError, match="chat template"):
         tokenize_messages(CONV[1:3], tiny_tokenizer, chat_template=tpl)
 
@@ -74,30 +76,65 @@ def test_non_prefix_stable_template_is_reported(tiny_tokenizer):
 # the "\n" after it is layout and is not.
 def test_chatml_labels_spelled_out(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    conv = [{"role": "user", "content": "Sort: 21"}, {"role": "assistant", "content": "12"},
-            {"role": "user", "content": "Add: 1 + 1"}, {"role": "assistant", "content": "2"}]
+    conv = [
+        {"role": "user", "content": "Sort: 21"},
+        {"role": "assistant", "content": "12"},
+        {"role": "user", "content": "Add: 1 + 1"},
+        {"role": "assistant", "content": "2"},
+    ]
     out = tokenize_messages(conv, tok)
-    masked = [(p, "-100" if l == IGNORE_INDEX else tok.decode([l]))
-              for p, l in zip(_pieces(tok, out["input_ids"]), out["labels"])]
+    masked = [
+        (p, "-100" if l == IGNORE_INDEX else tok.decode([l]))
+        for p, l in zip(_pieces(tok, out["input_ids"]), out["labels"])
+    ]
     x = "-100"
     # No system message: SmolLM2's template adds its default system prompt.
-    system = ["<|im_start|>", "system", "\n", "You", " are", " a", " helpful", " AI", " assistant", " named",
-              " Sm", "ol", "LM", ",", " trained", " by", " H", "ugging", " Face", "<|im_end|>", "\n"]
+    system = [
+        "<|im_start|>",
+        "system",
+        "\n",
+        "You",
+        " are",
+        " a",
+        " helpful",
+        " AI",
+        " assistant",
+        " named",
+        " Sm",
+        "ol",
+        "LM",
+        ",",
+        " trained",
+        " by",
+        " H",
+        "ugging",
+        " Face",
+        "<|im_end|>",
+        "\n",
+    ]
     header = ["<|im_start|>", "ass", "istant", "\n"]
     assert masked == [
         *[(p, x) for p in system],
         *[(p, x) for p in ["<|im_start|>", "user", "\n", "Sort", ":", " ", "2", "1", "<|im_end|>", "\n"]],
         *[(p, x) for p in header],
-        ("1", "1"), ("2", "2"), ("<|im_end|>", "<|im_end|>"), ("\n", x),  # the "\n" after <|im_end|>: no loss
+        ("1", "1"),
+        ("2", "2"),
+        ("<|im_end|>", "<|im_end|>"),
+        ("\n", x),  # the "\n" after <|im_end|>: no loss
         *[(p, x) for p in ["<|im_start|>", "user", "\n", "Add", ":", " ", "1", " +", " ", "1", "<|im_end|>", "\n"]],
         *[(p, x) for p in header],
-        ("2", "2"), ("<|im_end|>", "<|im_end|>"), ("\n", x),
+        ("2", "2"),
+        ("<|im_end|>", "<|im_end|>"),
+        ("\n", x),
     ]
 
 
 def test_chatml_last_assistant_ends_at_im_end(smollm2_tokenizer):
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello there"}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+    ]
     out = tokenize_messages(conv, smollm2_tokenizer, train_on="last_assistant")
     trained = [smollm2_tokenizer.decode([i]) for i, l in zip(out["input_ids"], out["labels"]) if l != IGNORE_INDEX]
     assert "".join(trained) == "Hello there<|im_end|>"

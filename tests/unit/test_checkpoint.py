@@ -33,8 +33,16 @@ class FakeStrategy:
 def _save(root: Path, step: int, strategy=None, keep: int = 2, fault=None) -> Path:
     strategy = strategy or FakeStrategy()
     sched = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lambda s: 1.0 / (s + 1))
-    return ckpt.save_checkpoint(root, step, strategy=strategy, scheduler=sched, state={"step": step, "world_size": 1},
-                                recipe_yaml="x: 1\n", keep_last_k=keep, fault=fault)
+    return ckpt.save_checkpoint(
+        root,
+        step,
+        strategy=strategy,
+        scheduler=sched,
+        state={"step": step, "world_size": 1},
+        recipe_yaml="x: 1\n",
+        keep_last_k=keep,
+        fault=fault,
+    )
 
 
 def test_commit_marker_and_retention(tmp_path):
@@ -43,7 +51,13 @@ def test_commit_marker_and_retention(tmp_path):
         assert (final / ckpt.MARKER).exists() and not (tmp_path / f"step_{step}.tmp").exists()
     assert [d.name for d in ckpt.complete_checkpoints(tmp_path)] == ["step_2", "step_3"]
     assert sorted(p.name for p in (tmp_path / "step_3").iterdir()) == [
-        "COMPLETE", "recipe.yaml", "rng_rank0.pt", "scheduler.pt", "state.json", "weights.pt"]
+        "COMPLETE",
+        "recipe.yaml",
+        "rng_rank0.pt",
+        "scheduler.pt",
+        "state.json",
+        "weights.pt",
+    ]
 
 
 def test_uncommitted_directories_are_never_loaded_and_cleaned(tmp_path):
@@ -56,6 +70,7 @@ def test_uncommitted_directories_are_never_loaded_and_cleaned(tmp_path):
         def hook(p, step):
             if p == phase:
                 raise Crash
+
         return hook
 
     for step, phase in ((4, "weights_written"), (5, "files_synced"), (6, "renamed")):
@@ -86,8 +101,15 @@ def test_load_restores_lr_and_refuses_world_size_change_without_resharding(tmp_p
     for _ in range(3):
         s.optimizer.step()
         sched.step()
-    path = ckpt.save_checkpoint(tmp_path, 3, strategy=s, scheduler=sched, state={"step": 3, "world_size": 2,
-                                "strategy": "deepspeed"}, recipe_yaml="", keep_last_k=1)
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        3,
+        strategy=s,
+        scheduler=sched,
+        state={"step": 3, "world_size": 2, "strategy": "deepspeed"},
+        recipe_yaml="",
+        keep_last_k=1,
+    )
     fresh = FakeStrategy()
     fresh.name = "deepspeed"
     fresh.resharding_allowed = False
@@ -115,9 +137,13 @@ def test_changed_recipe_is_refused_with_a_diff(tmp_path, tiny_dir):
     from llama_train.trainer import train
     from tests.conftest import tiny_recipe
 
-    base = tiny_recipe(tmp_path, tiny_dir, data={"builtin": {"num_train": 16, "num_eval": 1}, "seq_len": 48,
-                                                 "eval": {"max_new_tokens": 1}},
-                       train={"max_steps": 1, "micro_batch_size": 4}, checkpoint={"save_final": True})
+    base = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        data={"builtin": {"num_train": 16, "num_eval": 1}, "seq_len": 48, "eval": {"max_new_tokens": 1}},
+        train={"max_steps": 1, "micro_batch_size": 4},
+        checkpoint={"save_final": True},
+    )
     train(recipe_from_dict(base))
     changed = json.loads(json.dumps(base))
     changed["train"]["lr"] = 5e-4
@@ -136,10 +162,19 @@ def test_another_attention_kernel_is_not_a_recipe_change(tmp_path, tiny_dir, cap
     from llama_train.trainer import train
     from tests.conftest import tiny_recipe
 
-    base = tiny_recipe(tmp_path, tiny_dir, model={"attn_implementation": "sdpa"},
-                       data={"builtin": {"num_train": 16, "num_eval": 1}, "seq_len": 48, "packing": True,
-                             "eval": {"max_new_tokens": 1}},
-                       train={"max_steps": 1, "micro_batch_size": 1}, checkpoint={"save_final": True})
+    base = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        model={"attn_implementation": "sdpa"},
+        data={
+            "builtin": {"num_train": 16, "num_eval": 1},
+            "seq_len": 48,
+            "packing": True,
+            "eval": {"max_new_tokens": 1},
+        },
+        train={"max_steps": 1, "micro_batch_size": 1},
+        checkpoint={"save_final": True},
+    )
     train(recipe_from_dict(base))
     later = json.loads(json.dumps(base))
     del later["model"]["attn_implementation"]
@@ -205,13 +240,18 @@ def test_reruns_resume_never_mix_runs_and_name_damage(tmp_path, tiny_dir):
     from tests.conftest import tiny_recipe
 
     data = tmp_path / "train.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Sort: {n}"}, {"role": "assistant", "content": str(n)}]}
-            for n in range(100, 116)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Sort: {n}"}, {"role": "assistant", "content": str(n)}]}
+        for n in range(100, 116)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = tiny_recipe(tmp_path, tiny_dir, data={"sources": [{"path": str(data), "format": "messages"}],
-                                                 "seq_len": 48, "cache": False},
-                       train={"max_steps": 2, "micro_batch_size": 4},
-                       checkpoint={"save_final": True, "every_n_steps": 1, "keep_last_k": 2})
+    base = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        data={"sources": [{"path": str(data), "format": "messages"}], "seq_len": 48, "cache": False},
+        train={"max_steps": 2, "micro_batch_size": 4},
+        checkpoint={"save_final": True, "every_n_steps": 1, "keep_last_k": 2},
+    )
     out = Path(base["output_dir"])
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "metrics": {"train/loss": 9.0}}\n')  # a dead attempt's

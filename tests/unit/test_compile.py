@@ -15,13 +15,17 @@ from llama_train.trainer import train
 
 from ..conftest import tiny_recipe
 
-needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                               reason="torch.compile on CPU (inductor) needs a C++ compiler")
+pytestmark = pytest.mark.slow  # inductor compiles (a minute): after the fast tier in .ci/run
+
+needs_cxx = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU (inductor) needs a C++ compiler"
+)
 
 
 def _run(tmp_path, tiny_dir, *, compiled: bool):
     recipe = tiny_recipe(
-        tmp_path / ("compiled" if compiled else "eager"), tiny_dir,
+        tmp_path / ("compiled" if compiled else "eager"),
+        tiny_dir,
         model={"attn_implementation": "doc_sdpa"},  # packed rows, per-document attention (eager inside)
         data={"packing": True, "seq_len": 128, "builtin": {"num_train": 48, "num_eval": 2}},
         lora={"dropout": 0.0},
@@ -52,8 +56,7 @@ def test_compiled_layers_train_like_eager(tmp_path, tiny_dir, capsys):
 
 def test_compile_refused_with_deepspeed(tmp_path, tiny_dir):
     with pytest.raises(RecipeError, match="train.compile"):
-        recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, train={"compile": True},
-                                     parallel={"strategy": "deepspeed"}))
+        recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, train={"compile": True}, parallel={"strategy": "deepspeed"}))
 
 
 _KERNEL_SCRIPT = """
@@ -89,8 +92,9 @@ def test_cpu_kernel_families_do_not_share_inductor_kernels(tmp_path):
     env["TMPDIR"] = str(tmp_path)  # inductor's default cache lives under the temp dir
     for mode, capability in (("plain", "avx2"), ("isolate", "default"), ("isolate", None)):
         run_env = {**env, "ATEN_CPU_CAPABILITY": capability} if capability else env
-        proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT, mode], capture_output=True, text=True,
-                              env=run_env, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", _KERNEL_SCRIPT, mode], capture_output=True, text=True, env=run_env, timeout=600
+        )
         assert proc.returncode == 0 and "kernel ok" in proc.stdout, (mode, capability, proc.stderr[-2000:])
     host = torch.backends.cpu.get_cpu_capability().lower()
     assert {p.name for p in tmp_path.glob("torchinductor_*/aten_cpu_*")} == {"aten_cpu_default", f"aten_cpu_{host}"}

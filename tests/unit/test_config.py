@@ -77,8 +77,16 @@ def test_qlora_without_cuda_is_a_preflight_error():
 def test_overrides_are_typed_and_dotted(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  max_steps: 3\n")
-    r = load_recipe(p, ["train.lr=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]",
-                        "data.packing=true", "output_dir=/tmp/x"])
+    r = load_recipe(
+        p,
+        [
+            "train.lr=1e-4",
+            "lora.r=32",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.packing=true",
+            "output_dir=/tmp/x",
+        ],
+    )
     assert r.train.lr == pytest.approx(1e-4) and r.lora.r == 32
     assert r.lora.target_modules == ["q_proj", "v_proj"] and r.data.packing is True
     assert r.output_dir == "/tmp/x"
@@ -105,6 +113,7 @@ def test_schema_describes_every_field():
         for name, prop in node.get("properties", {}).items():
             if "description" not in prop:
                 missing.append(f"{path}{name}")
+
     walk(schema, "")
     for name, d in schema.get("$defs", {}).items():
         walk(d, f"{name}.")
@@ -127,8 +136,9 @@ def test_recipes_exist():
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "llama_train.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_bad_path_and_malformed_yaml_exit_codes(tmp_path):
@@ -163,8 +173,10 @@ def test_yaml_pitfalls_are_named(tmp_path):
     with pytest.raises(RecipeError, match=r"line 2.*duplicate key 'train' \(also at line 1\)"):
         load_recipe(dup)
     merged = tmp_path / "merge.yaml"  # YAML merge keys are not duplicates
-    merged.write_text("train: {max_steps: 1}\ndata:\n  sources:\n    - &a {path: a.jsonl, format: messages}\n"
-                      "    - {<<: *a, path: b.jsonl}\n")
+    merged.write_text(
+        "train: {max_steps: 1}\ndata:\n  sources:\n    - &a {path: a.jsonl, format: messages}\n"
+        "    - {<<: *a, path: b.jsonl}\n"
+    )
     assert [s.path for s in load_recipe(merged).data.sources] == ["a.jsonl", "b.jsonl"]
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     with pytest.raises(RecipeError, match="is empty"):
@@ -174,12 +186,17 @@ def test_yaml_pitfalls_are_named(tmp_path):
         load_recipe(tmp_path / "latin1.yaml")
     qs = ROOT / "recipes" / "quickstart.yaml"
     with pytest.raises(RecipeError) as err:
-        load_recipe(qs, ["train.lr=inf", "train.loss_scale_init=.nan", "train.betas=[1.5, 0.9]",
-                         "tracking.experiment=yes"])
+        load_recipe(
+            qs, ["train.lr=inf", "train.loss_scale_init=.nan", "train.betas=[1.5, 0.9]", "tracking.experiment=yes"]
+        )
     msg = str(err.value)
-    assert "train.lr: Input should be a finite number" in msg and "train.loss_scale_init: Input should be a finite" in msg
+    assert (
+        "train.lr: Input should be a finite number" in msg and "train.loss_scale_init: Input should be a finite" in msg
+    )
     assert "train.betas.0: Input should be less than 1" in msg
-    assert 'tracking.experiment: Input should be a valid string (got True); YAML read the value as bool: quote it' in msg
+    assert (
+        "tracking.experiment: Input should be a valid string (got True); YAML read the value as bool: quote it" in msg
+    )
     assert load_recipe(qs, ["tracking.run_name=2024-01-01"]).tracking.run_name == "2024-01-01"
     with pytest.raises(RecipeError, match=r"override '=4': the key '' is not a dotted recipe key"):
         load_recipe(qs, ["=4"])
@@ -219,8 +236,12 @@ def test_run_rejects_bad_launch_flags_before_torchrun(capsys):
     from llama_train.launch import launch
 
     quick = str(ROOT / "recipes" / "quickstart.yaml")
-    for kw, flag in [({"nproc_per_node": 0}, "--nproc-per-node 0"), ({"nnodes": -1}, "--nnodes -1"),
-                     ({"nnodes": 2, "node_rank": 2}, "--node-rank 2"), ({"master_port": 70000}, "--master-port")]:
+    for kw, flag in [
+        ({"nproc_per_node": 0}, "--nproc-per-node 0"),
+        ({"nnodes": -1}, "--nnodes -1"),
+        ({"nnodes": 2, "node_rank": 2}, "--node-rank 2"),
+        ({"master_port": 70000}, "--master-port"),
+    ]:
         assert launch(quick, [], **kw) == 2, kw
         assert flag in capsys.readouterr().err
     # A worker node whose master never comes up fails with the address (torchrun would wait 10 minutes).
@@ -228,7 +249,9 @@ def test_run_rejects_bad_launch_flags_before_torchrun(capsys):
 
     port = free_port()
     code = launch(quick, ["parallel.strategy=ddp", "parallel.timeout_s=10"], nnodes=2, node_rank=1, master_port=port)
-    assert code == 130 and f"node rank 1 cannot reach the master at 127.0.0.1:{port} after 10 s" in capsys.readouterr().err
+    assert (
+        code == 130 and f"node rank 1 cannot reach the master at 127.0.0.1:{port} after 10 s" in capsys.readouterr().err
+    )
 
 
 def test_recipe_schema_output_path_errors(tmp_path):

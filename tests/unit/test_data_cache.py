@@ -17,8 +17,13 @@ from ..conftest import tiny_recipe
 
 
 def _rows(n=12):
-    return [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Add: {i} + 1"},
-                                         {"role": "assistant", "content": str(i + 1)}]} for i in range(n)]
+    return [
+        {
+            "id": f"r{i}",
+            "messages": [{"role": "user", "content": f"Add: {i} + 1"}, {"role": "assistant", "content": str(i + 1)}],
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -44,9 +49,14 @@ def test_hit_then_miss_after_any_input_change(setup, tiny_tokenizer):
     assert cache_key(recipe(max_dropped_fraction=0.5, num_proc=2, shuffle=False), tiny_tokenizer) == info["key"]
     keys = {info["key"]}
     variants = [
-        recipe(seq_len=128), recipe(packing=True), recipe(train_on="all"), recipe(overlength="truncate"),
-        recipe(sources=[{"path": str(path), "columns": {"messages": "messages"}}]), recipe(dedup=False),
-        recipe(chat_template=CHAT_TEMPLATE.replace("\\n\\n", "\\n")), recipe(eval={"fraction": 0.1}),
+        recipe(seq_len=128),
+        recipe(packing=True),
+        recipe(train_on="all"),
+        recipe(overlength="truncate"),
+        recipe(sources=[{"path": str(path), "columns": {"messages": "messages"}}]),
+        recipe(dedup=False),
+        recipe(chat_template=CHAT_TEMPLATE.replace("\\n\\n", "\\n")),
+        recipe(eval={"fraction": 0.1}),
     ]
     for r in variants:
         key = cache_key(r, tiny_tokenizer)

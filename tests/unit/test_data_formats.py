@@ -25,15 +25,25 @@ def _run(tok, row, fmt, train_on="assistant"):
 
 def test_completion_labels(tiny_tokenizer):
     pieces, masked = _run(tiny_tokenizer, {"prompt": "Sort: 21", "completion": "12"}, "completion")
-    assert pieces == (["<|begin_of_text|>"] + USER_HEADER + ["Sort", ":", " ", "2", "1", "<|eot_id|>"]
-                      + ASSISTANT_HEADER + ["1", "2", "<|eot_id|>"])
+    assert pieces == (
+        ["<|begin_of_text|>"]
+        + USER_HEADER
+        + ["Sort", ":", " ", "2", "1", "<|eot_id|>"]
+        + ASSISTANT_HEADER
+        + ["1", "2", "<|eot_id|>"]
+    )
     assert masked == [M] * 19 + ["1", "2", "<|eot_id|>"]
 
 
 def test_alpaca_labels_join_instruction_and_input(tiny_tokenizer):
     pieces, masked = _run(tiny_tokenizer, {"instruction": "Add", "input": "2 + 3", "output": "5"}, "alpaca")
-    assert pieces == (["<|begin_of_text|>"] + USER_HEADER + ["Add", "\n", "\n", "2", " +", " ", "3", "<|eot_id|>"]
-                      + ASSISTANT_HEADER + ["5", "<|eot_id|>"])
+    assert pieces == (
+        ["<|begin_of_text|>"]
+        + USER_HEADER
+        + ["Add", "\n", "\n", "2", " +", " ", "3", "<|eot_id|>"]
+        + ASSISTANT_HEADER
+        + ["5", "<|eot_id|>"]
+    )
     assert masked == [M] * 21 + ["5", "<|eot_id|>"]
     # `input` is optional
     pieces, masked = _run(tiny_tokenizer, {"instruction": "Add", "output": "5"}, "alpaca")
@@ -43,22 +53,28 @@ def test_alpaca_labels_join_instruction_and_input(tiny_tokenizer):
 def test_sharegpt_labels_equal_completion_labels(tiny_tokenizer):
     row = {"conversations": [{"from": "human", "value": "Sort: 21"}, {"from": "gpt", "value": "12"}]}
     assert _run(tiny_tokenizer, row, "sharegpt") == _run(
-        tiny_tokenizer, {"prompt": "Sort: 21", "completion": "12"}, "completion")
+        tiny_tokenizer, {"prompt": "Sort: 21", "completion": "12"}, "completion"
+    )
 
 
-CONV = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Add: 2 + 3"},
-    {"role": "assistant", "content": "5"},
-    {"role": "user", "content": "Sort: 31"},
-    {"role": "assistant", "content": "13"},
-]}
+CONV = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add: 2 + 3"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "Sort: 31"},
+        {"role": "assistant", "content": "13"},
+    ]
+}
 
 
-@pytest.mark.parametrize("train_on, trained", [
-    ("assistant", [(37, "5"), (38, "<|eot_id|>"), (57, "1"), (58, "3"), (59, "<|eot_id|>")]),
-    ("last_assistant", [(57, "1"), (58, "3"), (59, "<|eot_id|>")]),
-])
+@pytest.mark.parametrize(
+    "train_on, trained",
+    [
+        ("assistant", [(37, "5"), (38, "<|eot_id|>"), (57, "1"), (58, "3"), (59, "<|eot_id|>")]),
+        ("last_assistant", [(57, "1"), (58, "3"), (59, "<|eot_id|>")]),
+    ],
+)
 def test_multi_turn_messages_with_system(tiny_tokenizer, train_on, trained):
     pieces, masked = _run(tiny_tokenizer, CONV, "messages", train_on)
     assert len(pieces) == 60
@@ -75,22 +91,28 @@ def test_train_on_all_and_text(tiny_tokenizer):
     assert pieces == masked == ["t", "he", " lazy", " dog", "<|eot_id|>"]
 
 
-@pytest.mark.parametrize("row, fmt, category", [
-    ({"id": 1}, "messages", "missing_field"),
-    ({"messages": "hi"}, "messages", "wrong_type"),
-    ({"messages": []}, "messages", "missing_field"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages", "wrong_type"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "wrong_type"),
-    ({"messages": [{"role": "user"}]}, "messages", "missing_field"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "messages",
-     "empty_response"),
-    ({"instruction": "x"}, "alpaca", "missing_field"),
-    ({"instruction": "x", "output": ""}, "alpaca", "empty_response"),
-    ({"prompt": "x", "completion": 5}, "completion", "wrong_type"),
-    ({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt", "wrong_type"),
-    ({"text": ""}, "text", "empty_response"),
-    ([1, 2], "text", "wrong_type"),
-])
+@pytest.mark.parametrize(
+    "row, fmt, category",
+    [
+        ({"id": 1}, "messages", "missing_field"),
+        ({"messages": "hi"}, "messages", "wrong_type"),
+        ({"messages": []}, "messages", "missing_field"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages", "wrong_type"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages", "wrong_type"),
+        ({"messages": [{"role": "user"}]}, "messages", "missing_field"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+            "messages",
+            "empty_response",
+        ),
+        ({"instruction": "x"}, "alpaca", "missing_field"),
+        ({"instruction": "x", "output": ""}, "alpaca", "empty_response"),
+        ({"prompt": "x", "completion": 5}, "completion", "wrong_type"),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt", "wrong_type"),
+        ({"text": ""}, "text", "empty_response"),
+        ([1, 2], "text", "wrong_type"),
+    ],
+)
 def test_bad_rows_are_categorized(row, fmt, category):
     with pytest.raises(RowError) as exc:
         normalize(row, fmt)

@@ -8,8 +8,10 @@ from llama_train.data.loader import StepLoader, as_filler, collate, is_filler, s
 
 
 def _loaders(n, world, **kw):
-    return [StepLoader(n, micro_batch_size=2, grad_accum_steps=2, world_size=world, rank=r, seed=7, **kw)
-            for r in range(world)]
+    return [
+        StepLoader(n, micro_batch_size=2, grad_accum_steps=2, world_size=world, rank=r, seed=7, **kw)
+        for r in range(world)
+    ]
 
 
 def test_rank_shards_are_disjoint_and_cover_each_epoch():
@@ -121,7 +123,7 @@ def test_group_by_length_sorts_windows_and_puts_the_longest_batch_first():
     out = group_by_length(order, lengths, group)
     assert sorted(out) == list(range(n))
     assert out[0] == order[700]
-    batches = [[int(lengths[i]) for i in out[b:b + group]] for b in range(0, n, group)]
+    batches = [[int(lengths[i]) for i in out[b : b + group]] for b in range(0, n, group)]
     # the first batch of window 1 moved to the front; the first batch of window 0 took its place
     assert batches[0] == sorted(batches[0], reverse=True) and min(batches[0]) >= max(batches[51])
     assert batches[50] == sorted(batches[50], reverse=True) and min(batches[50]) >= max(batches[1])
@@ -137,8 +139,9 @@ def test_group_by_length_pads_less_and_keeps_the_rank_contract():
     n = 1000
     lengths = _lognormal_lengths(n)
     two = _loaders(n, 2, lengths=lengths, group_by_length=True)  # global batch 8
-    one = StepLoader(n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7,
-                     lengths=lengths, group_by_length=True)
+    one = StepLoader(
+        n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7, lengths=lengths, group_by_length=True
+    )
     plain = StepLoader(n, micro_batch_size=2, grad_accum_steps=2, world_size=2, rank=0, seed=7)
     order, rank0_steps, plain_steps = [], [], []
     for _ in range(n // 8):  # one epoch, no fillers
@@ -190,8 +193,9 @@ def test_grouped_epoch_finishes_in_its_order_on_another_world_size_or_setting():
 def test_grouped_fillers_are_the_shortest_rows():
     n = 1001  # global batch 8: the epoch's last step has 1 real row and 7 fillers
     lengths = _lognormal_lengths(n)
-    ld = StepLoader(n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7,
-                    lengths=lengths, group_by_length=True)
+    ld = StepLoader(
+        n, micro_batch_size=4, grad_accum_steps=2, world_size=1, rank=0, seed=7, lengths=lengths, group_by_length=True
+    )
     for _ in range(125):
         ld.next_step()
     last = [i for mb in ld.next_step() for i in mb]
@@ -224,9 +228,12 @@ def test_trainer_groups_unpacked_rows_and_the_report_predicts_its_padding(tmp_pa
     from tests.conftest import tiny_recipe
 
     monkeypatch.setenv("LLAMA_TRAIN_LEDGER", "1")
-    raw = tiny_recipe(tmp_path, tiny_dir, data={"packing": False, "group_by_length": True,
-                                                "builtin": {"num_train": 200, "num_eval": 4}},
-                      train={"max_steps": None, "epochs": 1, "micro_batch_size": 4})
+    raw = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        data={"packing": False, "group_by_length": True, "builtin": {"num_train": 200, "num_eval": 4}},
+        train={"max_steps": None, "epochs": 1, "micro_batch_size": 4},
+    )
     recipe = recipe_from_dict(raw)
     train(recipe)
     ledger = [json.loads(x) for x in (tmp_path / "run" / "ledger" / "rank0.jsonl").read_text().splitlines()]

@@ -36,15 +36,21 @@ def test_packing_efficiency_on_lognormal_lengths():
 
 
 def _docs(tok, n, seed=5):
-    return [dict(tokenize_messages(e["messages"], tok), id=e["id"])
-            for e in generate_examples(num_examples=n, seed=seed)]
+    return [
+        dict(tokenize_messages(e["messages"], tok), id=e["id"]) for e in generate_examples(num_examples=n, seed=seed)
+    ]
 
 
 def _packed_rows(docs, groups):
     import pyarrow as pa
 
-    table = pa.table({"input_ids": [d["input_ids"] for d in docs], "labels": [d["labels"] for d in docs],
-                      "id": [d["id"] for d in docs]})
+    table = pa.table(
+        {
+            "input_ids": [d["input_ids"] for d in docs],
+            "labels": [d["labels"] for d in docs],
+            "id": [d["id"] for d in docs],
+        }
+    )
     return pack_table(table, groups).to_pylist()
 
 
@@ -92,8 +98,9 @@ def test_packed_logits_equal_each_document_alone(tiny_dir, tiny_tokenizer, docs,
     batch = collate(rows, pad_id=tiny_tokenizer.pad_token_id, attn_implementation=attn)
     with torch.no_grad():
         # The default use_cache=True is the case where position ids alone leak across documents.
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        packed = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
         assert_packed_docs_match_alone(model, packed, docs, [[0, 1, 2], [3, 4]], rtol=1e-4)
 
 
@@ -109,9 +116,15 @@ def test_packed_loss_equals_unpacked_loss(tiny_dir, tiny_tokenizer, docs, attn):
     packed = collate(_packed_rows(docs, [[0, 1, 2], [3, 4, 5]]), pad_id=pad, attn_implementation=attn)
     assert num_supervised(packed) == num_supervised(unpacked)
     with torch.no_grad():
-        a_sum, a_n = causal_lm_loss(model, unpacked["input_ids"], unpacked["labels"],
-                                    attention_mask=unpacked["attention_mask"])
-        b_sum, b_n = causal_lm_loss(model, packed["input_ids"], packed["labels"],
-                                    attention_mask=packed["attention_mask"], position_ids=packed["position_ids"])
+        a_sum, a_n = causal_lm_loss(
+            model, unpacked["input_ids"], unpacked["labels"], attention_mask=unpacked["attention_mask"]
+        )
+        b_sum, b_n = causal_lm_loss(
+            model,
+            packed["input_ids"],
+            packed["labels"],
+            attention_mask=packed["attention_mask"],
+            position_ids=packed["position_ids"],
+        )
     assert a_n == b_n
     torch.testing.assert_close(b_sum / b_n, a_sum / a_n, rtol=1e-5, atol=1e-6)

@@ -23,18 +23,26 @@ def _msg(q, a):
 GOOD = [dict(_msg(f"Sort: {n}", "".join(sorted(str(n)))), id=f"good-{n}") for n in range(310, 326)]
 LONG = _msg("Reverse: " + " ".join("abcdefgh" * 8), "x")
 BAD_LINES = [
-    '{"messages": [',                                          # invalid_json
-    json.dumps({"id": "no-messages"}),                          # missing_field
-    json.dumps({"messages": "hello"}),                         # wrong_type
-    json.dumps(_msg("Add: 1 + 1", 2)),                         # wrong_type (content not a string)
-    json.dumps(_msg("Add: 1 + 2", "   ")),                     # empty_response
+    '{"messages": [',  # invalid_json
+    json.dumps({"id": "no-messages"}),  # missing_field
+    json.dumps({"messages": "hello"}),  # wrong_type
+    json.dumps(_msg("Add: 1 + 1", 2)),  # wrong_type (content not a string)
+    json.dumps(_msg("Add: 1 + 2", "   ")),  # empty_response
     json.dumps({k: v for k, v in GOOD[0].items() if k != "id"}),  # duplicate of GOOD[0]
-    json.dumps(LONG),                                          # overlength (seq_len 64)
+    json.dumps(LONG),  # overlength (seq_len 64)
     json.dumps({"messages": [{"role": "user", "content": "Add: 4 + 4"}]}),  # no_supervised
 ]
-EXPECTED = {"invalid_json": 1, "missing_field": 1, "wrong_type": 2, "empty_response": 1, "malformed_tool_call": 0,
-            "duplicate": 1,
-            "template": 0, "overlength": 1, "no_supervised": 1}
+EXPECTED = {
+    "invalid_json": 1,
+    "missing_field": 1,
+    "wrong_type": 2,
+    "empty_response": 1,
+    "malformed_tool_call": 0,
+    "duplicate": 1,
+    "template": 0,
+    "overlength": 1,
+    "no_supervised": 1,
+}
 
 
 @pytest.fixture
@@ -46,8 +54,11 @@ def bad_file(tmp_path):
 
 
 def _recipe(tmp_path, tiny_dir, path, **data):
-    return recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, data={
-        "sources": [{"path": str(path), "format": "messages"}], "seq_len": 64, **data}))
+    return recipe_from_dict(
+        tiny_recipe(
+            tmp_path, tiny_dir, data={"sources": [{"path": str(path), "format": "messages"}], "seq_len": 64, **data}
+        )
+    )
 
 
 def test_exact_counts_per_category(tmp_path, tiny_dir, tiny_tokenizer, bad_file):
@@ -78,8 +89,9 @@ def test_threshold_fails_training_and_check_exits_3(tmp_path, tiny_dir, tiny_tok
 
 
 def test_overlength_policies(tmp_path, tiny_dir, tiny_tokenizer, bad_file):
-    _, report = check_data(_recipe(tmp_path, tiny_dir, bad_file, overlength="truncate", max_dropped_fraction=1.0),
-                           tiny_tokenizer)
+    _, report = check_data(
+        _recipe(tmp_path, tiny_dir, bad_file, overlength="truncate", max_dropped_fraction=1.0), tiny_tokenizer
+    )
     # Truncating the long prompt cuts its answer: the row is dropped as having nothing supervised.
     assert report["counts"]["overlength"] == 0 and report["truncated"] == 1
     assert report["counts"]["no_supervised"] == 2 and report["kept"] == 16
@@ -90,18 +102,32 @@ def test_overlength_policies(tmp_path, tiny_dir, tiny_tokenizer, bad_file):
     assert report["truncated"] == 1 and report["kept"] == 2 and report["dropped"] == 0
     assert report["tokens"]["max"] > 64 and max(len(r) for r in data.train["input_ids"]) == 64
     with pytest.raises(DataError, match=r"line 15 has \d+ tokens > data.seq_len=64"):
-        check_data(_recipe(tmp_path, tiny_dir, bad_file, overlength="error", max_dropped_fraction=1.0),
-                   tiny_tokenizer)
+        check_data(_recipe(tmp_path, tiny_dir, bad_file, overlength="error", max_dropped_fraction=1.0), tiny_tokenizer)
 
 
 def test_mixture_weights_and_eval_fraction(tmp_path, tiny_dir, tiny_tokenizer):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.csv"
     a.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
     b.write_text("question,answer\n" + "".join(f"Add: {i} + 1,{i + 1}\n" for i in range(10)))
-    recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, data={"seq_len": 64, "sources": [
-        {"path": str(a), "format": "messages", "weight": 0.5},
-        {"path": str(b), "format": "completion", "weight": 2, "columns": {"prompt": "question", "completion": "answer"}},
-    ], "eval": {"fraction": 0.2}}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            tmp_path,
+            tiny_dir,
+            data={
+                "seq_len": 64,
+                "sources": [
+                    {"path": str(a), "format": "messages", "weight": 0.5},
+                    {
+                        "path": str(b),
+                        "format": "completion",
+                        "weight": 2,
+                        "columns": {"prompt": "question", "completion": "answer"},
+                    },
+                ],
+                "eval": {"fraction": 0.2},
+            },
+        )
+    )
     data, report = check_data(recipe, tiny_tokenizer)
     held = report["eval_held_out"]
     assert held == 5 and len(data.eval_rows) == 5 and report["ok"]
@@ -117,8 +143,13 @@ def test_mixture_weights_and_eval_fraction(tmp_path, tiny_dir, tiny_tokenizer):
 def test_eval_file(tmp_path, tiny_dir, tiny_tokenizer, bad_file):
     ev = tmp_path / "eval.jsonl"
     ev.write_text(json.dumps({"id": "e1", "q": "Sort: 21", "a": "12"}) + "\n")
-    recipe = _recipe(tmp_path, tiny_dir, bad_file, max_dropped_fraction=1.0,
-                     eval={"path": str(ev), "format": "completion", "columns": {"prompt": "q", "completion": "a"}})
+    recipe = _recipe(
+        tmp_path,
+        tiny_dir,
+        bad_file,
+        max_dropped_fraction=1.0,
+        eval={"path": str(ev), "format": "completion", "columns": {"prompt": "q", "completion": "a"}},
+    )
     data, _ = check_data(recipe, tiny_tokenizer)
     assert data.eval_rows[0]["messages"][-1] == {"role": "assistant", "content": "12"}
     assert len(data.eval) == 1 and data.eval[0]["labels"][-3:] != [-100] * 3
@@ -132,15 +163,19 @@ def test_missing_file_names_the_key(tmp_path, tiny_dir, tiny_tokenizer):
         check_data(_recipe(tmp_path, tiny_dir, tmp_path / "nope.jsonl"), tiny_tokenizer)
 
 
-def test_chat_template_refusing_a_row_drops_that_row_and_a_syntax_error_names_the_key(tmp_path, tiny_dir, tiny_tokenizer):
+def test_chat_template_refusing_a_row_drops_that_row_and_a_syntax_error_names_the_key(
+    tmp_path, tiny_dir, tiny_tokenizer
+):
     from llama_train.errors import RecipeError
     from llama_train.model import load_tokenizer
 
     path = tmp_path / "train.jsonl"
     rows = [GOOD[0], _msg("BAD", "x"), *GOOD[1:8]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    refusing = ("{% for m in messages %}{% if m['content'] == 'BAD' %}{{ raise_exception('roles must alternate') }}"
-                "{% endif %}{% endfor %}" + tiny_tokenizer.chat_template)
+    refusing = (
+        "{% for m in messages %}{% if m['content'] == 'BAD' %}{{ raise_exception('roles must alternate') }}"
+        "{% endif %}{% endfor %}" + tiny_tokenizer.chat_template
+    )
     recipe = _recipe(tmp_path, tiny_dir, path, chat_template=refusing, max_dropped_fraction=0.5, cache=False)
     data, report = check_data(recipe, load_tokenizer(recipe, str(tiny_dir)))
     assert report["counts"]["template"] == 1 and report["kept"] == 8 and report["ok"]
@@ -150,7 +185,9 @@ def test_chat_template_refusing_a_row_drops_that_row_and_a_syntax_error_names_th
         load_tokenizer(broken, str(tiny_dir))
 
 
-def test_no_usable_rows_is_a_data_error_with_the_cache_and_a_damaged_entry_is_rebuilt(tmp_path, tiny_dir, tiny_tokenizer):
+def test_no_usable_rows_is_a_data_error_with_the_cache_and_a_damaged_entry_is_rebuilt(
+    tmp_path, tiny_dir, tiny_tokenizer
+):
     from llama_train.data import cache
 
     empty = tmp_path / "empty.jsonl"

@@ -11,14 +11,26 @@ from llama_train.data.preference import normalize_pair, pair_token_ids, tokenize
 from llama_train.dpo import STAT_NAMES, DPOModule, step_metrics
 
 PAIRS = [
-    {"prompt": [{"role": "user", "content": "Reverse: a b c"}], "chosen": [{"role": "assistant", "content": "c b a"}],
-     "rejected": [{"role": "assistant", "content": "a b c"}]},
-    {"prompt": [{"role": "user", "content": "Add: 12 + 30"}], "chosen": [{"role": "assistant", "content": "42"}],
-     "rejected": [{"role": "assistant", "content": "43 and some more words"}]},
-    {"prompt": [{"role": "user", "content": "Sort: 93172"}], "chosen": [{"role": "assistant", "content": "12379"}],
-     "rejected": [{"role": "assistant", "content": "97321"}]},
-    {"prompt": [{"role": "user", "content": "Reverse: x y"}], "chosen": [{"role": "assistant", "content": "y x"}],
-     "rejected": [{"role": "assistant", "content": "x y x y"}]},
+    {
+        "prompt": [{"role": "user", "content": "Reverse: a b c"}],
+        "chosen": [{"role": "assistant", "content": "c b a"}],
+        "rejected": [{"role": "assistant", "content": "a b c"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Add: 12 + 30"}],
+        "chosen": [{"role": "assistant", "content": "42"}],
+        "rejected": [{"role": "assistant", "content": "43 and some more words"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Sort: 93172"}],
+        "chosen": [{"role": "assistant", "content": "12379"}],
+        "rejected": [{"role": "assistant", "content": "97321"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Reverse: x y"}],
+        "chosen": [{"role": "assistant", "content": "y x"}],
+        "rejected": [{"role": "assistant", "content": "x y x y"}],
+    },
 ]
 TEXT_PAIRS = [
     {"prompt": "Add: 1 + 2 =", "chosen": " 3", "rejected": " 4"},
@@ -33,8 +45,13 @@ def _policy(tiny_dir, seed=0):
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                          init_lora_weights=False, task_type="CAUSAL_LM")
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(base, cfg)
 
 
@@ -50,9 +67,17 @@ def _trl(model, tokenizer, pairs, *, beta, loss_type, tmp_path):
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[loss_type], report_to=[],
-                     per_device_train_batch_size=len(pairs), max_length=None, use_cpu=True,
-                     dataset_num_proc=None, logging_steps=1)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=beta,
+        loss_type=[loss_type],
+        report_to=[],
+        per_device_train_batch_size=len(pairs),
+        max_length=None,
+        use_cpu=True,
+        dataset_num_proc=None,
+        logging_steps=1,
+    )
     ds = datasets.Dataset.from_list(pairs)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     # Given a PeftModel, TRL copies its adapter as the reference ("ref"); without that copy its reference
@@ -77,7 +102,10 @@ def test_loss_and_metrics_equal_trl(tmp_path, tiny_dir, tiny_tokenizer, loss_typ
     for i, pair in enumerate(pairs):
         ref = trainer.train_dataset[i]
         assert pair_token_ids(normalize_pair(pair), tiny_tokenizer) == (
-            ref["prompt_ids"], ref["chosen_ids"], ref["rejected_ids"])
+            ref["prompt_ids"],
+            ref["chosen_ids"],
+            ref["rejected_ids"],
+        )
     rows = [tokenize_pair(normalize_pair(p), tiny_tokenizer) for p in pairs]
     ours_loss, ours, n = _ours(trainer.model, rows, beta=beta, loss=loss_type, pad_id=tiny_tokenizer.pad_token_id)
     assert n == len(pairs)
@@ -100,10 +128,24 @@ def test_label_smoothing_is_conservative_dpo(tiny_dir, tiny_tokenizer):
 
     with torch.no_grad():
         with model.disable_adapter():
-            ref, counts = completion_logps(model, batch["input_ids"], batch["labels"], batch["doc_ids"], num_docs=8,
-                                           position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
-        pol, _ = completion_logps(model, batch["input_ids"], batch["labels"], batch["doc_ids"], num_docs=8,
-                                  position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+            ref, counts = completion_logps(
+                model,
+                batch["input_ids"],
+                batch["labels"],
+                batch["doc_ids"],
+                num_docs=8,
+                position_ids=batch["position_ids"],
+                attention_mask=batch["attention_mask"],
+            )
+        pol, _ = completion_logps(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            batch["doc_ids"],
+            num_docs=8,
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+        )
     margin = (pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2])
     f = torch.nn.functional.logsigmoid
     expected = (-(0.8) * f(0.5 * margin) - 0.2 * f(-0.5 * margin)).mean()
@@ -114,14 +156,20 @@ def test_label_smoothing_is_conservative_dpo(tiny_dir, tiny_tokenizer):
 
 def test_pair_sides_isolated_packed_equals_unpacked(tiny_dir, tiny_tokenizer):
     """Two pairs packed in one row (4 documents) give the log-probs of each side run alone."""
-    from llama_train.data.packing import pack_table
-
     import pyarrow as pa
+
+    from llama_train.data.packing import pack_table
 
     model = _policy(tiny_dir)
     rows = [tokenize_pair(normalize_pair(p), tiny_tokenizer) for p in PAIRS]
-    table = pa.table({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
-                      "id": [str(i) for i in range(len(rows))], "doc_lens": [r["doc_lens"] for r in rows]})
+    table = pa.table(
+        {
+            "input_ids": [r["input_ids"] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "id": [str(i) for i in range(len(rows))],
+            "doc_lens": [r["doc_lens"] for r in rows],
+        }
+    )
     packed = pack_table(table, [[0, 1], [2, 3]]).to_pylist()
     assert [len(r["doc_lens"]) for r in packed] == [4, 4] and packed[0]["ids"] == ["0", "1"]
     a_loss, a, _ = _ours(model, rows, beta=0.2, pad_id=tiny_tokenizer.pad_token_id)
@@ -135,8 +183,15 @@ def test_pair_sides_isolated_packed_equals_unpacked(tiny_dir, tiny_tokenizer):
 
     batch = collate(packed, pad_id=tiny_tokenizer.pad_token_id, pairs=True)
     with torch.no_grad():
-        in_rows, counts = completion_logps(model, batch["input_ids"], batch["labels"], batch["doc_ids"], num_docs=8,
-                                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        in_rows, counts = completion_logps(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            batch["doc_ids"],
+            num_docs=8,
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        )
         alone = []
         for row in rows:
             a = row["doc_lens"][0]
@@ -172,10 +227,18 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
 
     grads, losses, metrics = [], [], []
     for mb, accum in ((4, 1), (2, 2), (1, 4)):
-        recipe = recipe_from_dict(tiny_recipe(
-            tmp_path, tiny_dir, train={"objective": "dpo", "micro_batch_size": mb, "grad_accum_steps": accum},
-            data={"sources": [{"path": "builtin:preferences", "format": "preference"}],
-                  "builtin": {"num_train": 8, "num_eval": 2}, "seq_len": 96}))
+        recipe = recipe_from_dict(
+            tiny_recipe(
+                tmp_path,
+                tiny_dir,
+                train={"objective": "dpo", "micro_batch_size": mb, "grad_accum_steps": accum},
+                data={
+                    "sources": [{"path": "builtin:preferences", "format": "preference"}],
+                    "builtin": {"num_train": 8, "num_eval": 2},
+                    "seq_len": 96,
+                },
+            )
+        )
         tok = load_tokenizer(recipe, str(tiny_dir))
         data = load_data(recipe, tok)
         model = apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe)
@@ -187,7 +250,7 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
         strategy = apply_strategy(model, recipe, DistContext())
         recorded = _record_grads(strategy)
         rows = [data.train[i] for i in range(4)]
-        micro = [collate(rows[i:i + mb], pad_id=tok.pad_token_id, pairs=True) for i in range(0, 4, mb)]
+        micro = [collate(rows[i : i + mb], pad_id=tok.pad_token_id, pairs=True) for i in range(0, 4, mb)]
         res = optimizer_step(strategy, micro, recipe=recipe)
         losses.append(res.loss)
         metrics.append(res.metrics)
@@ -209,10 +272,18 @@ def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
     from llama_train.trainer import optimizer_step
     from tests.conftest import tiny_recipe
 
-    recipe = recipe_from_dict(tiny_recipe(
-        tmp_path, tiny_dir, train={"objective": "dpo", "micro_batch_size": 2},
-        data={"sources": [{"path": "builtin:preferences", "format": "preference"}],
-              "builtin": {"num_train": 4, "num_eval": 2}, "seq_len": 96}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            tmp_path,
+            tiny_dir,
+            train={"objective": "dpo", "micro_batch_size": 2},
+            data={
+                "sources": [{"path": "builtin:preferences", "format": "preference"}],
+                "builtin": {"num_train": 4, "num_eval": 2},
+                "seq_len": 96,
+            },
+        )
+    )
     tok = load_tokenizer(recipe, str(tiny_dir))
     data = load_data(recipe, tok)
     strategy = apply_strategy(apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe), recipe, DistContext())
@@ -238,10 +309,19 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
     from llama_train.trainer import optimizer_step
     from tests.conftest import tiny_recipe
 
-    recipe = recipe_from_dict(tiny_recipe(
-        tmp_path, tiny_dir, train={"objective": "dpo", "micro_batch_size": 4, "lr": 1e-4}, lora={"enabled": False},
-        data={"sources": [{"path": "builtin:preferences", "format": "preference"}],
-              "builtin": {"num_train": 8, "num_eval": 2}, "seq_len": 96}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            tmp_path,
+            tiny_dir,
+            train={"objective": "dpo", "micro_batch_size": 4, "lr": 1e-4},
+            lora={"enabled": False},
+            data={
+                "sources": [{"path": "builtin:preferences", "format": "preference"}],
+                "builtin": {"num_train": 8, "num_eval": 2},
+                "seq_len": 96,
+            },
+        )
+    )
     assert recipe.dpo.reference == "auto"
     tok = load_tokenizer(recipe, str(tiny_dir))
     data = load_data(recipe, tok)

@@ -16,32 +16,56 @@ from tests.conftest import tiny_recipe
 
 
 def _pair(i: int) -> dict:
-    return {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Add: {i} + {i}"}],
-            "chosen": [{"role": "assistant", "content": str(2 * i)}],
-            "rejected": [{"role": "assistant", "content": str(2 * i + 1)}]}
+    return {
+        "id": f"p{i}",
+        "prompt": [{"role": "user", "content": f"Add: {i} + {i}"}],
+        "chosen": [{"role": "assistant", "content": str(2 * i)}],
+        "rejected": [{"role": "assistant", "content": str(2 * i + 1)}],
+    }
 
 
 GOOD = [_pair(i) for i in range(12)]
 BAD_LINES = [
-    '{"prompt": [{"role": "user", "content": "Add: 1 + 1"}], ',              # invalid_json
-    json.dumps({"prompt": "Add: 2 + 2", "chosen": "4"}),                       # missing_field (rejected)
-    json.dumps({"chosen": "4", "rejected": "5"}),                              # missing_field (prompt)
-    json.dumps({"prompt": "Add: 2 + 2", "chosen": 4, "rejected": "5"}),        # wrong_type
-    json.dumps({"prompt": [{"role": "user", "content": "Add: 3 + 3"}], "chosen": "6", "rejected": "7"}),  # wrong_type (mixed)
-    json.dumps({"prompt": "Add: 3 + 3", "chosen": "  ", "rejected": "7"}),    # empty_response
+    '{"prompt": [{"role": "user", "content": "Add: 1 + 1"}], ',  # invalid_json
+    json.dumps({"prompt": "Add: 2 + 2", "chosen": "4"}),  # missing_field (rejected)
+    json.dumps({"chosen": "4", "rejected": "5"}),  # missing_field (prompt)
+    json.dumps({"prompt": "Add: 2 + 2", "chosen": 4, "rejected": "5"}),  # wrong_type
+    json.dumps(
+        {"prompt": [{"role": "user", "content": "Add: 3 + 3"}], "chosen": "6", "rejected": "7"}
+    ),  # wrong_type (mixed)
+    json.dumps({"prompt": "Add: 3 + 3", "chosen": "  ", "rejected": "7"}),  # empty_response
     json.dumps(dict(_pair(40), rejected=[{"role": "assistant", "content": ""}])),  # empty_response
-    json.dumps(dict(_pair(41), rejected=_pair(41)["chosen"])),                 # identical_pair
-    json.dumps({k: v for k, v in GOOD[0].items() if k != "id"}),               # duplicate of GOOD[0]
+    json.dumps(dict(_pair(41), rejected=_pair(41)["chosen"])),  # identical_pair
+    json.dumps({k: v for k, v in GOOD[0].items() if k != "id"}),  # duplicate of GOOD[0]
     json.dumps(dict(_pair(42), chosen=[{"role": "assistant", "content": " ".join(["9 8 7 6"] * 30)}])),  # overlength
 ]
-EXPECTED = {"invalid_json": 1, "missing_field": 2, "wrong_type": 2, "empty_response": 2, "malformed_tool_call": 0,
-            "duplicate": 1, "template": 0, "overlength": 1, "no_supervised": 0, "identical_pair": 1}
+EXPECTED = {
+    "invalid_json": 1,
+    "missing_field": 2,
+    "wrong_type": 2,
+    "empty_response": 2,
+    "malformed_tool_call": 0,
+    "duplicate": 1,
+    "template": 0,
+    "overlength": 1,
+    "no_supervised": 0,
+    "identical_pair": 1,
+}
 
 
 def _recipe(tmp_path, tiny_dir, path, *, columns=None, **data):
-    return recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, train={"objective": "dpo"}, data={
-        "sources": [{"path": str(path), "format": "preference", "columns": columns or {}}], "seq_len": 96,
-        **data}))
+    return recipe_from_dict(
+        tiny_recipe(
+            tmp_path,
+            tiny_dir,
+            train={"objective": "dpo"},
+            data={
+                "sources": [{"path": str(path), "format": "preference", "columns": columns or {}}],
+                "seq_len": 96,
+                **data,
+            },
+        )
+    )
 
 
 def test_exact_counts_for_bad_pairs(tmp_path, tiny_dir, tiny_tokenizer):
@@ -61,10 +85,16 @@ def test_exact_counts_for_bad_pairs(tmp_path, tiny_dir, tiny_tokenizer):
 def test_pair_row_layout_and_column_mapping(tmp_path, tiny_dir, tiny_tokenizer):
     """Columns renamed; a row = prompt+chosen then prompt+rejected, loss on the completions only."""
     path = tmp_path / "mapped.jsonl"
-    path.write_text("".join(json.dumps({"id": r["id"], "question": r["prompt"], "good": r["chosen"],
-                                        "bad": r["rejected"]}) + "\n" for r in GOOD))
-    data, report = check_data(_recipe(tmp_path, tiny_dir, path, columns={"prompt": "question", "chosen": "good",
-                                                                        "rejected": "bad"}), tiny_tokenizer)
+    path.write_text(
+        "".join(
+            json.dumps({"id": r["id"], "question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
+            for r in GOOD
+        )
+    )
+    data, report = check_data(
+        _recipe(tmp_path, tiny_dir, path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"}),
+        tiny_tokenizer,
+    )
     assert report["kept"] == 12 and report["ok"]
     row = data.train[0]
     a, b = row["doc_lens"]
@@ -73,8 +103,8 @@ def test_pair_row_layout_and_column_mapping(tmp_path, tiny_dir, tiny_tokenizer):
     n_prompt = next(i for i, x in enumerate(row["labels"]) if x != IGNORE_INDEX)
     assert chosen[:n_prompt] == rejected[:n_prompt]  # the shared prompt
     assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert row["labels"][a:a + n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert row["labels"][n_prompt:a] == chosen[n_prompt:] and row["labels"][a + n_prompt:] == rejected[n_prompt:]
+    assert row["labels"][a : a + n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert row["labels"][n_prompt:a] == chosen[n_prompt:] and row["labels"][a + n_prompt :] == rejected[n_prompt:]
     text = tiny_tokenizer.decode(chosen[n_prompt:])
     pair = next(r for r in GOOD if r["id"] == row["id"])
     assert pair["chosen"][0]["content"] in text
@@ -89,24 +119,30 @@ def test_packing_keeps_pairs_whole(tmp_path, tiny_dir, tiny_tokenizer):
     assert pairs == 12 and all(len(r["doc_lens"]) == 2 * len(r["ids"]) for r in data.train)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"lora": {"enabled": False}, "parallel": {"strategy": "fsdp"}}, "strategy single or ddp"),
-    ({"lora": {"enabled": False}, "dpo": {"reference": "adapter_disabled"}}, "dpo.reference: frozen_copy"),
-    ({"dpo": {"reference": "frozen_copy"}}, "dpo.reference: auto"),
-    ({"data": {"overlength": "truncate"}}, "data.overlength: drop"),
-    ({"data": {"train_on": "all"}}, "data.train_on"),
-    ({"dpo": {"loss": "ipo", "label_smoothing": 0.1}}, "dpo.label_smoothing"),
-    ({"gate": {"metric": "exact_match"}}, "gate.metric: preference_accuracy"),
-    ({"lora": {"modules_to_save": ["lm_head"]}}, "lora.modules_to_save"),
-    ({"data": {"sources": [{"path": "x.jsonl", "format": "messages"}]}}, "format: preference"),
-    ({"data": {"sources": [{"path": "builtin:tasks"}]}}, "builtin:preferences"),
-    ({"data": {"eval": {"format": "messages"}}}, "data.eval.format"),
-    ({"dpo": {"beta": 0}}, "dpo.beta"),
-    ({"dpo": {"label_smoothing": 0.5}}, "dpo.label_smoothing"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"lora": {"enabled": False}, "parallel": {"strategy": "fsdp"}}, "strategy single or ddp"),
+        ({"lora": {"enabled": False}, "dpo": {"reference": "adapter_disabled"}}, "dpo.reference: frozen_copy"),
+        ({"dpo": {"reference": "frozen_copy"}}, "dpo.reference: auto"),
+        ({"data": {"overlength": "truncate"}}, "data.overlength: drop"),
+        ({"data": {"train_on": "all"}}, "data.train_on"),
+        ({"dpo": {"loss": "ipo", "label_smoothing": 0.1}}, "dpo.label_smoothing"),
+        ({"gate": {"metric": "exact_match"}}, "gate.metric: preference_accuracy"),
+        ({"lora": {"modules_to_save": ["lm_head"]}}, "lora.modules_to_save"),
+        ({"data": {"sources": [{"path": "x.jsonl", "format": "messages"}]}}, "format: preference"),
+        ({"data": {"sources": [{"path": "builtin:tasks"}]}}, "builtin:preferences"),
+        ({"data": {"eval": {"format": "messages"}}}, "data.eval.format"),
+        ({"dpo": {"beta": 0}}, "dpo.beta"),
+        ({"dpo": {"label_smoothing": 0.5}}, "dpo.label_smoothing"),
+    ],
+)
 def test_recipe_errors_name_the_field(tmp_path, override, message):
-    base = tiny_recipe(tmp_path, train={"objective": "dpo"},
-                       data={"sources": [{"path": "builtin:preferences", "format": "preference"}]})
+    base = tiny_recipe(
+        tmp_path,
+        train={"objective": "dpo"},
+        data={"sources": [{"path": "builtin:preferences", "format": "preference"}]},
+    )
     for key, value in override.items():
         base.setdefault(key, {}).update(value)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
@@ -120,8 +156,13 @@ def test_sft_recipe_refuses_preference_data(tmp_path):
         recipe_from_dict(tiny_recipe(tmp_path, gate={"metric": "preference_accuracy"}))
     with pytest.raises(RecipeError, match="dpo.loss is set but train.objective is `sft`"):
         recipe_from_dict(tiny_recipe(tmp_path, dpo={"loss": "ipo"}))
-    ok = recipe_from_dict(tiny_recipe(tmp_path, train={"objective": "dpo"},
-                                      data={"sources": [{"path": "builtin:preferences", "format": "preference"}]}))
+    ok = recipe_from_dict(
+        tiny_recipe(
+            tmp_path,
+            train={"objective": "dpo"},
+            data={"sources": [{"path": "builtin:preferences", "format": "preference"}]},
+        )
+    )
     assert ok.dpo.beta == 0.1 and ok.dpo.loss == "sigmoid"
 
 

@@ -29,9 +29,13 @@ def make_adapter(base_dir, out, *, seed=1, **lora_kw):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = peft.LoraConfig(r=lora_kw.pop("r", 8), lora_alpha=16, init_lora_weights=False,
-                          target_modules=lora_kw.pop("target_modules", ["q_proj", "v_proj", "down_proj"]),
-                          **lora_kw)
+    cfg = peft.LoraConfig(
+        r=lora_kw.pop("r", 8),
+        lora_alpha=16,
+        init_lora_weights=False,
+        target_modules=lora_kw.pop("target_modules", ["q_proj", "v_proj", "down_proj"]),
+        **lora_kw,
+    )
     model = peft.get_peft_model(model, cfg).eval()
     model.save_pretrained(out)  # writes README.md too: export must strip it
     return _logits(model)
@@ -40,14 +44,30 @@ def make_adapter(base_dir, out, *, seed=1, **lora_kw):
 def make_run(tmp_path, base_dir, *, recipe_export=None, **lora_kw):
     run = tmp_path / "run"
     logits = make_adapter(base_dir, run / "adapter", **lora_kw)
-    recipe = {"output_dir": str(run), "export": {"targets": ["vllm", "nim"], "max_lora_rank": 16,
-                                                 "allow_incompatible": False, **(recipe_export or {})}}
+    recipe = {
+        "output_dir": str(run),
+        "export": {
+            "targets": ["vllm", "nim"],
+            "max_lora_rank": 16,
+            "allow_incompatible": False,
+            **(recipe_export or {}),
+        },
+    }
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    (run / "run.json").write_text(json.dumps({
-        "status": "completed", "global_step": 20, "train_loss": 1.25,
-        "eval": {"before": {"loss": 3.0, "exact_match": 0.0}, "after": {"loss": 1.1, "exact_match": 0.5}},
-        "adapter_dir": str(run / "adapter"), "base_model": str(base_dir),
-        "recipe_sha256": "ab" * 32, "run_name": "tiny-sql"}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "status": "completed",
+                "global_step": 20,
+                "train_loss": 1.25,
+                "eval": {"before": {"loss": 3.0, "exact_match": 0.0}, "after": {"loss": 1.1, "exact_match": 0.5}},
+                "adapter_dir": str(run / "adapter"),
+                "base_model": str(base_dir),
+                "recipe_sha256": "ab" * 32,
+                "run_name": "tiny-sql",
+            }
+        )
+    )
     return run, logits
 
 
@@ -63,8 +83,10 @@ def test_adapter_export_is_two_files_and_reproduces_logits(run_dir, tmp_path):
     run, source_logits = run_dir
     assert (run / "adapter" / "README.md").exists()
     manifest = export_run(run, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out" / "adapter").iterdir()) == \
-        ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out" / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     base = AutoModelForCausalLM.from_pretrained(manifest["base_model"])
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()
     torch.testing.assert_close(_logits(loaded), source_logits, rtol=0, atol=0)
@@ -91,8 +113,11 @@ def test_vllm_and_nim_layouts(run_dir, tmp_path, tiny_dir):
     export_run(run, out, formats=["vllm", "nim"])
     spec = json.loads((out / "vllm" / "lora_modules.json").read_text())
     module = spec["lora_modules"][0]
-    assert module == {"name": "tiny-sql", "path": str((out / "vllm" / "tiny-sql").resolve()),
-                      "base_model_name": str(tiny_dir)}
+    assert module == {
+        "name": "tiny-sql",
+        "path": str((out / "vllm" / "tiny-sql").resolve()),
+        "base_model_name": str(tiny_dir),
+    }
     assert spec["max_lora_rank"] == 8  # smallest vLLM value >= r=8
     argv = shlex.split((out / "vllm" / "serve_command.txt").read_text())
     assert argv[:3] == ["vllm", "serve", str(tiny_dir)]
@@ -131,8 +156,12 @@ def test_checkpoint_dir_finds_run_metadata_upwards(run_dir, tmp_path):
     manifest = export_run(ckpt, tmp_path / "out")
     assert manifest["source"].endswith("step_5") and manifest["run_name"] == "tiny-sql"
     # the checkpoint's step, not run.json's final step/loss/eval (those describe other weights)
-    assert manifest["metrics"] == {"status": "checkpoint", "global_step": 5, "train_loss": None,
-                                   "eval": {"before": {"loss": 3.0}}}
+    assert manifest["metrics"] == {
+        "status": "checkpoint",
+        "global_step": 5,
+        "train_loss": None,
+        "eval": {"before": {"loss": 3.0}},
+    }
 
 
 def test_incompatible_adapter_fails_unless_allowed(tiny_dir, tmp_path):
@@ -218,8 +247,11 @@ def test_out_over_the_source_or_a_file_and_unreadable_inputs_are_clear_errors(ru
 
     run, _ = run_dir
     before = _tree(run)
-    for out, needle in [(run, "is the source"), (run / "adapter", "inside the source"),
-                        (run.parent, "parent of the source")]:
+    for out, needle in [
+        (run, "is the source"),
+        (run / "adapter", "inside the source"),
+        (run.parent, "parent of the source"),
+    ]:
         with pytest.raises(ExportError, match=needle) as exc:
             export_run(run, out, force=True)
         assert exc.value.exit_code == 2
@@ -259,7 +291,8 @@ def test_export_command_via_typer(run_dir, tmp_path):
     from llama_train.cli import app
 
     run, _ = run_dir
-    result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "o"),
-                                      "--format", "adapter,vllm", "--json"])
+    result = CliRunner().invoke(
+        app, ["export", str(run), "--out", str(tmp_path / "o"), "--format", "adapter,vllm", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["formats"] == ["adapter", "vllm"]

@@ -26,13 +26,18 @@ STEPS = 6
 
 def _recipe(tmp_path, tiny_dir, precision, **train_kw):
     return tiny_recipe(
-        tmp_path / precision, tiny_dir,
+        tmp_path / precision,
+        tiny_dir,
         data={"builtin": {"num_train": 48, "num_eval": 1}, "seq_len": 64, "eval": {"max_new_tokens": 2}},
         train={"max_steps": STEPS, "micro_batch_size": 4, "precision": precision, **train_kw},
         checkpoint={"every_n_steps": 1, "keep_last_k": STEPS, "save_final": False},
         # metrics.jsonl (grad norm, loss scale) is the tracker's local mirror of what MLflow gets
-        tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "fp16",
-                  "log_system_metrics": False},
+        tracking={
+            "enabled": True,
+            "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment": "fp16",
+            "log_system_metrics": False,
+        },
     )
 
 
@@ -84,9 +89,9 @@ def test_fp16_overflow_halves_the_scale_and_resume_is_exact(tmp_path, tiny_dir, 
     skipped = [e["skipped"] for e in ledger]
     first = skipped.index(False) + 1  # the first step that updated the weights
     assert 2 <= first < STEPS, f"expected overflows before step {STEPS} at scale 2^18, got {skipped}"
-    assert not any(skipped[first - 1:]), skipped  # once it fits, it stays (growth is every 2000 steps)
+    assert not any(skipped[first - 1 :]), skipped  # once it fits, it stays (growth is every 2000 steps)
     scales = _metrics(out, "train/loss_scale")  # the scale after each step
-    assert scales == [2.0**18 / 2**min(s, first - 1) for s in range(1, STEPS + 1)]
+    assert scales == [2.0**18 / 2 ** min(s, first - 1) for s in range(1, STEPS + 1)]
     assert "fp16 gradient overflow" in " ".join(capsys.readouterr().err.split())
     assert ledger[first - 1]["digest"] != ledger[first - 2]["digest"]  # the weights changed there
     assert ledger[first - 2]["digest"] == ledger[0]["digest"]  # ... and not before

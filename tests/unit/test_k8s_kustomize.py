@@ -24,8 +24,17 @@ from llama_train.k8s.render import render_manifests, to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/local", "overlays/gpu", "overlays/edge", "overlays/mlflow-postgres",
-                  "serving/server", "serving/vllm", "serving/nim", "monitoring"]
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/local",
+    "overlays/gpu",
+    "overlays/edge",
+    "overlays/mlflow-postgres",
+    "serving/server",
+    "serving/vllm",
+    "serving/nim",
+    "monitoring",
+]
 JOB_DIRS = {"base": "base", "overlays/local": "overlays/local", "overlays/gpu": "overlays/gpu"}
 KUBECTL = shutil.which("kubectl")
 HADOLINT = shutil.which("hadolint")
@@ -117,7 +126,10 @@ def test_mlflow_postgres_variant(rendered):
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica serves the same artifacts
     db = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "mlflow-postgres")
     env = db["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert next(e for e in env if e["name"] == "POSTGRES_PASSWORD")["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    assert (
+        next(e for e in env if e["name"] == "POSTGRES_PASSWORD")["valueFrom"]["secretKeyRef"]["name"]
+        == "mlflow-postgres"
+    )
     assert not [o for o in objs if o["kind"] == "Secret"]  # created by hand, never committed
     text = "\n".join(p.read_text() for p in (K8S / "components" / "mlflow-postgres").glob("*.yaml"))
     assert "password:" not in text.replace("key: password", "")
@@ -163,7 +175,9 @@ def test_served_adapters_come_from_the_registry_not_a_filled_volume(rendered):
     mlflow_svc = next(o for o in rendered["base"] if o["kind"] == "Service" and o["metadata"]["name"] == "mlflow")
     registry = f"http://mlflow.llama-train.svc:{mlflow_svc['spec']['ports'][0]['port']}"
     for d in ("serving/server", "overlays/local"):
-        dep = next(o for o in rendered[d] if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-train-server")
+        dep = next(
+            o for o in rendered[d] if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-train-server"
+        )
         c = dep["spec"]["template"]["spec"]["containers"][0]
         adapter = c["command"][c["command"].index("--adapter") + 1]
         assert adapter == "quickstart=models:/quickstart@champion"
@@ -195,13 +209,22 @@ def test_served_adapters_come_from_the_registry_not_a_filled_volume(rendered):
 def test_grafana_dashboard_uses_the_server_metrics():
     dash = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
-    for metric in ("llama_train_requests_total", "llama_train_request_latency_seconds_bucket",
-                   "llama_train_tokens_total", "llama_train_inflight_requests",
-                   "llama_train_time_to_first_token_seconds_bucket", "llama_train_inter_token_latency_seconds_bucket",
-                   "llama_train_request_queue_time_seconds_bucket", "llama_train_e2e_request_latency_seconds_bucket",
-                   "llama_train_num_requests_running", "llama_train_num_requests_waiting",
-                   "llama_train_generation_tokens_total", "llama_train_requests_finished_total",
-                   "process_cpu_seconds_total", "llama_train_build_info"):
+    for metric in (
+        "llama_train_requests_total",
+        "llama_train_request_latency_seconds_bucket",
+        "llama_train_tokens_total",
+        "llama_train_inflight_requests",
+        "llama_train_time_to_first_token_seconds_bucket",
+        "llama_train_inter_token_latency_seconds_bucket",
+        "llama_train_request_queue_time_seconds_bucket",
+        "llama_train_e2e_request_latency_seconds_bucket",
+        "llama_train_num_requests_running",
+        "llama_train_num_requests_waiting",
+        "llama_train_generation_tokens_total",
+        "llama_train_requests_finished_total",
+        "process_cpu_seconds_total",
+        "llama_train_build_info",
+    ):
         assert metric in exprs
     # latency panels look at /v1/* only, error panels show 0 rather than "No data"
     for p in dash["panels"]:
@@ -244,11 +267,19 @@ def test_monitors_select_the_servers_and_their_metrics_ports(rendered):
 
 def test_monitoring_crds_catch_a_malformed_monitor():
     """The schemas really apply: misspelled or mistyped fields are errors."""
-    bad_sm = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"},
-              "spec": {"selector": {"matchLabels": {"a": "b"}}, "endpoints": {"port": "http"}}}
+    bad_sm = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "x"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "endpoints": {"port": "http"}},
+    }
     assert any("endpoints" in e for e in v.crd_errors(bad_sm))
-    bad_rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": {"name": "x"},
-                "spec": {"groups": [{"rules": [{"alert": "A", "expr": "up"}]}]}}  # a group needs a name
+    bad_rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "x"},
+        "spec": {"groups": [{"rules": [{"alert": "A", "expr": "up"}]}]},
+    }  # a group needs a name
     assert any("name" in e for e in v.crd_errors(bad_rule))
     good = {**bad_sm, "spec": {**bad_sm["spec"], "endpoints": [{"port": "http"}]}}
     assert v.crd_errors(good) == []
@@ -271,10 +302,17 @@ def test_trainer_and_server_images_share_one_base_stage():
     stages = {m.group(2): m.group(1) for m in re.finditer(r"^FROM (\S+) AS (\S+)$", text, re.M)}
     assert stages == {"base": "${PYTHON_IMAGE}", "trainer": "base", "server": "base"}
     lines = text.splitlines()
+
     def first(prefix):
         return next(i for i, line in enumerate(lines) if line.startswith(prefix))
-    assert first("RUN pip install --no-cache-dir --index-url") < first("COPY pyproject.toml") \
-        < first("RUN python -c \"import tomllib") < first("COPY llama_train") < first("RUN pip install --no-cache-dir --no-deps")
+
+    assert (
+        first("RUN pip install --no-cache-dir --index-url")
+        < first("COPY pyproject.toml")
+        < first('RUN python -c "import tomllib')
+        < first("COPY llama_train")
+        < first("RUN pip install --no-cache-dir --no-deps")
+    )
 
 
 def test_kind_bootstrap_parses():
@@ -285,11 +323,23 @@ def test_kind_bootstrap_parses():
 def test_mounts_inside_a_read_only_mount_are_errors():
     """k8s/overlays/local once mounted subPaths at /models/base inside the base's read-only /models:
     runc cannot create the mount points (podman: `mkdir .../models/base: read-only file system`)."""
+
     def template(outer_ro: bool) -> dict:
-        return {"spec": {"containers": [{"name": "s", "volumeMounts": [
-            {"name": "m", "mountPath": "/models", "readOnly": outer_ro},
-            {"name": "m", "mountPath": "/models/base", "subPath": "b", "readOnly": True},
-            {"name": "t", "mountPath": "/modelsx"}]}]}}
+        return {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "s",
+                        "volumeMounts": [
+                            {"name": "m", "mountPath": "/models", "readOnly": outer_ro},
+                            {"name": "m", "mountPath": "/models/base", "subPath": "b", "readOnly": True},
+                            {"name": "t", "mountPath": "/modelsx"},
+                        ],
+                    }
+                ]
+            }
+        }
+
     errors = v.mount_errors(template(True))
     assert len(errors) == 1 and "/models/base lies inside the read-only mount /models" in errors[0]
     assert v.mount_errors(template(False)) == []

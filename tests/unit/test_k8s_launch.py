@@ -24,9 +24,21 @@ def test_launcher_propagates_rank_exit_code(tmp_path):
     pytest.importorskip("torch")
     script = tmp_path / "rank.py"
     script.write_text(f"import sys\nsys.exit({code})\n")
-    proc = subprocess.run([sys.executable, "-m", "llama_train.k8s.launch", "--nproc-per-node", "1",
-                           "--monitor-interval", "0.1", str(script)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_train.k8s.launch",
+            "--nproc-per-node",
+            "1",
+            "--monitor-interval",
+            "0.1",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == code, proc.stderr[-2000:]
 
 
@@ -38,10 +50,22 @@ def test_launcher_sigterm_exits_143(tmp_path):
         "import signal, sys, time, pathlib\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # a trainer saving then exiting\n"
         f"pathlib.Path({str(ready)!r}).write_text('1')\n"
-        "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_train.k8s.launch", "--nproc-per-node", "1",
-                           "--monitor-interval", "0.1", str(script)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_train.k8s.launch",
+            "--nproc-per-node",
+            "1",
+            "--monitor-interval",
+            "0.1",
+            str(script),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not ready.exists() and time.monotonic() < deadline:
@@ -63,10 +87,23 @@ def _two_ranks(tmp_path, rank0: str, rank1: str) -> int:
         "if os.environ['RANK'] == '0':\n"
         + "".join(f"    {line}\n" for line in rank0.splitlines())
         + "else:\n"
-        + "".join(f"    {line}\n" for line in rank1.splitlines()))
-    proc = subprocess.run([sys.executable, "-m", "llama_train.k8s.launch", "--nproc-per-node", "2",
-                           "--monitor-interval", "2", str(script)],
-                          capture_output=True, text=True, timeout=120)
+        + "".join(f"    {line}\n" for line in rank1.splitlines())
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_train.k8s.launch",
+            "--nproc-per-node",
+            "2",
+            "--monitor-interval",
+            "2",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.returncode
 
 
@@ -75,8 +112,7 @@ KILLED_RANK1 = "flag.write_text('1')\nos.kill(os.getpid(), signal.SIGKILL)"
 WAIT_FOR_PEER = "while not flag.exists():\n    time.sleep(0.05)\ntime.sleep(0.2)\n"
 
 
-@pytest.mark.parametrize("rank0_then", ["sys.exit(130)", "os.abort()"],
-                         ids=["peer-exits-130", "peer-teardown-aborts"])
+@pytest.mark.parametrize("rank0_then", ["sys.exit(130)", "os.abort()"], ids=["peer-exits-130", "peer-teardown-aborts"])
 def test_launcher_reports_the_killed_rank_not_the_peer_that_failed_after_it(tmp_path, rank0_then):
     """The root cause of a 2-rank failure is the rank SIGKILLed first (137, retried by ExitCode),
     not rank 0, which failed because of it (torch's first failure is rank 0: same second, lower
@@ -90,8 +126,7 @@ def test_launcher_ignores_the_exit_codes_of_ranks_it_ended_itself(tmp_path):
     whose exit code (1 here, from its SIGTERM handler) it records as a failure as well. The job
     failed with 130 (infrastructure), not with the code of the rank the agent ended."""
     pytest.importorskip("torch")
-    hang = ("signal.signal(signal.SIGTERM, lambda *a: os._exit(1))\nflag.write_text('1')\n"
-            "while True:\n    time.sleep(1)")
+    hang = "signal.signal(signal.SIGTERM, lambda *a: os._exit(1))\nflag.write_text('1')\nwhile True:\n    time.sleep(1)"
     assert _two_ranks(tmp_path, WAIT_FOR_PEER + "sys.exit(130)", hang) == 130
 
 

@@ -20,26 +20,36 @@ from llama_train.k8s.render import render_manifests, render_pytorchjob, render_t
 GOLDEN = Path(__file__).parent / "golden"
 IMAGE = "ghcr.io/example/llama-train-trainer:0.1.0"
 SCHEMAS = v.schemas_dir()
-needs_schemas = pytest.mark.skipif(SCHEMAS is None,
-                                   reason="../shared/k8s-schemas not found (set LLAMA_TRAIN_K8S_SCHEMAS)")
+needs_schemas = pytest.mark.skipif(
+    SCHEMAS is None, reason="../shared/k8s-schemas not found (set LLAMA_TRAIN_K8S_SCHEMAS)"
+)
 
 
 def recipe(**k8s):
     # ddp: render runs the world-size preflight, and `single` cannot run on several ranks
-    return recipe_from_dict({"output_dir": "outputs/demo", "train": {"max_steps": 5},
-                             "parallel": {"strategy": "ddp"}, "k8s": {"image": IMAGE, **k8s}})
+    return recipe_from_dict(
+        {
+            "output_dir": "outputs/demo",
+            "train": {"max_steps": 5},
+            "parallel": {"strategy": "ddp"},
+            "k8s": {"image": IMAGE, **k8s},
+        }
+    )
 
 
 # name -> (k8s section, render flags)
 SHAPES = {
     "pytorchjob_cpu_1node": ({}, {"kind": "pytorchjob"}),
-    "pytorchjob_gpu_2x8": ({"gpu_product": "NVIDIA-H100-80GB-HBM3", "hf_token_secret": "hf-token",
-                            "priority_class": "training"},
-                           {"kind": "pytorchjob", "nodes": 2, "gpus_per_node": 8, "queue": "team-a"}),
+    "pytorchjob_gpu_2x8": (
+        {"gpu_product": "NVIDIA-H100-80GB-HBM3", "hf_token_secret": "hf-token", "priority_class": "training"},
+        {"kind": "pytorchjob", "nodes": 2, "gpus_per_node": 8, "queue": "team-a"},
+    ),
     "pytorchjob_elastic": ({"min_nodes": 1, "max_nodes": 4, "nproc_per_node": 2}, {"kind": "pytorchjob", "nodes": 2}),
     "trainjob_cpu_1node": ({}, {"kind": "trainjob"}),
-    "trainjob_gpu_2x8": ({"hf_token_secret": "hf-token"},
-                         {"kind": "trainjob", "nodes": 2, "gpus_per_node": 8, "queue": "team-a"}),
+    "trainjob_gpu_2x8": (
+        {"hf_token_secret": "hf-token"},
+        {"kind": "trainjob", "nodes": 2, "gpus_per_node": 8, "queue": "team-a"},
+    ),
 }
 
 
@@ -82,8 +92,9 @@ def test_pods_are_valid_core_pods_and_restricted(shape):
 
 
 def test_pytorchjob_topology_and_contract():
-    job = render_pytorchjob(recipe(gpu_product="NVIDIA-H100-80GB-HBM3", hf_token_secret="hf"),
-                            nodes=3, gpus_per_node=8, queue="q")
+    job = render_pytorchjob(
+        recipe(gpu_product="NVIDIA-H100-80GB-HBM3", hf_token_secret="hf"), nodes=3, gpus_per_node=8, queue="q"
+    )
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 2
     assert job["spec"]["nprocPerNode"] == "8"
@@ -96,8 +107,10 @@ def test_pytorchjob_topology_and_contract():
         assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}]
         # torchrun (via the exit-code keeping launcher) runs the module; no PET_* set by us.
         assert c["command"][:5] == ["python", "-m", "llama_train.k8s.launch", "-m", "llama_train.train"]
-        assert c["command"][5:] == ["/etc/llama-train/recipe.yaml",
-                                    "output_dir=/mnt/llama-train/outputs/llama-train-demo"]
+        assert c["command"][5:] == [
+            "/etc/llama-train/recipe.yaml",
+            "output_dir=/mnt/llama-train/outputs/llama-train-demo",
+        ]
         env = {e["name"]: e for e in c["env"]}
         assert not [n for n in env if n.startswith("PET_") or n in ("RANK", "WORLD_SIZE")]
         assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}
@@ -187,23 +200,26 @@ def test_crd_schema_catches_wrong_types():
 # --- bad input names the flag / recipe key
 
 
-@pytest.mark.parametrize("flags, k8s, needle", [
-    ({"gpus_per_node": -1}, {}, "--gpus-per-node / k8s.gpus_per_node"),
-    ({"gpus_per_node": "eight"}, {}, "--gpus-per-node / k8s.gpus_per_node: expected a whole number"),
-    ({"gpus_per_node": 64}, {}, "not a known node shape"),
-    ({"nodes": 0}, {}, "--nodes / k8s.nodes: must be >= 1"),
-    ({"namespace": "Team_A"}, {}, "--namespace / k8s.namespace: 'Team_A' is not a DNS-1123 label"),
-    ({"name": "My.Job"}, {}, "k8s.name: 'My.Job' is not a DNS-1035 label"),
-    ({"name": "a" * 60}, {}, "at most"),
-    ({"image": ""}, {}, "k8s.image is not set: pass --image"),
-    ({"kind": "mpijob"}, {}, "--kind / k8s.kind"),
-    ({"queue": "bad queue"}, {}, "--queue / k8s.queue"),
-    ({}, {"env": {"PET_NNODES": "2"}}, "k8s.env: PET_NNODES"),
-    ({"gpus_per_node": 8}, {"nproc_per_node": 2}, "k8s.nproc_per_node (2) must equal"),
-    ({"kind": "trainjob"}, {"max_nodes": 4}, "need --kind pytorchjob"),
-    ({"nodes": 5}, {"min_nodes": 1, "max_nodes": 4}, "k8s.max_nodes (4)"),
-    ({}, {"memory": "lots"}, "k8s.memory: 'lots' is not a Kubernetes quantity"),
-])
+@pytest.mark.parametrize(
+    "flags, k8s, needle",
+    [
+        ({"gpus_per_node": -1}, {}, "--gpus-per-node / k8s.gpus_per_node"),
+        ({"gpus_per_node": "eight"}, {}, "--gpus-per-node / k8s.gpus_per_node: expected a whole number"),
+        ({"gpus_per_node": 64}, {}, "not a known node shape"),
+        ({"nodes": 0}, {}, "--nodes / k8s.nodes: must be >= 1"),
+        ({"namespace": "Team_A"}, {}, "--namespace / k8s.namespace: 'Team_A' is not a DNS-1123 label"),
+        ({"name": "My.Job"}, {}, "k8s.name: 'My.Job' is not a DNS-1035 label"),
+        ({"name": "a" * 60}, {}, "at most"),
+        ({"image": ""}, {}, "k8s.image is not set: pass --image"),
+        ({"kind": "mpijob"}, {}, "--kind / k8s.kind"),
+        ({"queue": "bad queue"}, {}, "--queue / k8s.queue"),
+        ({}, {"env": {"PET_NNODES": "2"}}, "k8s.env: PET_NNODES"),
+        ({"gpus_per_node": 8}, {"nproc_per_node": 2}, "k8s.nproc_per_node (2) must equal"),
+        ({"kind": "trainjob"}, {"max_nodes": 4}, "need --kind pytorchjob"),
+        ({"nodes": 5}, {"min_nodes": 1, "max_nodes": 4}, "k8s.max_nodes (4)"),
+        ({}, {"memory": "lots"}, "k8s.memory: 'lots' is not a Kubernetes quantity"),
+    ],
+)
 def test_bad_input_is_a_recipe_error_naming_the_key(flags, k8s, needle):
     with pytest.raises(RecipeError) as err:
         render_manifests(recipe(**k8s), **flags)
@@ -239,8 +255,25 @@ def test_cli_render_writes_multidoc_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"output_dir": "outputs/cli", "train": {"max_steps": 5}}))
     out = tmp_path / "job.yaml"
-    result = CliRunner().invoke(app, ["render", str(path), "train.lr=1e-4", "parallel.strategy=ddp", "--image",
-                                      IMAGE, "--nodes", "2", "--gpus-per-node", "8", "--queue", "q", "-o", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "render",
+            str(path),
+            "train.lr=1e-4",
+            "parallel.strategy=ddp",
+            "--image",
+            IMAGE,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--queue",
+            "q",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(out.read_text()))
     assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
@@ -261,9 +294,13 @@ def test_cli_render_runs_the_world_size_preflight_and_checks_the_output_path(tmp
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"output_dir": "outputs/cli", "train": {"max_steps": 5}}))
     out = tmp_path / "job.yaml"
-    for args, needle in [(["--nodes", "2"], "needs parallel.strategy ddp"),
-                         (["--nodes", "2", "--gpus-per-node", "8", "parallel.strategy=ddp",
-                           "train.global_batch_size=7"], "train.global_batch_size=7")]:
+    for args, needle in [
+        (["--nodes", "2"], "needs parallel.strategy ddp"),
+        (
+            ["--nodes", "2", "--gpus-per-node", "8", "parallel.strategy=ddp", "train.global_batch_size=7"],
+            "train.global_batch_size=7",
+        ),
+    ]:
         res = CliRunner().invoke(app, ["render", str(path), "--image", IMAGE, "-o", str(out), *args])
         assert isinstance(res.exception, PreflightError) and res.exception.exit_code == 4, res.output
         assert needle in str(res.exception) and "--nodes 2" in str(res.exception)
@@ -289,9 +326,14 @@ def test_client_verbs_fail_clearly_without_cluster(monkeypatch, tmp_path):
 def test_job_state_picks_latest_true_condition():
     from llama_train.k8s.client import job_state
 
-    job = {"status": {"conditions": [
-        {"type": "Created", "status": "True", "lastTransitionTime": "2025-01-01T00:00:00Z"},
-        {"type": "Running", "status": "False", "lastTransitionTime": "2025-01-01T00:02:00Z"},
-        {"type": "Succeeded", "status": "True", "lastTransitionTime": "2025-01-01T00:03:00Z"}]}}
+    job = {
+        "status": {
+            "conditions": [
+                {"type": "Created", "status": "True", "lastTransitionTime": "2025-01-01T00:00:00Z"},
+                {"type": "Running", "status": "False", "lastTransitionTime": "2025-01-01T00:02:00Z"},
+                {"type": "Succeeded", "status": "True", "lastTransitionTime": "2025-01-01T00:03:00Z"},
+            ]
+        }
+    }
     assert job_state(job) == "Succeeded"
     assert job_state({}) == "Pending"

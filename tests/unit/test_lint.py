@@ -15,13 +15,22 @@ from llama_train.export import lint_adapter, required_max_lora_rank
 def write_adapter(path, *, weights=True, bin_file=False, **overrides):
     """A PEFT-format adapter dir (config + a few LoRA tensors) without building a model."""
     path.mkdir(parents=True, exist_ok=True)
-    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none", "use_dora": False,
-           "modules_to_save": None, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {},
-           "base_model_name_or_path": "tiny", **overrides}
+    cfg = {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": {},
+        "base_model_name_or_path": "tiny",
+        **overrides,
+    }
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     r = cfg["r"]
     tensors = {}
-    for mod in (cfg["target_modules"] if isinstance(cfg["target_modules"], list) else []):
+    for mod in cfg["target_modules"] if isinstance(cfg["target_modules"], list) else []:
         prefix = f"base_model.model.model.layers.0.self_attn.{mod}"
         tensors[f"{prefix}.lora_A.weight"] = torch.zeros(r, 16)
         tensors[f"{prefix}.lora_B.weight"] = torch.zeros(16, r)
@@ -53,11 +62,19 @@ def test_real_peft_dora_adapter_is_rejected(tmp_path):
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1))
-    peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj"], use_dora=True)) \
-        .save_pretrained(tmp_path / "dora")
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        tmp_path / "dora"
+    )
     assert "no_dora" in rules(lint_adapter(tmp_path / "dora", ["vllm", "nim"]))
 
 
@@ -103,7 +120,6 @@ def test_bias_targets_and_files(tmp_path):
 
 
 def test_required_max_lora_rank():
-    assert [required_max_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 300, 512)] == \
-        [1, 8, 8, 16, 16, 32, 320, 512]
+    assert [required_max_lora_rank(r) for r in (1, 2, 8, 9, 16, 17, 300, 512)] == [1, 8, 8, 16, 16, 32, 320, 512]
     with pytest.raises(ExportError):
         required_max_lora_rank(1024)

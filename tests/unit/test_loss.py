@@ -42,7 +42,10 @@ def test_fp32_matches_naive(chunk_size, recompute):
     ref = _loss_and_grads(_naive, hidden, weight, labels, scale=0.5)
     got = _loss_and_grads(
         lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_size=chunk_size, recompute=recompute),
-        hidden, weight, labels, scale=0.5,  # a non-unit upstream gradient must be applied
+        hidden,
+        weight,
+        labels,
+        scale=0.5,  # a non-unit upstream gradient must be applied
     )
     assert got[0].dtype == torch.float32 and got[0].ndim == 0
     for a, b in zip(got, ref):
@@ -55,7 +58,9 @@ def test_bf16_hidden_matches_naive(recompute):
     ref = _loss_and_grads(_naive, hidden, weight, labels)
     got = _loss_and_grads(
         lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_size=16, recompute=recompute),
-        hidden, weight, labels,
+        hidden,
+        weight,
+        labels,
     )
     assert got[0].dtype == torch.float32
     assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
@@ -105,8 +110,13 @@ def _tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     cfg._attn_implementation = "eager"
     return LlamaForCausalLM(cfg).float()
@@ -161,7 +171,9 @@ def test_causal_lm_loss_through_peft_wrapper():
 def test_under_cpu_autocast():
     hidden, weight, labels = _inputs(n=20, h=16, v=50, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, gh, gw = _loss_and_grads(lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_size=6), hidden, weight, labels)
+        loss, gh, gw = _loss_and_grads(
+            lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_size=6), hidden, weight, labels
+        )
     ref = _loss_and_grads(_naive, hidden, weight, labels)
     _assert_close(loss, ref[0], rtol=1e-5)
     _assert_close(gh, ref[1], rtol=2e-2)

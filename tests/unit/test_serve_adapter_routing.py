@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from llama_train.errors import LlamaTrainError
-from llama_train.tracking.registry import parse_model_ref
 from llama_train.serve.engine import Engine, GenRequest, SamplingParams
 from llama_train.serve.observe import Metrics
+from llama_train.tracking.registry import parse_model_ref
 
 
 def _engine() -> Engine:
@@ -73,17 +73,21 @@ def test_a_request_keeps_the_version_it_was_routed_to_after_a_switch():
     assert [q.adapter for q in engine._pending.queue] == ["support", "support__canary"]
 
 
-@pytest.mark.parametrize("ref, expected", [
-    ("models:/support@champion", ("support", None, "champion")),
-    ("models:/support/3", ("support", "3", None)),
-    ("models:/team/support/12", ("team/support", "12", None)),
-])
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("models:/support@champion", ("support", None, "champion")),
+        ("models:/support/3", ("support", "3", None)),
+        ("models:/team/support/12", ("team/support", "12", None)),
+    ],
+)
 def test_model_refs(ref, expected):
     assert parse_model_ref(ref) == expected
 
 
-@pytest.mark.parametrize("ref", ["models:/support", "models:/support/latest", "support@champion",
-                                 "models:/@champion", "models:/support@"])
+@pytest.mark.parametrize(
+    "ref", ["models:/support", "models:/support/latest", "support@champion", "models:/@champion", "models:/support@"]
+)
 def test_bad_model_refs_say_which_forms_work(ref):
     with pytest.raises(LlamaTrainError, match=r"use models:/NAME/VERSION .* or models:/NAME@ALIAS"):
         parse_model_ref(ref, flag="--adapter support")
@@ -91,8 +95,13 @@ def test_bad_model_refs_say_which_forms_work(ref):
 
 def _serve(tiny_dir, *args, env=None):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "llama_train.cli", "serve", "--base", str(tiny_dir), "--port", "0",
-                           *args], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_train.cli", "serve", "--base", str(tiny_dir), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_serve_flags_for_registry_adapters_fail_fast_with_the_fix(tiny_dir):
@@ -105,12 +114,20 @@ def test_serve_flags_for_registry_adapters_fail_fast_with_the_fix(tiny_dir):
     assert poll.returncode == 2 and "--registry-poll-s 0.0: give a positive number of seconds" in poll.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--canary", "support=models:/support@candidate"], ("--canary support=models:/support@candidate: end it "
-     "with :FRACTION between 0 and 1, e.g. support=models:/support@candidate:0.1")),
-    (["--canary", "support=models:/support@candidate:1.5"], "end it with :FRACTION between 0 and 1"),
-    (["--canary", "other=models:/support@candidate:0.1"], "--canary other: no --adapter other to split"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["--canary", "support=models:/support@candidate"],
+            (
+                "--canary support=models:/support@candidate: end it "
+                "with :FRACTION between 0 and 1, e.g. support=models:/support@candidate:0.1"
+            ),
+        ),
+        (["--canary", "support=models:/support@candidate:1.5"], "end it with :FRACTION between 0 and 1"),
+        (["--canary", "other=models:/support@candidate:0.1"], "--canary other: no --adapter other to split"),
+    ],
+)
 def test_canary_flag_errors_name_the_flag_and_the_form(tiny_dir, args, needle):
     bad = _serve(tiny_dir, *args)
     assert bad.returncode == 2 and needle in bad.stderr

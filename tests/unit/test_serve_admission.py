@@ -47,7 +47,7 @@ def test_prefill_delays_count_rows_already_late_do_not_block_and_slow_start_caps
     now = 0.0
     tight = [Pending(10, now + 10 * (0.02 + 0.01 * 3) + 0.05)]  # fits 3 rows' pace, 50 ms spare
     tight += [Pending(1, None)]
-    assert admits(times, tight, new_rows=1, new_prompt_tokens=10, now=now)       # 10 ms prefill
+    assert admits(times, tight, new_rows=1, new_prompt_tokens=10, now=now)  # 10 ms prefill
     assert not admits(times, tight, new_rows=1, new_prompt_tokens=200, now=now)  # 200 ms prefill
     late = [Pending(100, now + 0.5), Pending(1, None)]  # cannot make it even now: not protected
     assert admits(times, late, new_rows=1, new_prompt_tokens=0, now=now)
@@ -60,8 +60,17 @@ def test_prefill_delays_count_rows_already_late_do_not_block_and_slow_start_caps
     assert admits(StepTimes(), [], new_rows=8, new_prompt_tokens=10_000, now=now)  # idle: always
 
 
-def simulate(policy, *, burst: int = 32, tokens: int = 16, prompt: int = 300, deadline: float = 8.0,
-             a: float = 0.05, c: float = 0.02, prefill_s_per_token: float = 0.001) -> list[float]:
+def simulate(
+    policy,
+    *,
+    burst: int = 32,
+    tokens: int = 16,
+    prompt: int = 300,
+    deadline: float = 8.0,
+    a: float = 0.05,
+    c: float = 0.02,
+    prefill_s_per_token: float = 0.001,
+) -> list[float]:
     """The engine's loop on a cost model (iteration a + c x rows seconds, prefill per prompt token),
     a burst arriving at once, requests dropped at their deadline (the 504): finishing times of the
     requests served in time."""
@@ -74,8 +83,14 @@ def simulate(policy, *, burst: int = 32, tokens: int = 16, prompt: int = 300, de
         admitted = []
         while queue:
             pending = [Pending(r["left"], r["deadline"]) for r in running + admitted]
-            if pending and not policy(times, pending, new_rows=1, new_prompt_tokens=prompt, now=now,
-                                      admitted_prompt_tokens=prompt * len(admitted)):
+            if pending and not policy(
+                times,
+                pending,
+                new_rows=1,
+                new_prompt_tokens=prompt,
+                now=now,
+                admitted_prompt_tokens=prompt * len(admitted),
+            ):
                 break
             admitted.append(queue.pop(0))
         if admitted:

@@ -11,14 +11,25 @@ import torch
 from llama_train.serve.schemas import APIError
 from llama_train.serve.structured import HERMES, LLAMA_JSON, Grammars, parse_calls, plan
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-HERMES_TEMPLATE = ("{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" + CHATML
-                   + "{# calls: <tool_call>{...}</tool_call> #}")
-ARGS = {"type": "object", "additionalProperties": False, "required": ["n"],
-        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
-TOOLS = [{"type": "function", "function": {"name": "double", "parameters": ARGS}},
-         {"type": "function", "function": {"name": "halve", "parameters": ARGS}}]
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+HERMES_TEMPLATE = (
+    "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}"
+    + CHATML
+    + "{# calls: <tool_call>{...}</tool_call> #}"
+)
+ARGS = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["n"],
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "double", "parameters": ARGS}},
+    {"type": "function", "function": {"name": "halve", "parameters": ARGS}},
+]
 
 
 def test_a_template_that_does_not_render_tools_is_a_400_naming_tools():
@@ -38,14 +49,17 @@ def test_choices_decide_parsing_and_grammar(tiny_tokenizer):
     assert plan({"response_format": {"type": "text"}}, t).grammar is None
 
 
-@pytest.mark.parametrize("text, fmt, want", [
-    ('{"name": "double", "parameters": {"n": 2}}', LLAMA_JSON, ("double", {"n": 2})),
-    ('<|python_tag|>{"name": "halve", "arguments": {"n": 4}}', LLAMA_JSON, ("halve", {"n": 4})),
-    ('{"name": "other", "parameters": {}}', LLAMA_JSON, None),      # not one of the tools
-    ('The answer is {"name": "double"}', LLAMA_JSON, None),         # prose
-    ('Sure.\n<tool_call>\n{"name": "double", "arguments": {"n": 1}}\n</tool_call>', HERMES, ("double", {"n": 1})),
-    ('<tool_call>{"name": "double", "arguments": [1]}</tool_call>', HERMES, None),
-])
+@pytest.mark.parametrize(
+    "text, fmt, want",
+    [
+        ('{"name": "double", "parameters": {"n": 2}}', LLAMA_JSON, ("double", {"n": 2})),
+        ('<|python_tag|>{"name": "halve", "arguments": {"n": 4}}', LLAMA_JSON, ("halve", {"n": 4})),
+        ('{"name": "other", "parameters": {}}', LLAMA_JSON, None),  # not one of the tools
+        ('The answer is {"name": "double"}', LLAMA_JSON, None),  # prose
+        ('Sure.\n<tool_call>\n{"name": "double", "arguments": {"n": 1}}\n</tool_call>', HERMES, ("double", {"n": 1})),
+        ('<tool_call>{"name": "double", "arguments": [1]}</tool_call>', HERMES, None),
+    ],
+)
 def test_parse_calls(text, fmt, want):
     got = parse_calls(text, fmt, {"double", "halve"})
     if want is None:
@@ -83,8 +97,10 @@ def test_forced_call_grammar_turns_random_logits_into_valid_calls(tiny_tokenizer
 
 
 def test_a_schema_llguidance_cannot_compile_is_a_400_naming_response_format(tiny_tokenizer):
-    p = plan({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
-             tiny_tokenizer.chat_template)
+    p = plan(
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+        tiny_tokenizer.chat_template,
+    )
     with pytest.raises(APIError) as exc:
         Grammars(tiny_tokenizer, len(tiny_tokenizer)).check(p.grammar, "response_format")
     assert exc.value.param == "response_format" and "foo" in exc.value.message
@@ -112,10 +128,13 @@ def test_engine_unpacks_llguidance_masks_as_llguidance_applies_them(tiny_tokeniz
         assert m.consume_token(int(mine.argmax()))
 
 
-@pytest.mark.parametrize("fmt, text", [
-    (LLAMA_JSON, '{"name": "double", "parameters": {"n": 7, "s": "a}\\"b"}}'),
-    (HERMES, '<tool_call>\n{"name": "double", "arguments": {"n": 7, "s": "a}\\"b"}}\n</tool_call>'),
-])
+@pytest.mark.parametrize(
+    "fmt, text",
+    [
+        (LLAMA_JSON, '{"name": "double", "parameters": {"n": 7, "s": "a}\\"b"}}'),
+        (HERMES, '<tool_call>\n{"name": "double", "arguments": {"n": 7, "s": "a}\\"b"}}\n</tool_call>'),
+    ],
+)
 def test_call_stream_sends_name_then_arguments_as_generated(fmt, text):
     """Fed the text a few characters at a time (as tokens arrive), the stream names the function
     once and its argument pieces join to exactly the arguments of the whole response."""
@@ -134,10 +153,13 @@ def test_call_stream_sends_name_then_arguments_as_generated(fmt, text):
     assert len(pieces) > 5
 
 
-@pytest.mark.parametrize("fmt, text", [
-    (LLAMA_JSON, '{"name": "double", "parameters": {"n": 7, "s": "abcdef'),
-    (HERMES, '<tool_call>\n{"name": "double", "arguments": {"n": 7, "s": "abcdef'),
-])
+@pytest.mark.parametrize(
+    "fmt, text",
+    [
+        (LLAMA_JSON, '{"name": "double", "parameters": {"n": 7, "s": "abcdef'),
+        (HERMES, '<tool_call>\n{"name": "double", "arguments": {"n": 7, "s": "abcdef'),
+    ],
+)
 def test_call_stream_cut_short_releases_what_it_held_back(fmt, text):
     """From review: a forced call cut by max_tokens has no closing characters; what the stream
     held back as possibly closing is argument text, and `rest` releases it."""

@@ -35,8 +35,7 @@ def test_sentencepiece_style_pieces():
     vocab = {"<unk>": 0, "\u2581hi": 1, "\u2581there": 2, "<0xE6>": 3, "<0x97>": 4, "<0xA5>": 5}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                         decoders.Fuse()])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     assert not _is_byte_level(tok)
     engine = _engine(tok)

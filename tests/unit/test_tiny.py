@@ -23,10 +23,13 @@ def test_loads_with_transformers_and_has_llama3_template(tiny_dir, tiny_tokenize
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, use_safetensors=True)
     assert model.config.model_type == "llama"
-    text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                              add_generation_prompt=True)
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     for tok in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
         assert tiny_tokenizer.convert_tokens_to_ids(tok) < 8  # special tokens come first
     assert tiny_tokenizer.eos_token == "<|eot_id|>"

@@ -17,15 +17,20 @@ from llama_train.tracking.params import (
 
 
 def test_params_are_json_without_none_and_only_training_sections():
-    recipe = recipe_from_dict({"train": {"max_steps": 3, "warmup_ratio": 0.1},
-                               "data": {"sources": [{"path": "some/hub-set", "split": "train"}]},
-                               "tracking": {"registered_model_name": "x"}})
+    recipe = recipe_from_dict(
+        {
+            "train": {"max_steps": 3, "warmup_ratio": 0.1},
+            "data": {"sources": [{"path": "some/hub-set", "split": "train"}]},
+            "tracking": {"registered_model_name": "x"},
+        }
+    )
     params = training_params(recipe)
     assert "None" not in params.values() and "null" not in params.values()
     assert "train.warmup_steps" not in params and params["train.warmup_ratio"] == "0.1"
     assert {k.split(".")[0] for k in params} == {"model", "data", "lora", "train", "parallel"}
-    assert json.loads(params["data.sources"]) == [{"path": "some/hub-set", "split": "train", "format": "messages",
-                                                   "weight": 1.0}]
+    assert json.loads(params["data.sources"]) == [
+        {"path": "some/hub-set", "split": "train", "format": "messages", "weight": 1.0}
+    ]
     assert not [k for k in params if k.startswith("data.builtin.")]  # no built-in source: not shaping
     assert params["train.compile"] == "false" and json.loads(params["train.betas"]) == [0.9, 0.999]
     assert param_value(None) == "null" and param_value("a b") == "a b"
@@ -46,12 +51,24 @@ def test_hub_ids_and_cache_snapshots_name_the_base(tmp_path):
 
 def test_description_and_summary_metrics():
     before, after = {"loss": 2.0, "exact_match": 0.1}, {"loss": 1.0, "exact_match": 0.6}
-    text = version_description(base_model="org/base", recipe_sha256="ab" * 32, run_name="r1",
-                               eval_before=before, eval_after=after, metric="exact_match", global_step=7)
+    text = version_description(
+        base_model="org/base",
+        recipe_sha256="ab" * 32,
+        run_name="r1",
+        eval_before=before,
+        eval_after=after,
+        metric="exact_match",
+        global_step=7,
+    )
     assert "`org/base`" in text and "ab" * 32 in text and "(7 steps)" in text
     assert "eval exact_match: 0.1 before → 0.6 after training" in text
-    summary = {"train_runtime_s": 3.5, "consumed_tokens": 100, "supervised_tokens_total": 40,
-               "train_loss": None, "eval": {"before": before, "after": after}}
+    summary = {
+        "train_runtime_s": 3.5,
+        "consumed_tokens": 100,
+        "supervised_tokens_total": 40,
+        "train_loss": None,
+        "eval": {"before": before, "after": after},
+    }
     m = summary_metrics(summary)
     assert m["summary/total_tokens"] == 100 and "summary/train_loss" not in m
     assert m["summary/eval_exact_match_change"] == 0.5
@@ -62,9 +79,18 @@ def test_command_line_tag_masks_credentials(monkeypatch):
     override values are masked, the rest is kept as typed."""
     from llama_train.tracking.params import source_tags
 
-    monkeypatch.setattr("sys.argv", ["/usr/bin/llama-train", "run", "r.yaml", "train.lr=1e-4",
-                                     "tracking.uri=https://alice:s3cr3t@mlflow.example:5000",
-                                     "--hf-token=hf_abc", "export.api_key=xyz"])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "/usr/bin/llama-train",
+            "run",
+            "r.yaml",
+            "train.lr=1e-4",
+            "tracking.uri=https://alice:s3cr3t@mlflow.example:5000",
+            "--hf-token=hf_abc",
+            "export.api_key=xyz",
+        ],
+    )
     tags = source_tags()
     command = tags["llama_train.command"]
     assert "s3cr3t" not in command and "hf_abc" not in command and "xyz" not in command

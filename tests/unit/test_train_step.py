@@ -86,8 +86,9 @@ def test_grad_accumulation_updates_equal_over_steps_with_sgd(tmp_path, tiny_dir,
     weights = []
     for size in (8, 2):
         recipe, tok, strategy, rows = _setup(tmp_path, tiny_dir, **sections)
-        strategy.optimizer = torch.optim.SGD([p for p in strategy.module.parameters() if p.requires_grad],
-                                             lr=0.5 if lora else 1e-2)
+        strategy.optimizer = torch.optim.SGD(
+            [p for p in strategy.module.parameters() if p.requires_grad], lr=0.5 if lora else 1e-2
+        )
         start = _trainable(strategy)
         for step in range(3):
             optimizer_step(strategy, _batches(rows[step * 8 : (step + 1) * 8], tok, size), recipe=recipe)
@@ -159,9 +160,11 @@ def test_filler_rows_change_nothing(tmp_path, tiny_dir):
         real = rows[:3]
         micro = [collate(real[:2], pad_id=tok.pad_token_id), collate(real[2:], pad_id=tok.pad_token_id)]
         if with_fillers:  # same shapes as a full step of 2 x 2, the 4th row and a whole micro batch filler
-            micro = [collate(real[:2], pad_id=tok.pad_token_id),
-                     collate([real[2], as_filler(rows[5])], pad_id=tok.pad_token_id),
-                     collate([as_filler(rows[6]), as_filler(rows[0])], pad_id=tok.pad_token_id)]
+            micro = [
+                collate(real[:2], pad_id=tok.pad_token_id),
+                collate([real[2], as_filler(rows[5])], pad_id=tok.pad_token_id),
+                collate([as_filler(rows[6]), as_filler(rows[0])], pad_id=tok.pad_token_id),
+            ]
         res = optimizer_step(strategy, micro, recipe=recipe)
         results.append((res, _trainable(strategy)))
     (a, wa), (b, wb) = results
