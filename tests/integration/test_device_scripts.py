@@ -65,3 +65,11 @@ def test_gpu_serve_check_passes_on_cpu(tmp_path):
     assert res["ok"] and len(res["requests"]) == 7
     echo = next(r for r in res["requests"] if r["request"] == "echo_prompt_logprobs")
     assert echo["finite"] and echo["max_logprob_diff"] == 0.0
+
+
+def test_gpu_dpo_check_passes_on_cpu(tmp_path):
+    out = tmp_path / "dpo_check.json"
+    run_script(["scripts/gpu_dpo_check.py", "--device", "cpu", "--out", str(out)], tmp_path)
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["same_counts"] and res["max_rel_logp_diff"] == 0.0  # the same path twice
+    assert res["metrics"]["rewards/margins"][0] != 0.0  # the adapter moves the policy off the reference
