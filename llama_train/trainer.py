@@ -406,7 +406,7 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     ctx.barrier()
     base_path = resolve_base_path(recipe)
     tokenizer = load_tokenizer(recipe, base_path)
-    data = load_data(recipe, tokenizer)
+    data = load_data(recipe, tokenizer, world_size=ctx.world_size)
     model = apply_finetuning(load_base_model(recipe, base_path), recipe)
     if recipe.lora.enabled:  # the base as the adapter names it where it is served (hub id, not a cache path)
         model.peft_config["default"].base_model_name_or_path = served_base_name(recipe, base_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -24,7 +25,8 @@ def _prepare(recipe: Path, overrides: list[str] | None, *, rebuild: bool = False
 
     r = load_recipe(recipe, list(overrides or []))
     tokenizer = load_tokenizer(r, resolve_base_path(r))
-    return check_data(r, tokenizer, rebuild=rebuild)
+    # under torchrun (`llama-train preprocess` in a job's init step) batch as the job's ranks will
+    return check_data(r, tokenizer, rebuild=rebuild, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @data_app.command("check")

@@ -29,11 +29,11 @@ class Tokenized:
     fingerprint: str = ""
 
 
-def check_data(recipe: Recipe, tokenizer, *, rebuild: bool = False) -> tuple[Tokenized, dict]:
-    """Preprocess (or load from the cache) and build the preflight report; never raises on
-    threshold failures (see `report["failures"]`)."""
+def check_data(recipe: Recipe, tokenizer, *, rebuild: bool = False, world_size: int = 1) -> tuple[Tokenized, dict]:
+    """Preprocess (or load from the cache) and build the preflight report (batching as
+    `world_size` ranks would); never raises on threshold failures (see `report["failures"]`)."""
     prepared, info = build_or_load(recipe, tokenizer, rebuild=rebuild)
-    report = build_report(recipe, prepared, cache=info)
+    report = build_report(recipe, prepared, cache=info, world_size=world_size)
     stats = {
         "rows": report["rows"],
         "kept": report["kept"],
@@ -55,9 +55,9 @@ def check_data(recipe: Recipe, tokenizer, *, rebuild: bool = False) -> tuple[Tok
     return data, report
 
 
-def load_data(recipe: Recipe, tokenizer) -> Tokenized:
+def load_data(recipe: Recipe, tokenizer, *, world_size: int = 1) -> Tokenized:
     """Data for training; raises DataError (exit 3) when the preflight checks fail."""
-    data, report = check_data(recipe, tokenizer)
+    data, report = check_data(recipe, tokenizer, world_size=world_size)
     if not report["ok"]:
         raise DataError(
             "data preflight failed (run `llama-train data check RECIPE` for the full report):\n" + format_report(report)

@@ -4,7 +4,6 @@ efficiency, and the recipe thresholds that turn it into a failure."""
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 
@@ -27,18 +26,18 @@ def length_histogram(lengths: np.ndarray, seq_len: int) -> list[dict]:
     return out
 
 
-def build_report(recipe: Recipe, prepared: Prepared, *, cache: dict | None = None) -> dict:
+def build_report(recipe: Recipe, prepared: Prepared, *, cache: dict | None = None, world_size: int = 1) -> dict:
     d = recipe.data
     c = prepared.counts
     lengths = np.asarray(prepared.lengths, dtype=np.int64)
     trained = np.minimum(lengths, d.seq_len)
     rows_tokens = row_lengths(prepared.train)
     t = recipe.train
-    # as the trainer batches the rows, for this job's number of ranks (torchrun's WORLD_SIZE)
+    # as the trainer batches the rows, for this job's number of ranks
     batching = {
         "micro_batch_size": t.micro_batch_size,
         "grad_accum_steps": t.grad_accum_steps,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": world_size,
         "seed": t.seed,
         "shuffle": d.shuffle,
     }

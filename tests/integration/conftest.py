@@ -32,10 +32,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from llama_train.tiny import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
+def tiny_model_dir(tiny_dir) -> Path:
+    """The session's tiny model (tests/conftest.py `tiny_dir`), under the name these tests use."""
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")
