@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import HP, LORA_TARGETS, RESULT_TAG, StepClock, emit, hf_training_args, step_timer  # noqa: E402
+from bench_train import (  # noqa: E402
+    HP,
+    LORA_TARGETS,
+    RESULT_TAG,
+    StepClock,
+    bench_workdir,
+    emit,
+    hf_training_args,
+    step_timer,
+)
 
 BETA = 0.1
 FRAMEWORKS = ("llama_train", "trl")
@@ -221,17 +229,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import trl
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_dpo_"))
-    work.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        from llama_train.tiny import build_tiny
-
-        base = build_tiny(work / "tiny", seed=0)
-    else:
-        from llama_train.models.catalogue import pull
-
-        base = pull(args.model)
-    (work / "model_dir.txt").write_text(str(base))
+    work, base = bench_workdir(args.model, args.work, prefix="bench_dpo_")
     data = make_pairs(work / "pairs.jsonl", num_pairs=args.pairs, tasks=args.tasks.split(","))
     print(
         json.dumps(

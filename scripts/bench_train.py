@@ -544,6 +544,23 @@ def round_ratios(rounds: list[dict], names: list[str], base: str = "llama_train"
     return "\n".join(lines)
 
 
+def bench_workdir(model: str, work: str | None, *, prefix: str) -> tuple[Path, Path]:
+    """The benchmark's work directory and base model (`tiny` built there, or a catalogue model
+    pulled into the cache); the model path is recorded in work/model_dir.txt for the children."""
+    work_dir = Path(work or tempfile.mkdtemp(prefix=prefix))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if model == "tiny":
+        from llama_train.tiny import build_tiny
+
+        base = build_tiny(work_dir / "tiny", seed=0)
+    else:
+        from llama_train.models.catalogue import pull
+
+        base = pull(model)
+    (work_dir / "model_dir.txt").write_text(str(base))
+    return work_dir, base
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1000, help="conversations in the synthetic data set")
@@ -583,17 +600,7 @@ def main(argv=None) -> int:
     import trl
     from transformers import AutoTokenizer
 
-    from llama_train.tiny import build_tiny
-
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
-    work.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        base = build_tiny(work / "tiny", seed=0)
-    else:
-        from llama_train.models.catalogue import pull
-
-        base = pull(args.model)
-    (work / "model_dir.txt").write_text(str(base))
+    work, base = bench_workdir(args.model, args.work, prefix="bench_train_")
     data = make_data(work / "chat.jsonl", AutoTokenizer.from_pretrained(base), num_rows=args.rows, seed=args.data_seed)
     env = {
         "torch": torch.__version__,
