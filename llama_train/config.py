@@ -423,7 +423,8 @@ class Recipe(Section):
 
     def _check_objective(self) -> None:
         d, dpo = self.data, self.dpo
-        changed = [k for k in type(dpo).model_fields if getattr(dpo, k) != getattr(type(dpo)(), k)]
+        default = type(dpo)()
+        changed = [k for k in type(dpo).model_fields if getattr(dpo, k) != getattr(default, k)]
         if self.train.objective == "sft" and changed:  # (a dumped recipe holds the defaults: those are fine)
             raise ValueError(
                 f"dpo.{changed[0]} is set but train.objective is `sft`, which ignores the dpo "
