@@ -33,6 +33,7 @@ import torch
 
 from llama_train.errors import CheckpointError
 
+CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/step_<N>/
 MARKER = "COMPLETE"
 STATE = "state.json"
 
@@ -109,7 +110,7 @@ def prune(ckpt_root: Path, keep_last_k: int) -> list[Path]:
     return old
 
 
-FaultHook = Callable[[str, int], None]  # (phase, step): test hook, see trainer.Faults
+FaultHook = Callable[[str, int], None]  # (phase, step): test hook, see faults.Faults
 
 
 def save_checkpoint(

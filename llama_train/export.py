@@ -25,8 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from llama_train import adapter
-from llama_train.errors import ExportError, ExportRefused, ExportUsageError
+from llama_train import checkpoint as ckpt
+from llama_train.artifacts import MANIFEST_FILE, RUN_SUMMARY_FILE, ExportManifest, RunSummary, TrainingState
+from llama_train.config import ExportConfig, format_validation_error, recipe_from_dict
+from llama_train.errors import ExportError, ExportRefused, ExportUsageError, RecipeError
 
 # vLLM's `MaxLoRARanks` (vllm/config/lora.py); NIM passes --max-lora-rank through to vLLM.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -225,10 +230,10 @@ class RunInfo:
     src: Path
     adapter_dir: Path | None
     model_dir: Path | None
-    run: dict
+    run: RunSummary  # run.json (empty when the run has none, e.g. a checkpoint of a running job)
     recipe_text: str | None
-    recipe: dict
-    checkpoint_state: dict | None = None  # state.json when `src` is a checkpoint
+    export: ExportConfig  # the saved recipe's export section, through the schema
+    checkpoint_state: TrainingState | None = None  # state.json when `src` is a checkpoint
 
 
 def _find_up(src: Path, name: str) -> Path | None:
@@ -239,9 +244,12 @@ def _find_up(src: Path, name: str) -> Path | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, kind=None):
+    """`path` parsed (as `kind`, an artifacts class, when given), or ExportError with the fix."""
     try:
         data = json.loads(path.read_text())
+        if kind is not None:
+            return kind.from_json(data)
     except (ValueError, OSError) as exc:
         raise ExportError(
             f"{path} is unreadable ({exc}); restore it from the run, or delete it "
@@ -273,8 +281,8 @@ def resolve_run(src: str | Path) -> RunInfo:
             f"{src} holds no adapter (adapter/adapter_config.json) and no full model "
             "(model/config.json); has the run finished? (see run.json `status`)"
         )
-    run_path = _find_up(src, "run.json")
-    run = _read_json(run_path) if run_path else {}
+    run_path = _find_up(src, RUN_SUMMARY_FILE)
+    run = _read_json(run_path, RunSummary) if run_path else RunSummary()
     recipe_path = _find_up(src, "recipe.yaml")
     recipe_text = recipe_path.read_text() if recipe_path else None
     try:
@@ -285,10 +293,34 @@ def resolve_run(src: str | Path) -> RunInfo:
         raise ExportError(f"{recipe_path} is not a recipe (a YAML mapping); restore it from the run")
     # A checkpoint's own state.json (not run.json, which describes the end of the run) says which
     # step its weights are from.
-    state = _read_json(src / "state.json") if (src / "state.json").is_file() else None
-    if state is None and src.parent.name == "checkpoints" and src.name.startswith("step_"):
-        state = {"step": int(src.name[5:])} if src.name[5:].isdigit() else None
-    return RunInfo(src, adapter_dir, model_dir, run, recipe_text, recipe, state)
+    state = _read_json(src / ckpt.STATE, TrainingState) if (src / ckpt.STATE).is_file() else None
+    if state is None and src.parent.name == ckpt.CHECKPOINTS and src.name.startswith("step_"):
+        state = TrainingState(step=int(src.name[5:])) if src.name[5:].isdigit() else None
+    return RunInfo(src, adapter_dir, model_dir, run, recipe_text, _export_config(recipe, recipe_path), state)
+
+
+class _ExportSection(BaseModel):
+    """A recipe's export section alone (the other sections ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+def _export_config(recipe: dict, path: Path | None) -> ExportConfig:
+    """The saved recipe's export section, validated by the schema with its defaults. The whole
+    recipe is validated when it still matches this version's schema; a recipe written by an
+    older version (a field since renamed) stays exportable: only its export section must validate."""
+    try:
+        return recipe_from_dict(recipe, source=str(path)).export
+    except RecipeError:
+        pass
+    try:
+        return _ExportSection.model_validate(recipe).export
+    except ValidationError as exc:
+        raise ExportError(
+            f"{format_validation_error(exc, f'{path} (export section)')}\n"
+            "fix the export section of the saved recipe, or pass the values as export options"
+        ) from None
 
 
 def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
@@ -300,7 +332,7 @@ def _copy_adapter(adapter_dir: Path, dest: Path) -> None:
 
 
 def _base_model(info: RunInfo) -> str:
-    base = info.run.get("base_model")
+    base = info.run.base_model
     if not base and info.adapter_dir is not None:
         cfg = _read_json(info.adapter_dir / adapter.CONFIG_FILE)
         base = cfg.get("base_model_name_or_path")
@@ -398,11 +430,11 @@ def export_run(
     info = resolve_run(src)
     out = Path(out_dir)
     _check_out(out, info.src, force=force)
-    ecfg = info.recipe.get("export") or {}
-    targets = list(targets if targets is not None else ecfg.get("targets", TARGETS))
-    max_lora_rank = int(ecfg.get("max_lora_rank", VLLM_DEFAULT_MAX_LORA_RANK))
-    allow = allow_incompatible or bool(ecfg.get("allow_incompatible", False))
-    name = adapter_name or ecfg.get("adapter_name") or info.run.get("run_name") or info.src.name
+    ecfg = info.export
+    targets = list(targets if targets is not None else ecfg.targets)
+    max_lora_rank = ecfg.max_lora_rank
+    allow = allow_incompatible or ecfg.allow_incompatible
+    name = adapter_name or ecfg.adapter_name or info.run.run_name or info.src.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
         raise ExportUsageError(
             f"adapter name {name!r} must be letters, digits, '.', '_' or '-' (it is a "
@@ -456,7 +488,7 @@ def export_run(
             elif fmt == "nim":
                 _copy_adapter(info.adapter_dir, tmp / "nim" / name)
         manifest = _manifest(info, tmp, name=name, base=base, formats=formats, targets=targets, r=r, findings=findings)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest.write(tmp / MANIFEST_FILE)
         try:
             _move_into_place(tmp, out)
         except OSError as exc:
@@ -466,7 +498,7 @@ def export_run(
             ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
-    return manifest
+    return manifest.to_json()
 
 
 def _check_out(out: Path, src: Path, *, force: bool) -> None:
@@ -541,47 +573,44 @@ def _manifest(
     targets: list[str],
     r: int,
     findings: list[Finding],
-) -> dict:
+) -> ExportManifest:
     files = {
         str(p.relative_to(root)): adapter.sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name != MANIFEST_FILE
     }
-    recipe_sha = info.run.get("recipe_sha256") or (
+    run, state = info.run, info.checkpoint_state
+    recipe_sha = run.recipe_sha256 or (
         hashlib.sha256(info.recipe_text.encode()).hexdigest() if info.recipe_text else None
     )
-    if info.checkpoint_state is not None:
+    if state is not None:
         # run.json's step, loss and final eval describe the end of the run, not these weights;
-        # a checkpoint records its step (and the eval before training), not a loss.
+        # a checkpoint records its step, its loss and the eval before training.
+        before = state.eval_before or (run.eval or {}).get("before")
+        if isinstance(before, dict):
+            before = {k: v for k, v in before.items() if k != "examples"}
         metrics = {
             "status": "checkpoint",
-            "global_step": info.checkpoint_state.get("step"),
-            "train_loss": info.checkpoint_state.get("train_loss"),
-            "eval": {"before": info.checkpoint_state.get("eval_before") or (info.run.get("eval") or {}).get("before")},
+            "global_step": state.step,
+            "train_loss": state.train_loss,
+            "eval": {"before": before},
         }
-        if isinstance(metrics["eval"]["before"], dict):
-            metrics["eval"]["before"] = {k: v for k, v in metrics["eval"]["before"].items() if k != "examples"}
     else:
-        metrics = {
-            "status": info.run.get("status"),
-            "global_step": info.run.get("global_step"),
-            "train_loss": info.run.get("train_loss"),
-            "eval": info.run.get("eval"),
-        }
-    return {
-        "llama_train_version": _version(),
-        "source": str(info.src.resolve()),
-        "adapter_name": name,
-        "base_model": base,
-        "recipe_sha256": recipe_sha,
-        "run_name": info.run.get("run_name"),
-        "formats": formats,
-        "targets": targets,
-        "lora_rank": r or None,
-        "metrics": metrics,
-        "lint": [asdict(f) for f in findings],
-        "files": files,
-    }
+        metrics = {"status": run.status, "global_step": run.global_step, "train_loss": run.train_loss, "eval": run.eval}
+    return ExportManifest(
+        llama_train_version=_version(),
+        source=str(info.src.resolve()),
+        adapter_name=name,
+        base_model=base,
+        recipe_sha256=recipe_sha,
+        run_name=run.run_name,
+        formats=formats,
+        targets=targets,
+        lora_rank=r or None,
+        metrics=metrics,
+        lint=[asdict(f) for f in findings],
+        files=files,
+    )
 
 
 # --------------------------------------------------------------------------- CLI

@@ -485,3 +485,11 @@ def _apply_deepspeed(model, inner, recipe: Recipe, ctx: DistContext) -> DeepSpee
 def decoder_layers(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return list(base.model.layers)
+
+
+def is_collective_failure(exc: RuntimeError) -> bool:
+    """A peer died or a collective timed out (DistError, or gloo's/NCCL's plain RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        s in text for s in ("gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "timed out")
+    )

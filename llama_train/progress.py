@@ -1,4 +1,5 @@
-"""Rank-0 progress: a rich progress bar on a terminal, plain log lines otherwise (CI, k8s logs)."""
+"""Rank-0 progress: a rich progress bar on a terminal, plain log lines otherwise (CI, k8s logs),
+and `log`, the trainer's rank-0 message line."""
 
 from __future__ import annotations
 
@@ -47,3 +48,11 @@ class Progress:
     def __exit__(self, *exc):
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+
+def log(ctx, msg: str) -> None:
+    """Print `msg` on stderr from rank 0 only (`ctx`: a parallel.DistContext)."""
+    if ctx.is_main:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold cyan]llama-train[/] {msg}", highlight=False)

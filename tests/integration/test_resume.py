@@ -1,6 +1,6 @@
 """Checkpoints, exact resume and fault tolerance with 2 gloo ranks in real torchrun processes (issue 5).
 
-Faults are injected with the test hooks of llama_train.trainer.Faults (LLAMA_TRAIN_FAULT): SIGKILL of
+Faults are injected with the test hooks of llama_train.faults.Faults (LLAMA_TRAIN_FAULT): SIGKILL of
 rank 1 before step 3 (checkpoints every 2 steps), SIGTERM, SIGKILL inside the checkpoint writer, NaN.
 The uninterrupted references are the session runs of test_distributed.py (same recipe). The per-rank
 ledger (LLAMA_TRAIN_LEDGER=1) records, after a resume rewinds it, the effective history: step, sample

@@ -123,7 +123,7 @@ def test_load_restores_lr_and_refuses_world_size_change_without_resharding(tmp_p
 
 
 def test_faults_parse(monkeypatch):
-    from llama_train.trainer import Faults
+    from llama_train.faults import Faults
 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     f = Faults(1, "nan:rank=1:step=2,kill:rank=0:step=3,ckpt_kill:rank=1:step=4:phase=renamed:attempt=0")
@@ -286,3 +286,28 @@ def test_reruns_resume_never_mix_runs_and_name_damage(tmp_path, tiny_dir):
     redone = train(recipe_from_dict(named))
     assert redone["global_step"] == 2 and [s for s, _ in redone["loss_history"]] == [2]
     assert redone["loss_history"][0][1] == pytest.approx(first["loss_history"][1][1], rel=1e-5)
+
+
+def test_checkpoint_manifest_reports_the_checkpoints_own_loss(tmp_path, tiny_dir):
+    """Each checkpoint's state.json carries the loss of the step whose weights it holds, and
+    `export` of that checkpoint reports it (not run.json's final loss, not null)."""
+    from llama_train.config import recipe_from_dict
+    from llama_train.export import export_run
+    from llama_train.trainer import train
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        data={"seq_len": 48, "cache": False},
+        train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-2},
+        checkpoint={"save_final": True, "every_n_steps": 1, "keep_last_k": 3},
+    )
+    summary = train(recipe_from_dict(recipe))
+    losses = dict(summary["loss_history"])
+    assert len(set(losses.values())) == 3  # three different losses: the test can tell them apart
+    for step in (1, 2, 3):
+        ck = Path(recipe["output_dir"]) / "checkpoints" / f"step_{step}"
+        manifest = export_run(ck, tmp_path / f"export_{step}")
+        assert manifest["metrics"]["status"] == "checkpoint" and manifest["metrics"]["global_step"] == step
+        assert manifest["metrics"]["train_loss"] == pytest.approx(losses[step], rel=1e-12)

@@ -221,7 +221,7 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
     from llama_train.data.dataset import load_data
     from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
     from llama_train.parallel import DistContext, apply_strategy
-    from llama_train.trainer import optimizer_step
+    from llama_train.step import optimizer_step
     from tests.conftest import tiny_recipe
     from tests.unit.test_train_step import _assert_grads_close, _record_grads
 
@@ -251,7 +251,7 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
         recorded = _record_grads(strategy)
         rows = [data.train[i] for i in range(4)]
         micro = [collate(rows[i : i + mb], pad_id=tok.pad_token_id, pairs=True) for i in range(0, 4, mb)]
-        res = optimizer_step(strategy, micro, recipe=recipe)
+        res = optimizer_step(strategy, micro, train=recipe.train)
         losses.append(res.loss)
         metrics.append(res.metrics)
         grads.append(recorded[0])
@@ -269,7 +269,7 @@ def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
     from llama_train.data.dataset import load_data
     from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
     from llama_train.parallel import DistContext, apply_strategy
-    from llama_train.trainer import optimizer_step
+    from llama_train.step import optimizer_step
     from tests.conftest import tiny_recipe
 
     recipe = recipe_from_dict(
@@ -289,12 +289,12 @@ def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
     strategy = apply_strategy(apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe), recipe, DistContext())
     micro = [collate([data.train[0], data.train[1]], pad_id=tok.pad_token_id, pairs=True)]
     before = {n: p.detach().clone() for n, p in strategy.module.named_parameters() if p.requires_grad}
-    res = optimizer_step(strategy, micro, recipe=recipe, inject_nan=True)
+    res = optimizer_step(strategy, micro, train=recipe.train, inject_nan=True)
     assert res.skipped and res.bad_ranks == [0]
     for n, p in strategy.module.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, before[n]), n
-    res = optimizer_step(strategy, micro, recipe=recipe)
+    res = optimizer_step(strategy, micro, train=recipe.train)
     assert not res.skipped and res.loss == pytest.approx(0.6931, abs=1e-4)
     assert any(not torch.equal(p, before[n]) for n, p in strategy.module.named_parameters() if p.requires_grad)
 
@@ -306,7 +306,7 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
     from llama_train.data.dataset import load_data
     from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
     from llama_train.parallel import DistContext, apply_strategy
-    from llama_train.trainer import optimizer_step
+    from llama_train.step import optimizer_step
     from tests.conftest import tiny_recipe
 
     recipe = recipe_from_dict(
@@ -334,8 +334,8 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
     assert not opt_params & {id(p) for p in ref.parameters()}
     ref_before = {n: p.clone() for n, p in ref.named_parameters()}
     micro = [collate([data.train[i] for i in range(4)], pad_id=tok.pad_token_id, pairs=True)]
-    first = optimizer_step(strategy, micro, recipe=recipe)
-    second = optimizer_step(strategy, micro, recipe=recipe)
+    first = optimizer_step(strategy, micro, train=recipe.train)
+    second = optimizer_step(strategy, micro, train=recipe.train)
     assert first.loss == pytest.approx(0.6931, abs=1e-4)  # policy == reference before the first update
     assert second.loss < first.loss and second.metrics["rewards/margins"] > 0  # the same pairs, trained on
     for n, p in ref.named_parameters():

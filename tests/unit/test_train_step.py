@@ -11,7 +11,7 @@ from llama_train.data.chat import tokenize_messages
 from llama_train.data.loader import as_filler, collate, num_supervised
 from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
 from llama_train.parallel import DistContext, apply_strategy
-from llama_train.trainer import optimizer_step
+from llama_train.step import optimizer_step
 
 from ..conftest import tiny_recipe
 
@@ -68,8 +68,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_dir, tiny_tokeniz
     for step in range(3):
         small.load_trainable_state_dict(_trainable(big))
         chunk = rows[step * 8 : (step + 1) * 8]
-        a = optimizer_step(big, _batches(chunk, tok, 8), recipe=recipe)
-        b = optimizer_step(small, _batches(chunk, tok, 2), recipe=recipe)
+        a = optimizer_step(big, _batches(chunk, tok, 8), train=recipe.train)
+        b = optimizer_step(small, _batches(chunk, tok, 2), train=recipe.train)
         assert not a.skipped and not b.skipped
         assert a.supervised == b.supervised
         assert a.loss == pytest.approx(b.loss, rel=1e-5)
@@ -91,7 +91,7 @@ def test_grad_accumulation_updates_equal_over_steps_with_sgd(tmp_path, tiny_dir,
         )
         start = _trainable(strategy)
         for step in range(3):
-            optimizer_step(strategy, _batches(rows[step * 8 : (step + 1) * 8], tok, size), recipe=recipe)
+            optimizer_step(strategy, _batches(rows[step * 8 : (step + 1) * 8], tok, size), train=recipe.train)
         weights.append((start, _trainable(strategy)))
     (start_a, a), (start_b, b) = weights
     for n in a:
@@ -115,7 +115,7 @@ def test_lora_leaves_base_bit_identical(tmp_path, tiny_dir):
     recipe, tok, strategy, rows = _setup(tmp_path, tiny_dir, train={"lr": 1e-2})
     before = {n: p.detach().clone() for n, p in strategy.module.named_parameters()}
     for step in range(2):
-        res = optimizer_step(strategy, _batches(rows[step * 8 : (step + 1) * 8], tok, 4), recipe=recipe)
+        res = optimizer_step(strategy, _batches(rows[step * 8 : (step + 1) * 8], tok, 4), train=recipe.train)
         assert not res.skipped
     changed = frozen_changed = 0
     for n, p in strategy.module.named_parameters():
@@ -130,7 +130,7 @@ def test_lora_leaves_base_bit_identical(tmp_path, tiny_dir):
 def test_full_finetuning_changes_base_weights(tmp_path, tiny_dir):
     recipe, tok, strategy, rows = _setup(tmp_path, tiny_dir, lora={"enabled": False}, train={"lr": 1e-3})
     before = {n: p.detach().clone() for n, p in strategy.module.named_parameters()}
-    optimizer_step(strategy, _batches(rows[:8], tok, 4), recipe=recipe)
+    optimizer_step(strategy, _batches(rows[:8], tok, 4), train=recipe.train)
     names = [n for n, p in strategy.module.named_parameters() if not torch.equal(before[n], p)]
     assert any("q_proj" in n for n in names) and any("embed_tokens" in n for n in names)
     assert len(names) == len(before)
@@ -143,7 +143,7 @@ def test_nan_loss_skips_the_update(tmp_path, tiny_dir):
     with torch.no_grad():
         saved = lora_a.clone()
         lora_a[0, 0] = float("nan")
-    res = optimizer_step(strategy, _batches(rows[:8], tok, 4), recipe=recipe)
+    res = optimizer_step(strategy, _batches(rows[:8], tok, 4), train=recipe.train)
     assert res.skipped and res.bad_ranks == [0]
     with torch.no_grad():
         lora_a.copy_(saved)
@@ -165,7 +165,7 @@ def test_filler_rows_change_nothing(tmp_path, tiny_dir):
                 collate([real[2], as_filler(rows[5])], pad_id=tok.pad_token_id),
                 collate([as_filler(rows[6]), as_filler(rows[0])], pad_id=tok.pad_token_id),
             ]
-        res = optimizer_step(strategy, micro, recipe=recipe)
+        res = optimizer_step(strategy, micro, train=recipe.train)
         results.append((res, _trainable(strategy)))
     (a, wa), (b, wb) = results
     assert a.supervised == b.supervised > 0 and a.tokens == b.tokens
