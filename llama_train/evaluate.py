@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from llama_train.attention import resolve as resolve_attention
 from llama_train.data.chat import end_of_turn_ids, prompt_ids, token_id
 from llama_train.data.loader import MODEL_INPUTS, collate
+from llama_train.dpo import eval_preferences
+from llama_train.model import DTYPES
+from llama_train.tracking.params import eval_metrics
 
 
 @torch.no_grad()
@@ -105,3 +110,54 @@ def evaluate(model, tokenizer, tok_eval: list[dict], eval_rows: list[dict], *, r
             for c, r, p in list(zip(convs, refs, preds))[:5]
         ]
     return result
+
+
+def eager(compiled: bool):
+    """Evaluation and generation run the compiled layers eagerly (train.compile): their shapes
+    (padded eval batches, a growing KV cache) would each cost a compilation."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
+def evaluate_objective(model, tokenizer, tok_eval: list[dict], eval_rows: list[dict], *, recipe, device) -> dict:
+    """The held-out evaluation of train.objective, before and after training: `evaluate` for sft;
+    for dpo the preference accuracy and reward margin of the held-out pairs."""
+    if recipe.train.objective == "dpo":
+        return eval_preferences(
+            model,
+            tok_eval,
+            pad_id=tokenizer.pad_token_id,
+            batch_size=recipe.train.micro_batch_size,
+            device=device,
+            attn_implementation=resolve_attention(recipe.model.attn_implementation),
+            mask_dtype=DTYPES[recipe.model.dtype],
+        )
+    return evaluate(model, tokenizer, tok_eval, eval_rows, recipe=recipe, device=device)
+
+
+def evaluate_during(model, tok_eval: list[dict], *, recipe, pad_id: int, device) -> dict[str, float]:
+    """The `eval/*` metrics every train.eval_every_n_steps: for sft the loss and perplexity only
+    (generation waits for the end), for dpo the whole preference evaluation."""
+    if recipe.train.objective == "dpo":
+        return eval_metrics(
+            eval_preferences(
+                model,
+                tok_eval,
+                pad_id=pad_id,
+                batch_size=recipe.train.micro_batch_size,
+                device=device,
+                attn_implementation=resolve_attention(recipe.model.attn_implementation),
+                mask_dtype=DTYPES[recipe.model.dtype],
+            )
+        )
+    ev = eval_loss(model, tok_eval, pad_id=pad_id, batch_size=max(recipe.train.micro_batch_size, 16), device=device)
+    return {"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))}
+
+
+def format_eval(ev: dict) -> str:
+    """One line for the log: the loss and the objective's headline numbers."""
+    parts = [f"loss {ev['loss']:.4f}"]
+    if "preference_accuracy" in ev:
+        parts += [f"preference accuracy {ev['preference_accuracy']:.3f}", f"reward margin {ev['reward_margin']:.4f}"]
+    if "exact_match" in ev:
+        parts.append(f"exact_match {ev['exact_match']:.3f}")
+    return ", ".join(parts) + f" on {ev['num_samples']} rows"

@@ -17,6 +17,7 @@ import torch
 from llama_train.artifacts import TrainingState
 from llama_train.config import TrainConfig
 from llama_train.data.loader import MODEL_INPUTS, num_supervised
+from llama_train.errors import NonFiniteError
 
 
 def autocast(precision: str, device: torch.device):
@@ -116,3 +117,91 @@ def optimizer_step(
     if scaler:
         scaler.update(applied=applied, overflow=overflow)
     return StepResult(loss, grad_norm, int(tokens), int(supervised), not applied, bad_ranks, overflow, metrics)
+
+
+MAX_OVERFLOWS = 32  # halvings: from the default 2^16 down to 2^-16
+
+
+class NonFiniteGuard:
+    """Counts the skipped steps in a row. A run whose loss or gradients stay non-finite stops
+    (train.max_nonfinite_skips; fp16 overflows: MAX_OVERFLOWS) instead of skipping forever."""
+
+    def __init__(self, max_skips: int):
+        self.max_skips = max_skips
+        self.skips = self.overflows = 0
+
+    def update(self, res: StepResult, *, step: int, loss_scale: float | None) -> str | None:
+        """The log line for a skipped step (None for an applied one); NonFiniteError past the limit."""
+        self.overflows = self.overflows + 1 if res.overflow else 0
+        self.skips = self.skips + 1 if res.skipped and not res.overflow else 0
+        if res.overflow:
+            if self.overflows >= MAX_OVERFLOWS:
+                raise NonFiniteError(
+                    f"{self.overflows} consecutive fp16 gradient overflows up to step {step}: "
+                    "the gradients are not finite at any loss scale; use train.precision: bf16 "
+                    "(or fp32), or lower train.lr"
+                )
+            scale = f"; loss scale now {loss_scale:g}" if loss_scale else " (DeepSpeed lowers its loss scale)"
+            return (
+                f"step {step}: fp16 gradient overflow (loss {res.loss:.4f} is finite); update "
+                f"skipped on all ranks{scale} ({self.overflows} in a row)"
+            )
+        if res.skipped:
+            if self.skips >= self.max_skips:
+                raise NonFiniteError(
+                    f"{self.skips} consecutive non-finite steps up to step {step} "
+                    f"(train.max_nonfinite_skips={self.max_skips}); lower train.lr or check the data"
+                )
+            return (
+                f"step {step}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
+                f"{res.grad_norm}, non-finite loss on rank(s) {res.bad_ranks or 'none'}); update skipped on "
+                f"all ranks ({self.skips} in a row)"
+            )
+        return None
+
+
+def train_metrics(
+    res: StepResult,
+    *,
+    lr: float,
+    dt: float,
+    consumed_samples: int,
+    num_rows: int,
+    flops_per_token: float,
+    world_size: int,
+    peak_flops: float | None,
+    loss_scale: float | None,
+    device: torch.device,
+) -> dict[str, float]:
+    """The `train/*` metrics of a step that took `dt` seconds."""
+    # FLOP/s and MFU per device: the step's tokens are counted over all ranks.
+    flops_per_s = res.tokens / dt * flops_per_token / world_size
+    metrics = {
+        "train/loss": res.loss,
+        "train/lr": lr,
+        "train/grad_norm": res.grad_norm,
+        "train/tokens_per_s": res.tokens / dt,
+        "train/supervised_tokens": res.supervised,
+        "train/supervised_tokens_per_s": res.supervised / dt,
+        "train/consumed_samples": consumed_samples,
+        "train/tflops_per_device": flops_per_s / 1e12,
+        **_memory_metrics(device),
+        # passes over the training rows (fractional): the x axis people think in
+        "train/epoch": consumed_samples / max(num_rows, 1),
+    }
+    if peak_flops:
+        metrics["train/mfu"] = flops_per_s / peak_flops
+    if loss_scale:
+        metrics["train/loss_scale"] = loss_scale
+    if res.metrics:  # DPO: named as TRL names them
+        metrics.update({f"train/{k}": v for k, v in res.metrics.items()})
+    return metrics
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    import resource
+
+    out = {"train/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["train/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out

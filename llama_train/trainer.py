@@ -6,10 +6,8 @@ fault injection and sample ledger in faults.py, behind hooks that do nothing in 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +30,10 @@ from llama_train.data.loader import (
 )
 from llama_train.errors import (
     InfrastructureError,
-    NonFiniteError,
     Preempted,
     RecipeError,
 )
-from llama_train.evaluate import eval_loss, evaluate
+from llama_train.evaluate import eager, evaluate_during, evaluate_objective, format_eval
 from llama_train.faults import TrainHooks, hooks_from_env
 from llama_train.model import (
     DTYPES,
@@ -50,11 +47,12 @@ from llama_train.model import (
 from llama_train.optim import lr_lambda
 from llama_train.parallel import DistContext, apply_strategy, init_distributed, is_collective_failure
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
+from llama_train.preempt import SigtermFlag
 from llama_train.preflight import preflight
 from llama_train.progress import Progress, log
 from llama_train.publish import publish
 from llama_train.resume import finished_summary, resume, set_aside_metrics
-from llama_train.step import LossScaler, StepResult, optimizer_step
+from llama_train.step import LossScaler, NonFiniteGuard, StepResult, optimizer_step, train_metrics
 from llama_train.tracking.datasets import dataset_records
 from llama_train.tracking.params import (
     derived_params,
@@ -71,28 +69,6 @@ def total_steps(recipe: Recipe, num_samples: int, global_batch: int) -> int:
     if t.max_steps is not None:
         return t.max_steps
     return max(1, math.ceil(t.epochs * math.ceil(num_samples / global_batch)))
-
-
-class _SigtermFlag:
-    """Records SIGTERM; the loop checks it at step boundaries (agreed across ranks)."""
-
-    def __init__(self):
-        self.raised = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
@@ -189,7 +165,7 @@ def _train(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> di
     try:
         if run.state.eval_before is None and run.data.eval:
             run.state.eval_before = _evaluate(run)
-            log(ctx, f"eval before training: {_fmt_eval(run.state.eval_before)}")
+            log(ctx, f"eval before training: {format_eval(run.state.eval_before)}")
             # step 0 of the same eval/* charts as the evals during and after training
             run.tracker.log_metrics(eval_metrics(run.state.eval_before), step=0)
         status, losses = _loop(run)
@@ -337,37 +313,31 @@ def _loop(run: Run) -> tuple[str, list[float]]:
     """Optimizer steps until the end or SIGTERM. Returns (status, per-step losses)."""
     ctx, state, t, every = run.ctx, run.state, run.recipe.train, run.recipe.checkpoint.every_n_steps
     losses: list[float] = []
-    skips = overflows = 0
-    with _SigtermFlag() as sigterm, Progress(total=run.steps, start=state.step, enabled=ctx.is_main) as progress:
+    guard = NonFiniteGuard(t.max_nonfinite_skips)
+    with SigtermFlag() as sigterm, Progress(total=run.steps, start=state.step, enabled=ctx.is_main) as progress:
         while state.step < run.steps:
             run.hooks.before_step(state.step + 1)
             # All ranks agree on stopping at this boundary (SIGTERM may reach only some of them).
             if ctx.all_reduce(1.0 if sigterm.raised else 0.0, "max") > 0:
                 return "preempted", losses
             res, lr, dt = _train_step(run)
-            overflows = overflows + 1 if res.overflow else 0
-            skips = skips + 1 if res.skipped and not res.overflow else 0
-            if res.overflow:
-                _log_overflow(run, res, overflows)
-            elif res.skipped:
-                _log_skip(run, res, skips)
+            note = guard.update(res, step=state.step, loss_scale=run.scaler.scale if run.scaler else None)
+            if note:
+                log(ctx, note)
             losses.append(res.loss)
-            _log_step(run, res, lr=lr, dt=dt, progress=progress)
+            if state.step % t.log_every_n_steps == 0 or state.step == run.steps:
+                run.tracker.log_metrics(_step_metrics(run, res, lr=lr, dt=dt), step=state.step)
+            progress.update(state.step, loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
             if t.eval_every_n_steps and state.step % t.eval_every_n_steps == 0 and state.step < run.steps:
-                if t.objective == "dpo":
-                    run.tracker.log_metrics(eval_metrics(_evaluate(run)), step=state.step)
-                else:
-                    with _eager(run):
-                        ev = eval_loss(
-                            run.strategy.model,
-                            run.data.eval,
-                            pad_id=run.tokenizer.pad_token_id,
-                            batch_size=max(t.micro_batch_size, 16),
-                            device=ctx.device,
-                        )
-                    run.tracker.log_metrics(
-                        {"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))}, step=state.step
+                with eager(t.compile):
+                    ev = evaluate_during(
+                        run.strategy.model,
+                        run.data.eval,
+                        recipe=run.recipe,
+                        pad_id=run.tokenizer.pad_token_id,
+                        device=ctx.device,
                     )
+                run.tracker.log_metrics(ev, step=state.step)
             if every and state.step % every == 0 and state.step < run.steps:
                 run.save_checkpoint()
     return "completed", losses
@@ -420,100 +390,10 @@ def _train_step(run: Run) -> tuple[StepResult, float, float]:
     return res, lr, dt
 
 
-def _log_skip(run: Run, res: StepResult, skips: int) -> None:
-    t = run.recipe.train
-    log(
-        run.ctx,
-        f"step {run.state.step}: non-finite loss/grad norm (loss={res.loss}, grad_norm="
-        f"{res.grad_norm}, non-finite loss on rank(s) {res.bad_ranks or 'none'}); update skipped on "
-        f"all ranks ({skips} in a row)",
-    )
-    if skips >= t.max_nonfinite_skips:
-        raise NonFiniteError(
-            f"{skips} consecutive non-finite steps up to step {run.state.step} "
-            f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); lower train.lr or check the data"
-        )
-
-
-MAX_OVERFLOWS = 32  # halvings: from the default 2^16 down to 2^-16
-
-
-def _log_overflow(run: Run, res: StepResult, overflows: int) -> None:
-    scale = f"; loss scale now {run.scaler.scale:g}" if run.scaler else " (DeepSpeed lowers its loss scale)"
-    log(
-        run.ctx,
-        f"step {run.state.step}: fp16 gradient overflow (loss {res.loss:.4f} is finite); update "
-        f"skipped on all ranks{scale} ({overflows} in a row)",
-    )
-    if overflows >= MAX_OVERFLOWS:
-        raise NonFiniteError(
-            f"{overflows} consecutive fp16 gradient overflows up to step {run.state.step}: "
-            "the gradients are not finite at any loss scale; use train.precision: bf16 "
-            "(or fp32), or lower train.lr"
-        )
-
-
-def _log_step(run: Run, res: StepResult, *, lr: float, dt: float, progress: Progress) -> None:
-    state = run.state
-    if state.step % run.recipe.train.log_every_n_steps == 0 or state.step == run.steps:
-        # FLOP/s and MFU per device: the step's tokens are counted over all ranks.
-        flops_per_s = res.tokens / dt * run.flops_per_token / run.ctx.world_size
-        metrics = {
-            "train/loss": res.loss,
-            "train/lr": lr,
-            "train/grad_norm": res.grad_norm,
-            "train/tokens_per_s": res.tokens / dt,
-            "train/supervised_tokens": res.supervised,
-            "train/supervised_tokens_per_s": res.supervised / dt,
-            "train/consumed_samples": state.consumed_samples,
-            "train/tflops_per_device": flops_per_s / 1e12,
-            **_memory_metrics(run.ctx.device),
-            # passes over the training rows (fractional): the x axis people think in
-            "train/epoch": state.consumed_samples / max(len(run.data.train), 1),
-        }
-        if run.peak_flops:
-            metrics["train/mfu"] = flops_per_s / run.peak_flops
-        if run.scaler:
-            metrics["train/loss_scale"] = run.scaler.scale
-        if res.metrics:  # DPO: named as TRL names them
-            metrics.update({f"train/{k}": v for k, v in res.metrics.items()})
-        run.tracker.log_metrics(metrics, step=state.step)
-    progress.update(state.step, loss=res.loss, lr=lr, tokens_per_s=res.tokens / dt)
-
-
-def _memory_metrics(device: torch.device) -> dict[str, float]:
-    import resource
-
-    out = {"train/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
-    if device.type == "cuda":
-        out["train/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
-def _eager(run: Run):
-    """Evaluation and generation run the compiled layers eagerly (train.compile): their shapes
-    (padded eval batches, a growing KV cache) would each cost a compilation."""
-    if run.recipe.train.compile:
-        return torch.compiler.set_stance("force_eager")
-    return contextlib.nullcontext()
-
-
 def _evaluate(run: Run) -> dict:
-    if run.recipe.train.objective == "dpo":
-        from llama_train.dpo import eval_preferences
-
-        with _eager(run):
-            return eval_preferences(
-                run.strategy.model,
-                run.data.eval,
-                pad_id=run.tokenizer.pad_token_id,
-                batch_size=run.recipe.train.micro_batch_size,
-                device=run.ctx.device,
-                attn_implementation=resolve_attention(run.recipe.model.attn_implementation),
-                mask_dtype=DTYPES[run.recipe.model.dtype],
-            )
-    with _eager(run):
-        return evaluate(
+    """The held-out evaluation of the run's objective (before and after training)."""
+    with eager(run.recipe.train.compile):
+        return evaluate_objective(
             run.strategy.model,
             run.tokenizer,
             run.data.eval,
@@ -521,6 +401,21 @@ def _evaluate(run: Run) -> dict:
             recipe=run.recipe,
             device=run.ctx.device,
         )
+
+
+def _step_metrics(run: Run, res: StepResult, *, lr: float, dt: float) -> dict[str, float]:
+    return train_metrics(
+        res,
+        lr=lr,
+        dt=dt,
+        consumed_samples=run.state.consumed_samples,
+        num_rows=len(run.data.train),
+        flops_per_token=run.flops_per_token,
+        world_size=run.ctx.world_size,
+        peak_flops=run.peak_flops,
+        loss_scale=run.scaler.scale if run.scaler else None,
+        device=run.ctx.device,
+    )
 
 
 def _finish(run: Run, losses: list[float]) -> dict:
@@ -553,7 +448,7 @@ def _finish(run: Run, losses: list[float]) -> dict:
     )
     if ctx.is_main:
         if eval_after:
-            log(ctx, f"eval after training: {_fmt_eval(eval_after)}")
+            log(ctx, f"eval after training: {format_eval(eval_after)}")
         publish(
             run.out,
             summary,
@@ -565,12 +460,3 @@ def _finish(run: Run, losses: list[float]) -> dict:
             dataset_fingerprint=state.dataset_fingerprint,
         )
     return summary.to_json()
-
-
-def _fmt_eval(ev: dict) -> str:
-    parts = [f"loss {ev['loss']:.4f}"]
-    if "preference_accuracy" in ev:
-        parts += [f"preference accuracy {ev['preference_accuracy']:.3f}", f"reward margin {ev['reward_margin']:.4f}"]
-    if "exact_match" in ev:
-        parts.append(f"exact_match {ev['exact_match']:.3f}")
-    return ", ".join(parts) + f" on {ev['num_samples']} rows"

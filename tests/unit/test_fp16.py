@@ -116,10 +116,10 @@ def test_loss_scale_must_be_a_power_of_two(tmp_path, tiny_dir):
 def test_overflows_at_every_scale_stop_the_run(tmp_path, tiny_dir, monkeypatch):
     """Overflow after overflow (here the cap is lowered to 3 and the scale starts at 2^40, far above
     what fp16 holds) ends the run with the non-finite error (exit code 6), naming bf16 as the fix."""
-    from llama_train import trainer
+    from llama_train import step
     from llama_train.errors import NonFiniteError
 
-    monkeypatch.setattr(trainer, "MAX_OVERFLOWS", 3)
+    monkeypatch.setattr(step, "MAX_OVERFLOWS", 3)
     recipe = _recipe(tmp_path, tiny_dir, "fp16", loss_scale_init=2.0**40)
     with pytest.raises(NonFiniteError, match="3 consecutive fp16 gradient overflows.*train.precision: bf16"):
         _train(recipe, monkeypatch)
