@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule, from the recipe's `train` section."""
+"""The optimizer, the learning-rate schedule and fp16 loss scaling, from the recipe's `train` section."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from llama_train.artifacts import TrainingState
     from llama_train.config import TrainConfig
 
 
@@ -41,3 +42,34 @@ def lr_lambda(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * decay
 
     return fn
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (single, ddp, fsdp; DeepSpeed's engine scales by itself).
+
+    The loss is multiplied by `scale` before backward so that small fp16 activation gradients do not
+    flush to zero, and the float32 parameter gradients are divided by it before clipping. A step whose
+    loss is finite but whose global grad norm is not has overflowed: it is skipped on every rank and
+    the scale halves; GROWTH_INTERVAL applied steps in a row double it. The decision uses the global norm
+    and loss, so all ranks agree. The state lives in the run state (checkpointed: exact resume)."""
+
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self, state: TrainingState, init: float):
+        self.state = state
+        if state.loss_scale is None:
+            state.loss_scale = float(init)
+
+    @property
+    def scale(self) -> float:
+        return self.state.loss_scale
+
+    def update(self, *, applied: bool, overflow: bool) -> None:
+        if overflow:
+            self.state.loss_scale = self.scale / 2
+            self.state.loss_scale_good_steps = 0
+        elif applied:
+            self.state.loss_scale_good_steps += 1
+            if self.state.loss_scale_good_steps >= self.GROWTH_INTERVAL:
+                self.state.loss_scale = self.scale * 2
+                self.state.loss_scale_good_steps = 0

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_train.artifacts import TrainingState
 from llama_train.config import TrainConfig
 from llama_train.data.loader import MODEL_INPUTS, num_supervised
 from llama_train.errors import NonFiniteError
+from llama_train.optim import LossScaler
 
 
 def autocast(precision: str, device: torch.device):
@@ -38,37 +38,6 @@ class StepResult:
     bad_ranks: list[int]  # ranks whose own loss was non-finite
     overflow: bool = False  # fp16: finite loss, non-finite gradients (the loss scaler backs off)
     metrics: dict | None = None  # train.objective dpo: TRL's rewards/* and logps/* means of the step
-
-
-class LossScaler:
-    """Dynamic loss scaling for fp16 (single, ddp, fsdp; DeepSpeed's engine scales by itself).
-
-    The loss is multiplied by `scale` before backward so that small fp16 activation gradients do not
-    flush to zero, and the float32 parameter gradients are divided by it before clipping. A step whose
-    loss is finite but whose global grad norm is not has overflowed: it is skipped on every rank and
-    the scale halves; GROWTH_INTERVAL applied steps in a row double it. The decision uses the global norm
-    and loss, so all ranks agree. The state lives in the run state (checkpointed: exact resume)."""
-
-    GROWTH_INTERVAL = 2000
-
-    def __init__(self, state: TrainingState, init: float):
-        self.state = state
-        if state.loss_scale is None:
-            state.loss_scale = float(init)
-
-    @property
-    def scale(self) -> float:
-        return self.state.loss_scale
-
-    def update(self, *, applied: bool, overflow: bool) -> None:
-        if overflow:
-            self.state.loss_scale = self.scale / 2
-            self.state.loss_scale_good_steps = 0
-        elif applied:
-            self.state.loss_scale_good_steps += 1
-            if self.state.loss_scale_good_steps >= self.GROWTH_INTERVAL:
-                self.state.loss_scale = self.scale * 2
-                self.state.loss_scale_good_steps = 0
 
 
 def optimizer_step(

@@ -44,7 +44,7 @@ from llama_train.model import (
     load_tokenizer,
     resolve_base_path,
 )
-from llama_train.optim import lr_lambda
+from llama_train.optim import LossScaler, lr_lambda
 from llama_train.parallel import DistContext, apply_strategy, init_distributed, is_collective_failure
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preempt import SigtermFlag
@@ -52,7 +52,7 @@ from llama_train.preflight import preflight
 from llama_train.progress import Progress, log
 from llama_train.publish import publish
 from llama_train.resume import finished_summary, resume, set_aside_metrics
-from llama_train.step import LossScaler, NonFiniteGuard, StepResult, optimizer_step, train_metrics
+from llama_train.step import NonFiniteGuard, StepResult, optimizer_step, train_metrics
 from llama_train.tracking.datasets import dataset_records
 from llama_train.tracking.params import (
     derived_params,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from llama_train.config import recipe_from_dict
-from llama_train.gate import Loaded, check_behaviour
+from llama_train.gate_checks import Loaded, check_behaviour
 
 
 @pytest.fixture(scope="module")

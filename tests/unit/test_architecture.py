@@ -92,3 +92,47 @@ def test_every_exit_code_is_in_the_table_and_the_readme_mirrors_it():
     rows = re.findall(r"^\| (\d+) \| (.+?) \| (yes|no|-) \|$", section, flags=re.M)
     table = {int(code): (meaning, retried == "yes") for code, meaning, retried in rows}
     assert table == errors.EXIT_CODES
+
+
+ROOT = PKG.parent  # llama_train/
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_import_graph_has_no_cycle():
+    """Every import between the package's modules, those inside functions too: no cycle."""
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for module, names in _imports(path):
+            if module.startswith("llama_train"):
+                # `from llama_train.x import y` is an import of module x.y when that is a module
+                deps |= {f"{module}.{n}" if f"{module}.{n}" in files else module for n in names or [""]}
+        graph[name] = {d for d in deps if d in files and d != name}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path[path.index(dep) :], dep])
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert "llama_train.trainer" in graph and graph["llama_train.trainer"]  # the walk saw the package
+
+
+MAX_MODULE_LINES = 470  # "no module over ~450 lines": one concern per module
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
+    assert len(sizes) > 50
+    assert {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES} == {}
