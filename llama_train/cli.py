@@ -74,7 +74,7 @@ def recipe_validate(
 
     r = load_recipe(recipe, overrides)
     if cluster and world_size is None:
-        from llama_train.k8s.render import nproc_per_node
+        from llama_train.k8s.settings import nproc_per_node
 
         world_size = r.k8s.nodes * nproc_per_node(r.k8s)
     report = preflight(r, world_size=world_size, local=not cluster)

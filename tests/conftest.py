@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +94,29 @@ def tiny_recipe(tmp_path, tiny_dir=None, **sections):
         else:
             base[key] = value
     return base
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, env: dict | None = None) -> CliResult:
+    """`llama-train ARGS` in this process: `llama_train.cli.main`, the console script's entry point
+    (the same argument parsing and the same error -> exit code mapping as `python -m
+    llama_train.cli`), inside typer's CliRunner isolation, which captures stdout and stderr apart
+    (and sets `env`, restored after). Use a subprocess only where the process itself is the point."""
+    from typer.testing import CliRunner
+
+    from llama_train.cli import main
+
+    with contextlib.chdir(Path(cwd) if cwd else Path.cwd()), CliRunner().isolation(env=env) as (out, err, _):
+        code = main([str(a) for a in args])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 def assert_packed_docs_match_alone(model, packed_logits, docs, groups, *, rtol: float) -> list[int]:

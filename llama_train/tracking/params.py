@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +46,16 @@ BUILTIN_KEYS = "data.builtin."
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "mlflow", "deepspeed", "llama-train")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: the model-training view, not GenAI
+# Environment variables turned into run tags when present (set them in the pod spec, e.g. from
+# the downward API: POD_UID <- metadata.uid, KUBEFLOW_JOB_NAME <- the job-name label).
+K8S_TAG_ENV = {
+    "k8s.job_name": ("KUBEFLOW_JOB_NAME", "JOB_NAME"),
+    "k8s.job_uid": ("KUBEFLOW_JOB_UID", "JOB_UID"),
+    "k8s.pod_name": ("POD_NAME",),
+    "k8s.pod_uid": ("POD_UID",),
+    "k8s.namespace": ("POD_NAMESPACE",),
+    "k8s.image": ("LLAMA_TRAIN_IMAGE",),
+}
 
 
 def param_value(value: Any) -> str:
@@ -178,6 +189,27 @@ def source_tags() -> dict[str, str]:
         "mlflow.source.type": "JOB" if in_job else "LOCAL",
         "llama_train.command": command,
     }
+
+
+def _git_commit() -> str | None:
+    if os.environ.get("LLAMA_TRAIN_GIT_COMMIT"):
+        return os.environ["LLAMA_TRAIN_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {}
+    for tag, names in K8S_TAG_ENV.items():
+        value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if value:
+            tags[tag] = value
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def base_model_label(recipe: Recipe, base_path: str) -> str:

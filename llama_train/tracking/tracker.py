@@ -14,16 +14,15 @@ Only the global rank 0 tracks (`make_tracker(recipe, rank=...)` gives every othe
 - continues the same MLflow run on resume and skips (metric, step) pairs already logged.
 
 The client factory and experiments are in llama_train.tracking.client, the offline upload in
-llama_train.tracking.sync, the model registry in llama_train.tracking.registry.
+llama_train.tracking.sync, the background upload thread in llama_train.tracking.uploader, the
+loss curve in llama_train.tracking.figures, the run tags taken from the environment in
+llama_train.tracking.params, the model registry in llama_train.tracking.registry.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import queue
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +38,8 @@ from llama_train.tracking.client import (
     resolve_uri,
     warn,
 )
+from llama_train.tracking.figures import plot_loss_curve
+from llama_train.tracking.params import environment_tags
 from llama_train.tracking.sync import (
     METRICS_FILE,
     STATE_FILE,
@@ -51,6 +52,7 @@ from llama_train.tracking.sync import (
     upload_artifact,
     write_json,
 )
+from llama_train.tracking.uploader import Uploader
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -58,18 +60,6 @@ if TYPE_CHECKING:
     from llama_train.config import Recipe
 
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # which artifacts the UI renders as tables
-LOSS_CURVE_FILE = "loss_curve.png"
-
-# Environment variables turned into run tags when present (set them in the pod spec, e.g. from
-# the downward API: POD_UID <- metadata.uid, KUBEFLOW_JOB_NAME <- the job-name label).
-K8S_TAG_ENV = {
-    "k8s.job_name": ("KUBEFLOW_JOB_NAME", "JOB_NAME"),
-    "k8s.job_uid": ("KUBEFLOW_JOB_UID", "JOB_UID"),
-    "k8s.pod_name": ("POD_NAME",),
-    "k8s.pod_uid": ("POD_UID",),
-    "k8s.namespace": ("POD_NAMESPACE",),
-    "k8s.image": ("LLAMA_TRAIN_IMAGE",),
-}
 
 
 class Tracker(Protocol):
@@ -107,111 +97,6 @@ class NullTracker:
         pass
 
 
-def _git_commit() -> str | None:
-    if os.environ.get("LLAMA_TRAIN_GIT_COMMIT"):
-        return os.environ["LLAMA_TRAIN_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment_tags() -> dict[str, str]:
-    tags = {}
-    for tag, names in K8S_TAG_ENV.items():
-        value = next((os.environ[n] for n in names if os.environ.get(n)), None)
-        if value:
-            tags[tag] = value
-    if commit := _git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
-class _Uploader:
-    """One daemon thread running MLflow calls from a bounded queue.
-
-    A failed call is not retried (metrics are in metrics.jsonl; `track sync` fills gaps); after a
-    failure, queued calls are dropped without trying for `backoff_s`, so an unreachable server
-    costs one timeout per window instead of one per step.
-    """
-
-    def __init__(self, *, max_queue: int = 1000, backoff_s: float = 30.0):
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._backoff_s = backoff_s
-        self._offline_until = 0.0
-        self.num_failed = 0
-        self.num_dropped = 0
-        self.closing = False  # set by finish(): nothing is retried after the final items
-        self._warned_full = False
-        self._thread = threading.Thread(target=self._loop, name="llama-train-mlflow", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], Any], what: str) -> None:
-        try:
-            self._queue.put_nowait((fn, what))
-        except queue.Full:
-            self.num_dropped += 1
-            if not self._warned_full:
-                self._warned_full = True
-                warn(
-                    "MLflow upload queue is full; dropping uploads (kept in metrics.jsonl, "
-                    "run `llama-train track sync` later)"
-                )
-
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                fn, what = item
-                if isinstance(fn, threading.Event):
-                    fn.set()
-                    continue
-                if time.monotonic() < self._offline_until:
-                    self.num_dropped += 1
-                    continue
-                try:
-                    fn()
-                except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
-                    self.num_failed += 1
-                    self._offline_until = time.monotonic() + self._backoff_s
-                    if self.closing:
-                        warn(f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]})")
-                    else:
-                        warn(
-                            f"MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                            f"training continues, retrying in {self._backoff_s:.0f} s; metrics "
-                            f"are kept in {METRICS_FILE}"
-                        )
-            finally:
-                self._queue.task_done()
-
-    def retry_now(self) -> None:
-        self._offline_until = 0.0
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything queued so far ran (or was dropped); False on timeout."""
-        if not self._thread.is_alive():
-            return True
-        marker = threading.Event()
-        try:
-            self._queue.put((marker, "flush"), timeout=timeout)
-        except queue.Full:
-            return False
-        return marker.wait(timeout)
-
-    def close(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return False
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        return not self._thread.is_alive()
-
-
 class MlflowTracker:
     """MLflow run of one training job (global rank 0), resilient to the server going away."""
 
@@ -243,7 +128,7 @@ class MlflowTracker:
         self.last_steps: dict[str, int] = {}  # metric key -> last step logged (file or server)
         self.latest: dict[str, float] = {}  # metric key -> last value (for registry tags)
         self._max_queue, self._backoff_s = max_queue, backoff_s
-        self._uploader: _Uploader | None = None
+        self._uploader: Uploader | None = None
         self._client: MlflowClient | None = None
         self._file = None
         self._sampler = None
@@ -288,7 +173,7 @@ class MlflowTracker:
         self._state["run_id"] = self.run_id
         self._save_state()
         if self._client is not None and self.run_id is not None:
-            self._uploader = _Uploader(max_queue=self._max_queue, backoff_s=self._backoff_s)
+            self._uploader = Uploader(max_queue=self._max_queue, backoff_s=self._backoff_s)
         if self.log_system_metrics:  # also offline: the samples go to metrics.jsonl
             self._start_system_metrics()
         if self._uploader is None:
@@ -357,7 +242,7 @@ class MlflowTracker:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-        curve = self._plot_loss_curve()
+        curve = plot_loss_curve(self.output_dir)
         with self._state_lock:  # the uploader thread serializes _state meanwhile
             self._state["status"] = status
             end_ms = self._state["end_time_ms"] = int(time.time() * 1000)  # kept by `track sync`
@@ -532,45 +417,6 @@ class MlflowTracker:
         for m in objs:
             if m.step > self.last_steps.get(m.key, -1):
                 self.last_steps[m.key] = m.step
-
-    def _plot_loss_curve(self) -> Path | None:
-        series: dict[str, list[tuple[int, float]]] = {}
-        for row in read_metrics_file(self.output_dir):
-            for key, value in row.get("metrics", {}).items():
-                if "loss" in key and isinstance(value, (int, float)):
-                    series.setdefault(key, []).append((int(row["step"]), float(value)))
-        if not series:
-            return None
-        try:
-            return plot_curves(series, self.output_dir / LOSS_CURVE_FILE)
-        except Exception as exc:  # noqa: BLE001  (tracking must never stop training)
-            warn(f"loss curve not drawn: {exc}")
-            return None
-
-
-def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """PNG of each series against step; Figure + Agg canvas, no pyplot global state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for key, points in sorted(series.items()):
-        points.sort()
-        ax.plot(
-            [s for s, _ in points],
-            [v for _, v in points],
-            label=key,
-            marker="." if len(points) < 50 else None,
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:

@@ -11,7 +11,7 @@ from pathlib import Path
 import llama_train.tracking as tracking
 
 PKG = Path(tracking.__file__).parent
-ORDER = ["params", "datasets", "store", "client", "sync", "tracker", "registry"]
+ORDER = ["params", "datasets", "store", "client", "sync", "figures", "uploader", "tracker", "registry"]
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from llama_train.config import dump_recipe, load_recipe, recipe_from_dict, recipe_schema
 from llama_train.errors import RecipeError
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN = {"train": {"max_steps": 1}}
@@ -136,9 +135,7 @@ def test_recipes_exist():
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "llama_train.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    return run_cli(*args, cwd=cwd)
 
 
 def test_cli_bad_path_and_malformed_yaml_exit_codes(tmp_path):

@@ -4,9 +4,7 @@ a request pinned to the version it was routed to, and the errors for bad models:
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
+from unittest import mock
 
 import pytest
 
@@ -14,6 +12,7 @@ from llama_train.errors import LlamaTrainError
 from llama_train.serve.engine import Engine, GenRequest, SamplingParams
 from llama_train.serve.observe import Metrics
 from llama_train.tracking.registry import parse_model_ref
+from tests.conftest import run_cli
 
 
 def _engine() -> Engine:
@@ -94,14 +93,13 @@ def test_bad_model_refs_say_which_forms_work(ref):
 
 
 def _serve(tiny_dir, *args, env=None):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "llama_train.cli", "serve", "--base", str(tiny_dir), "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    """`llama-train serve` in this process, without $MLFLOW_TRACKING_URI. These flags must fail before
+    the server starts; if one did not, the patched run fails the test instead of serving forever."""
+    started = AssertionError("the server started: the flags were accepted")
+    with mock.patch("uvicorn.Server.run", side_effect=started):
+        return run_cli(
+            "serve", "--base", tiny_dir, "--port", "0", *args, env={"MLFLOW_TRACKING_URI": None} | (env or {})
+        )
 
 
 def test_serve_flags_for_registry_adapters_fail_fast_with_the_fix(tiny_dir):
