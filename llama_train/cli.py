@@ -335,8 +335,15 @@ def track_ui(
     os.execv(argv[0], argv)  # the UI in this process: Ctrl-C and signals reach it directly
 
 
+_mounted: list[bool] = []
+
+
 def _mount_optional() -> None:
-    """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable."""
+    """Verbs from modules with optional dependencies (serve, k8s) are mounted when importable; once
+    per process (the tests call `main` many times in one)."""
+    if _mounted:
+        return
+    _mounted.append(True)
     from llama_train.data.cli import data_app, preprocess_command
 
     app.add_typer(data_app, name="data", help="Check and preprocess a recipe's data.")
