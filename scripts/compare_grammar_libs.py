@@ -110,7 +110,7 @@ def bench_outlines(tok, ids):
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
 
-    from llama_train.serve.engine import _BYTE_DECODER
+    from llama_train.serve.tokens import BYTE_DECODER
 
     eos = tok.eos_token_id
     vocab: dict[str, list[int]] = {}
@@ -118,7 +118,7 @@ def bench_outlines(tok, ids):
         piece = tok.convert_ids_to_tokens(tid)
         if tid == eos or piece in tok.all_special_tokens:
             continue
-        raw = bytes(_BYTE_DECODER[c] for c in piece) if all(c in _BYTE_DECODER for c in piece) else piece.encode()
+        raw = bytes(BYTE_DECODER[c] for c in piece) if all(c in BYTE_DECODER for c in piece) else piece.encode()
         vocab.setdefault(raw.decode("utf-8", errors="replace"), []).append(tid)
     v = Vocabulary(eos, vocab)
     t0 = time.perf_counter()

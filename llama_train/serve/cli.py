@@ -176,8 +176,9 @@ def serve_command(
     import uvicorn
 
     from llama_train.serve.app import create_app
-    from llama_train.serve.engine import Engine, check_adapter_dirs, parse_named
+    from llama_train.serve.engine import Engine
     from llama_train.serve.observe import log_config
+    from llama_train.serve.routing import check_adapter_dirs
     from llama_train.serve.upstream import Upstream
 
     check_flags(base=base, host=host, port=port, dtype=dtype, device=device, log_level=log_level)
@@ -237,10 +238,21 @@ def serve_command(
     _draining_server_class()(config).run()
 
 
+def parse_named(items: list[str] | None, what: str) -> dict[str, str]:
+    """`NAME=VALUE` pairs (repeatable CLI options) -> dict, with a clear error on bad input."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--{what} {item!r} must look like NAME={'DIR' if what == 'adapter' else 'URL'}")
+        if name in out:
+            raise ValueError(f"--{what} name {name!r} given twice")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def _parse_canaries(items: list[str] | None, adapters: dict[str, str]) -> dict[str, tuple[str, float]]:
     """--canary NAME=REF:FRACTION -> {NAME: (REF, FRACTION)}, with the flag named on bad input."""
-    from llama_train.serve.engine import parse_named
-
     out = {}
     try:
         named = parse_named(items, "canary")
@@ -267,7 +279,7 @@ def _install_canaries(engine, follower, canaries: dict[str, tuple[str, float]]) 
     """Fetch (and verify) each canary now; it is installed as soon as the model has loaded."""
     import logging
 
-    from llama_train.serve.engine import check_adapter_dirs
+    from llama_train.serve.routing import check_adapter_dirs
 
     log = logging.getLogger("llama_train.serve")
     for name, (ref, share) in canaries.items():

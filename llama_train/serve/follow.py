@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_train.errors import LlamaTrainError
-from llama_train.serve.engine import Superseded
+from llama_train.serve.routing import Superseded
 
 log = logging.getLogger("llama_train.serve")
 

@@ -111,7 +111,7 @@ def test_engine_unpacks_llguidance_masks_as_llguidance_applies_them(tiny_tokeniz
     row on a 49k vocabulary): same allowed tokens as llguidance's own, at every step."""
     import llguidance.torch as llt
 
-    from llama_train.serve.engine import _unpack_bitmask
+    from llama_train.serve.sampling import unpack_bitmask as _unpack_bitmask
 
     vocab = len(tiny_tokenizer) + 37  # logits wider than the tokenizer (padded embeddings), not a multiple of 32
     p = plan({"response_format": {"type": "json_object"}}, tiny_tokenizer.chat_template)

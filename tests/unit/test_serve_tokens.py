@@ -3,11 +3,12 @@ BPE token holds only part of a UTF-8 character."""
 
 from __future__ import annotations
 
-from llama_train.serve.engine import Engine, _is_byte_level
+from llama_train.serve.engine import Engine
+from llama_train.serve.tokens import is_byte_level as _is_byte_level
 
 
 def _engine(tokenizer) -> Engine:
-    from llama_train.serve.engine import _BYTE_DECODER
+    from llama_train.serve.tokens import BYTE_DECODER as _BYTE_DECODER
 
     engine = Engine("unused")
     engine.tokenizer = tokenizer
