@@ -288,7 +288,7 @@ class DPOConfig(Section):
         description="Where the reference log-probs come from. `adapter_disabled` (auto with LoRA): "
         "the base model with the adapter switched off in the same forward, no second copy of the weights. "
         "`frozen_copy` (auto with lora.enabled: false): a frozen copy of the base model taken before "
-        "training (twice the weights' memory; parallel.strategy single or ddp).",
+        "training, sharded like the policy under fsdp and deepspeed ZeRO-3 (twice the weights' memory).",
     )
 
 
@@ -485,12 +485,6 @@ class Recipe(Section):
             raise ValueError(
                 "dpo.reference: frozen_copy is for full fine-tuning (lora.enabled: false); with LoRA "
                 "the base with the adapter disabled is the reference: set dpo.reference: auto"
-            )
-        if not self.lora.enabled and self.parallel.strategy not in ("single", "ddp"):
-            raise ValueError(
-                f"train.objective: dpo with full fine-tuning keeps a frozen reference copy of the "
-                f"model, supported with parallel.strategy single or ddp, not "
-                f"{self.parallel.strategy}; use LoRA (lora.enabled: true) or strategy ddp"
             )
         if self.lora.enabled and self.lora.modules_to_save:
             raise ValueError(
