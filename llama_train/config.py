@@ -169,12 +169,6 @@ class Recipe(Section):
                 "dpo.reference: frozen_copy is for full fine-tuning (lora.enabled: false); with LoRA "
                 "the base with the adapter disabled is the reference: set dpo.reference: auto"
             )
-        if not self.lora.enabled and self.parallel.strategy not in ("single", "ddp"):
-            raise ValueError(
-                f"train.objective: dpo with full fine-tuning keeps a frozen reference copy of the "
-                f"model, supported with parallel.strategy single or ddp, not "
-                f"{self.parallel.strategy}; use LoRA (lora.enabled: true) or strategy ddp"
-            )
         if self.lora.enabled and self.lora.modules_to_save:
             raise ValueError(
                 "train.objective: dpo with lora.modules_to_save: the reference (adapter disabled) "

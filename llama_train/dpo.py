@@ -6,8 +6,9 @@ side's log-prob is the SUM of its completion tokens' log-probs (labels != -100),
 
 The reference is the base model with the LoRA adapter disabled, run in the same forward under
 no_grad (peft's `disable_adapter`): no second copy of the weights. For full fine-tuning it is a
-frozen copy of the base taken before training (held outside the module tree, so DDP, the
-optimizer and checkpoints never see it). Rewards are
+frozen copy of the base taken before training, a `FrozenReference` held outside the policy's module
+tree (so DDP, the optimizer and checkpoints never see it) and sharded like the policy by the
+strategy (parallel.py: FSDP2 `fully_shard`, a ZeRO-3 engine without optimizer). Rewards are
 beta * (policy - reference) log-prob; the loss per pair:
   sigmoid  -(1 - e) logsigmoid(beta m) - e logsigmoid(-beta m),  m = chosen - rejected log-ratio,
            e = dpo.label_smoothing (0: the DPO paper, TRL's `sigmoid`)
@@ -136,6 +137,35 @@ def pair_losses(
     return losses, metrics
 
 
+class FrozenReference(torch.nn.Module):
+    """The reference of full fine-tuning: a frozen copy of the base model, a module tree of its own
+    whose forward is the whole reference pass (per-document completion log-probs, under no_grad).
+    Being its own root lets a strategy shard it as it shards the policy: FSDP2 gathers the root's
+    parameters (embeddings, final norm, lm_head, read outside lm_head.forward) for this forward,
+    ZeRO-3 partitions it as an engine without optimizer."""
+
+    def __init__(self, model, *, chunk_size: int = DEFAULT_CHUNK_TOKENS):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.chunk_size = chunk_size
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always eval: the reference is the base as it was
+
+    @torch.no_grad()
+    def forward(self, input_ids, labels, doc_ids, *, num_docs: int, attention_mask=None, position_ids=None):
+        return completion_logps(
+            self.model,
+            input_ids,
+            labels,
+            doc_ids,
+            num_docs=num_docs,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            chunk_size=self.chunk_size,
+        )
+
+
 class DPOModule(torch.nn.Module):
     """The model as the training loop sees it under train.objective: dpo:
     forward(input_ids, labels, attention_mask, position_ids, doc_ids) → (loss_sum, stats), stats the
@@ -155,11 +185,25 @@ class DPOModule(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.chunk_size = chunk_size
-        # not a registered submodule: no gradients, no DDP buckets, not in state_dict / checkpoints
+        # Not registered submodules: no gradients, no DDP buckets, not in state_dict / checkpoints.
+        # `reference_model` is the frozen copy itself, `reference_pass` what runs it (see set_reference_pass).
+        if isinstance(reference_model, FrozenReference):
+            reference_pass, reference_model = reference_model, reference_model.model
+        else:
+            reference_pass = (
+                None if reference_model is None else FrozenReference(reference_model, chunk_size=chunk_size)
+            )
         object.__setattr__(self, "reference_model", reference_model)
+        self.set_reference_pass(reference_pass)
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
         # the gate scores the base model itself as a policy: its policy pass is the reference pass
         self.policy_is_reference = policy_is_reference
+
+    def set_reference_pass(self, reference_pass) -> None:
+        """What computes the full fine-tuning reference's log-probs: the `FrozenReference` around
+        `reference_model`, or what a strategy made of it (sharded in place, a DeepSpeed engine around
+        it), called as `FrozenReference.forward`."""
+        object.__setattr__(self, "reference_pass", reference_pass)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, doc_ids=None):
         if doc_ids is None:
@@ -170,8 +214,15 @@ class DPOModule(torch.nn.Module):
             num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids, chunk_size=self.chunk_size
         )
         with torch.no_grad():
-            if self.reference_model is not None:
-                reference, counts = completion_logps(self.reference_model, input_ids, labels, doc_ids, **kwargs)
+            if self.reference_pass is not None:
+                reference, counts = self.reference_pass(
+                    input_ids,
+                    labels,
+                    doc_ids,
+                    num_docs=num_docs,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                )
             else:
                 with self.inner.disable_adapter():
                     reference, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)

@@ -355,18 +355,22 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
     from llama_train.model import TrainModule
 
     strategy = recipe.parallel.strategy
+    inner = model
+    reference = None
+    if recipe.train.objective == "dpo" and not recipe.lora.enabled:
+        # full fine-tuning: a frozen copy of the base, before any update (a resume rebuilds the same
+        # one) and before the policy is moved or wrapped; `prepare_reference` places it per strategy
+        import copy
+
+        from llama_train.dpo import FrozenReference
+
+        reference = FrozenReference(copy.deepcopy(inner), chunk_size=recipe.train.loss_chunk_size)
     if recipe.model.quantization == "none" and strategy != "deepspeed":
         model.to(ctx.device)
-    inner = model
     if recipe.train.objective == "dpo":
         from llama_train.dpo import DPOModule
 
         d = recipe.dpo
-        reference = None
-        if not recipe.lora.enabled:  # full fine-tuning: a frozen copy of the base, before any update
-            import copy
-
-            reference = copy.deepcopy(inner).eval().requires_grad_(False)
         model = DPOModule(
             inner,
             beta=d.beta,
@@ -385,16 +389,66 @@ def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
             model = DDP(model, device_ids=ids)
         plain = Strategy(model, make_optimizer(model, recipe.train), ctx)
         plain.name = strategy
-        return plain
-    if strategy == "fsdp":
-        return _apply_fsdp(model, inner, recipe, ctx)
-    if strategy == "deepspeed":
-        return _apply_deepspeed(model, inner, recipe, ctx)
-    raise PreflightError(f"parallel.strategy {strategy!r} is not available in this build")
+        result = plain
+    elif strategy == "fsdp":
+        result = _apply_fsdp(model, inner, recipe, ctx)
+    elif strategy == "deepspeed":
+        result = _apply_deepspeed(model, inner, recipe, ctx)
+    else:
+        raise PreflightError(f"parallel.strategy {strategy!r} is not available in this build")
+    if reference is not None:
+        result.train_module.set_reference_pass(prepare_reference(reference, result, recipe, ctx))
+    return result
 
 
-def _apply_fsdp(model, inner, recipe: Recipe, ctx: DistContext) -> FSDPStrategy:
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+def prepare_reference(reference, strategy: Strategy, recipe: Recipe, ctx: DistContext):
+    """Place DPO's frozen reference (a `FrozenReference`, full fine-tuning) as the strategy placed the
+    policy, and return what the policy's forward calls. single/ddp and ZeRO-1/2 (parameters not
+    partitioned): a whole copy on each rank, in the policy's dtypes. FSDP2: sharded like the policy
+    (decoder layers and root, the same mixed precision and offload), resharded after its forward.
+    ZeRO-3: partitioned by an engine of its own without optimizer (as TRL's DPOTrainer prepares its
+    reference model). No optimizer, no gradients, not in checkpoints: it is rebuilt from the base."""
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import fully_shard
+
+        kwargs = _fsdp_kwargs(recipe, ctx)
+        # Reshard after the forward also at the root (whose default is to keep its parameters
+        # gathered until the backward, which the reference never has).
+        for layer in decoder_layers(reference.model):
+            fully_shard(layer, reshard_after_forward=True, **kwargs)
+        fully_shard(reference, reshard_after_forward=True, **kwargs)
+        return reference
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage == 3:
+        import deepspeed
+
+        cfg = deepspeed_config(recipe, ctx.world_size)
+        for key in ("optimizer", "scheduler"):  # a user's JSON may name them: the reference has neither
+            cfg.pop(key, None)
+        cfg["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=reference, config=cfg, dist_init_required=False)
+        engine.eval()
+        # the chunked log-probs read lm_head.weight outside lm_head.forward (as for the policy)
+        deepspeed.zero.register_external_parameter(reference, reference.model.lm_head.weight)
+        return engine
+    # A whole copy: on the policy's device, each parameter and buffer in its policy twin's dtype
+    # (DeepSpeed casts the policy's parameters to its bf16/fp16 setting itself).
+    policy = strategy.module
+    params, buffers = dict(policy.named_parameters()), dict(policy.named_buffers())
+    with torch.no_grad():
+        for name, tensors, twins in (
+            ("parameter", dict(reference.model.named_parameters()), params),
+            ("buffer", dict(reference.model.named_buffers()), buffers),
+        ):
+            for n, t in tensors.items():
+                twin = twins.get(n)
+                if twin is None:
+                    raise PreflightError(f"DPO reference: the policy has no {name} {n}")
+                t.data = t.data.to(device=twin.device, dtype=twin.dtype)
+    return reference
+
+
+def _fsdp_kwargs(recipe: Recipe, ctx: DistContext) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     kwargs: dict = {}
     if recipe.train.precision != "fp32":
@@ -403,6 +457,13 @@ def _apply_fsdp(model, inner, recipe: Recipe, ctx: DistContext) -> FSDPStrategy:
     if recipe.parallel.cpu_offload:
         # pinned host memory needs an accelerator; on a CPU device the offload path runs unpinned
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")
+    return kwargs
+
+
+def _apply_fsdp(model, inner, recipe: Recipe, ctx: DistContext) -> FSDPStrategy:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    kwargs = _fsdp_kwargs(recipe, ctx)
     for layer in decoder_layers(inner):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)  # root: embeddings, final norm, lm_head

@@ -277,7 +277,7 @@ class DPOConfig(Section):
         description="Where the reference log-probs come from. `adapter_disabled` (auto with LoRA): "
         "the base model with the adapter switched off in the same forward, no second copy of the weights. "
         "`frozen_copy` (auto with lora.enabled: false): a frozen copy of the base model taken before "
-        "training (twice the weights' memory; parallel.strategy single or ddp).",
+        "training, sharded like the policy under fsdp and deepspeed ZeRO-3 (twice the weights' memory).",
     )
 
 

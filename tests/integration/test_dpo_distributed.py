@@ -1,6 +1,7 @@
-"""DPO on 2 gloo ranks under real torchrun processes: ddp, fsdp and DeepSpeed ZeRO-2/3 (LoRA; the
-reference is the base with the adapter disabled) reproduce the single-process run with the same
-global batch, and a rank killed with SIGKILL resumes exactly. The recipe and helpers are
+"""DPO on 2 gloo ranks under real torchrun processes: ddp, fsdp and DeepSpeed ZeRO-2/3 reproduce the
+single-process run with the same global batch, with LoRA (the reference is the base with the adapter
+disabled) and with full fine-tuning (a frozen copy of the base, sharded like the policy under fsdp
+and ZeRO-3), and a rank killed with SIGKILL resumes exactly. The recipe and helpers are
 test_distributed.py's and test_resume.py's (tiny model, 6 steps, checkpoints every 2)."""
 
 from __future__ import annotations
@@ -70,15 +71,29 @@ class DPORuns:
             self.cache[key] = train_in_process(dpo_recipe(self.root / key, self.tiny_dir, tracked=lora, lora=lora))
         return self.cache[key]
 
-    def distributed(self, name):
-        if name not in self.cache:
+    def distributed(self, name, lora=True):
+        key = name if lora else f"{name}_full"
+        if key not in self.cache:
+            parallel = dict(STRATEGIES[name])
+            if key == "zero3_full":
+                # No parameter kept whole below DeepSpeed's persistence thresholds (the tiny model's all
+                # are): the policy and the frozen reference are really partitioned and gathered per use.
+                path = self.root / "zero3_no_persistence.json"
+                zero = {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}
+                path.write_text(json.dumps({"zero_optimization": zero}))
+                parallel["deepspeed_config"] = str(path)
             recipe = dpo_recipe(
-                self.root / name, self.tiny_dir, parallel=STRATEGIES[name], micro_batch_size=2, tracked=name == "ddp"
+                self.root / key,
+                self.tiny_dir,
+                parallel=parallel,
+                micro_batch_size=2,
+                tracked=key == "ddp",
+                lora=lora,
             )
-            launch = torchrun(recipe, self.root / name)
+            launch = torchrun(recipe, self.root / key)
             assert launch.returncode == 0, launch.output[-4000:]
-            self.cache[name] = launch
-        return self.cache[name]
+            self.cache[key] = launch
+        return self.cache[key]
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +173,29 @@ def test_dpo_kill_rank1_and_resume_exactly(dpo_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_full_finetuning_ddp_matches_single_process(dpo_runs):
-    """Full fine-tuning with the frozen reference copy on each rank: ddp equals one process."""
-    recipe = dpo_recipe(
-        dpo_runs.root / "ddp_full", dpo_runs.tiny_dir, parallel=STRATEGIES["ddp"], micro_batch_size=2, lora=False
-    )
-    launch = torchrun(recipe, dpo_runs.root / "ddp_full")
-    assert launch.returncode == 0, launch.output[-4000:]
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in STRATEGIES])
+def test_dpo_full_finetuning_matches_single_process(dpo_runs, name):
+    """Full fine-tuning with the frozen reference copy: a whole copy on each rank (ddp, ZeRO-2),
+    sharded like the policy (fsdp: fully_shard; ZeRO-3: an engine without optimizer); each equals
+    one process."""
+    launch = dpo_runs.distributed(name, lora=False)
     base = dpo_runs.single(lora=False)
     got, want = losses(launch.out), losses(base)
     assert len(got) == len(want) == MAX_STEPS and want[0] == pytest.approx(0.6931, abs=1e-4)
     assert max(abs(a - b) for a, b in zip(got, want)) < LOSS_ATOL, (got, want)
     assert (launch.out / "model" / "model.safetensors").is_file()
     assert_weights_close(exported(launch.out), exported(base))
+
+
+@pytest.mark.slow
+def test_dpo_full_finetuning_fsdp_kill_rank1_and_resume_exactly(dpo_runs, tmp_path):
+    """The sharded reference is rebuilt from the base on resume: the resumed run's history and
+    weights equal the uninterrupted one's."""
+    recipe = dpo_recipe(tmp_path, dpo_runs.tiny_dir, parallel=STRATEGIES["fsdp"], micro_batch_size=2, lora=False)
+    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
+    assert killed.returncode == KILLED, killed.output[-3000:]
+    assert [d.name for d in complete_checkpoints(killed.out / "checkpoints")] == ["step_2"]
+    resumed = torchrun(recipe, tmp_path)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "resumed from step_2" in resumed.output
+    assert_same_history(resumed, dpo_runs.distributed("fsdp", lora=False))

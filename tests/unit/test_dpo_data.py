@@ -122,7 +122,6 @@ def test_packing_keeps_pairs_whole(tmp_path, tiny_dir, tiny_tokenizer):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"lora": {"enabled": False}, "parallel": {"strategy": "fsdp"}}, "strategy single or ddp"),
         ({"lora": {"enabled": False}, "dpo": {"reference": "adapter_disabled"}}, "dpo.reference: frozen_copy"),
         ({"dpo": {"reference": "frozen_copy"}}, "dpo.reference: auto"),
         ({"data": {"overlength": "truncate"}}, "data.overlength: drop"),
@@ -147,6 +146,31 @@ def test_recipe_errors_name_the_field(tmp_path, override, message):
         base.setdefault(key, {}).update(value)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
         recipe_from_dict(base)
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        {"strategy": "single"},
+        {"strategy": "ddp"},
+        {"strategy": "fsdp"},
+        {"strategy": "deepspeed", "zero_stage": 1},
+        {"strategy": "deepspeed", "zero_stage": 2},
+        {"strategy": "deepspeed", "zero_stage": 3},
+    ],
+)
+def test_full_finetuning_dpo_is_accepted_under_every_strategy(tmp_path, parallel):
+    """The frozen reference copy is placed like the policy by each strategy (parallel.prepare_reference:
+    sharded under fsdp and ZeRO-3), so no strategy is refused for full fine-tuning DPO."""
+    base = tiny_recipe(
+        tmp_path,
+        train={"objective": "dpo"},
+        data={"sources": [{"path": "builtin:preferences", "format": "preference"}]},
+        lora={"enabled": False},
+        parallel=parallel,
+    )
+    recipe = recipe_from_dict(base)
+    assert recipe.parallel.strategy == parallel["strategy"] and recipe.dpo.reference == "auto"
 
 
 def test_sft_recipe_refuses_preference_data(tmp_path):
