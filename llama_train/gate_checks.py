@@ -41,7 +41,7 @@ class Candidate:
 
 
 def check_format(c: Candidate, recipe: Recipe) -> Check:
-    from llama_train.export import lint_adapter
+    from llama_train.adapter_lint import lint_adapter
 
     problems = [c.manifest_error] if c.manifest_error else []
     present = {p.name for p in c.adapter_dir.iterdir() if p.is_file()}

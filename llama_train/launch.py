@@ -74,7 +74,7 @@ def launch(
         preflight(recipe, world_size=world)
         if node_rank > 0:
             # torchrun's static rendezvous would wait up to 10 minutes, silently, for node 0.
-            from llama_train.parallel import check_master_reachable
+            from llama_train.dist import check_master_reachable
 
             print(
                 f"node rank {node_rank}: waiting up to {recipe.parallel.timeout_s} s (parallel.timeout_s) "

@@ -1,133 +1,32 @@
-"""Process groups and parallel strategies, applied as functions to the model and optimizer.
+"""Parallel strategies, applied as functions to the model and optimizer.
 
-`init_distributed()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR);
-without it the run is a single process. `apply_strategy()` returns a `Strategy` whose few verbs
-(no_sync, backward, clip_and_step; save_state/load_state; trainable_state_dict) hide DDP/FSDP2/DeepSpeed
-from the training loop and the checkpoint code.
+`apply_strategy()` returns a `Strategy` whose few verbs (no_sync, backward, clip_and_step;
+trainable_state_dict) hide DDP/FSDP2/DeepSpeed from the training loop. Process groups are in
+dist.py; how a strategy's state is written into a checkpoint in strategy_state.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from llama_train import strategy_state
 from llama_train.config import Recipe
-from llama_train.errors import CheckpointError, InfrastructureError, PreflightError
+from llama_train.dist import DistContext
+from llama_train.errors import PreflightError
 from llama_train.optim import make_optimizer
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def all_reduce(self, value: float | int, op: str = "sum") -> float:
-        if not self.distributed:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-        return float(t.item())
-
-    def all_gather_object(self, obj) -> list:
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def init_distributed(recipe: Recipe) -> DistContext:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = recipe.parallel.strategy
-    if world == 1:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return DistContext(device=device)
-    if strategy == "single":
-        raise PreflightError(
-            f"launched with WORLD_SIZE={world} but parallel.strategy is `single`; "
-            "set parallel.strategy: ddp | fsdp | deepspeed"
-        )
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = recipe.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise PreflightError("parallel.backend: nccl needs CUDA GPUs; none visible. Use parallel.backend: gloo")
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if rank != 0:
-        check_master_reachable(min(recipe.parallel.timeout_s, 60))
-    try:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=recipe.parallel.timeout_s))
-    except Exception as exc:  # a rank that cannot reach the master
-        raise InfrastructureError(
-            f"rank {rank} could not join the process group at "
-            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: {exc}"
-        ) from exc
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-
-def check_master_reachable(
-    timeout_s: float, *, addr: str | None = None, port: int | None = None, who: str | None = None
-) -> None:
-    """Fail with the address in the message instead of hanging in init_process_group."""
-    import socket
-    import time
-
-    addr = addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = port or int(os.environ.get("MASTER_PORT", "29500"))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((addr, port), timeout=5).close()
-            return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise InfrastructureError(
-                    f"{who or 'rank ' + os.environ.get('RANK', '?')} cannot reach the master at {addr}:{port} after {timeout_s:.0f} s "
-                    f"({exc}); check --master-addr/--master-port (MASTER_ADDR/MASTER_PORT), that node rank 0 "
-                    "is up, and that the port is open between nodes"
-                ) from None
-            time.sleep(1)
 
 
 class Strategy:
     """Single process and DDP. Subclasses override what differs.
 
-    Verbs the loop uses: `model(**inputs)`, `no_sync`, `backward`, `clip_and_step`. Checkpoints use
-    `save_state`/`load_state` (each strategy's native format) and exports `trainable_state_dict`.
+    Verbs the loop uses: `model(**inputs)`, `no_sync`, `backward`, `clip_and_step`. Checkpoints
+    (strategy_state.py) and exports use `trainable_state_dict`; `name` picks the checkpoint format.
     `optimizer` is the torch optimizer (the LR scheduler drives its param groups under every strategy).
     """
 
@@ -191,6 +90,14 @@ class Strategy:
             for n, t in state.items():
                 params[n].copy_(t)
 
+    def save_state(self, path: Path) -> None:
+        """Weights and optimizer into checkpoint directory `path`, in this strategy's format
+        (strategy_state.py). Collective."""
+        strategy_state.save(self, path)
+
+    def load_state(self, path: Path) -> None:
+        strategy_state.load(self, path)
+
     def local_digest(self) -> str:
         """sha256 of this rank's trainable parameter storage (test hook: did a step change it?)."""
         h = hashlib.sha256()
@@ -203,24 +110,6 @@ class Strategy:
                 h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    # ---- checkpoint state (weights + optimizer), collective ----
-    def save_state(self, path: Path) -> None:
-        """Full trainable weights and optimizer state, written by rank 0 (small for LoRA)."""
-        from safetensors.torch import save_file
-
-        weights = self.trainable_state_dict()
-        if self.ctx.is_main:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-
-    def load_state(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", weights_only=False, map_location=self.ctx.device)
-        )
-
 
 class FSDPStrategy(Strategy):
     """FSDP2: gradients reduce-scattered, parameters and optimizer state sharded (DTensor)."""
@@ -232,7 +121,8 @@ class FSDPStrategy(Strategy):
         self.model.set_requires_gradient_sync(last_micro_batch)
         return contextlib.nullcontext()
 
-    def _sharded_state(self) -> dict:
+    def sharded_state(self) -> dict:
+        """This rank's shards of the trainable weights and the optimizer (torch.distributed.checkpoint)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         names = set(self.trainable_names())
@@ -246,37 +136,6 @@ class FSDPStrategy(Strategy):
         names = set(self.trainable_names())
         full = {k.removeprefix("inner."): v for k, v in full.items()}
         return {n: t for n, t in full.items() if n in names}
-
-    # get_optimizer_state_dict() initializes an empty optimizer with a zero-gradient step at lr 0,
-    # so a checkpoint taken before the first applied update (every step so far skipped: NaN, fp16
-    # overflow) would make that update Adam's second (other bias correction) and change the run.
-    OPTIMIZER_EMPTY = "optimizer_empty"
-
-    def save_state(self, path: Path) -> None:
-        """Sharded: every rank writes its own shards (torch.distributed.checkpoint), no gather."""
-        import torch.distributed.checkpoint as dcp
-
-        empty = not self.optimizer.state
-        dcp.save(self._sharded_state(), checkpoint_id=str(path / "dcp"))
-        if empty:  # undo the initialization; a resume starts from an empty optimizer as well
-            self.optimizer.state.clear()
-            if self.ctx.rank == 0:
-                (path / self.OPTIMIZER_EMPTY).write_text("no optimizer step had been applied\n")
-
-    def load_state(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        state = self._sharded_state()
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        if (path / self.OPTIMIZER_EMPTY).exists():
-            self.optimizer.state.clear()
 
 
 class DeepSpeedStrategy(Strategy):
@@ -331,23 +190,6 @@ class DeepSpeedStrategy(Strategy):
         # float32 (the parameters are the masters), or no optimizer-owned copy: gathered under ZeRO-3
         with self._gathered([p for _, p in named]):
             return {n: p.detach().to("cpu", copy=True) for n, p in named}
-
-    def save_state(self, path: Path) -> None:
-        """DeepSpeed's own format: each rank writes its optimizer/parameter partitions."""
-        self.model.save_checkpoint(
-            str(path / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True
-        )
-
-    def load_state(self, path: Path) -> None:
-        load_path, _ = self.model.load_checkpoint(
-            str(path / "deepspeed"),
-            tag="state",
-            load_module_strict=False,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
 
 
 def apply_strategy(model, recipe: Recipe, ctx: DistContext) -> Strategy:
@@ -546,11 +388,3 @@ def _apply_deepspeed(model, inner, recipe: Recipe, ctx: DistContext) -> DeepSpee
 def decoder_layers(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return list(base.model.layers)
-
-
-def is_collective_failure(exc: RuntimeError) -> bool:
-    """A peer died or a collective timed out (DistError, or gloo's/NCCL's plain RuntimeError)."""
-    text = str(exc)
-    return isinstance(exc, torch.distributed.DistError) or any(
-        s in text for s in ("gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "timed out")
-    )

@@ -51,7 +51,7 @@ class Progress:
 
 
 def log(ctx, msg: str) -> None:
-    """Print `msg` on stderr from rank 0 only (`ctx`: a parallel.DistContext)."""
+    """Print `msg` on stderr from rank 0 only (`ctx`: a dist.DistContext)."""
     if ctx.is_main:
         from rich.console import Console
 

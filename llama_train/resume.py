@@ -18,8 +18,8 @@ from llama_train import checkpoint as ckpt
 from llama_train.artifacts import TrainingState
 from llama_train.config import Recipe, diff_recipes
 from llama_train.data.loader import StepLoader
+from llama_train.dist import DistContext, is_collective_failure
 from llama_train.errors import CheckpointError
-from llama_train.parallel import DistContext, is_collective_failure
 from llama_train.progress import log
 from llama_train.tracking.sync import METRICS_FILE
 

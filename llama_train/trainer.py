@@ -28,6 +28,7 @@ from llama_train.data.loader import (
     row_lengths,
     sample_index,
 )
+from llama_train.dist import DistContext, init_distributed, is_collective_failure
 from llama_train.errors import (
     InfrastructureError,
     Preempted,
@@ -45,7 +46,7 @@ from llama_train.model import (
     resolve_base_path,
 )
 from llama_train.optim import LossScaler, lr_lambda
-from llama_train.parallel import DistContext, apply_strategy, init_distributed, is_collective_failure
+from llama_train.parallel import apply_strategy
 from llama_train.perf import flops_per_token, matmul_param_counts, peak_flops
 from llama_train.preempt import SigtermFlag
 from llama_train.preflight import preflight

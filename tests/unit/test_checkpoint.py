@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llama_train import checkpoint as ckpt
+from llama_train.dist import DistContext
 from llama_train.errors import CheckpointError
-from llama_train.parallel import DistContext
 
 
 class FakeStrategy:

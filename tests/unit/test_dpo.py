@@ -219,8 +219,9 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
     gradients (the adapter starts from the same random B, so the policy differs from the reference)."""
     from llama_train.config import recipe_from_dict
     from llama_train.data.dataset import load_data
+    from llama_train.dist import DistContext
     from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
-    from llama_train.parallel import DistContext, apply_strategy
+    from llama_train.parallel import apply_strategy
     from llama_train.step import optimizer_step
     from tests.conftest import tiny_recipe
     from tests.unit.test_train_step import _assert_grads_close, _record_grads
@@ -267,8 +268,9 @@ def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
     """The non-finite guard holds for DPO: a NaN loss skips the update (no parameter moves)."""
     from llama_train.config import recipe_from_dict
     from llama_train.data.dataset import load_data
+    from llama_train.dist import DistContext
     from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
-    from llama_train.parallel import DistContext, apply_strategy
+    from llama_train.parallel import apply_strategy
     from llama_train.step import optimizer_step
     from tests.conftest import tiny_recipe
 
@@ -304,8 +306,9 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
     (not trained, not in the optimizer or the state dict) while the policy moves away from it."""
     from llama_train.config import recipe_from_dict
     from llama_train.data.dataset import load_data
+    from llama_train.dist import DistContext
     from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
-    from llama_train.parallel import DistContext, apply_strategy
+    from llama_train.parallel import apply_strategy
     from llama_train.step import optimizer_step
     from tests.conftest import tiny_recipe
 

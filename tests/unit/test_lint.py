@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from llama_train.adapter_lint import lint_adapter, required_max_lora_rank
 from llama_train.errors import ExportError
-from llama_train.export import lint_adapter, required_max_lora_rank
 
 
 def write_adapter(path, *, weights=True, bin_file=False, **overrides):

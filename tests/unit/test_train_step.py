@@ -9,8 +9,9 @@ from llama_train.config import recipe_from_dict
 from llama_train.data.builtin import generate_examples
 from llama_train.data.chat import tokenize_messages
 from llama_train.data.loader import as_filler, collate, num_supervised
+from llama_train.dist import DistContext
 from llama_train.model import apply_finetuning, load_base_model, load_tokenizer
-from llama_train.parallel import DistContext, apply_strategy
+from llama_train.parallel import apply_strategy
 from llama_train.step import optimizer_step
 
 from ..conftest import tiny_recipe
