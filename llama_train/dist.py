@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from llama_train.config import Recipe
+from llama_train.config import ParallelConfig
 from llama_train.errors import InfrastructureError, PreflightError
 
 
@@ -57,9 +57,9 @@ class DistContext:
         return box[0]
 
 
-def init_distributed(recipe: Recipe) -> DistContext:
+def init_distributed(parallel: ParallelConfig) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    strategy = recipe.parallel.strategy
+    strategy = parallel.strategy
     if world == 1:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return DistContext(device=device)
@@ -70,7 +70,7 @@ def init_distributed(recipe: Recipe) -> DistContext:
         )
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = recipe.parallel.backend
+    backend = parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
@@ -79,9 +79,9 @@ def init_distributed(recipe: Recipe) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if rank != 0:
-        check_master_reachable(min(recipe.parallel.timeout_s, 60))
+        check_master_reachable(min(parallel.timeout_s, 60))
     try:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=recipe.parallel.timeout_s))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
     except Exception as exc:  # a rank that cannot reach the master
         raise InfrastructureError(
             f"rank {rank} could not join the process group at "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from llama_train import adapter
 from llama_train.artifacts import MANIFEST_FILE, ExportManifest
-from llama_train.config import Recipe, load_recipe
+from llama_train.config import Recipe, TrackingConfig, load_recipe
 from llama_train.errors import GateError, LlamaTrainError
 from llama_train.gate_checks import (
     Candidate,
@@ -155,9 +155,9 @@ def find_recipe(candidate: Candidate, recipe_path: str | None) -> Recipe:
 # Orchestration
 
 
-def _champion(recipe: Recipe, c: Candidate, tracking_uri: str | None) -> tuple[str | None, Path | None]:
+def _champion(tracking: TrackingConfig, c: Candidate, tracking_uri: str | None) -> tuple[str | None, Path | None]:
     """(version, local dir) of the registry's current champion, unless it is the candidate itself."""
-    name = c.registry_name or recipe.tracking.registered_model_name
+    name = c.registry_name or tracking.registered_model_name
     if not name:
         return None, None
     from llama_train.tracking.registry import download_adapter, get_alias_version
@@ -221,7 +221,7 @@ def run_gate(
         check, loaded = check_load(c, recipe)
         checks.append(check)
     if loaded is not None:
-        champ_version, champ_dir = _champion(recipe, c, tracking_uri)
+        champ_version, champ_dir = _champion(recipe.tracking, c, tracking_uri)
         check, report.figures = check_quality(loaded, recipe, champ_dir)
         if champ_version:
             check.figures["champion_version"] = champ_version
@@ -270,7 +270,7 @@ def _register_export(c: Candidate, recipe: Recipe, name: str, tracking_uri: str)
         c.adapter_dir,
         name=name,
         uri=tracking_uri,
-        experiment=resolve_experiment(recipe),
+        experiment=resolve_experiment(recipe.tracking),
         run_name=f"gate-{c.adapter_dir.name}",
     )
 
@@ -296,7 +296,7 @@ def _log_report(report: GateReport, c: Candidate, recipe: Recipe, tracking_uri: 
         )
 
         client = mlflow_client(tracking_uri)  # short HTTP timeouts: a dead server costs seconds
-        exp_id = ensure_experiment(client, resolve_experiment(recipe), uri=tracking_uri)
+        exp_id = ensure_experiment(client, resolve_experiment(recipe.tracking), uri=tracking_uri)
         run = client.create_run(
             exp_id,
             run_name="gate",

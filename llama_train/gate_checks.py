@@ -106,7 +106,7 @@ def check_load(c: Candidate, recipe: Recipe) -> tuple[Check, Loaded | None]:
         return Check("load", "failed", "adapter_model.safetensors holds no tensors (empty adapter)"), None
     try:
         tokenizer = load_tokenizer(recipe, base_path)
-        base = load_base_model(recipe, base_path)
+        base = load_base_model(recipe.model, base_path)
         model = PeftModel.from_pretrained(base, str(c.adapter_dir), adapter_name="candidate")
     except Exception as exc:  # shape mismatch, missing keys, unreadable config
         return Check("load", "failed", f"PEFT could not load the adapter on {base_path}: {first_line(exc)}"), None

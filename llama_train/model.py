@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from llama_train.config import Recipe
+from llama_train.config import ModelConfig, Recipe
 from llama_train.errors import PreflightError, RecipeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,10 +100,10 @@ def _check_template_syntax(template: str) -> None:
         raise RecipeError(f"data.chat_template: Jinja syntax error at line {exc.lineno}: {exc.message}") from None
 
 
-def load_base_model(recipe: Recipe, base_path: str, *, device: torch.device | None = None):
+def load_base_model(model: ModelConfig, base_path: str, *, device: torch.device | None = None):
     from transformers import AutoModelForCausalLM
 
-    m = recipe.model
+    m = model
     from llama_train import attention
 
     attn = attention.resolve(m.attn_implementation)

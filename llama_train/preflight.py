@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llama_train.config import Recipe
+from llama_train.config import ModelConfig, ParallelConfig, Recipe
 from llama_train.errors import PreflightError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -61,13 +61,13 @@ def check_hardware(recipe: Recipe) -> None:
         )
 
 
-def _model_shape(recipe: Recipe) -> dict | None:
+def _model_shape(model: ModelConfig) -> dict | None:
     """config.json of the base, if it is on disk (no download); the tiny defaults for `tiny`."""
-    if recipe.model.source == "tiny":
+    if model.source == "tiny":
         from llama_train.tiny import TINY_DEFAULTS
 
         return dict(TINY_DEFAULTS)
-    m = recipe.model
+    m = model
     if m.source == "catalogue":  # converted already? (preflight never downloads)
         from llama_train.models.cache import cache_root
         from llama_train.models.catalogue import entry
@@ -82,10 +82,10 @@ def _model_shape(recipe: Recipe) -> dict | None:
     return json.loads(cfg.read_text()) if cfg.is_file() else None
 
 
-def _shard_factors(recipe: Recipe, world_size: int) -> dict[str, int]:
+def _shard_factors(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
     """How many ways weights, gradients and optimizer state are split across ranks.
     DDP: none. ZeRO-1: optimizer. ZeRO-2: + gradients. ZeRO-3 and FSDP: + weights."""
-    p = recipe.parallel
+    p = parallel
     level = {"single": 0, "ddp": 0, "fsdp": 3, "deepspeed": p.zero_stage}[p.strategy]
     return {
         "optimizer": world_size if level >= 1 else 1,
@@ -97,7 +97,7 @@ def _shard_factors(recipe: Recipe, world_size: int) -> dict[str, int]:
 def estimate_memory(recipe: Recipe, world_size: int) -> dict | None:
     """Per-rank device bytes of weights, gradients, optimizer state and activations (rough, no
     allocator caches), for the chosen strategy; `cpu_offloaded` is what offload moves to host RAM."""
-    c = _model_shape(recipe)
+    c = _model_shape(recipe.model)
     if c is None:
         return None
     h, L, v, i = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
@@ -119,7 +119,7 @@ def estimate_memory(recipe: Recipe, world_size: int) -> dict | None:
         trainable = L * sum(lc.r * (a + b) for name, (a, b) in dims.items() if name in lc.target_modules)
     else:
         trainable = params
-    shard = _shard_factors(recipe, world_size)
+    shard = _shard_factors(recipe.parallel, world_size)
     p, t = recipe.parallel, recipe.train
     offload_opt = p.cpu_offload and p.strategy in ("fsdp", "deepspeed")
     offload_params = p.cpu_offload and shard["weights"] > 1  # FSDP CPUOffloadPolicy / ZeRO-3 offload_param

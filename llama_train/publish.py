@@ -48,7 +48,7 @@ def publish(
     if summary.adapter_dir:
         tracker.log_artifact(summary.adapter_dir, artifact_path="adapter")
         if recipe.tracking.registered_model_name:
-            base = base_model_label(recipe, summary.base_model)
+            base = base_model_label(recipe.model, summary.base_model)
             summary.registered_version = register_adapter(
                 tracker,
                 summary.adapter_dir,

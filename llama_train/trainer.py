@@ -18,7 +18,7 @@ from llama_train import checkpoint as ckpt
 from llama_train.adapter import write as write_adapter
 from llama_train.artifacts import RunSummary, TrainingState
 from llama_train.attention import resolve as resolve_attention
-from llama_train.config import Recipe, dump_recipe
+from llama_train.config import Recipe, TrainConfig, dump_recipe
 from llama_train.data.dataset import dataset_fingerprint, load_data
 from llama_train.data.loader import (
     StepLoader,
@@ -63,10 +63,10 @@ from llama_train.tracking.params import (
 from llama_train.tracking.tracker import make_tracker
 
 
-def total_steps(recipe: Recipe, num_samples: int, global_batch: int) -> int:
+def total_steps(train: TrainConfig, num_samples: int, global_batch: int) -> int:
     """train.max_steps, or train.epochs x the steps of one epoch (ceil(samples / global batch): the
     last step of an epoch may be partly filler rows, see data/loader.py)."""
-    t = recipe.train
+    t = train
     if t.max_steps is not None:
         return t.max_steps
     return max(1, math.ceil(t.epochs * math.ceil(num_samples / global_batch)))
@@ -77,7 +77,7 @@ def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
     if Path(recipe.output_dir).exists() and not Path(recipe.output_dir).is_dir():
         raise RecipeError(f"output_dir {recipe.output_dir} is a file; set output_dir to a directory")
     preflight(recipe)
-    ctx = init_distributed(recipe)
+    ctx = init_distributed(recipe.parallel)
     try:
         return _train(recipe, ctx, allow_recipe_change=allow_recipe_change)
     except RuntimeError as exc:  # DistError, or gloo's plain RuntimeError: a peer died or a collective timed out
@@ -204,9 +204,9 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
     base_path = resolve_base_path(recipe)
     tokenizer = load_tokenizer(recipe, base_path)
     data = load_data(recipe, tokenizer, world_size=ctx.world_size)
-    model = apply_finetuning(load_base_model(recipe, base_path), recipe)
+    model = apply_finetuning(load_base_model(recipe.model, base_path), recipe)
     if recipe.lora.enabled:  # the base as the adapter names it where it is served (hub id, not a cache path)
-        model.peft_config["default"].base_model_name_or_path = served_base_name(recipe, base_path)
+        model.peft_config["default"].base_model_name_or_path = served_base_name(recipe.model, base_path)
     num_trainable, num_frozen = count_params(model)
     matmul_trainable, matmul_frozen = matmul_param_counts(model)
     step_flops = flops_per_token(
@@ -231,7 +231,7 @@ def _setup(recipe: Recipe, ctx: DistContext, *, allow_recipe_change: bool) -> Ru
         # unpacked rows: also to finish an epoch begun grouped (resume, recipe change)
         lengths=None if recipe.data.packing else row_lengths(data.train),
     )
-    steps = total_steps(recipe, len(data.train), loader.global_batch)
+    steps = total_steps(recipe.train, len(data.train), loader.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lr_lambda(recipe.train, steps))
     state = TrainingState(
         recipe_sha256=recipe.sha256(),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_train.config import BUILTIN_DATA, BUILTIN_PREFERENCES, Recipe
+from llama_train.config import BUILTIN_DATA, BUILTIN_PREFERENCES, DataConfig, Recipe
 from llama_train.data.builtin import generate_preference_splits, generate_splits
 from llama_train.data.chat import IGNORE_INDEX, tokenize_messages
 from llama_train.data.formats import RowError, iter_raw, normalize
@@ -134,10 +134,10 @@ class _Tally:
             ex.append(f"{where}: {why}")
 
 
-def _source_rows(recipe: Recipe, src):
+def _source_rows(data: DataConfig, src):
     """(where, id, row-or-RowError) of one source; built-in rows are generated."""
     if src.path == BUILTIN_PREFERENCES:
-        b = recipe.data.builtin
+        b = data.builtin
         rows, _ = generate_preference_splits(
             num_train=b.num_train, num_eval=b.num_eval, seed=b.seed, tasks=tuple(b.tasks)
         )
@@ -145,7 +145,7 @@ def _source_rows(recipe: Recipe, src):
             yield f"{BUILTIN_PREFERENCES}[{n}]", r["id"], r
         return
     if src.path == BUILTIN_DATA:
-        b = recipe.data.builtin
+        b = data.builtin
         rows, _ = generate_splits(num_train=b.num_train, num_eval=b.num_eval, seed=b.seed, tasks=tuple(b.tasks))
         for n, r in enumerate(rows):
             yield f"{BUILTIN_DATA}[{n}]", r["id"], r
@@ -164,7 +164,7 @@ def collect(recipe: Recipe, tally: _Tally) -> tuple[list[dict], list[dict], list
     for si, src in enumerate(d.sources):
         fmt = {BUILTIN_DATA: "messages", BUILTIN_PREFERENCES: "preference"}.get(src.path, src.format)
         read = valid = 0
-        for where, rid, row in _source_rows(recipe, src):
+        for where, rid, row in _source_rows(recipe.data, src):
             read += 1
             try:
                 if isinstance(row, RowError):
@@ -226,8 +226,8 @@ def _eval_split(recipe: Recipe, pool: list[dict]) -> tuple[list[dict], list[dict
     return pool, []
 
 
-def _num_proc(recipe: Recipe, num_rows: int) -> int:
-    wanted = recipe.data.num_proc or os.cpu_count() or 1
+def _num_proc(data: DataConfig, num_rows: int) -> int:
+    wanted = data.num_proc or os.cpu_count() or 1
     return max(1, min(wanted, math.ceil(num_rows / 2000)))
 
 
@@ -272,7 +272,7 @@ def tokenize_pool(recipe: Recipe, tokenizer, pool: list[dict], *, fingerprint: s
             batch_size=256,
             fn_kwargs=kwargs,
             remove_columns=["conv"],
-            num_proc=_num_proc(recipe, len(pool)),
+            num_proc=_num_proc(recipe.data, len(pool)),
             features=features,
             new_fingerprint=fingerprint,
             desc="tokenize",
@@ -309,8 +309,8 @@ def _mix(recipe: Recipe, src_of_row: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _tokenize_eval(recipe: Recipe, tokenizer, ev: list[dict]) -> tuple[list[dict], list[dict]]:
-    d = recipe.data
+def _tokenize_eval(data: DataConfig, tokenizer, ev: list[dict]) -> tuple[list[dict], list[dict]]:
+    d = data
     ev = ev[: d.eval.max_samples]
     eval_rows, tok_eval = [], []
     from jinja2 import TemplateError
@@ -395,7 +395,7 @@ def prepare(recipe: Recipe, tokenizer, *, fingerprint: str = "llama_train") -> P
         )
         if pairs:  # a pair is a row of two documents even unpacked (collate isolates them)
             table = table.select(["input_ids", "labels", "id", "ids", "doc_lens"])
-    eval_rows, tok_eval = _tokenize_eval(recipe, tokenizer, ev)
+    eval_rows, tok_eval = _tokenize_eval(recipe.data, tokenizer, ev)
     counts = {
         "rows": int(tally.counts["rows"]),
         "kept": int(keep.size),

@@ -17,7 +17,7 @@ from llama_train.tracking.params import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from llama_train.config import Recipe
+    from llama_train.config import Recipe, TrackingConfig
 
 DEFAULT_EXPERIMENT = "llama-train"
 # Read by mlflow's REST client at every request; set (unless the user did) before any call so a
@@ -80,9 +80,9 @@ def resolve_uri(recipe: Recipe) -> str:
     return f"sqlite:///{parent / 'mlruns.db'}"
 
 
-def resolve_experiment(recipe: Recipe) -> str:
-    """recipe.tracking.experiment, else $MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT."""
-    return recipe.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+def resolve_experiment(tracking: TrackingConfig) -> str:
+    """tracking.experiment, else $MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT."""
+    return tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def artifact_location(uri: str) -> str | None:

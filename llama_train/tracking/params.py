@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llama_train.config import Recipe
+    from llama_train.config import ModelConfig, Recipe
 
 TRAINING_SECTIONS = ("model", "data", "lora", "train", "parallel")
 # Inside those sections: knobs that change speed, caching, logging or preflight thresholds, but
@@ -212,18 +212,18 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def base_model_label(recipe: Recipe, base_path: str) -> str:
+def base_model_label(model: ModelConfig, base_path: str) -> str:
     """The base model as a person reads it: the hub id, or `tiny (seed N)`, or the local path."""
-    if recipe.model.source == "tiny":
-        return f"tiny random Llama (seed {recipe.model.tiny_seed})"
+    if model.source == "tiny":
+        return f"tiny random Llama (seed {model.tiny_seed})"
     return hub_id_of(base_path) or base_path
 
 
-def served_base_name(recipe: Recipe, base_path: str) -> str:
+def served_base_name(model: ModelConfig, base_path: str) -> str:
     """`base_model_name_or_path` of the adapter: the hub id when the base came from the hub (also
     through a hub-cache snapshot directory), so it means the same where the adapter is served;
     else the local directory (serve it with `--base` pointing at that model there)."""
-    if recipe.model.source == "hf":
+    if model.source == "hf":
         return hub_id_of(base_path) or base_path
     return base_path
 

@@ -428,7 +428,7 @@ def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:
 
     return MlflowTracker(
         uri=resolve_uri(recipe),
-        experiment=resolve_experiment(recipe),
+        experiment=resolve_experiment(recipe.tracking),
         output_dir=recipe.output_dir,
         run_name=recipe.tracking.run_name,
         recipe_yaml=dump_recipe(recipe),
@@ -436,7 +436,7 @@ def make_tracker(recipe: Recipe, *, rank: int) -> Tracker:
         default_tags={
             **source_tags(),
             "llama_train.recipe_sha256": recipe.sha256(),
-            "llama_train.base_model": base_model_label(recipe, recipe.model.path or ""),
+            "llama_train.base_model": base_model_label(recipe.model, recipe.model.path or ""),
         },
         log_system_metrics=recipe.tracking.log_system_metrics,
     )

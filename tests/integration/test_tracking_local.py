@@ -27,9 +27,9 @@ def test_default_store_is_sqlite_beside_output_dir(tmp_path, monkeypatch):
         }
     )
     assert resolve_uri(recipe) == f"sqlite:///{(tmp_path / 'runs' / 'mlruns.db').resolve()}"
-    assert resolve_experiment(recipe) == "llama-train"
+    assert resolve_experiment(recipe.tracking) == "llama-train"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
-    assert resolve_experiment(recipe) == "from-env"
+    assert resolve_experiment(recipe.tracking) == "from-env"
 
     tracker = make_tracker(recipe, rank=0)
     assert isinstance(tracker, MlflowTracker)

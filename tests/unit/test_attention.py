@@ -187,7 +187,7 @@ def test_default_attention_is_the_per_document_path_and_saves_as_plain_sdpa(tmp_
     assert recipe.model.attn_implementation == "auto"
     assert attention.resolve("auto") == ("doc_varlen" if torch.cuda.is_available() else "doc_sdpa")
     assert attention.resolve("sdpa") == "sdpa"
-    model = load_base_model(recipe, str(tiny_dir))
+    model = load_base_model(recipe.model, str(tiny_dir))
     assert model.config._attn_implementation == attention.resolve("auto")
     batch = collate(
         _packed(_docs(3), [[0, 1, 2]]),

@@ -225,7 +225,7 @@ def test_paths_and_module_names_that_cannot_work_are_recipe_errors(tmp_path, tin
         train(recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, output_dir=str(tmp_path / "afile"))))
     bogus = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, lora={"modules_to_save": ["bogus"]}))
     with pytest.raises(RecipeError, match=r"lora.modules_to_save \['bogus'\]: no module"):
-        apply_finetuning(load_base_model(bogus, str(tiny_dir)), bogus)
+        apply_finetuning(load_base_model(bogus.model, str(tiny_dir)), bogus)
 
 
 def test_run_rejects_bad_launch_flags_before_torchrun(capsys):

@@ -242,7 +242,7 @@ def test_grad_accumulation_equals_one_batch(tmp_path, tiny_dir):
         )
         tok = load_tokenizer(recipe, str(tiny_dir))
         data = load_data(recipe, tok)
-        model = apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe)
+        model = apply_finetuning(load_base_model(recipe.model, str(tiny_dir)), recipe)
         gen = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for n, p in sorted(model.named_parameters()):
@@ -288,7 +288,9 @@ def test_nonfinite_dpo_step_is_skipped(tmp_path, tiny_dir):
     )
     tok = load_tokenizer(recipe, str(tiny_dir))
     data = load_data(recipe, tok)
-    strategy = apply_strategy(apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe), recipe, DistContext())
+    strategy = apply_strategy(
+        apply_finetuning(load_base_model(recipe.model, str(tiny_dir)), recipe), recipe, DistContext()
+    )
     micro = [collate([data.train[0], data.train[1]], pad_id=tok.pad_token_id, pairs=True)]
     before = {n: p.detach().clone() for n, p in strategy.module.named_parameters() if p.requires_grad}
     res = optimizer_step(strategy, micro, train=recipe.train, inject_nan=True)
@@ -328,7 +330,9 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, tiny_dir):
     assert recipe.dpo.reference == "auto"
     tok = load_tokenizer(recipe, str(tiny_dir))
     data = load_data(recipe, tok)
-    strategy = apply_strategy(apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe), recipe, DistContext())
+    strategy = apply_strategy(
+        apply_finetuning(load_base_model(recipe.model, str(tiny_dir)), recipe), recipe, DistContext()
+    )
     ref = strategy.train_module.reference_model
     assert ref is not None and ref is not strategy.module
     assert not any(p.requires_grad for p in ref.parameters())

@@ -45,8 +45,8 @@ def test_hub_ids_and_cache_snapshots_name_the_base(tmp_path):
     assert hub_id_of("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
     assert hub_id_of(str(other)) is None and hub_id_of("./x/y") is None
     recipe = recipe_from_dict({"model": {"source": "hf", "path": str(snap)}, "train": {"max_steps": 1}})
-    assert served_base_name(recipe, str(snap)) == "meta-llama/Llama-3.1-8B"
-    assert served_base_name(recipe, str(other)) == str(other)
+    assert served_base_name(recipe.model, str(snap)) == "meta-llama/Llama-3.1-8B"
+    assert served_base_name(recipe.model, str(other)) == str(other)
 
 
 def test_description_and_summary_metrics():

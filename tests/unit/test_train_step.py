@@ -20,7 +20,7 @@ from ..conftest import tiny_recipe
 def _setup(tmp_path, tiny_dir, **sections):
     recipe = recipe_from_dict(tiny_recipe(tmp_path, tiny_dir, **sections))
     tok = load_tokenizer(recipe, str(tiny_dir))
-    model = apply_finetuning(load_base_model(recipe, str(tiny_dir)), recipe)
+    model = apply_finetuning(load_base_model(recipe.model, str(tiny_dir)), recipe)
     strategy = apply_strategy(model, recipe, DistContext())
     rows = [tokenize_messages(e["messages"], tok) for e in generate_examples(num_examples=24, seed=3)]
     return recipe, tok, strategy, rows
