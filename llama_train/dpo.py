@@ -210,19 +210,11 @@ class DPOModule(torch.nn.Module):
             raise ValueError("a DPO batch needs doc_ids (collate(..., pairs=True))")
         num_docs = int(doc_ids.max()) + 1
         num_docs += num_docs % 2
-        kwargs = dict(
-            num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids, chunk_size=self.chunk_size
-        )
+        batch = dict(num_docs=num_docs, attention_mask=attention_mask, position_ids=position_ids)
+        kwargs = dict(batch, chunk_size=self.chunk_size)
         with torch.no_grad():
             if self.reference_pass is not None:
-                reference, counts = self.reference_pass(
-                    input_ids,
-                    labels,
-                    doc_ids,
-                    num_docs=num_docs,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                )
+                reference, counts = self.reference_pass(input_ids, labels, doc_ids, **batch)
             else:
                 with self.inner.disable_adapter():
                     reference, counts = completion_logps(self.inner, input_ids, labels, doc_ids, **kwargs)

@@ -10,7 +10,6 @@ import json
 
 import pytest
 
-from llama_train.checkpoint import complete_checkpoints
 from tests.integration.test_distributed import (
     DS_INSTALLED,
     LOSS_ATOL,
@@ -22,7 +21,7 @@ from tests.integration.test_distributed import (
     torchrun,
     train_in_process,
 )
-from tests.integration.test_resume import KILLED, assert_same_history
+from tests.integration.test_resume import kill_rank1_and_resume
 
 STRATEGIES = {
     "ddp": {"strategy": "ddp"},
@@ -163,13 +162,7 @@ def test_dpo_strategy_matches_single_process(dpo_runs, name):
 @pytest.mark.slow
 def test_dpo_kill_rank1_and_resume_exactly(dpo_runs, tmp_path):
     recipe = dpo_recipe(tmp_path, dpo_runs.tiny_dir, parallel=STRATEGIES["ddp"], micro_batch_size=2)
-    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
-    assert killed.returncode == KILLED, killed.output[-3000:]
-    assert [d.name for d in complete_checkpoints(killed.out / "checkpoints")] == ["step_2"]
-    resumed = torchrun(recipe, tmp_path)
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "resumed from step_2" in resumed.output
-    assert_same_history(resumed, dpo_runs.distributed("ddp"))
+    kill_rank1_and_resume(recipe, tmp_path, want=dpo_runs.distributed("ddp"))
 
 
 @pytest.mark.slow
@@ -192,10 +185,4 @@ def test_dpo_full_finetuning_fsdp_kill_rank1_and_resume_exactly(dpo_runs, tmp_pa
     """The sharded reference is rebuilt from the base on resume: the resumed run's history and
     weights equal the uninterrupted one's."""
     recipe = dpo_recipe(tmp_path, dpo_runs.tiny_dir, parallel=STRATEGIES["fsdp"], micro_batch_size=2, lora=False)
-    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
-    assert killed.returncode == KILLED, killed.output[-3000:]
-    assert [d.name for d in complete_checkpoints(killed.out / "checkpoints")] == ["step_2"]
-    resumed = torchrun(recipe, tmp_path)
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "resumed from step_2" in resumed.output
-    assert_same_history(resumed, dpo_runs.distributed("fsdp", lora=False))
+    kill_rank1_and_resume(recipe, tmp_path, want=dpo_runs.distributed("fsdp", lora=False))

@@ -54,6 +54,18 @@ def assert_same_history(got: Launch, want: Launch) -> None:
         assert torch.allclose(w_got[k], w_want[k], atol=RESUME_ATOL, rtol=0), k
 
 
+def kill_rank1_and_resume(recipe: dict, tmp_path, *, want: Launch) -> None:
+    """SIGKILL rank 1 before step 3 (step_2 is the last checkpoint), rerun the same command: it
+    resumes from step_2 and its history and weights equal the uninterrupted run `want`."""
+    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
+    assert killed.returncode == KILLED, killed.output[-3000:]
+    assert [d.name for d in complete_checkpoints(killed.out / "checkpoints")] == ["step_2"]
+    resumed = torchrun(recipe, tmp_path)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "resumed from step_2" in resumed.output
+    assert_same_history(resumed, want)
+
+
 def _chain_recipe(runs, name: str, tmp_path):
     parallel, lora = STRATEGIES[name]
     return run_recipe(tmp_path, runs.tiny_dir, lora=lora, parallel=parallel, micro_batch_size=2)
@@ -66,13 +78,7 @@ def _chain_recipe(runs, name: str, tmp_path):
 )
 def test_kill_rank1_and_resume(runs, name, tmp_path):
     recipe = _chain_recipe(runs, name, tmp_path)
-    killed = torchrun(recipe, tmp_path, fault="kill:rank=1:step=3")
-    assert killed.returncode == KILLED, killed.output[-3000:]
-    assert [d.name for d in complete_checkpoints(killed.out / "checkpoints")] == ["step_2"]
-    resumed = torchrun(recipe, tmp_path)
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "resumed from step_2" in resumed.output
-    assert_same_history(resumed, runs.distributed(name))
+    kill_rank1_and_resume(recipe, tmp_path, want=runs.distributed(name))
 
 
 @pytest.mark.slow
