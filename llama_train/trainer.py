@@ -66,10 +66,9 @@ from llama_train.tracking.tracker import make_tracker
 def total_steps(train: TrainConfig, num_samples: int, global_batch: int) -> int:
     """train.max_steps, or train.epochs x the steps of one epoch (ceil(samples / global batch): the
     last step of an epoch may be partly filler rows, see data/loader.py)."""
-    t = train
-    if t.max_steps is not None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * math.ceil(num_samples / global_batch)))
+    if train.max_steps is not None:
+        return train.max_steps
+    return max(1, math.ceil(train.epochs * math.ceil(num_samples / global_batch)))
 
 
 def train(recipe: Recipe, *, allow_recipe_change: bool = False) -> dict:
