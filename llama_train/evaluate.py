@@ -134,22 +134,13 @@ def evaluate_objective(model, tokenizer, tok_eval: list[dict], eval_rows: list[d
     return evaluate(model, tokenizer, tok_eval, eval_rows, recipe=recipe, device=device)
 
 
-def evaluate_during(model, tok_eval: list[dict], *, recipe, pad_id: int, device) -> dict[str, float]:
+def evaluate_during(model, tokenizer, tok_eval: list[dict], *, recipe, device) -> dict[str, float]:
     """The `eval/*` metrics every train.eval_every_n_steps: for sft the loss and perplexity only
     (generation waits for the end), for dpo the whole preference evaluation."""
     if recipe.train.objective == "dpo":
-        return eval_metrics(
-            eval_preferences(
-                model,
-                tok_eval,
-                pad_id=pad_id,
-                batch_size=recipe.train.micro_batch_size,
-                device=device,
-                attn_implementation=resolve_attention(recipe.model.attn_implementation),
-                mask_dtype=DTYPES[recipe.model.dtype],
-            )
-        )
-    ev = eval_loss(model, tok_eval, pad_id=pad_id, batch_size=max(recipe.train.micro_batch_size, 16), device=device)
+        return eval_metrics(evaluate_objective(model, tokenizer, tok_eval, [], recipe=recipe, device=device))
+    bs = max(recipe.train.micro_batch_size, 16)
+    ev = eval_loss(model, tok_eval, pad_id=tokenizer.pad_token_id, batch_size=bs, device=device)
     return {"eval/loss": ev, "eval/perplexity": math.exp(min(ev, 50.0))}
 
 

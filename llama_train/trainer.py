@@ -331,11 +331,7 @@ def _loop(run: Run) -> tuple[str, list[float]]:
             if t.eval_every_n_steps and state.step % t.eval_every_n_steps == 0 and state.step < run.steps:
                 with eager(t.compile):
                     ev = evaluate_during(
-                        run.strategy.model,
-                        run.data.eval,
-                        recipe=run.recipe,
-                        pad_id=run.tokenizer.pad_token_id,
-                        device=ctx.device,
+                        run.strategy.model, run.tokenizer, run.data.eval, recipe=run.recipe, device=ctx.device
                     )
                 run.tracker.log_metrics(ev, step=state.step)
             if every and state.step % every == 0 and state.step < run.steps:

@@ -366,3 +366,27 @@ def test_chunked_token_logps_equal_the_full_logits_with_the_same_gradients():
     torch.testing.assert_close(chunked, full)
     for a, b in zip(g_chunked, g_full):
         torch.testing.assert_close(a, b)
+
+
+def test_dpo_evaluates_the_held_out_pairs_during_training(tmp_path, tiny_dir):
+    """train.eval_every_n_steps under dpo logs the preference evaluation (not the SFT loss only) at
+    every eval step, between the evaluations before (step 0) and after training."""
+    import json
+    from pathlib import Path
+
+    from llama_train.config import recipe_from_dict
+    from llama_train.trainer import train
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_dir,
+        data={"sources": [{"path": "builtin:preferences", "format": "preference"}], "seq_len": 96},
+        train={"objective": "dpo", "max_steps": 3, "micro_batch_size": 4, "eval_every_n_steps": 1},
+        tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "log_system_metrics": False},
+    )
+    recipe["data"]["builtin"] = {"num_train": 16, "num_eval": 4}
+    train(recipe_from_dict(recipe))
+    lines = [json.loads(x) for x in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted({e["step"] for e in lines if "eval/preference_accuracy" in e.get("metrics", e)})
+    assert steps == [0, 1, 2, 3]
